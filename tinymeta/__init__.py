@@ -1,0 +1,70 @@
+"""tinymeta: a from-scratch reverse-mode tensor autograd engine with meta-learning on top.
+
+import tinymeta as tm
+x = tm.tensor([1.0, 2.0], requires_grad=True)
+(g,) = tm.grad((x ** 3).sum(), x, create_graph=True)   # 3 x**2, differentiable again
+"""
+
+import numpy as _np
+
+from tinymeta import cuda, testing  # noqa: E402
+from tinymeta import ops as _ops
+from tinymeta.autograd import backward, grad
+from tinymeta.creation import (
+    arange,
+    eye,
+    from_numpy,
+    full,
+    manual_seed,
+    ones,
+    ones_like,
+    rand,
+    randn,
+    tensor,
+    zeros,
+    zeros_like,
+)
+from tinymeta.grad_mode import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
+from tinymeta.ops import (
+    abs,
+    broadcast_to,
+    clip,
+    concatenate,
+    cos,
+    einsum,
+    exp,
+    expand_dims,
+    flatten,
+    log,
+    logsumexp,
+    matmul,
+    max,
+    maximum,
+    mean,
+    min,
+    minimum,
+    relu,
+    reshape,
+    sigmoid,
+    sin,
+    sqrt,
+    squeeze,
+    stack,
+    sum,
+    sum_to,
+    swapaxes,
+    tanh,
+    transpose,
+    unsqueeze,
+    var,
+    where,
+)
+from tinymeta.ops import methods as _methods  # noqa: F401  (attaches Tensor operators)
+from tinymeta.tensor import Tensor
+
+float32 = _np.dtype(_np.float32)
+float64 = _np.dtype(_np.float64)
+int64 = _np.dtype(_np.int64)
+bool_ = _np.dtype(_np.bool_)
+
+__version__ = "0.1.0"

@@ -1,0 +1,299 @@
+"""The backward pass: ``grad`` and ``backward``.
+
+The engine walks the graph from the outputs to the inputs in reverse
+topological order. Every Function has a *generation* (one more than the
+newest of its inputs' creators), so sorting the reachable Functions by
+generation, newest first, processes each one only after all of its consumers
+have delivered their gradients. No recursion: a 100,000-op chain is a loop.
+
+Each Function's ``backward`` runs with grad mode = ``create_graph``. When it is
+on, the gradient computation is itself recorded, which is all it takes to get
+derivatives of any order.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from tinymeta import function as _function
+from tinymeta.grad_mode import set_grad_enabled
+from tinymeta.tensor import Tensor
+
+FREED_MESSAGE = (
+    "Trying to backward through the graph a second time (or to use a graph whose saved "
+    "tensors were freed by an earlier backward). Pass retain_graph=True to the first "
+    "backward/grad call if you need to go through the graph again."
+)
+
+
+def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) -> None:
+    """Accumulate gradients of ``tensors`` into ``.grad`` of the leaves that require grad."""
+    roots, root_grads = _roots_and_seeds(tensors, grad_tensors, "backward")
+    retain_graph = create_graph if retain_graph is None else retain_graph
+    grads = _run(roots, root_grads, None, retain_graph, create_graph)
+    for leaf, g in grads.values():
+        if leaf.grad is None:
+            leaf.grad = g if create_graph else g.detach()
+        else:
+            leaf.grad = leaf.grad + g if create_graph else Tensor._wrap(leaf.grad.data + g.data)
+
+
+def grad(
+    outputs,
+    inputs,
+    grad_outputs=None,
+    retain_graph=None,
+    create_graph=False,
+    allow_unused=False,
+) -> tuple:
+    """The gradients of ``outputs`` w.r.t. each of ``inputs``, as a tuple.
+
+    Nothing is accumulated into ``.grad``. With ``create_graph=True`` the
+    returned gradients are differentiable. An input that the outputs do not
+    depend on raises, unless ``allow_unused=True`` (its gradient is then None).
+    """
+    roots, root_grads = _roots_and_seeds(outputs, grad_outputs, "grad")
+    inputs = _as_tuple(inputs)
+    for i, x in enumerate(inputs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"grad: inputs[{i}] is a {type(x).__name__}, expected a Tensor")
+        if not x.requires_grad:
+            raise RuntimeError(f"grad: inputs[{i}] (shape {x.shape}) does not require grad")
+    retain_graph = create_graph if retain_graph is None else retain_graph
+    grads = _run(roots, root_grads, inputs, retain_graph, create_graph)
+    result = []
+    for i, x in enumerate(inputs):
+        entry = grads.get(id(x))
+        if entry is None:
+            if not allow_unused:
+                raise RuntimeError(
+                    f"grad: inputs[{i}] (shape {x.shape}) was not used to compute the outputs; "
+                    "pass allow_unused=True to get None for it"
+                )
+            result.append(None)
+        else:
+            result.append(entry[1])
+    return tuple(result)
+
+
+# --- the engine -----------------------------------------------------------------
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (list, tuple)) else (x,)
+
+
+def _roots_and_seeds(outputs, grad_outputs, caller: str):
+    """Check the outputs and build the gradient each one starts with."""
+    roots = _as_tuple(outputs)
+    seeds = _as_tuple(grad_outputs) if grad_outputs is not None else (None,) * len(roots)
+    if len(seeds) != len(roots):
+        raise ValueError(f"{caller}: got {len(roots)} outputs but {len(seeds)} output gradients")
+    root_grads = []
+    for i, (y, g) in enumerate(zip(roots, seeds)):
+        if not isinstance(y, Tensor):
+            raise TypeError(f"{caller}: outputs[{i}] is a {type(y).__name__}, expected a Tensor")
+        if not y.requires_grad:
+            raise RuntimeError(
+                f"{caller}: outputs[{i}] (shape {y.shape}) does not require grad and has no "
+                "grad_fn: nothing it depends on requires grad"
+            )
+        if g is None:
+            if y.size != 1:
+                raise RuntimeError(
+                    f"{caller}: outputs[{i}] has shape {y.shape}; a gradient can be implicitly "
+                    "created only for a scalar output: pass the output gradient explicitly"
+                )
+            g = Tensor._wrap(_ones_like(y.data))
+        else:
+            g = g if isinstance(g, Tensor) else Tensor(g)
+            if g.shape != y.shape:
+                raise ValueError(
+                    f"{caller}: the gradient for outputs[{i}] has shape {g.shape}, "
+                    f"expected {y.shape}"
+                )
+        root_grads.append(g)
+    return roots, root_grads
+
+
+def _ones_like(array):
+    from tinymeta.backend import get_array_module
+
+    return get_array_module(array).ones_like(array)
+
+
+def _edges(fn):
+    """(input tensor or None, its creator) for each input of ``fn``.
+
+    A node freed by an earlier backward keeps only weak references to its
+    inputs and their creators, so the walk can still tell where it leads.
+    """
+    if fn.inputs is not None:
+        return [(x, x.grad_fn) for x in fn.inputs]
+    return [(ref(), creator) for ref, creator in fn.freed_edges]
+
+
+def _collect(roots, targets):
+    """The Functions that the backward pass has to run, newest first.
+
+    With ``targets`` (the tensors ``grad`` was asked about) only Functions from
+    which a target can be reached are kept, and a Function whose generation is
+    below every target's is not walked past: it cannot lead to one.
+    """
+    min_target_generation = min((t.generation for t in targets.values()), default=0)
+    seen = set()
+    order = []
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        order.append(fn)
+        if fn.generation < min_target_generation:
+            continue
+        for _, creator in _edges(fn):
+            if creator is not None and id(creator) not in seen:
+                stack.append(creator)
+    order.sort(key=lambda f: f.generation)  # an input's creator comes before its consumers
+
+    if targets:
+        needed = set()
+        for fn in order:
+            if any(
+                (x is not None and id(x) in targets) or (c is not None and id(c) in needed)
+                for x, c in _edges(fn)
+            ):
+                needed.add(id(fn))
+        order = [fn for fn in order if id(fn) in needed]
+    if any(fn.inputs is None for fn in order):
+        raise RuntimeError(FREED_MESSAGE)
+    order.reverse()
+    return order
+
+
+def _run(roots, root_grads, inputs, retain_graph, create_graph):
+    """Propagate gradients; returns {id(tensor): (tensor, grad)} for leaves or ``inputs``."""
+    targets = {id(x): x for x in inputs} if inputs is not None else {}
+    order = _collect(roots, targets)
+
+    # id(tensor) -> (tensor, accumulated gradient); the tensor is kept so its id stays unique.
+    grads: dict[int, tuple] = {}
+    for y, g in zip(roots, root_grads):
+        _accumulate(grads, y, g)
+
+    result: dict[int, tuple] = {}
+    # Keep every output alive until its node has run: freeing a consumer node
+    # drops its references to its inputs, which may be another node's outputs.
+    for fn in order:
+        fn._held_outputs = tuple(ref() for ref in fn.outputs)
+    try:
+        _propagate(order, grads, targets, result, retain_graph, create_graph)
+    finally:
+        for fn in order:
+            fn._held_outputs = None
+
+    # What is left: gradients of leaves (backward) or of the requested inputs (grad).
+    for key, (x, g) in grads.items():
+        if inputs is None:
+            if x.is_leaf and x.requires_grad:
+                result[key] = (x, _run_hooks(x, g))
+        elif key in targets:
+            result[key] = (x, _run_hooks(x, g))
+    return result
+
+
+def _propagate(order, grads, targets, result, retain_graph, create_graph):
+    """Run each node's backward rule and hand the gradients to its inputs."""
+    tracer = _tracer_hook
+    with set_grad_enabled(create_graph):
+        for fn in order:
+            outputs = fn._held_outputs
+            gys = []
+            for y in outputs:
+                entry = grads.pop(id(y), None) if y is not None else None
+                g = None if entry is None else _run_hooks(y, entry[1])
+                if g is not None and id(y) in targets:
+                    result[id(y)] = (y, g)
+                gys.append(g)
+            if all(g is None for g in gys):
+                _release(fn, retain_graph)
+                continue
+            if len(gys) > 1:  # a missing output gradient of a multi-output op is zero
+                gys = [
+                    g if g is not None else Tensor._wrap(fn.xp.zeros_like(y.data))
+                    for g, y in zip(gys, outputs)
+                ]
+            _check_versions(fn)
+            if tracer is not None:
+                gxs = tracer(fn, gys)
+            else:
+                gxs = fn.backward(*gys)
+            if not isinstance(gxs, tuple):
+                gxs = (gxs,)
+            if len(gxs) != len(fn.inputs):
+                raise RuntimeError(
+                    f"{fn.op_name()}.backward returned {len(gxs)} gradients "
+                    f"for {len(fn.inputs)} inputs"
+                )
+            if _function._anomaly_hook is not None:
+                _function._anomaly_hook(fn, gxs, "backward")
+            for x, gx, need in zip(fn.inputs, gxs, fn.needs_input_grad):
+                if gx is None or not need:
+                    continue
+                if gx.dtype != x.dtype:  # e.g. float32 input used in a float64 op
+                    gx = gx.astype(x.dtype)
+                if gx.shape != x.shape:
+                    raise RuntimeError(
+                        f"{fn.op_name()}.backward produced a gradient of shape {gx.shape} "
+                        f"for an input of shape {x.shape}"
+                    )
+                _accumulate(grads, x, gx)
+            _release(fn, retain_graph)
+
+
+def _accumulate(grads, x, g):
+    entry = grads.get(id(x))
+    grads[id(x)] = (x, g if entry is None else entry[1] + g)
+
+
+def _run_hooks(x, g):
+    if not x._hooks:
+        return g
+    for hook in list(x._hooks):
+        new = hook(g)
+        if new is not None:
+            new = new if isinstance(new, Tensor) else Tensor(new)
+            if new.shape != g.shape:
+                raise RuntimeError(
+                    f"a hook on a tensor of shape {x.shape} returned a gradient of shape "
+                    f"{new.shape}; expected {g.shape}"
+                )
+            g = new
+    return g
+
+
+def _check_versions(fn):
+    """Refuse to differentiate through inputs that were changed in place after the forward."""
+    if fn.input_versions is None:
+        return
+    for i, (x, v) in enumerate(zip(fn.inputs, fn.input_versions)):
+        if x._version != v:
+            raise RuntimeError(
+                f"{fn.op_name()}: input {i} (shape {x.shape}, dtype {x.dtype}) saved for "
+                f"backward was modified in place after the forward (version {v} -> "
+                f"{x._version}), e.g. by an optimizer step. Recompute the forward after the change."
+            )
+
+
+def _release(fn, retain_graph):
+    fn._held_outputs = None
+    if not retain_graph:
+        # Drop the saved tensors (their arrays can now be freed); keep only
+        # where the edges led, so that a second backward can say what is wrong.
+        fn.freed_edges = tuple((weakref.ref(x), x.grad_fn) for x in fn.inputs)
+        fn.inputs = None
+
+
+# Set by tinymeta.instruments.trace while a trace() is active.
+_tracer_hook = None

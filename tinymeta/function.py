@@ -1,0 +1,105 @@
+"""Function: one node of the graph.
+
+A Function's ``forward`` receives arrays and returns arrays. Its ``backward``
+receives the gradients of its outputs as *tensors* and returns the gradients of
+its inputs built from tinymeta ops, so that the backward pass can itself be
+recorded and differentiated (the engine decides, with grad mode).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+
+from tinymeta import grad_mode
+from tinymeta.backend import get_array_module
+
+
+class Function:
+    """Base class of every differentiable op.
+
+    Subclasses define ``forward(*arrays)`` and ``backward(*grad_outputs)``;
+    op parameters (axis, shape, ...) go to ``__init__``. Call an op through
+    ``Op.apply(*inputs, **params)``.
+
+    Attributes set when the node is recorded:
+      inputs            the input tensors (saved for backward)
+      outputs           weak references to the output tensors (a strong
+                        reference would make a cycle output -> node -> output)
+      needs_input_grad  one bool per input: does it require grad?
+      generation        max generation of the inputs; orders the backward pass
+    """
+
+    # Does backward read the *values* of the inputs? Ops whose backward only
+    # needs shapes (add, reshape, ...) set False: changing their inputs in
+    # place after the forward does not invalidate the graph.
+    saves_inputs = True
+
+    inputs = None
+    outputs = None
+    xp = None
+
+    @classmethod
+    def apply(cls, *inputs, **params):
+        """Run the op on tensors (or values convertible to tensors)."""
+        from tinymeta.tensor import Tensor, as_tensor_like
+
+        fn = cls(**params)
+        tensors = as_tensor_like(inputs, cls.__name__)
+        arrays = [t.data for t in tensors]
+        fn.xp = get_array_module(arrays[0]) if arrays else None
+        try:
+            ys = fn.forward(*arrays)
+        except (ValueError, IndexError, TypeError) as e:
+            shapes = ", ".join(f"{tuple(a.shape)} {a.dtype}" for a in arrays)
+            raise type(e)(f"{cls.op_name()}: {e} (inputs: {shapes})") from e
+        single = not isinstance(ys, tuple)
+        # NumPy turns 0-d results into scalars (np.float64); a tensor holds arrays.
+        outputs = [
+            Tensor._wrap(np.asarray(y) if isinstance(y, np.generic) else y)
+            for y in ((ys,) if single else ys)
+        ]
+
+        if grad_mode.is_grad_enabled():
+            needs = tuple(t.requires_grad for t in tensors)
+            if any(needs):
+                fn._record(tensors, needs, outputs)
+        if _anomaly_hook is not None:
+            _anomaly_hook(fn, outputs, "forward")
+        return outputs[0] if single else tuple(outputs)
+
+    def _record(self, tensors, needs, outputs):
+        self.inputs = tuple(tensors)
+        self.needs_input_grad = needs
+        self.generation = max(t.generation for t in tensors)
+        self.input_versions = tuple(t._version for t in tensors) if self.saves_inputs else None
+        self.outputs = tuple(weakref.ref(o) for o in outputs)
+        for o in outputs:
+            o.grad_fn = self
+            o.requires_grad = True
+            o.generation = self.generation + 1
+
+    # --- what subclasses write -------------------------------------------
+    def forward(self, *xs):
+        raise NotImplementedError
+
+    def backward(self, *gys):
+        raise NotImplementedError(f"{self.op_name()} has no backward rule")
+
+    # --- helpers for backward rules ---------------------------------------
+    @property
+    def output(self):
+        """The (single) output tensor, alive while the engine runs backward."""
+        return self._held_outputs[0]
+
+    @classmethod
+    def op_name(cls) -> str:
+        return cls.__name__
+
+    def __repr__(self):
+        return f"<{self.op_name()}>"
+
+
+# Set by tinymeta.instruments.anomaly while detect_anomaly() is active.
+_anomaly_hook = None

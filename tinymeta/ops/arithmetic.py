@@ -1,0 +1,134 @@
+"""+ - * / ** with NumPy broadcasting. Gradients are summed back to each
+input's shape with ``sum_to``, the one reduction that undoes broadcasting."""
+
+from __future__ import annotations
+
+from tinymeta.function import Function
+from tinymeta.ops.shape import sum_to
+
+
+class Add(Function):
+    """y = a + b;  ga = gy, gb = gy (summed to each shape)."""
+
+    saves_inputs = False
+
+    def forward(self, a, b):
+        self.shapes = (a.shape, b.shape)
+        return a + b
+
+    def backward(self, gy):
+        sa, sb = self.shapes
+        return sum_to(gy, sa), sum_to(gy, sb)
+
+
+class Sub(Function):
+    """y = a - b;  ga = gy, gb = -gy."""
+
+    saves_inputs = False
+
+    def forward(self, a, b):
+        self.shapes = (a.shape, b.shape)
+        return a - b
+
+    def backward(self, gy):
+        sa, sb = self.shapes
+        ga = sum_to(gy, sa) if self.needs_input_grad[0] else None
+        gb = -sum_to(gy, sb) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Mul(Function):
+    """y = a * b;  ga = gy * b, gb = gy * a."""
+
+    def forward(self, a, b):
+        return a * b
+
+    def backward(self, gy):
+        a, b = self.inputs
+        ga = sum_to(gy * b, a.shape) if self.needs_input_grad[0] else None
+        gb = sum_to(gy * a, b.shape) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Div(Function):
+    """y = a / b;  ga = gy / b, gb = -gy * a / b**2 = -gy * y / b."""
+
+    def forward(self, a, b):
+        return a / b
+
+    def backward(self, gy):
+        a, b = self.inputs
+        ga = sum_to(gy / b, a.shape) if self.needs_input_grad[0] else None
+        gb = sum_to(-gy * self.output / b, b.shape) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Neg(Function):
+    """y = -x;  gx = -gy."""
+
+    saves_inputs = False
+
+    def forward(self, x):
+        return -x
+
+    def backward(self, gy):
+        return -gy
+
+
+class PowConst(Function):
+    """y = x ** c for a constant c;  gx = gy * c * x ** (c - 1)."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def forward(self, x):
+        return x**self.c
+
+    def backward(self, gy):
+        (x,) = self.inputs
+        c = self.c
+        if c == 2:
+            return gy * (2.0 * x)
+        return gy * (c * x ** (c - 1))
+
+
+class Pow(Function):
+    """y = a ** b;  ga = gy * b * a ** (b - 1), gb = gy * y * log(a)."""
+
+    def forward(self, a, b):
+        return a**b
+
+    def backward(self, gy):
+        from tinymeta.ops.elementwise import log
+
+        a, b = self.inputs
+        ga = sum_to(gy * b * a ** (b - 1), a.shape) if self.needs_input_grad[0] else None
+        gb = sum_to(gy * self.output * log(a), b.shape) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+def add(a, b):
+    return Add.apply(a, b)
+
+
+def sub(a, b):
+    return Sub.apply(a, b)
+
+
+def mul(a, b):
+    return Mul.apply(a, b)
+
+
+def div(a, b):
+    return Div.apply(a, b)
+
+
+def neg(x):
+    return Neg.apply(x)
+
+
+def power(a, b):
+    """a ** b; a constant Python exponent uses the simpler rule of PowConst."""
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        return PowConst.apply(a, c=b)
+    return Pow.apply(a, b)

@@ -1,0 +1,161 @@
+"""Elementwise math. Rules that reuse the output (exp, sqrt, tanh, sigmoid)
+read it from ``self.output`` instead of recomputing it."""
+
+from __future__ import annotations
+
+from tinymeta.function import Function
+from tinymeta.tensor import constant
+
+
+class Exp(Function):
+    """y = exp(x);  gx = gy * y."""
+
+    saves_inputs = False
+
+    def forward(self, x):
+        return self.xp.exp(x)
+
+    def backward(self, gy):
+        return gy * self.output
+
+
+class Log(Function):
+    """y = log(x);  gx = gy / x."""
+
+    def forward(self, x):
+        return self.xp.log(x)
+
+    def backward(self, gy):
+        (x,) = self.inputs
+        return gy / x
+
+
+class Sqrt(Function):
+    """y = sqrt(x);  gx = gy / (2 y)."""
+
+    saves_inputs = False
+
+    def forward(self, x):
+        return self.xp.sqrt(x)
+
+    def backward(self, gy):
+        return gy / (2.0 * self.output)
+
+
+class Abs(Function):
+    """y = |x|;  gx = gy * sign(x)  (sign(0) = 0, so the gradient at 0 is 0)."""
+
+    def forward(self, x):
+        return self.xp.abs(x)
+
+    def backward(self, gy):
+        (x,) = self.inputs
+        return gy * constant(self.xp.sign(x.data))
+
+
+class Sin(Function):
+    """y = sin(x);  gx = gy * cos(x)."""
+
+    def forward(self, x):
+        return self.xp.sin(x)
+
+    def backward(self, gy):
+        (x,) = self.inputs
+        return gy * cos(x)
+
+
+class Cos(Function):
+    """y = cos(x);  gx = -gy * sin(x)."""
+
+    def forward(self, x):
+        return self.xp.cos(x)
+
+    def backward(self, gy):
+        (x,) = self.inputs
+        return -gy * sin(x)
+
+
+class Tanh(Function):
+    """y = tanh(x);  gx = gy * (1 - y**2)."""
+
+    saves_inputs = False
+
+    def forward(self, x):
+        return self.xp.tanh(x)
+
+    def backward(self, gy):
+        return TanhGrad.apply(self.output, gy)
+
+
+class TanhGrad(Function):
+    """gx = gy * (1 - y**2), fused into one node;  d/dy = -2 y gy, d/dgy = 1 - y**2."""
+
+    def forward(self, y, gy):
+        return gy * (1 - y * y)
+
+    def backward(self, ggx):
+        y, gy = self.inputs
+        g_y = ggx * gy * (-2.0 * y) if self.needs_input_grad[0] else None
+        g_gy = ggx * (1.0 - y * y) if self.needs_input_grad[1] else None
+        return g_y, g_gy
+
+
+class Sigmoid(Function):
+    """y = 1 / (1 + exp(-x));  gx = gy * y * (1 - y)."""
+
+    saves_inputs = False
+
+    def forward(self, x):
+        # tanh form: no overflow of exp(-x) for very negative x.
+        return 0.5 * (self.xp.tanh(0.5 * x) + 1)
+
+    def backward(self, gy):
+        y = self.output
+        return gy * (y * (1.0 - y))
+
+
+class Relu(Function):
+    """y = max(x, 0);  gx = gy * [x > 0]  (the derivative at 0 is taken as 0)."""
+
+    def forward(self, x):
+        return self.xp.maximum(x, 0)
+
+    def backward(self, gy):
+        (x,) = self.inputs
+        return gy * (x > 0)
+
+
+def exp(x):
+    return Exp.apply(x)
+
+
+def log(x):
+    return Log.apply(x)
+
+
+def sqrt(x):
+    return Sqrt.apply(x)
+
+
+def abs(x):  # noqa: A001 - mirrors numpy.abs
+    return Abs.apply(x)
+
+
+def sin(x):
+    return Sin.apply(x)
+
+
+def cos(x):
+    return Cos.apply(x)
+
+
+def tanh(x):
+    return Tanh.apply(x)
+
+
+def sigmoid(x):
+    return Sigmoid.apply(x)
+
+
+def relu(x):
+    return Relu.apply(x)

@@ -1,0 +1,116 @@
+"""Matrix products: matmul (NumPy semantics, batched) and einsum."""
+
+from __future__ import annotations
+
+import string
+
+from tinymeta.function import Function
+from tinymeta.ops.shape import broadcast_to, reshape, sum_to, swapaxes
+from tinymeta.tensor import Tensor
+
+
+class MatMul(Function):
+    """y = a @ b (both at least 2-D, batch axes broadcast);
+    ga = gy @ b^T, gb = a^T @ gy (summed over broadcast batch axes)."""
+
+    def forward(self, a, b):
+        return a @ b
+
+    def backward(self, gy):
+        a, b = self.inputs
+        ga = sum_to(gy @ swapaxes(b, -1, -2), a.shape) if self.needs_input_grad[0] else None
+        gb = sum_to(swapaxes(a, -1, -2) @ gy, b.shape) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+def matmul(a, b):
+    """NumPy's matmul: a 1-D operand is a row (left) or column (right) vector."""
+    a = a if isinstance(a, Tensor) else Tensor(a)
+    b = b if isinstance(b, Tensor) else Tensor(b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(
+            f"matmul: operands must be at least 1-D, got shapes {a.shape} and {b.shape}"
+        )
+    if a.ndim >= 2 and b.ndim >= 2:
+        return MatMul.apply(a, b)
+    a2 = reshape(a, (1,) + a.shape) if a.ndim == 1 else a
+    b2 = reshape(b, b.shape + (1,)) if b.ndim == 1 else b
+    y = MatMul.apply(a2, b2)
+    shape = y.shape
+    if a.ndim == 1:
+        shape = shape[:-2] + shape[-1:]
+    if b.ndim == 1:
+        shape = shape[:-1]
+    return reshape(y, shape)
+
+
+# --- einsum ---------------------------------------------------------------------------
+
+
+def _parse_einsum(subscripts: str, ndims: list) -> tuple:
+    """Explicit subscripts: ellipses spelled out as letters, implicit output made explicit."""
+    subs = subscripts.replace(" ", "")
+    inputs, _, output = subs.partition("->")
+    terms = inputs.split(",")
+    if len(terms) != len(ndims):
+        raise ValueError(f"einsum: {subscripts!r} names {len(terms)} operands, got {len(ndims)}")
+    spare = [c for c in string.ascii_letters if c not in subs]
+    n_ell = max((nd - (len(t) - 3) for t, nd in zip(terms, ndims) if "..." in t), default=0)
+    ell = "".join(spare[:n_ell])
+    terms = [
+        t.replace("...", ell[n_ell - (nd - (len(t) - 3)) :]) if "..." in t else t
+        for t, nd in zip(terms, ndims)
+    ]
+    if "->" in subs:
+        output = output.replace("...", ell)
+    else:  # NumPy's implicit mode: broadcast axes, then letters used once, sorted
+        letters = "".join(terms)
+        output = ell + "".join(
+            sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell)
+        )
+    for t, nd in zip(terms, ndims):
+        if len(t) != nd:
+            raise ValueError(
+                f"einsum: term {t!r} of {subscripts!r} does not fit an operand with {nd} dims"
+            )
+    return terms, output
+
+
+class Einsum(Function):
+    """y = einsum(terms -> out, *xs);  gx_k = einsum(out, other terms -> term_k, gy, *other xs),
+    then broadcast over the letters of term_k that only x_k has (they were summed away)."""
+
+    def __init__(self, terms, output):
+        self.terms, self.output_term = terms, output
+
+    def forward(self, *xs):
+        spec = ",".join(self.terms) + "->" + self.output_term
+        return self.xp.einsum(spec, *xs, optimize=len(xs) > 1)
+
+    def backward(self, gy):
+        xs = self.inputs
+        gxs = []
+        for k, (x, term) in enumerate(zip(xs, self.terms)):
+            if not self.needs_input_grad[k]:
+                gxs.append(None)
+                continue
+            if len(set(term)) != len(term):
+                raise NotImplementedError(
+                    f"einsum: gradient for term {term!r} with a repeated index (a diagonal)"
+                )
+            others = [t for i, t in enumerate(self.terms) if i != k]
+            known = set(self.output_term).union(*others)
+            kept = "".join(c for c in term if c in known)
+            operands = [gy] + [xs[i] for i in range(len(xs)) if i != k]
+            gx = einsum(",".join([self.output_term] + others) + "->" + kept, *operands)
+            if kept != term:  # letters summed away in the forward come back by broadcasting
+                shape = tuple(gx.shape[kept.index(c)] if c in kept else 1 for c in term)
+                gx = broadcast_to(reshape(gx, shape), x.shape)
+            gxs.append(sum_to(gx, x.shape))
+        return tuple(gxs)
+
+
+def einsum(subscripts: str, *operands):
+    operands = [t if isinstance(t, Tensor) else Tensor(t) for t in operands]
+    terms, output = _parse_einsum(subscripts, [t.ndim for t in operands])
+    return Einsum.apply(*operands, terms=terms, output=output)

@@ -1,0 +1,135 @@
+"""Reductions over ``axis`` (None, an int or a tuple), NumPy style."""
+
+from __future__ import annotations
+
+import builtins
+
+from tinymeta.backend import get_array_module
+from tinymeta.function import Function
+from tinymeta.ops.shape import broadcast_to, reshape
+from tinymeta.tensor import constant
+
+
+def normalize_axis(axis, ndim: int) -> tuple:
+    """``axis`` as a sorted tuple of non-negative ints (None means all axes)."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dimensions")
+        out.append(a % ndim if ndim else 0)
+    return tuple(sorted(set(out)))
+
+
+def keepdims_shape(shape: tuple, axes: tuple) -> tuple:
+    """The shape of a reduction over ``axes`` with keepdims=True."""
+    return tuple(1 if i in axes else n for i, n in enumerate(shape))
+
+
+def expand_reduced(gy, in_shape: tuple, axes: tuple, keepdims: bool):
+    """Bring the gradient of a reduction back to the input's shape."""
+    if not keepdims:
+        gy = reshape(gy, keepdims_shape(in_shape, axes))
+    return broadcast_to(gy, in_shape)
+
+
+class Sum(Function):
+    """y = sum(x, axis);  gx = broadcast gy back over the summed axes."""
+
+    saves_inputs = False
+
+    def __init__(self, axis, keepdims):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        self.axes = normalize_axis(self.axis, x.ndim)
+        return self.xp.sum(x, axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, gy):
+        return expand_reduced(gy, self.in_shape, self.axes, self.keepdims)
+
+
+class Max(Function):
+    """y = max(x, axis);  gx = gy routed to the arg-max.
+
+    Ties split the gradient evenly among the tied elements (so the rule is
+    symmetric, and the sum of the gradient equals gy, as for a unique max).
+    """
+
+    reduce = "max"
+
+    def __init__(self, axis, keepdims):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, x):
+        self.axes = normalize_axis(self.axis, x.ndim)
+        return getattr(self.xp, self.reduce)(x, axis=self.axes, keepdims=self.keepdims)
+
+    def backward(self, gy):
+        (x,) = self.inputs
+        xp = self.xp
+        y = self.output.data
+        if not self.keepdims:
+            y = y.reshape(keepdims_shape(x.shape, self.axes))
+        hit = x.data == y
+        share = hit / xp.sum(hit, axis=self.axes, keepdims=True)
+        return expand_reduced(gy, x.shape, self.axes, self.keepdims) * constant(
+            share.astype(x.dtype)
+        )
+
+
+class Min(Max):
+    """y = min(x, axis);  gx = gy routed to the arg-min (ties split evenly)."""
+
+    reduce = "min"
+
+
+def sum(x, axis=None, keepdims: bool = False):  # noqa: A001 - mirrors numpy.sum
+    return Sum.apply(x, axis=axis, keepdims=keepdims)
+
+
+def max(x, axis=None, keepdims: bool = False):  # noqa: A001
+    return Max.apply(x, axis=axis, keepdims=keepdims)
+
+
+def min(x, axis=None, keepdims: bool = False):  # noqa: A001
+    return Min.apply(x, axis=axis, keepdims=keepdims)
+
+
+def _count(x, axis) -> int:
+    n = 1
+    for a in normalize_axis(axis, x.ndim):
+        n *= x.shape[a]
+    return n
+
+
+def mean(x, axis=None, keepdims: bool = False):
+    """sum(x) / n."""
+    return sum(x, axis, keepdims) * (1.0 / _count(x, axis))
+
+
+def var(x, axis=None, keepdims: bool = False, ddof: int = 0):
+    """mean((x - mean(x))**2), with n - ddof in the denominator (NumPy's default ddof=0)."""
+    centred = x - mean(x, axis, keepdims=True)
+    return sum(centred * centred, axis, keepdims) * (1.0 / (_count(x, axis) - ddof))
+
+
+def logsumexp(x, axis=None, keepdims: bool = False):
+    """log(sum(exp(x))), stably: m + log(sum(exp(x - m))) with m = max(x) held constant.
+
+    m cancels exactly in the derivative, so treating it as a constant keeps
+    the result and every derivative exact while exp never overflows.
+    """
+    from tinymeta.ops.elementwise import exp, log
+
+    axes = normalize_axis(axis, x.ndim)
+    xp = get_array_module(x.data)
+    m = x.data.max(axis=axes, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)  # an all -inf slice must give -inf, not nan
+    out = log(sum(exp(x - constant(m)), axes, keepdims=True)) + constant(m)
+    if keepdims:
+        return out
+    return reshape(out, tuple(n for i, n in enumerate(x.shape) if i not in axes))

@@ -1,0 +1,256 @@
+"""Shape ops. Each has a differentiable partner that undoes it in backward:
+reshape/reshape, transpose/inverse transpose, broadcast_to/sum_to,
+getitem/scatter-add, concatenate/slices."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinymeta.function import Function
+from tinymeta.tensor import Tensor, _index_arrays
+
+
+def sum_to_array(xp, x, shape: tuple):
+    """Sum the array ``x`` down to ``shape``: undoes NumPy broadcasting."""
+    if x.shape == shape:
+        return x
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1
+    )
+    y = xp.sum(x, axis=axes, keepdims=True) if axes else x
+    return y.reshape(shape) if lead else y
+
+
+class Reshape(Function):
+    """y = reshape(x);  gx = reshape(gy, x.shape)."""
+
+    saves_inputs = False
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return x.reshape(self.shape)
+
+    def backward(self, gy):
+        return reshape(gy, self.in_shape)
+
+
+def reshape(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    if isinstance(x, Tensor) and x.shape == shape:
+        return x
+    return Reshape.apply(x, shape=shape)
+
+
+class Transpose(Function):
+    """y = transpose(x, axes);  gx = transpose(gy, argsort(axes))."""
+
+    saves_inputs = False
+
+    def __init__(self, axes):
+        self.axes = axes
+
+    def forward(self, x):
+        if self.axes is None:
+            self.axes = tuple(reversed(range(x.ndim)))
+        return self.xp.transpose(x, self.axes)
+
+    def backward(self, gy):
+        inverse = tuple(int(i) for i in np.argsort(self.axes))
+        return transpose(gy, *inverse)
+
+
+def transpose(x, *axes):
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    return Transpose.apply(x, axes=tuple(axes) if axes else None)
+
+
+def swapaxes(x, axis1: int, axis2: int):
+    axes = list(range(x.ndim))
+    axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
+    return transpose(x, *axes)
+
+
+class BroadcastTo(Function):
+    """y = broadcast_to(x, shape);  gx = sum_to(gy, x.shape)."""
+
+    saves_inputs = False
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return self.xp.broadcast_to(x, self.shape)
+
+    def backward(self, gy):
+        return sum_to(gy, self.in_shape)
+
+
+def broadcast_to(x, shape):
+    shape = tuple(shape)
+    if isinstance(x, Tensor) and x.shape == shape:
+        return x
+    return BroadcastTo.apply(x, shape=shape)
+
+
+class SumTo(Function):
+    """y = sum_to(x, shape) (sum over broadcast axes);  gx = broadcast_to(gy, x.shape)."""
+
+    saves_inputs = False
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return sum_to_array(self.xp, x, self.shape)
+
+    def backward(self, gy):
+        return broadcast_to(gy, self.in_shape)
+
+
+def sum_to(x, shape):
+    """Sum ``x`` down to ``shape``, the reduction that undoes broadcasting."""
+    shape = tuple(shape)
+    if x.shape == shape:
+        return x
+    return SumTo.apply(x, shape=shape)
+
+
+def squeeze(x, axis=None):
+    if axis is None:
+        shape = tuple(n for n in x.shape if n != 1)
+    else:
+        axes = {a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+        for a in axes:
+            if x.shape[a] != 1:
+                raise ValueError(
+                    f"squeeze: axis {a} of shape {x.shape} has size {x.shape[a]}, not 1"
+                )
+        shape = tuple(n for i, n in enumerate(x.shape) if i not in axes)
+    return reshape(x, shape)
+
+
+def expand_dims(x, axis):
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    ndim = x.ndim + len(axes)
+    axes = sorted(a % ndim for a in axes)
+    shape = list(x.shape)
+    for a in axes:
+        shape.insert(a, 1)
+    return reshape(x, tuple(shape))
+
+
+unsqueeze = expand_dims
+
+
+def flatten(x, start_axis: int = 0, end_axis: int = -1):
+    """Merge axes ``start_axis..end_axis`` into one (all of them by default)."""
+    if x.ndim == 0:
+        return reshape(x, (1,))
+    start, end = start_axis % x.ndim, end_axis % x.ndim
+    merged = int(np.prod(x.shape[start : end + 1]))
+    return reshape(x, x.shape[:start] + (merged,) + x.shape[end + 1 :])
+
+
+# --- indexing --------------------------------------------------------------------
+
+
+def _is_basic(index) -> bool:
+    """Basic indexing (ints, slices, None, ...) never repeats an element."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (int, np.integer, slice)) or i is None or i is Ellipsis for i in items)
+
+
+class GetItem(Function):
+    """y = x[index];  gx = scatter_add(zeros(x.shape), index, gy)."""
+
+    saves_inputs = False
+
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return x[self.index]
+
+    def backward(self, gy):
+        return ScatterAdd.apply(gy, index=self.index, shape=self.in_shape)
+
+
+class ScatterAdd(Function):
+    """y = zeros(shape); y[index] += gy (repeated indices accumulate);  ggy = ggx[index]."""
+
+    saves_inputs = False
+
+    def __init__(self, index, shape):
+        self.index, self.shape = index, shape
+
+    def forward(self, gy):
+        gx = self.xp.zeros(self.shape, dtype=gy.dtype)
+        if _is_basic(self.index):
+            gx[self.index] = gy  # no repeats: plain assignment is faster
+        elif self.xp is np:
+            np.add.at(gx, self.index, gy)
+        else:
+            self.xp.add.at(gx, self.index, gy)
+        return gx
+
+    def backward(self, ggx):
+        return getitem(ggx, self.index)
+
+
+def getitem(x, index):
+    return GetItem.apply(x, index=_index_arrays(index))
+
+
+# --- joining ------------------------------------------------------------------------
+
+
+class Concatenate(Function):
+    """y = concatenate(xs, axis);  gx_i = gy[..., offset_i : offset_i + n_i, ...]."""
+
+    saves_inputs = False
+
+    def __init__(self, axis):
+        self.axis = axis
+
+    def forward(self, *xs):
+        self.sizes = [x.shape[self.axis] for x in xs]
+        return self.xp.concatenate(xs, axis=self.axis)
+
+    def backward(self, gy):
+        axis = self.axis % gy.ndim
+        gxs, start = [], 0
+        for n, need in zip(self.sizes, self.needs_input_grad):
+            if need:
+                index = (slice(None),) * axis + (slice(start, start + n),)
+                gxs.append(getitem(gy, index))
+            else:
+                gxs.append(None)
+            start += n
+        return tuple(gxs)
+
+
+def concatenate(tensors, axis: int = 0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("concatenate: need at least one tensor")
+    return Concatenate.apply(*tensors, axis=axis)
+
+
+def stack(tensors, axis: int = 0):
+    """Join tensors of one shape along a new axis."""
+    tensors = [t if isinstance(t, Tensor) else Tensor(t) for t in tensors]
+    if not tensors:
+        raise ValueError("stack: need at least one tensor")
+    shapes = {t.shape for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"stack: all tensors must have one shape, got {sorted(shapes)}")
+    return concatenate([expand_dims(t, axis) for t in tensors], axis=axis)

@@ -1,0 +1,300 @@
+"""Tensor: an array, plus what autograd needs to know about it.
+
+A tensor holds ``data`` (a NumPy or CuPy array), ``requires_grad``, the
+``grad_fn`` that created it (None for leaves), and after a backward pass its
+``grad``. Operators and methods delegate to the op wrappers in ``tinymeta.ops``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from tinymeta import backend
+from tinymeta.grad_mode import is_grad_enabled
+
+DEFAULT_FLOAT = np.dtype(np.float32)
+
+
+class Tensor:
+    __slots__ = (
+        "data",
+        "grad",
+        "requires_grad",
+        "grad_fn",
+        "generation",
+        "name",
+        "_version",
+        "_hooks",
+        "__weakref__",
+    )
+    # Make NumPy defer to Tensor in mixed expressions like ``ndarray * tensor``.
+    __array_priority__ = 1000
+
+    def __init__(self, data, requires_grad: bool = False, name: str | None = None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if not hasattr(data, "__array_interface__") and not _is_cupy(data):
+            data = np.asarray(data)
+        self.data = data
+        self.grad = None
+        self.grad_fn = None
+        self.generation = 0
+        self.name = name
+        self._version = 0
+        self._hooks = None
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    @classmethod
+    def _wrap(cls, array):
+        """Fast constructor for op outputs (no checks)."""
+        t = object.__new__(cls)
+        t.data = array
+        t.grad = None
+        t.grad_fn = None
+        t.generation = 0
+        t.name = None
+        t._version = 0
+        t._hooks = None
+        t.requires_grad = False
+        return t
+
+    # --- metadata --------------------------------------------------------
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.grad_fn is None
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        body = np.array2string(backend.to_numpy(self.data), precision=4, separator=", ")
+        extra = []
+        if self.dtype != DEFAULT_FLOAT:
+            extra.append(f"dtype={self.dtype}")
+        if self.device != "cpu":
+            extra.append(f"device='{self.device}'")
+        if self.grad_fn is not None:
+            extra.append(f"grad_fn={self.grad_fn.op_name()}")
+        elif self.requires_grad:
+            extra.append("requires_grad=True")
+        inner = ", ".join([body] + extra)
+        return f"tensor({inner})"
+
+    # --- conversion ------------------------------------------------------
+    def numpy(self) -> np.ndarray:
+        """The values as a NumPy array (copied to host for cuda tensors)."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        if self.size != 1:
+            raise ValueError(f"item(): only a tensor with one element, got shape {self.shape}")
+        return self.data.item()
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __int__(self) -> int:
+        return int(self.item())
+
+    def __bool__(self) -> bool:
+        if self.size != 1:
+            raise ValueError(
+                f"the truth value of a tensor of shape {self.shape} is ambiguous; "
+                "use .any() or .all() on .data"
+            )
+        return bool(self.item())
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype)
+
+    # --- autograd state ----------------------------------------------------
+    def requires_grad_(self, flag: bool = True) -> Tensor:
+        if flag and self.dtype.kind not in "fc":
+            raise TypeError(
+                f"only floating-point tensors can require gradients, got dtype {self.dtype} "
+                f"(shape {self.shape}); cast first with .astype(tm.float32)"
+            )
+        if not flag and not self.is_leaf:
+            raise RuntimeError(
+                "requires_grad_(False) on a non-leaf tensor: use .detach() to cut the graph"
+            )
+        self.requires_grad = bool(flag)
+        return self
+
+    def detach(self) -> Tensor:
+        """A tensor sharing the data, cut from the graph."""
+        return Tensor._wrap(self.data)
+
+    def register_hook(self, fn):
+        """Call ``fn(grad)`` when the gradient w.r.t. this tensor is computed.
+
+        ``fn`` may return a replacement gradient (same shape) or None. Returns
+        a handle whose ``remove()`` unregisters the hook.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("register_hook: the tensor does not require grad")
+        if self._hooks is None:
+            self._hooks = []
+        self._hooks.append(fn)
+        return _HookHandle(self._hooks, fn)
+
+    def backward(self, gradient=None, retain_graph=None, create_graph=False) -> None:
+        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
+        from tinymeta.autograd import backward
+
+        backward(self, gradient, retain_graph=retain_graph, create_graph=create_graph)
+
+    # --- in-place updates (optimizers); they bump the version counter ------
+    def _check_inplace(self, op: str) -> None:
+        if self.requires_grad and is_grad_enabled():
+            raise RuntimeError(
+                f"{op}: in-place change of a tensor that requires grad while grad mode is on; "
+                "wrap it in `with tm.no_grad():`"
+            )
+
+    def _bump(self) -> Tensor:
+        self._version += 1
+        return self
+
+    def add_(self, other, alpha=1.0) -> Tensor:
+        self._check_inplace("add_")
+        other = other.data if isinstance(other, Tensor) else other
+        self.data += other if alpha == 1.0 else alpha * other
+        return self._bump()
+
+    def sub_(self, other, alpha=1.0) -> Tensor:
+        return self.add_(other, alpha=-alpha)
+
+    def mul_(self, other) -> Tensor:
+        self._check_inplace("mul_")
+        self.data *= other.data if isinstance(other, Tensor) else other
+        return self._bump()
+
+    def copy_(self, other) -> Tensor:
+        self._check_inplace("copy_")
+        src = other.data if isinstance(other, Tensor) else other
+        if tuple(np.shape(src)) != self.shape and np.ndim(src) > self.ndim:
+            raise ValueError(f"copy_: cannot copy shape {np.shape(src)} into {self.shape}")
+        self.data[...] = src
+        return self._bump()
+
+    def zero_(self) -> Tensor:
+        return self.fill_(0)
+
+    def fill_(self, value) -> Tensor:
+        self._check_inplace("fill_")
+        self.data[...] = value
+        return self._bump()
+
+    def __setitem__(self, index, value) -> None:
+        self._check_inplace("__setitem__")
+        self.data[_index_arrays(index)] = value.data if isinstance(value, Tensor) else value
+        self._bump()
+
+    # Arithmetic operators, methods (t.exp(), t.sum(), ...) and t.T are
+    # attached by tinymeta.ops.methods, next to the op wrappers they call.
+
+
+def _index_arrays(index):
+    """Replace tensors inside an index by their arrays."""
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return index
+
+
+class _HookHandle:
+    def __init__(self, hooks: list, fn):
+        self._hooks, self._fn = hooks, fn
+
+    def remove(self) -> None:
+        if self._fn in self._hooks:
+            self._hooks.remove(self._fn)
+
+
+def _is_cupy(obj) -> bool:
+    return type(obj).__module__.startswith("cupy") and backend.cupy_or_none() is not None
+
+
+# --- turning op arguments into tensors ----------------------------------------
+
+
+def scalar_dtype(value, like_dtype):
+    """The dtype a Python scalar takes next to a tensor of ``like_dtype``.
+
+    As in PyTorch, a Python number never widens a tensor: 2.0 * float32 stays
+    float32; a float next to an integer tensor gives the default float dtype.
+    """
+    if isinstance(value, bool):
+        return like_dtype if like_dtype is not None else np.dtype(np.bool_)
+    if isinstance(value, numbers.Integral):
+        return like_dtype if like_dtype is not None else np.dtype(np.int64)
+    if like_dtype is not None and like_dtype.kind in "fc":
+        return like_dtype
+    return DEFAULT_FLOAT
+
+
+def as_tensor_like(values, op: str) -> list:
+    """Tensors for an op's inputs: scalars take the dtype and device of the tensors."""
+    ref = None
+    for v in values:
+        if isinstance(v, Tensor):
+            if ref is None:
+                ref = v
+            elif v.device != ref.device:
+                raise RuntimeError(
+                    f"{op}: inputs are on different devices: {ref.device} (shape {ref.shape}) "
+                    f"and {v.device} (shape {v.shape}); move them with .to(device)"
+                )
+    out = []
+    for v in values:
+        if isinstance(v, Tensor):
+            out.append(v)
+            continue
+        if isinstance(v, numbers.Number):
+            dtype = scalar_dtype(v, ref.dtype if ref is not None else None)
+            xp = np if ref is None else backend.get_array_module(ref.data)
+            out.append(Tensor._wrap(xp.asarray(v, dtype=dtype)))
+        else:
+            array = np.asarray(v) if isinstance(v, (list, tuple)) else v
+            if ref is not None and ref.device != "cpu":
+                array = backend.move_array(array, ref.device)
+            elif ref is not None and not isinstance(array, np.ndarray):
+                raise RuntimeError(f"{op}: a {type(v).__name__} cannot be mixed with cpu tensors")
+            if isinstance(v, (list, tuple)) and array.dtype == np.float64:
+                array = array.astype(DEFAULT_FLOAT)
+            out.append(Tensor._wrap(array))
+    return out
+
+
+def constant(array) -> Tensor:
+    """A tensor that never requires grad (masks, signs: values backward rules treat as fixed)."""
+    return Tensor._wrap(array)
