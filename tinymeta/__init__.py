@@ -9,6 +9,7 @@ import numpy as _np
 
 from tinymeta import cuda, testing  # noqa: E402
 from tinymeta import ops as _ops
+from tinymeta import autograd
 from tinymeta.autograd import backward, grad
 from tinymeta.creation import (
     arange,
@@ -68,3 +69,18 @@ int64 = _np.dtype(_np.int64)
 bool_ = _np.dtype(_np.bool_)
 
 __version__ = "0.1.0"
+
+# Subpackages loaded on first use (``tm.nn``, ``tm.optim``, ...), so that
+# ``import tinymeta`` stays fast and optional parts cost nothing until used.
+_LAZY_MODULES = {"nn", "optim", "meta", "data", "viz", "kernels"}
+_LAZY_ATTRIBUTES = {"save": "tinymeta.serialization", "load": "tinymeta.serialization"}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"tinymeta.{name}")
+    if name in _LAZY_ATTRIBUTES:
+        return getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name)
+    raise AttributeError(f"module 'tinymeta' has no attribute {name!r}")

@@ -167,7 +167,7 @@ class Tensor:
 
     def backward(self, gradient=None, retain_graph=None, create_graph=False) -> None:
         """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
-        from tinymeta.autograd import backward
+        from tinymeta.autograd.engine import backward
 
         backward(self, gradient, retain_graph=retain_graph, create_graph=create_graph)
 

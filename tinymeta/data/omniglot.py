@@ -158,6 +158,7 @@ def download_omniglot(
                 f"downloaded {url} has {algorithm} {actual}, expected {expected}; "
                 "the partial file was deleted, try again"
             )
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the archive is public data
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)  # no-op after a successful os.replace
@@ -288,6 +289,7 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
         tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared between users
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache dir should not stop the load
         warnings.warn(f"could not write Omniglot cache {path}: {exc}", stacklevel=4)
