@@ -98,7 +98,7 @@ def omniglot_root(root: str | os.PathLike[str] | None = None) -> Path:
     shared = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
     if shared.is_dir():
         return shared
-    return _user_cache_home() / "tinymeta" / "omniglot"
+    return _user_omniglot_dir()
 
 
 # ----------------------------------------------------------------------------- download
@@ -165,14 +165,37 @@ def download_omniglot(
     return target
 
 
-def _locate_archive(root: Path, stem: str, download: bool) -> Path:
-    path = root / f"{stem}.zip"
-    if path.is_file():
-        return path
+def _user_omniglot_dir() -> Path:
+    return _user_cache_home() / "tinymeta" / "omniglot"
+
+
+def _writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory`` (or it can be created)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return os.access(directory, os.W_OK)
+
+
+def _archive_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
+    """Folders searched for archives: the resolved root and, unless ``root`` was given, the
+    user download folder (an archive downloaded there because the resolved root is read-only,
+    e.g. a shared data folder holding only the small sets, must be found next time)."""
+    dirs = [omniglot_root(root)]
+    if root is None and _user_omniglot_dir() != dirs[0]:
+        dirs.append(_user_omniglot_dir())
+    return dirs
+
+
+def _locate_archive(dirs: list[Path], stem: str, download: bool) -> Path:
+    for directory in dirs:
+        if (directory / f"{stem}.zip").is_file():
+            return directory / f"{stem}.zip"
     if download:
-        return download_omniglot(stem, root)
+        dest = next((d for d in dirs if _writable(d)), dirs[0])
+        return download_omniglot(stem, dest)
+    looked = ", ".join(str(d / f"{stem}.zip") for d in dirs)
     raise FileNotFoundError(
-        f"Omniglot archive {stem}.zip not found: looked for {path}. Pass download=True "
+        f"Omniglot archive {stem}.zip not found: looked for {looked}. Pass download=True "
         f"(fetches {BASE_URL}{stem}.zip), call download_omniglot({stem!r}, dest), or point "
         "root= / $TINYMETA_DATA at the folder that holds the zip."
     )
@@ -365,14 +388,14 @@ def load_omniglot(
     if background not in BACKGROUND_SETS:
         raise ValueError(f"background must be one of {sorted(BACKGROUND_SETS)}, got {background!r}")
     image_size = check_image_size(image_size)
-    root_dir = omniglot_root(root)
+    archive_dirs = _archive_dirs(root)
     cache_root = None
     if cache:
         cache_root = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
 
     parts = []
     for stem in BACKGROUND_SETS[background]:
-        archive = _locate_archive(root_dir, stem, download)
+        archive = _locate_archive(archive_dirs, stem, download)
         parts.append(_to_dataset(_load_archive_arrays(archive, image_size, cache_root), stem))
 
     if len(parts) == 1:

@@ -52,8 +52,9 @@ class SinusoidTask:
         """Draw ``k`` points: ``(x, y)``, each float32 of shape ``(k, 1)``."""
         k = _check_count("k", k)
         gen = self._rng if rng is None else as_generator(rng)
-        x = gen.uniform(self.x_range[0], self.x_range[1], size=(k, 1))
-        return x.astype(np.float32), self(x)
+        # Round x first so that y is exactly ``self(x)`` of the x that is returned.
+        x = gen.uniform(self.x_range[0], self.x_range[1], size=(k, 1)).astype(np.float32)
+        return x, self(x)
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,10 @@ class SinusoidTasks:
         amplitudes = self.rng.uniform(*self.amplitude, size=num_tasks)
         phases = self.rng.uniform(*self.phase, size=num_tasks)
         x = self.rng.uniform(*self.x_range, size=(num_tasks, k_support + k_query, 1))
-        # Evaluate in float64 and round once, so y matches task(x) for the same parameters.
-        y = amplitudes[:, None, None] * np.sin(x - phases[:, None, None])
-        x32, y32 = x.astype(np.float32), y.astype(np.float32)
+        x32 = x.astype(np.float32)
+        # Evaluate in float64 on the rounded inputs, then round once: y == task(x) exactly.
+        y = amplitudes[:, None, None] * np.sin(x32.astype(np.float64) - phases[:, None, None])
+        y32 = y.astype(np.float32)
         return SinusoidBatch(
             xs=np.ascontiguousarray(x32[:, :k_support]),
             ys=np.ascontiguousarray(y32[:, :k_support]),
