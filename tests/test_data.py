@@ -382,6 +382,25 @@ def test_load_downloads_missing_archive_only_when_asked(small1, cache_dir, monke
     _assert_same(loaded, small1)
 
 
+def test_download_falls_back_to_user_folder_when_root_is_read_only(
+    small1, cache_dir, monkeypatch, tmp_path
+):
+    archive = _require(SMALL1_NAME)
+    read_only, xdg = tmp_path / "shared", tmp_path / "xdg"
+    read_only.mkdir()
+    monkeypatch.setenv("TINYMETA_DATA", str(read_only))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    real_writable = omniglot_mod._writable
+    monkeypatch.setattr(omniglot_mod, "_writable", lambda d: d != read_only and real_writable(d))
+    fake = _patch_urlopen(monkeypatch, archive.read_bytes())
+    load_omniglot("small1", cache_dir=cache_dir, download=True)
+    assert (xdg / "tinymeta" / "omniglot" / f"{SMALL1_NAME}.zip").is_file()
+    assert not list(read_only.iterdir())
+    # The next load finds the downloaded copy without the network.
+    fake.payload = RuntimeError("network must not be used")
+    _assert_same(load_omniglot("small1", cache_dir=cache_dir), small1)
+
+
 # ----------------------------------------------------------------------------- splits
 
 

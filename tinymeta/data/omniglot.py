@@ -75,6 +75,10 @@ def _user_cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
 
 
+def _user_omniglot_dir() -> Path:
+    return _user_cache_home() / "tinymeta" / "omniglot"
+
+
 def default_cache_dir() -> Path:
     """Where decoded arrays are cached: ``$TINYMETA_CACHE`` or ``~/.cache/tinymeta``."""
     env = os.environ.get("TINYMETA_CACHE")
@@ -125,7 +129,8 @@ def download_omniglot(
     """Download ``<name>.zip`` from the official Omniglot repository into ``dest``.
 
     ``name`` is an archive stem such as ``"images_background_small1"`` (see ``CHECKSUMS``);
-    ``dest`` defaults to :func:`omniglot_root`. The file is streamed to a temporary name,
+    ``dest`` defaults to :func:`omniglot_root`, or ``~/.cache/tinymeta/omniglot`` when that
+    is read-only (``load_omniglot`` looks there too). The file is streamed to a temporary name,
     its checksum verified, then renamed into place, so an interrupted or corrupt download
     never leaves a plausible-looking archive behind. An existing archive with the right
     checksum is reused. Raises :class:`ChecksumError` on mismatch and ``OSError`` when the
@@ -133,7 +138,7 @@ def download_omniglot(
     """
     stem = _stem(name)
     algorithm, expected = CHECKSUMS[stem]
-    dest_dir = omniglot_root() if dest is None else Path(dest).expanduser()
+    dest_dir = _download_dir(_archive_dirs(None)) if dest is None else Path(dest).expanduser()
     target = dest_dir / f"{stem}.zip"
     if target.is_file() and _file_digest(target, algorithm) == expected:
         return target
@@ -165,15 +170,15 @@ def download_omniglot(
     return target
 
 
-def _user_omniglot_dir() -> Path:
-    return _user_cache_home() / "tinymeta" / "omniglot"
-
-
 def _writable(directory: Path) -> bool:
     """Whether files can be created in ``directory`` (or it can be created)."""
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent
     return os.access(directory, os.W_OK)
+
+
+def _download_dir(dirs: list[Path]) -> Path:
+    return next((d for d in dirs if _writable(d)), dirs[0])
 
 
 def _archive_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
@@ -191,8 +196,7 @@ def _locate_archive(dirs: list[Path], stem: str, download: bool) -> Path:
         if (directory / f"{stem}.zip").is_file():
             return directory / f"{stem}.zip"
     if download:
-        dest = next((d for d in dirs if _writable(d)), dirs[0])
-        return download_omniglot(stem, dest)
+        return download_omniglot(stem, _download_dir(dirs))
     looked = ", ".join(str(d / f"{stem}.zip") for d in dirs)
     raise FileNotFoundError(
         f"Omniglot archive {stem}.zip not found: looked for {looked}. Pass download=True "
@@ -376,7 +380,8 @@ def load_omniglot(
             ``"both"`` (their union; Greek and Latin, present in both with identical images,
             are kept once, from small1), ``"full"`` (``images_background.zip``, 30 alphabets)
             or ``"evaluation"`` (``images_evaluation.zip``, 20 alphabets).
-        root: folder holding the zips; see :func:`omniglot_root` for the default.
+        root: folder holding the zips; by default :func:`omniglot_root`, then the user
+            download folder ``~/.cache/tinymeta/omniglot``.
         image_size: side of the square output images (105 keeps the originals unresized).
         cache_dir: where decoded arrays are cached; see :func:`default_cache_dir`.
         download: fetch a missing archive (checksum-verified) instead of raising.
