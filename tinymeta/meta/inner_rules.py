@@ -3,11 +3,12 @@
 An update rule maps (params, grads, step, state) to new params, all dicts of
 tensors, and never mutates its inputs. ``state`` is a dict that belongs to one
 adaptation (one task's inner loop): rules with memory (the learned optimizer)
-keep it there, so that two learners sharing a rule never share memory. Its own
-meta-parameters (learning
-rates, a learned optimizer's weights) are returned by ``parameters()`` so the
-outer optimizer can train them: the meta-gradient reaches them through the
-inner updates, like it reaches the initial parameters in MAML.
+keep it there, so that two learners sharing a rule never share memory.
+
+A rule's own meta-parameters (learning rates, a learned optimizer's weights)
+are returned by ``parameters()`` so the outer optimizer can train them: the
+meta-gradient reaches them through the inner updates, like it reaches the
+initial parameters in MAML.
 
 Every rule works on parameters with a leading task axis too (the learning
 rates broadcast over it), which is what task-vectorized meta-batches use.
