@@ -41,8 +41,11 @@ def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor
         array = np.array(data, dtype=dtype, copy=True)
     else:
         array = xp.array(data, dtype=dtype, copy=True)
-    if array.dtype == object:
-        raise TypeError(f"tensor: cannot make a tensor from {type(data).__name__} of mixed objects")
+    if array.dtype.kind not in "biufc":  # objects, strings, ...: not numbers
+        raise TypeError(
+            f"tensor: cannot make a tensor from {type(data).__name__} holding "
+            f"non-numeric values (NumPy dtype {array.dtype})"
+        )
     return _finish(array, device, requires_grad)
 
 

@@ -35,6 +35,9 @@ class Function:
     # needs shapes (add, reshape, ...) set False: changing their inputs in
     # place after the forward does not invalidate the graph.
     saves_inputs = True
+    # Does backward read the *value* of the output (exp, tanh, sqrt, ... reuse
+    # ``self.output``)? Then changing the output in place invalidates the graph too.
+    saves_output = False
 
     inputs = None
     outputs = None
@@ -65,8 +68,8 @@ class Function:
             needs = tuple(t.requires_grad for t in tensors)
             if any(needs):
                 fn._record(tensors, needs, outputs)
-        if _anomaly_hook is not None:
-            _anomaly_hook(fn, outputs, "forward")
+        if _forward_hook is not None:
+            _forward_hook(fn, outputs)
         return outputs[0] if single else tuple(outputs)
 
     def _record(self, tensors, needs, outputs):
@@ -74,6 +77,7 @@ class Function:
         self.needs_input_grad = needs
         self.generation = max(t.generation for t in tensors)
         self.input_versions = tuple(t._version for t in tensors) if self.saves_inputs else None
+        self.output_versions = tuple(o._version for o in outputs) if self.saves_output else None
         self.outputs = tuple(weakref.ref(o) for o in outputs)
         for o in outputs:
             o.grad_fn = self
@@ -101,5 +105,6 @@ class Function:
         return f"<{self.op_name()}>"
 
 
-# Set by tinymeta.instruments.anomaly while detect_anomaly() is active.
-_anomaly_hook = None
+# Set by tinymeta.autograd.detect_anomaly() while it is active, None otherwise:
+# called as ``_forward_hook(fn, outputs)`` after every op's forward (recorded or not).
+_forward_hook = None

@@ -41,14 +41,22 @@ class _GradMode:
         return wrapper
 
 
-class no_grad(_GradMode):
-    """Record nothing inside: ``with tm.no_grad(): ...`` or ``@tm.no_grad()``."""
+class _NoArgGradMode(_GradMode):
+    """As in PyTorch, ``@tm.no_grad`` works without parentheses too."""
+
+    def __new__(cls, fn=None):
+        self = super().__new__(cls)
+        return self if fn is None else self(fn)
+
+
+class no_grad(_NoArgGradMode):
+    """Record nothing inside: ``with tm.no_grad(): ...``, ``@tm.no_grad()`` or ``@tm.no_grad``."""
 
     mode = False
 
 
-class enable_grad(_GradMode):
-    """Record again inside a ``no_grad`` region."""
+class enable_grad(_NoArgGradMode):
+    """Record again inside a ``no_grad`` region (also a decorator, with or without ``()``)."""
 
     mode = True
 

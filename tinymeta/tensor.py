@@ -35,7 +35,9 @@ class Tensor:
     def __init__(self, data, requires_grad: bool = False, name: str | None = None):
         if isinstance(data, Tensor):
             data = data.data
-        if not hasattr(data, "__array_interface__") and not _is_cupy(data):
+        # np.asarray also turns NumPy scalars (np.float64(1.0), what 0-d
+        # arithmetic returns) into 0-d arrays: a tensor always holds an array.
+        if not isinstance(data, np.ndarray) and not _is_cupy(data):
             data = np.asarray(data)
         self.data = data
         self.grad = None
@@ -50,7 +52,9 @@ class Tensor:
 
     @classmethod
     def _wrap(cls, array):
-        """Fast constructor for op outputs (no checks)."""
+        """Fast constructor for op outputs (no checks beyond making NumPy scalars 0-d arrays)."""
+        if isinstance(array, np.generic):  # 0-d arithmetic and comparisons return scalars
+            array = np.asarray(array)
         t = object.__new__(cls)
         t.data = array
         t.grad = None
@@ -92,8 +96,17 @@ class Tensor:
             raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
 
+    def __iter__(self):
+        # Without this Python would iterate through __getitem__, and a 0-d tensor
+        # would silently look empty.
+        if self.ndim == 0:
+            raise TypeError(f"iteration over a 0-d tensor (shape {self.shape})")
+        return (self[i] for i in range(self.shape[0]))
+
     def __repr__(self) -> str:
-        body = np.array2string(backend.to_numpy(self.data), precision=4, separator=", ")
+        body = np.array2string(
+            backend.to_numpy(self.data), precision=4, separator=", ", prefix="tensor("
+        )  # prefix: continuation rows line up under the first one
         extra = []
         if self.dtype != DEFAULT_FLOAT:
             extra.append(f"dtype={self.dtype}")
@@ -200,7 +213,11 @@ class Tensor:
     def copy_(self, other) -> Tensor:
         self._check_inplace("copy_")
         src = other.data if isinstance(other, Tensor) else other
-        if tuple(np.shape(src)) != self.shape and np.ndim(src) > self.ndim:
+        try:
+            fits = np.broadcast_shapes(np.shape(src), self.shape) == self.shape
+        except ValueError:
+            fits = False
+        if not fits:
             raise ValueError(f"copy_: cannot copy shape {np.shape(src)} into {self.shape}")
         self.data[...] = src
         return self._bump()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import weakref
 
-from tinymeta import function as _function
 from tinymeta.grad_mode import set_grad_enabled
 from tinymeta.tensor import Tensor
 
@@ -33,7 +32,10 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
     grads = _run(roots, root_grads, None, retain_graph, create_graph)
     for leaf, g in grads.values():
         if leaf.grad is None:
-            leaf.grad = g if create_graph else g.detach()
+            # A fresh array per leaf: one gradient array can reach several leaves (x + y
+            # hands both the same, possibly read-only broadcast, array), and optimizers
+            # and clip_grad_norm_ update .grad in place.
+            leaf.grad = g if create_graph else Tensor._wrap(g.data.copy())
         else:
             leaf.grad = leaf.grad + g if create_graph else Tensor._wrap(leaf.grad.data + g.data)
 
@@ -205,7 +207,9 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
 
 def _propagate(order, grads, targets, result, retain_graph, create_graph):
     """Run each node's backward rule and hand the gradients to its inputs."""
-    tracer = _tracer_hook
+    hook = _backward_hook  # trace() / detect_anomaly() watch the backward rules through it
+    if hook is not None:
+        hook.begin_pass(create_graph=create_graph, retain_graph=retain_graph)
     with set_grad_enabled(create_graph):
         for fn in order:
             outputs = fn._held_outputs
@@ -225,8 +229,8 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                     for g, y in zip(gys, outputs)
                 ]
             _check_versions(fn)
-            if tracer is not None:
-                gxs = tracer(fn, gys)
+            if hook is not None:
+                gxs = hook.run_rule(fn, gys)  # calls fn.backward(*gys), watching it
             else:
                 gxs = fn.backward(*gys)
             if not isinstance(gxs, tuple):
@@ -236,8 +240,6 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                     f"{fn.op_name()}.backward returned {len(gxs)} gradients "
                     f"for {len(fn.inputs)} inputs"
                 )
-            if _function._anomaly_hook is not None:
-                _function._anomaly_hook(fn, gxs, "backward")
             for x, gx, need in zip(fn.inputs, gxs, fn.needs_input_grad):
                 if gx is None or not need:
                     continue
@@ -274,13 +276,21 @@ def _run_hooks(x, g):
 
 
 def _check_versions(fn):
-    """Refuse to differentiate through inputs that were changed in place after the forward."""
-    if fn.input_versions is None:
-        return
-    for i, (x, v) in enumerate(zip(fn.inputs, fn.input_versions)):
+    """Refuse to differentiate through inputs (or, for ops whose backward reads it, the
+    output) that were changed in place after the forward."""
+    saved = []
+    if fn.input_versions is not None:
+        saved += [("input", i, x, v) for i, (x, v) in enumerate(zip(fn.inputs, fn.input_versions))]
+    if fn.output_versions is not None:
+        saved += [
+            ("output", i, y, v)
+            for i, (y, v) in enumerate(zip(fn._held_outputs, fn.output_versions))
+            if y is not None
+        ]
+    for what, i, x, v in saved:
         if x._version != v:
             raise RuntimeError(
-                f"{fn.op_name()}: input {i} (shape {x.shape}, dtype {x.dtype}) saved for "
+                f"{fn.op_name()}: {what} {i} (shape {x.shape}, dtype {x.dtype}) saved for "
                 f"backward was modified in place after the forward (version {v} -> "
                 f"{x._version}), e.g. by an optimizer step. Recompute the forward after the change."
             )
@@ -295,5 +305,8 @@ def _release(fn, retain_graph):
         fn.inputs = None
 
 
-# Set by tinymeta.instruments.trace while a trace() is active.
-_tracer_hook = None
+# Set by the instruments in tinymeta.autograd (trace, detect_anomaly) while one is
+# active, None otherwise: watching costs nothing when nobody watches. It is an object
+# with ``begin_pass(create_graph=, retain_graph=)`` and ``gxs = run_rule(fn, gys)``;
+# see tinymeta/autograd/_hooks.py.
+_backward_hook = None

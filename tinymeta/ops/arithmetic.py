@@ -3,6 +3,8 @@ input's shape with ``sum_to``, the one reduction that undoes broadcasting."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from tinymeta.function import Function
 from tinymeta.ops.shape import sum_to
 
@@ -53,6 +55,8 @@ class Mul(Function):
 class Div(Function):
     """y = a / b;  ga = gy / b, gb = -gy * a / b**2 = -gy * y / b."""
 
+    saves_output = True  # backward reads self.output
+
     def forward(self, a, b):
         return a / b
 
@@ -95,6 +99,8 @@ class PowConst(Function):
 class Pow(Function):
     """y = a ** b;  ga = gy * b * a ** (b - 1), gb = gy * y * log(a)."""
 
+    saves_output = True  # backward reads self.output
+
     def forward(self, a, b):
         return a**b
 
@@ -129,6 +135,8 @@ def neg(x):
 
 def power(a, b):
     """a ** b; a constant Python exponent uses the simpler rule of PowConst."""
+    if isinstance(b, (np.integer, np.floating)):
+        b = b.item()  # a NumPy scalar exponent acts as a Python one: it must not promote x
     if isinstance(b, (int, float)) and not isinstance(b, bool):
         return PowConst.apply(a, c=b)
     return Pow.apply(a, b)

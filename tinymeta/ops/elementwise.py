@@ -10,6 +10,8 @@ from tinymeta.tensor import constant
 class Exp(Function):
     """y = exp(x);  gx = gy * y."""
 
+    saves_output = True  # backward reads self.output
+
     saves_inputs = False
 
     def forward(self, x):
@@ -32,6 +34,8 @@ class Log(Function):
 
 class Sqrt(Function):
     """y = sqrt(x);  gx = gy / (2 y)."""
+
+    saves_output = True  # backward reads self.output
 
     saves_inputs = False
 
@@ -78,6 +82,8 @@ class Cos(Function):
 class Tanh(Function):
     """y = tanh(x);  gx = gy * (1 - y**2)."""
 
+    saves_output = True  # backward reads self.output
+
     saves_inputs = False
 
     def forward(self, x):
@@ -102,6 +108,8 @@ class TanhGrad(Function):
 
 class Sigmoid(Function):
     """y = 1 / (1 + exp(-x));  gx = gy * y * (1 - y)."""
+
+    saves_output = True  # backward reads self.output
 
     saves_inputs = False
 

@@ -6,7 +6,7 @@ import string
 
 from tinymeta.function import Function
 from tinymeta.ops.shape import broadcast_to, reshape, sum_to, swapaxes
-from tinymeta.tensor import Tensor
+from tinymeta.tensor import Tensor, constant
 
 
 class MatMul(Function):
@@ -30,6 +30,15 @@ def matmul(a, b):
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(
             f"matmul: operands must be at least 1-D, got shapes {a.shape} and {b.shape}"
+        )
+    # Checked here so that the message names the shapes the caller passed (1-D operands
+    # are reshaped to matrices below).
+    k_b = b.shape[-2] if b.ndim >= 2 else b.shape[0]
+    if a.shape[-1] != k_b:
+        raise ValueError(
+            f"matmul: shapes {a.shape} and {b.shape} do not line up: the last axis of a "
+            f"({a.shape[-1]}) must equal the {'second-to-last' if b.ndim >= 2 else 'only'} "
+            f"axis of b ({k_b})"
         )
     if a.ndim >= 2 and b.ndim >= 2:
         return MatMul.apply(a, b)
@@ -78,7 +87,8 @@ def _parse_einsum(subscripts: str, ndims: list) -> tuple:
 
 class Einsum(Function):
     """y = einsum(terms -> out, *xs);  gx_k = einsum(out, other terms -> term_k, gy, *other xs),
-    then broadcast over the letters of term_k that only x_k has (they were summed away)."""
+    then broadcast over the letters of term_k that only x_k has (they were summed away), and
+    for a repeated letter (a diagonal, as in 'ii->') put back on the diagonal."""
 
     def __init__(self, terms, output):
         self.terms, self.output_term = terms, output
@@ -94,20 +104,38 @@ class Einsum(Function):
             if not self.needs_input_grad[k]:
                 gxs.append(None)
                 continue
-            if len(set(term)) != len(term):
-                raise NotImplementedError(
-                    f"einsum: gradient for term {term!r} with a repeated index (a diagonal)"
-                )
             others = [t for i, t in enumerate(self.terms) if i != k]
             known = set(self.output_term).union(*others)
-            kept = "".join(c for c in term if c in known)
+            letters = "".join(dict.fromkeys(term))  # the letters of term_k, each once
+            kept = "".join(c for c in letters if c in known)
             operands = [gy] + [xs[i] for i in range(len(xs)) if i != k]
             gx = einsum(",".join([self.output_term] + others) + "->" + kept, *operands)
-            if kept != term:  # letters summed away in the forward come back by broadcasting
-                shape = tuple(gx.shape[kept.index(c)] if c in kept else 1 for c in term)
-                gx = broadcast_to(reshape(gx, shape), x.shape)
+            if kept != letters:  # letters summed away in the forward come back by broadcasting
+                size = dict(zip(term, x.shape))
+                shape = tuple(gx.shape[kept.index(c)] if c in kept else 1 for c in letters)
+                full = tuple(gx.shape[kept.index(c)] if c in kept else size[c] for c in letters)
+                gx = broadcast_to(reshape(gx, shape), full)
+            if letters != term:
+                gx = self._on_diagonal(gx, letters, term)
             gxs.append(sum_to(gx, x.shape))
         return tuple(gxs)
+
+    def _on_diagonal(self, gx, letters: str, term: str):
+        """d x[..i..i..] = g[..i..] * eye[i, i']: repeat letters of ``term`` get fresh letters
+        tied to the first by an identity matrix (a constant), so the result stays differentiable
+        in ``gx``."""
+        spare = iter(c for c in string.ascii_letters if c not in term)
+        out, eyes = "", []
+        for c in term:
+            if c in out:
+                fresh = next(spare)
+                out += fresh
+                n = gx.shape[letters.index(c)]
+                eyes.append((c + fresh, constant(self.xp.eye(n, dtype=gx.dtype))))
+            else:
+                out += c
+        spec = ",".join([letters] + [sub for sub, _ in eyes]) + "->" + out
+        return einsum(spec, gx, *[eye for _, eye in eyes])
 
 
 def einsum(subscripts: str, *operands):

@@ -15,12 +15,14 @@ def normalize_axis(axis, ndim: int) -> tuple:
     if axis is None:
         return tuple(range(ndim))
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    out = []
+    # As in NumPy, a 0-d tensor accepts axis 0 or -1: a reduction over no axes.
+    n = builtins.max(ndim, 1)
     for a in axes:
-        if not -ndim <= a < builtins.max(ndim, 1):
+        if not -n <= a < n:
             raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dimensions")
-        out.append(a % ndim if ndim else 0)
-    return tuple(sorted(set(out)))
+    if ndim == 0:
+        return ()
+    return tuple(sorted({a % ndim for a in axes}))
 
 
 def keepdims_shape(shape: tuple, axes: tuple) -> tuple:
@@ -58,6 +60,8 @@ class Max(Function):
     Ties split the gradient evenly among the tied elements (so the rule is
     symmetric, and the sum of the gradient equals gy, as for a unique max).
     """
+
+    saves_output = True  # backward reads self.output
 
     reduce = "max"
 

@@ -57,7 +57,10 @@ class Transpose(Function):
     def forward(self, x):
         if self.axes is None:
             self.axes = tuple(reversed(range(x.ndim)))
-        return self.xp.transpose(x, self.axes)
+        y = self.xp.transpose(x, self.axes)
+        # Non-negative axes, so that argsort in backward gives the inverse permutation.
+        self.axes = tuple(a % x.ndim for a in self.axes)
+        return y
 
     def backward(self, gy):
         inverse = tuple(int(i) for i in np.argsort(self.axes))
@@ -71,6 +74,7 @@ def transpose(x, *axes):
 
 
 def swapaxes(x, axis1: int, axis2: int):
+    axis1, axis2 = _check_axes("swapaxes", (axis1, axis2), x.ndim)
     axes = list(range(x.ndim))
     axes[axis1], axes[axis2] = axes[axis2], axes[axis1]
     return transpose(x, *axes)
@@ -123,11 +127,21 @@ def sum_to(x, shape):
     return SumTo.apply(x, shape=shape)
 
 
+def _check_axes(op: str, axes: tuple, ndim: int) -> tuple:
+    """``axes`` made non-negative; an axis outside ``-ndim..ndim-1`` raises (as in NumPy)."""
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{op}: axis {a} is out of range for {ndim} dimensions")
+    return tuple(a % ndim for a in axes)
+
+
 def squeeze(x, axis=None):
     if axis is None:
         shape = tuple(n for n in x.shape if n != 1)
     else:
-        axes = {a % x.ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        axes = set(_check_axes("squeeze", axes, x.ndim or 1))  # 0-d: axis 0 or -1, as NumPy
+        axes = axes if x.ndim else set()
         for a in axes:
             if x.shape[a] != 1:
                 raise ValueError(
@@ -140,7 +154,7 @@ def squeeze(x, axis=None):
 def expand_dims(x, axis):
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     ndim = x.ndim + len(axes)
-    axes = sorted(a % ndim for a in axes)
+    axes = sorted(_check_axes("expand_dims", axes, ndim))
     shape = list(x.shape)
     for a in axes:
         shape.insert(a, 1)
@@ -222,8 +236,9 @@ class Concatenate(Function):
         self.axis = axis
 
     def forward(self, *xs):
+        y = self.xp.concatenate(xs, axis=self.axis)  # first: its error names the mismatch
         self.sizes = [x.shape[self.axis] for x in xs]
-        return self.xp.concatenate(xs, axis=self.axis)
+        return y
 
     def backward(self, gy):
         axis = self.axis % gy.ndim

@@ -1,0 +1,619 @@
+"""Every differentiable op from one table.
+
+Each case names a tinymeta function, its NumPy reference, the shapes of its
+inputs (0-d, size-1 axes and broadcasting pairs included) and their domain
+(positive for log/sqrt, away from the kinks of abs/relu/clip, no ties for
+max/min/maximum). The table drives, per op and through Hypothesis:
+
+- the forward pass against NumPy (float64);
+- gradients of order 1, 2 and 3 against finite differences (``check_grads``);
+- non-contiguous inputs (strided, reversed and transposed views): same values
+  and gradients as contiguous ones, and the inputs are left untouched;
+- float32 inputs: the output and the gradients (first and second order) stay
+  float32, Python scalars in the expression do not promote, and the values
+  agree with float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tinymeta as tm
+from tinymeta.testing import check_grads
+from tinymeta.testing import strategies as tms
+
+# Per-test example budgets, scaled from the active profile (see conftest.py).
+_EXAMPLES = settings.default.max_examples
+FEW = max(3, _EXAMPLES // 5)
+SOME = max(5, _EXAMPLES // 2)
+
+# --- input domains: a function from a shape to a strategy of float64 arrays --------------
+
+
+def _elements(elements):
+    return lambda shape: tms.arrays(shape, elements=elements)
+
+
+ANY = _elements(tms.well_conditioned(bound=2.0))
+POSITIVE = _elements(tms.well_conditioned(bound=3.0, min_magnitude=0.3, positive=True))
+BASE = _elements(tms.well_conditioned(bound=2.0, min_magnitude=0.5, positive=True))
+NONZERO = _elements(tms.well_conditioned(bound=3.0, min_magnitude=0.5))
+NO_KINK_AT_0 = _elements(tms.well_conditioned(bound=2.0, min_magnitude=0.05))
+NO_KINK_AT_HALF = _elements(tms.well_conditioned(bound=2.0, avoid=(-0.5, 0.5, 1.0)))
+DISTINCT = tms.distinct_arrays  # pairwise 0.1 apart: the arg-max is stable
+# maximum/minimum: one input on the lattice 0.25 Z, the other half-way between: no ties.
+ON_GRID = _elements(st.integers(-8, 8).map(lambda i: 0.25 * i))
+OFF_GRID = _elements(st.integers(-8, 7).map(lambda i: 0.25 * i + 0.125))
+
+# --- shapes: a strategy of a tuple with one shape per input -----------------------------
+
+
+def _unary(**kw):
+    kw.setdefault("max_side", 4)
+    return tms.shapes(**kw).map(lambda s: (s,))
+
+
+UNARY = _unary()  # includes 0-d and size-1 axes
+PAIR = tms.broadcastable_shapes(2, max_side=4)
+
+
+@st.composite
+def _matmul_shapes(draw, kind: str):
+    n, m, k = (draw(st.integers(1, 4)) for _ in range(3))
+    batch = tms.broadcastable_shapes(2, min_dims=0, max_dims=2, max_side=3)
+    if kind == "1d@1d":
+        return (n,), (n,)
+    if kind == "2d@2d":
+        return (m, n), (n, k)
+    if kind == "1d@2d":
+        return (n,), (n, k)
+    if kind == "2d@1d":
+        return (m, n), (n,)
+    if kind == "batched":
+        ba, bb = draw(batch)
+        return ba + (m, n), bb + (n, k)
+    if kind == "1d@batched":
+        return (n,), draw(tms.shapes(1, 2, max_side=3)) + (n, k)
+    if kind == "batched@1d":
+        return draw(tms.shapes(1, 2, max_side=3)) + (m, n), (n,)
+    raise AssertionError(kind)
+
+
+@st.composite
+def _einsum_shapes(draw, spec: str):
+    """Shapes for the input terms of ``spec`` (letters only, no ellipsis), one size per letter."""
+    terms = spec.split("->")[0].split(",")
+    sizes = {c: draw(st.integers(1, 4)) for c in sorted(set("".join(terms)))}
+    return tuple(tuple(sizes[c] for c in term) for term in terms)
+
+
+@st.composite
+def _joinable_shapes(draw, n: int, axis: int, same: bool):
+    """``n`` shapes equal except along ``axis`` (or all equal, for stack)."""
+    base = list(draw(tms.shapes(min_dims=1, max_dims=3, max_side=4)))
+    out = []
+    for _ in range(n):
+        s = list(base)
+        if not same:
+            s[axis] = draw(st.integers(1, 4))
+        out.append(tuple(s))
+    return tuple(out)
+
+
+# --- constants drawn next to the inputs (indices, masks, conditions) ----------------------
+
+
+@st.composite
+def _repeated_index(draw, n: int, size: int = 6):
+    """An integer index array into an axis of length n, negative indices and a repeat included."""
+    idx = draw(st.lists(st.integers(-n, n - 1), min_size=1, max_size=size))
+    return np.array(idx + [idx[0]], dtype=np.int64)
+
+
+def _int_index(shapes):
+    return _repeated_index(shapes[0][0]).map(lambda i: {"index": i})
+
+
+def _int_index_2d(shapes):
+    n = shapes[0][0]
+    return hnp_int_arrays(n, (2, 3)).map(lambda i: {"index": i})
+
+
+def hnp_int_arrays(n: int, shape: tuple):
+    from hypothesis.extra import numpy as hnp
+
+    return hnp.arrays(np.int64, shape, elements=st.integers(-n, n - 1))
+
+
+def _index_pair(shapes):
+    n0, n1 = shapes[0][:2]
+    return st.tuples(_repeated_index(n0, 4), st.integers(-n1, n1 - 1)).map(
+        lambda t: {"index": (t[0], np.full(t[0].shape, t[1]))}
+    )
+
+
+def _full_mask(shapes):
+    from hypothesis.extra import numpy as hnp
+
+    return hnp.arrays(np.bool_, shapes[0]).map(lambda m: {"mask": m})
+
+
+def _row_mask(shapes):
+    from hypothesis.extra import numpy as hnp
+
+    return hnp.arrays(np.bool_, shapes[0][:1]).map(lambda m: {"mask": m})
+
+
+def _condition(shapes):
+    from hypothesis.extra import numpy as hnp
+
+    out = np.broadcast_shapes(*shapes)
+    return st.integers(0, len(out)).flatmap(
+        lambda k: hnp.arrays(np.bool_, out[k:]).map(lambda c: {"cond": c})
+    )
+
+
+# --- the table --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    fn: Callable  # tinymeta: fn(*tensors, **extra)
+    ref: Callable  # NumPy: ref(*arrays, **extra)
+    shapes: st.SearchStrategy  # one shape per input
+    domain: object = ANY  # a shape -> array strategy, or a tuple of them (one per input)
+    extra: Callable | None = None  # shapes -> strategy of a dict of constant keyword args
+    order: int = 3
+    check: dict = field(default_factory=dict)  # eps/atol/rtol for check_grads
+    float32: bool = True  # does float32 in give float32 out?
+
+    def __repr__(self):
+        return self.name
+
+
+def _lse(a, axis=None, keepdims=False):
+    return np.log(np.sum(np.exp(a), axis=axis, keepdims=keepdims))
+
+
+def _sigmoid(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def _reduction_cases() -> list:
+    """sum mean var max min logsumexp with axis None / int / negative int / tuple, keepdims."""
+    ops = {
+        "sum": (lambda x, axis, keepdims: x.sum(axis, keepdims), np.sum, ANY),
+        "mean": (lambda x, axis, keepdims: tm.mean(x, axis=axis, keepdims=keepdims), np.mean, ANY),
+        "var": (lambda x, axis, keepdims: x.var(axis=axis, keepdims=keepdims), np.var, ANY),
+        "max": (lambda x, axis, keepdims: x.max(axis, keepdims=keepdims), np.max, DISTINCT),
+        "min": (lambda x, axis, keepdims: tm.min(x, axis, keepdims), np.min, DISTINCT),
+        "logsumexp": (lambda x, axis, keepdims: tm.logsumexp(x, axis, keepdims), _lse, ANY),
+    }
+    axes = (
+        (None, False, UNARY),
+        (0, True, _unary(min_dims=1)),
+        (-1, False, _unary(min_dims=1)),
+        ((0, -1), False, _unary(min_dims=2)),
+        ((2, 0), True, _unary(min_dims=3)),
+    )
+    return [
+        Case(
+            f"{name}[axis={axis},keepdims={keepdims}]",
+            functools.partial(fn, axis=axis, keepdims=keepdims),
+            functools.partial(ref, axis=axis, keepdims=keepdims),
+            shapes,
+            domain,
+        )
+        for name, (fn, ref, domain) in ops.items()
+        for axis, keepdims, shapes in axes
+    ]
+
+
+def _bigger(shape):
+    return (2,) + tuple(3 if n == 1 else n for n in shape)
+
+
+CASES = [
+    # arithmetic, tensors on both sides and broadcasting
+    Case("add", lambda a, b: a + b, np.add, PAIR),
+    Case("sub", lambda a, b: a - b, np.subtract, PAIR),
+    Case("mul", lambda a, b: a * b, np.multiply, PAIR),
+    Case("div", lambda a, b: a / b, np.divide, PAIR, (ANY, NONZERO)),
+    Case("pow[tensor exponent]", lambda a, b: a**b, np.power, PAIR, (BASE, ANY)),
+    Case("neg", lambda x: -x, np.negative, UNARY),
+    # a Python scalar on either side keeps the tensor's dtype
+    Case("add[scalar]", lambda x: 2.5 + x, lambda a: 2.5 + a, UNARY),
+    Case("sub[scalar]", lambda x: 1.5 - x, lambda a: 1.5 - a, UNARY),
+    Case("mul[scalar]", lambda x: x * -3.0, lambda a: a * -3.0, UNARY),
+    Case("div[scalar]", lambda x: 2.0 / x, lambda a: 2.0 / a, UNARY, NONZERO),
+    Case("pow[scalar base]", lambda x: 2.0**x, lambda a: 2.0**a, UNARY),
+    Case("pow[const 2]", lambda x: x**2, lambda a: a**2, UNARY),
+    Case("pow[const 3]", lambda x: x**3, lambda a: a**3, UNARY),
+    Case("pow[const 0.5]", lambda x: x**0.5, np.sqrt, UNARY, POSITIVE),
+    Case("pow[const -1.5]", lambda x: x**-1.5, lambda a: a**-1.5, UNARY, POSITIVE),
+    Case("pow[numpy scalar]", lambda x: x ** np.float64(2.5), lambda a: a**2.5, UNARY, POSITIVE),
+    # matmul: NumPy semantics, 1-D operands and broadcast batches
+    *(
+        Case(f"matmul[{kind}]", tm.matmul, np.matmul, _matmul_shapes(kind))
+        for kind in ("1d@1d", "2d@2d", "1d@2d", "2d@1d", "batched", "1d@batched", "batched@1d")
+    ),
+    Case("matmul[operator]", lambda a, b: a @ b, np.matmul, _matmul_shapes("batched")),
+    # einsum
+    *(
+        Case(
+            f"einsum[{spec}]",
+            lambda *xs, spec=spec: tm.einsum(spec, *xs),
+            lambda *xs, spec=spec: np.einsum(spec, *xs),
+            _einsum_shapes(spec),
+        )
+        for spec in (
+            "ij,jk->ik",
+            "i,i->",
+            "i,j->ij",
+            "bij,bjk->bik",
+            "ij->ji",
+            "ijk->j",
+            "ij,ij->ij",
+            "ij,jk",  # implicit output
+            "ii->",  # trace
+            "ii->i",  # diagonal
+            "iij,j->i",
+        )
+    ),
+    Case(
+        "einsum[...ij,...jk->...ik]",
+        lambda a, b: tm.einsum("...ij,...jk->...ik", a, b),
+        lambda a, b: np.einsum("...ij,...jk->...ik", a, b),
+        _matmul_shapes("batched"),
+    ),
+    # elementwise
+    Case("exp", tm.exp, np.exp, UNARY),
+    Case("log", tm.log, np.log, UNARY, POSITIVE),
+    Case("sqrt", lambda x: x.sqrt(), np.sqrt, UNARY, POSITIVE),
+    Case("abs", tm.abs, np.abs, UNARY, NO_KINK_AT_0),
+    Case("abs[builtin]", abs, np.abs, UNARY, NO_KINK_AT_0),
+    Case("sin", tm.sin, np.sin, UNARY),
+    Case("cos", lambda x: x.cos(), np.cos, UNARY),
+    Case("tanh", tm.tanh, np.tanh, UNARY),
+    Case("sigmoid", tm.sigmoid, _sigmoid, UNARY),
+    Case("relu", lambda x: x.relu(), lambda a: np.maximum(a, 0), UNARY, NO_KINK_AT_0),
+    Case(
+        "clip",
+        lambda x: x.clip(-0.5, 0.5),
+        lambda a: np.clip(a, -0.5, 0.5),
+        UNARY,
+        NO_KINK_AT_HALF,
+    ),
+    Case(
+        "clip[hi only]",
+        lambda x: tm.clip(x, None, 1.0),
+        lambda a: np.minimum(a, 1.0),
+        UNARY,
+        NO_KINK_AT_HALF,
+    ),
+    Case("maximum", tm.maximum, np.maximum, PAIR, (ON_GRID, OFF_GRID)),
+    Case("minimum", tm.minimum, np.minimum, PAIR, (OFF_GRID, ON_GRID)),
+    Case(
+        "where",
+        lambda a, b, cond: tm.where(cond, a, b),
+        lambda a, b, cond: np.where(cond, a, b),
+        PAIR,
+        extra=_condition,
+    ),
+    Case(
+        "where[scalar]",
+        lambda a, cond: tm.where(cond, a, 0.5),
+        lambda a, cond: np.where(cond, a, 0.5),
+        UNARY,
+        extra=_condition,
+    ),
+    *_reduction_cases(),
+    # shape ops
+    Case("reshape[-1]", lambda x: x.reshape(-1), lambda a: a.reshape(-1), UNARY),
+    Case(
+        "reshape[reversed shape]",
+        lambda x: tm.reshape(x, x.shape[::-1] + (1,)),
+        lambda a: a.reshape(a.shape[::-1] + (1,)),
+        UNARY,
+    ),
+    Case("reshape[*shape]", lambda x: x.reshape(1, *x.shape), lambda a: a[None], UNARY),
+    Case("T", lambda x: x.T, lambda a: a.T, UNARY),
+    Case("transpose[]", lambda x: x.transpose(), lambda a: a.transpose(), UNARY),
+    Case(
+        "transpose[(1, 2, 0)]",
+        lambda x: tm.transpose(x, (1, 2, 0)),
+        lambda a: np.transpose(a, (1, 2, 0)),
+        _unary(min_dims=3, max_dims=3),
+    ),
+    Case(
+        "transpose[-1, 0]",
+        lambda x: x.transpose(-1, 0),
+        lambda a: np.transpose(a, (-1, 0)),
+        _unary(min_dims=2, max_dims=2),
+    ),
+    Case(
+        "swapaxes",
+        lambda x: x.swapaxes(0, -1),
+        lambda a: np.swapaxes(a, 0, -1),
+        _unary(min_dims=1),
+    ),
+    Case(
+        "broadcast_to",
+        lambda x: x.broadcast_to(_bigger(x.shape)),
+        lambda a: np.broadcast_to(a, _bigger(a.shape)),
+        UNARY,
+    ),
+    Case("squeeze[all]", lambda x: x.squeeze(), np.squeeze, UNARY),
+    Case(
+        "squeeze[axis=0]",
+        lambda x: tm.squeeze(x, 0),
+        lambda a: np.squeeze(a, 0),
+        tms.shapes(0, 3, max_side=4).map(lambda s: ((1,) + s,)),
+    ),
+    Case(
+        "squeeze[axis=(0, -1)]",
+        lambda x: x.squeeze((0, -1)),
+        lambda a: np.squeeze(a, (0, -1)),
+        tms.shapes(0, 2, max_side=4).map(lambda s: ((1,) + s + (1,),)),
+    ),
+    Case("expand_dims[0]", lambda x: tm.expand_dims(x, 0), lambda a: a[None], UNARY),
+    Case(
+        "expand_dims[(0, 2)]",
+        lambda x: x.expand_dims((0, 2)),
+        lambda a: np.expand_dims(a, (0, 2)),
+        _unary(min_dims=1),
+    ),
+    Case("unsqueeze[-1]", lambda x: x.unsqueeze(-1), lambda a: a[..., None], UNARY),
+    Case("flatten", lambda x: x.flatten(), lambda a: a.reshape(-1), UNARY),
+    Case(
+        "flatten[1]",
+        lambda x: tm.flatten(x, 1),
+        lambda a: a.reshape(a.shape[0], -1),
+        _unary(min_dims=2),
+    ),
+    # indexing
+    Case(
+        "getitem[basic slices]",
+        lambda x: x[1:, ::2],
+        lambda a: a[1:, ::2],
+        _unary(min_dims=2, min_side=2),
+    ),
+    Case(
+        "getitem[negative steps]",
+        lambda x: x[::-1, -1::-2],
+        lambda a: a[::-1, -1::-2],
+        _unary(min_dims=2),
+    ),
+    Case(
+        "getitem[int, None, ...]",
+        lambda x: x[-1, None, ..., 0],
+        lambda a: a[-1, None, ..., 0],
+        _unary(min_dims=2),
+    ),
+    Case(
+        "getitem[int array, repeats]",
+        lambda x, index: x[index],
+        lambda a, index: a[index],
+        _unary(min_dims=1),
+        extra=_int_index,
+    ),
+    Case(
+        "getitem[2-D int array]",
+        lambda x, index: x[index],
+        lambda a, index: a[index],
+        _unary(min_dims=1, max_dims=2),
+        extra=_int_index_2d,
+    ),
+    Case(
+        "getitem[int array pair]",
+        lambda x, index: x[index],
+        lambda a, index: a[index],
+        _unary(min_dims=2),
+        extra=_index_pair,
+    ),
+    Case(
+        "getitem[int tensor, slice]",
+        lambda x, index: x[tm.tensor(index), 1:],
+        lambda a, index: a[index, 1:],
+        _unary(min_dims=2),
+        extra=_int_index,
+    ),
+    Case(
+        "getitem[bool mask]",
+        lambda x, mask: x[mask],
+        lambda a, mask: a[mask],
+        _unary(min_dims=1),
+        extra=_full_mask,
+    ),
+    Case(
+        "getitem[bool rows]",
+        lambda x, mask: x[tm.tensor(mask)],
+        lambda a, mask: a[mask],
+        _unary(min_dims=2),
+        extra=_row_mask,
+    ),
+    # joining
+    Case(
+        "concatenate[axis=0]",
+        lambda *xs: tm.concatenate(xs, axis=0),
+        lambda *xs: np.concatenate(xs, axis=0),
+        _joinable_shapes(3, 0, same=False),
+    ),
+    Case(
+        "concatenate[axis=-1]",
+        lambda *xs: tm.concatenate(list(xs), -1),
+        lambda *xs: np.concatenate(xs, axis=-1),
+        _joinable_shapes(2, -1, same=False),
+    ),
+    Case(
+        "stack[axis=0]",
+        lambda *xs: tm.stack(xs),
+        lambda *xs: np.stack(xs),
+        _joinable_shapes(3, 0, same=True),
+    ),
+    Case(
+        "stack[axis=-1]",
+        lambda *xs: tm.stack(list(xs), axis=-1),
+        lambda *xs: np.stack(xs, axis=-1),
+        _joinable_shapes(2, 0, same=True),
+    ),
+    # casts: float32 rounding makes the finite differences noisy, hence the bigger step
+    Case(
+        "astype[float32 and back]",
+        lambda x: x.astype(tm.float32).astype(tm.float64),
+        lambda a: a.astype(np.float32).astype(np.float64),
+        UNARY,
+        check={"eps": 1e-2, "atol": 1e-3},
+        float32=False,
+    ),
+    Case("to[cpu]", lambda x: x.to("cpu") * 2.0, lambda a: a * 2.0, UNARY),
+]
+
+# API.md's differentiable ops: each must have at least one case.
+API_OPS = (
+    "add sub mul div pow neg matmul einsum exp log sqrt abs sin cos tanh sigmoid relu sum mean "
+    "var max min logsumexp reshape transpose T swapaxes broadcast_to squeeze expand_dims "
+    "unsqueeze flatten clip maximum minimum where getitem concatenate stack astype"
+).split()
+
+IDS = [c.name for c in CASES]
+assert len(set(IDS)) == len(IDS), "case names must be unique"
+
+
+def test_table_covers_every_op():
+    covered = {c.name.split("[")[0] for c in CASES}
+    missing = [op for op in API_OPS if op not in covered]
+    assert not missing, f"ops without a case: {missing}"
+
+
+# --- drawing a case's inputs ---------------------------------------------------------------
+
+
+def _draw(data, case: Case, shapes=None):
+    shapes = data.draw(case.shapes if shapes is None else shapes, label="shapes")
+    domains = case.domain if isinstance(case.domain, tuple) else (case.domain,) * len(shapes)
+    assert len(domains) == len(shapes), case.name
+    arrays = [data.draw(d(s), label=f"input {i}") for i, (d, s) in enumerate(zip(domains, shapes))]
+    extra = data.draw(case.extra(shapes), label="constants") if case.extra else {}
+    return arrays, extra
+
+
+def _cotangent(rng, y) -> tm.Tensor:
+    return tm.tensor(rng.standard_normal(y.shape).astype(y.dtype))
+
+
+# --- the tests -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@settings(max_examples=SOME)
+@given(data=st.data())
+def test_forward_matches_numpy(case, data):
+    arrays, extra = _draw(data, case)
+    y = case.fn(*[tm.tensor(a) for a in arrays], **extra)
+    expected = np.asarray(case.ref(*arrays, **extra))
+    assert isinstance(y, tm.Tensor)
+    assert y.shape == expected.shape
+    assert y.dtype == expected.dtype
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@settings(max_examples=SOME)
+@given(data=st.data())
+def test_gradients_order_1_to_3(case, data):
+    arrays, extra = _draw(data, case)
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    inputs = [tm.tensor(a) for a in arrays]
+    assert check_grads(
+        lambda *xs: case.fn(*xs, **extra), inputs, order=case.order, seed=seed, **case.check
+    )
+
+
+def _has_two_elements(shapes) -> bool:
+    return any(math.prod(s) >= 2 for s in shapes)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@settings(max_examples=FEW)
+@given(data=st.data())
+def test_noncontiguous_inputs(case, data):
+    arrays, extra = _draw(data, case, case.shapes.filter(_has_two_elements))
+    hows = [data.draw(st.sampled_from(["stride", "reverse", "transpose"])) for _ in arrays]
+    views = [tms.as_noncontiguous(a, how) for a, how in zip(arrays, hows)]
+    assert any(not v.flags.c_contiguous for v in views)
+    strided = [tm.from_numpy(v).requires_grad_() for v in views]
+    dense = [tm.tensor(a, requires_grad=True) for a in arrays]
+
+    y_strided, y_dense = case.fn(*strided, **extra), case.fn(*dense, **extra)
+    np.testing.assert_allclose(y_strided.numpy(), y_dense.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        y_strided.numpy(), case.ref(*arrays, **extra), rtol=1e-10, atol=1e-12
+    )
+
+    gy = _cotangent(np.random.default_rng(0), y_dense)
+    g_strided = tm.grad(y_strided, strided, grad_outputs=gy)
+    g_dense = tm.grad(y_dense, dense, grad_outputs=gy)
+    for gs, gd in zip(g_strided, g_dense):
+        np.testing.assert_allclose(gs.numpy(), gd.numpy(), rtol=1e-12, atol=1e-12)
+    for v, a in zip(views, arrays):  # nothing wrote into the inputs
+        np.testing.assert_array_equal(v, a)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.float32], ids=lambda c: c.name)
+@settings(max_examples=FEW)
+@given(data=st.data())
+def test_float32_stays_float32(case, data):
+    arrays, extra = _draw(data, case)
+    rng = np.random.default_rng(1)
+    x32 = [tm.tensor(a.astype(np.float32), requires_grad=True) for a in arrays]
+    x64 = [tm.tensor(a, requires_grad=True) for a in arrays]
+    y32, y64 = case.fn(*x32, **extra), case.fn(*x64, **extra)
+    assert y32.dtype == tm.float32
+    np.testing.assert_allclose(y32.numpy(), y64.numpy(), rtol=1e-4, atol=1e-5)
+
+    gy = _cotangent(rng, y32)
+    g32 = tm.grad(y32, x32, grad_outputs=gy, create_graph=True)
+    g64 = tm.grad(y64, x64, grad_outputs=gy.astype(tm.float64))
+    for x, g, ref in zip(x32, g32, g64):
+        assert g.dtype == tm.float32 and g.shape == x.shape
+        np.testing.assert_allclose(g.numpy(), ref.numpy(), rtol=1e-3, atol=1e-4)
+
+    # Second order: differentiate <g, r> again; every gradient is still float32.
+    s = tm.sum(tm.stack([(g * _cotangent(rng, g)).sum() for g in g32]))
+    if s.requires_grad:
+        for x, gg in zip(x32, tm.grad(s, x32, allow_unused=True)):
+            assert gg is None or (gg.dtype == tm.float32 and gg.shape == x.shape)
+
+
+def test_getitem_repeated_indices_accumulate():
+    x = tm.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    y = x[np.array([0, 2, 0, 0])]
+    (y * tm.tensor([1.0, 10.0, 100.0, 1000.0])).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [1101.0, 0.0, 10.0])
+
+
+def test_getitem_repeated_pairs_accumulate_in_2d():
+    x = tm.zeros(2, 3, requires_grad=True)
+    rows, cols = np.array([1, 1, 0, 1]), np.array([2, 2, 0, -1])
+    (g,) = tm.grad(x[rows, cols].sum(), x)
+    np.testing.assert_array_equal(g.numpy(), [[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+
+
+def test_getitem_repeated_indices_second_order():
+    # d/dx sum(x[idx]**2) = 2 x * count;  its gradient again: 2 * count on the diagonal.
+    x = tm.tensor([1.0, 2.0, 3.0], dtype=tm.float64, requires_grad=True)
+    idx = np.array([2, 2, 0, 2])
+    (g,) = tm.grad((x[idx] ** 2).sum(), x, create_graph=True)
+    np.testing.assert_array_equal(g.numpy(), [2.0, 0.0, 18.0])
+    (gg,) = tm.grad(g.sum(), x)
+    np.testing.assert_array_equal(gg.numpy(), [2.0, 0.0, 6.0])

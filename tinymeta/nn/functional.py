@@ -1,0 +1,520 @@
+"""Stateless layers and losses: ``import tinymeta.nn.functional as F``.
+
+Every function here is differentiable to any order: each op's backward rule is
+built from differentiable ops (MAML differentiates through the gradient of
+these layers). Layouts follow PyTorch: images are NCHW, a linear weight is
+(out, in), a convolution weight is (out, in, kh, kw).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinymeta.backend import get_array_module
+from tinymeta.function import Function
+from tinymeta.grad_mode import no_grad
+from tinymeta.nn.conv import Conv2d, output_size, pair
+from tinymeta.ops.elementwise import exp
+from tinymeta.ops.elementwise import relu as _relu
+from tinymeta.ops.linalg import matmul
+from tinymeta.ops.reductions import mean as _mean
+from tinymeta.ops.reductions import sum as _sum
+from tinymeta.ops.shape import reshape, sum_to, swapaxes
+from tinymeta.tensor import Tensor, constant
+
+__all__ = [
+    "batch_norm",
+    "conv2d",
+    "cross_entropy",
+    "linear",
+    "log_softmax",
+    "max_pool2d",
+    "mse_loss",
+    "nll_loss",
+    "relu",
+    "softmax",
+]
+
+
+def _tensor(x, op: str, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
+        return Tensor(x)
+    raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
+
+
+# --- linear -------------------------------------------------------------------------------
+
+
+class Linear(Function):
+    """y = x @ w^T + b;  gx = gy @ w, gw = gy^T @ x (over all leading axes), gb = sum(gy)."""
+
+    def forward(self, x, w, b=None):
+        y = x @ w.T
+        if b is not None:
+            if b.dtype == y.dtype and y.ndim:
+                y += b  # y is a fresh array: add in place
+            else:
+                y = y + b
+        return y
+
+    def backward(self, gy):
+        x, w = self.inputs[:2]
+        gx = matmul(gy, w) if self.needs_input_grad[0] else None
+        gw = None
+        if self.needs_input_grad[1]:
+            gy2 = reshape(gy, (-1, w.shape[0]))
+            x2 = reshape(x, (-1, w.shape[1]))
+            gw = matmul(swapaxes(gy2, 0, 1), x2)
+        if len(self.inputs) == 2:
+            return gx, gw
+        gb = sum_to(gy, self.inputs[2].shape) if self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x, w, b=None) -> Tensor:
+    """y = x @ w^T + b, with w of shape (out, in) and x of shape (..., in)."""
+    x, w = _tensor(x, "linear", "x"), _tensor(w, "linear", "w")
+    if w.ndim != 2:
+        raise ValueError(f"linear: weight must be 2-D (out, in), got shape {w.shape}")
+    if x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"linear: input of shape {x.shape} has {x.shape[-1] if x.ndim else 0} features "
+            f"but the weight (shape {w.shape}) expects {w.shape[1]}"
+        )
+    if b is None:
+        return Linear.apply(x, w)
+    b = _tensor(b, "linear", "b")
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"linear: bias must have shape ({w.shape[0]},), got {b.shape}")
+    return Linear.apply(x, w, b)
+
+
+# --- convolution and pooling ---------------------------------------------------------------
+
+
+def conv2d(x, w, b=None, stride=1, padding=0) -> Tensor:
+    """y[n,o,i,j] = sum_{c,p,q} x_pad[n,c,i*s+p,j*s+q] w[o,c,p,q] + b[o]  (NCHW, cross-correlation).
+
+    ``stride`` and ``padding`` (zeros) are an int or an (h, w) pair. The
+    forward is one GEMM over the im2col windows; the gradients are the ops
+    Conv2dGradInput (a transposed convolution) and Conv2dGradWeight, whose own
+    gradients are convolutions again, so every order is available.
+    """
+    x, w = _tensor(x, "conv2d", "x"), _tensor(w, "conv2d", "w")
+    stride, padding = pair(stride, "stride", "conv2d"), pair(padding, "padding", "conv2d")
+    if min(stride) < 1:
+        raise ValueError(f"conv2d: stride must be positive, got {stride}")
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(
+            f"conv2d: expected a 4-D input (N, C, H, W) and a 4-D weight (O, C, kh, kw), "
+            f"got shapes {x.shape} and {w.shape}"
+        )
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(
+            f"conv2d: input has {x.shape[1]} channels (shape {x.shape}) but the weight "
+            f"expects {w.shape[1]} (weight shape {w.shape})"
+        )
+    for axis, name in ((0, "height"), (1, "width")):
+        size, k = x.shape[2 + axis] + 2 * padding[axis], w.shape[2 + axis]
+        if k > size:
+            raise ValueError(
+                f"conv2d: kernel {name} {k} exceeds the padded input {name} {size} "
+                f"(input shape {x.shape}, weight shape {w.shape}, padding {padding})"
+            )
+    if b is None:
+        return Conv2d.apply(x, w, stride=stride, padding=padding)
+    b = _tensor(b, "conv2d", "b")
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"conv2d: bias must have shape ({w.shape[0]},), got {b.shape}")
+    return Conv2d.apply(x, w, b, stride=stride, padding=padding)
+
+
+class Gather(Function):
+    """y = x.flat[index];  gx = Scatter(gy): zeros with gy added at index (repeats summed)."""
+
+    saves_inputs = False
+
+    def __init__(self, index, unique: bool):
+        self.index, self.unique = index, unique
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return x.reshape(-1)[self.index]
+
+    def backward(self, gy):
+        return Scatter.apply(gy, index=self.index, shape=self.in_shape, unique=self.unique)
+
+
+class Scatter(Function):
+    """y = zeros(shape); y.flat[index] += gy;  ggy = Gather(ggx) at the same index."""
+
+    saves_inputs = False
+
+    def __init__(self, index, shape: tuple, unique: bool):
+        self.index, self.shape, self.unique = index, shape, unique
+
+    def forward(self, gy):
+        xp = self.xp
+        size = int(np.prod(self.shape))
+        if self.unique:  # each position receives one value: plain assignment
+            out = xp.zeros(size, dtype=gy.dtype)
+            out[self.index.reshape(-1)] = gy.reshape(-1)
+        else:  # overlapping windows: sum the values that land on one position
+            out = xp.bincount(self.index.reshape(-1), weights=gy.reshape(-1), minlength=size)
+            out = out.astype(gy.dtype, copy=False)
+        return out.reshape(self.shape)
+
+    def backward(self, ggx):
+        return Gather.apply(ggx, index=self.index, unique=self.unique)
+
+
+def _pool_offsets(pool):
+    """(i, rows, cols) for each kernel offset i = p * kw + q: the slices of the input that
+    offset reads, one element per window."""
+    (kh, kw), (sh, sw), (oh, ow) = pool.kernel_size, pool.stride, pool.out_hw
+    for p in range(kh):
+        for q in range(kw):
+            yield (
+                p * kw + q,
+                slice(p, p + sh * (oh - 1) + 1, sh),
+                slice(q, q + sw * (ow - 1) + 1, sw),
+            )
+
+
+class _Pool(Function):
+    """Shared by the max-pool ops: the window geometry and each window's arg-max offset."""
+
+    saves_inputs = False
+
+    def __init__(self, kernel_size: tuple, stride: tuple, in_shape: tuple, argmax=None):
+        self.kernel_size, self.stride, self.in_shape = kernel_size, stride, in_shape
+        (kh, kw), (sh, sw) = kernel_size, stride
+        self.out_hw = (output_size(in_shape[2], kh, sh, 0), output_size(in_shape[3], kw, sw, 0))
+        self.argmax = argmax
+
+    def geometry(self) -> dict:
+        return dict(kernel_size=self.kernel_size, stride=self.stride, in_shape=self.in_shape,
+                    argmax=self.argmax)  # fmt: skip
+
+
+class MaxPool2d(_Pool):
+    """y[n,c,i,j] = max_{p,q} x[n,c,i*sh+p,j*sw+q];  gx = PoolScatter(gy) to each arg-max.
+
+    The arg-max offset of every window is found here and then fixed, so the
+    op is a gather: its gradient is a scatter, whose gradient is the gather
+    again (any order). Ties go to the first maximal element of a window in
+    row-major order. Loops over the kh*kw kernel offsets, never over pixels.
+    """
+
+    def forward(self, x):
+        y = argmax = None
+        for i, rows, cols in _pool_offsets(self):
+            v = x[:, :, rows, cols]
+            if y is None:
+                y = v.copy(order="K")  # order K: keep the (channels-last) memory layout
+                dtype = np.int8 if self.kernel_size[0] * self.kernel_size[1] < 128 else np.int32
+                argmax = self.xp.zeros_like(y, dtype=dtype)
+            else:
+                better = v > y  # strictly: a tie keeps the earlier offset
+                # argmax = where(better, i, argmax), in arithmetic: masked NumPy ops
+                # (where=, boolean assignment) are several times slower on these layouts.
+                argmax += better * (argmax.dtype.type(i) - argmax)
+                self.xp.maximum(y, v, out=y)
+        self.argmax = argmax
+        return y
+
+    def backward(self, gy):
+        return PoolScatter.apply(gy, **self.geometry())
+
+
+class PoolScatter(_Pool):
+    """gx[n,c,i*sh+p,j*sw+q] += gy[n,c,i,j] where (p, q) is window (i, j)'s arg-max;
+    ggy = PoolGather(ggx)."""
+
+    def forward(self, gy):
+        n, c, h, w = self.in_shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        gx = self.xp.zeros((n, h, w, c), dtype=gy.dtype).transpose(0, 3, 1, 2)  # channels-last
+        for i, rows, cols in _pool_offsets(self):
+            if sh >= kh and sw >= kw:  # windows do not overlap: each slice is written once
+                self.xp.multiply(gy, self.argmax == i, out=gx[:, :, rows, cols])
+            else:  # one input can be the maximum of several windows: add
+                gx[:, :, rows, cols] += gy * (self.argmax == i)
+        return gx
+
+    def backward(self, ggx):
+        return PoolGather.apply(ggx, **self.geometry())
+
+
+class PoolGather(_Pool):
+    """y[n,c,i,j] = x[n,c,i*sh+p,j*sw+q] at window (i, j)'s arg-max (p, q);
+    gx = PoolScatter(gy)."""
+
+    def forward(self, x):
+        y = self.xp.zeros_like(self.argmax, dtype=x.dtype)
+        for i, rows, cols in _pool_offsets(self):
+            y += x[:, :, rows, cols] * (self.argmax == i)
+        return y
+
+    def backward(self, gy):
+        return PoolScatter.apply(gy, **self.geometry())
+
+
+def max_pool2d(x, kernel_size, stride=None) -> Tensor:
+    """y[n,c,i,j] = max_{p,q} x[n,c,i*s+p,j*s+q];  gx = gy routed to each window's arg-max.
+
+    ``kernel_size`` and ``stride`` are an int or an (h, w) pair; ``stride``
+    defaults to ``kernel_size``; no padding. Piecewise linear: the second
+    derivative is zero almost everywhere and the gradient of the gradient still
+    flows (gather <-> scatter). Ties go to the first maximal element of a window
+    (row-major), so exactly one input receives each output's gradient.
+    """
+    x = _tensor(x, "max_pool2d", "x")
+    kernel = pair(kernel_size, "kernel_size", "max_pool2d")
+    stride = pair(stride if stride is not None else kernel, "stride", "max_pool2d")
+    if x.ndim != 4:
+        raise ValueError(f"max_pool2d: expected a 4-D input (N, C, H, W), got shape {x.shape}")
+    if min(kernel + stride) < 1:
+        raise ValueError(
+            f"max_pool2d: kernel_size and stride must be positive, got {kernel} and {stride}"
+        )
+    if kernel[0] > x.shape[2] or kernel[1] > x.shape[3]:
+        raise ValueError(
+            f"max_pool2d: kernel {kernel} is larger than the input's spatial size "
+            f"(input shape {x.shape})"
+        )
+    return MaxPool2d.apply(x, kernel_size=kernel, stride=stride, in_shape=x.shape)
+
+
+# --- normalisation ---------------------------------------------------------------------------
+
+
+def _stat_array(stat):
+    return stat.data if isinstance(stat, Tensor) else stat
+
+
+def _update_running(stat, batch_value, momentum: float) -> None:
+    """stat <- (1 - momentum) stat + momentum batch_value, in place and outside the graph."""
+    new = (1.0 - momentum) * _stat_array(stat) + momentum * batch_value
+    if isinstance(stat, Tensor):
+        with no_grad():
+            stat.copy_(new)  # bumps the version counter, like any in-place change
+    else:
+        stat[...] = new
+
+
+def batch_norm(
+    x,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, per channel (axis 1 of (N, C) or NCHW).
+
+    Training: mean and (biased) var are the batch's, over every axis but the
+    channel one, and the gradient flows through them (composed from
+    differentiable ops, so every order works). If running statistics are given
+    (arrays or tensors of shape (C,)), they are updated in place outside the
+    graph, with the unbiased batch variance, as PyTorch does:
+    ``running = (1 - momentum) * running + momentum * batch``.
+    Evaluation: the running statistics are used as constants.
+    """
+    x = _tensor(x, "batch_norm", "x")
+    if x.ndim not in (2, 4):
+        raise ValueError(
+            f"batch_norm: expected an (N, C) or (N, C, H, W) input, got shape {x.shape}"
+        )
+    c = x.shape[1]
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(
+                f"batch_norm: {name} must have shape ({c},) for an input of shape {x.shape}, "
+                f"got {tuple(t.shape)}"
+            )
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    if training:
+        count = x.size // c
+        if count < 2:
+            raise ValueError(
+                f"batch_norm: training needs more than one value per channel, got input "
+                f"shape {x.shape}"
+            )
+        mu = _mean(x, axes, keepdims=True)
+        centred = x - mu
+        var = _mean(centred * centred, axes, keepdims=True)
+        if running_mean is not None:
+            _update_running(running_mean, mu.data.reshape(c), momentum)
+        if running_var is not None:
+            # The running estimate uses the unbiased variance (n / (n - 1)), as in PyTorch.
+            _update_running(running_var, var.data.reshape(c) * (count / (count - 1)), momentum)
+        inv_std = (var + eps) ** -0.5
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                "batch_norm: evaluation (training=False) needs running_mean and running_var"
+            )
+        xp = get_array_module(x.data)
+        rm = xp.asarray(_stat_array(running_mean)).reshape(shape)
+        rv = xp.asarray(_stat_array(running_var)).reshape(shape)
+        centred = x - constant(rm.astype(x.dtype, copy=False))
+        inv_std = constant(((rv + eps) ** -0.5).astype(x.dtype, copy=False))
+    # Fold the affine scale into the per-channel factor: one full-size product, not two.
+    scale = inv_std if weight is None else inv_std * reshape(weight, shape)
+    y = centred * scale
+    return y if bias is None else y + reshape(bias, shape)
+
+
+# --- activations -------------------------------------------------------------------------------
+
+
+def relu(x) -> Tensor:
+    """y = max(x, 0);  gx = gy * [x > 0]  (the derivative at 0 is taken as 0)."""
+    return _relu(x)
+
+
+class Softmax(Function):
+    """y = exp(x - max x) / sum exp(x - max x);  gx = y * (gy - sum(gy * y))."""
+
+    saves_inputs = False
+
+    def __init__(self, axis: int):
+        self.axis = axis
+
+    def forward(self, x):
+        # Shifting by the max changes nothing mathematically and keeps exp from overflowing.
+        e = self.xp.exp(x - x.max(axis=self.axis, keepdims=True))
+        e /= e.sum(axis=self.axis, keepdims=True)
+        return e
+
+    def backward(self, gy):
+        y = self.output  # a differentiable function of x: higher orders go through it
+        return y * (gy - _sum(gy * y, self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """y = x - logsumexp(x);  gx = gy - exp(y) * sum(gy)."""
+
+    saves_inputs = False
+
+    def __init__(self, axis: int):
+        self.axis = axis
+
+    def forward(self, x):
+        # logsumexp(x) = m + log sum exp(x - m) with m = max x: exp never overflows.
+        shifted = x - x.max(axis=self.axis, keepdims=True)
+        shifted -= self.xp.log(self.xp.exp(shifted).sum(axis=self.axis, keepdims=True))
+        return shifted
+
+    def backward(self, gy):
+        # softmax = exp(y): reading it from the output keeps the rule differentiable.
+        return gy - exp(self.output) * _sum(gy, self.axis, keepdims=True)
+
+
+def _axis(x: Tensor, axis: int, op: str) -> int:
+    if not -x.ndim <= axis < max(x.ndim, 1) or x.ndim == 0:
+        raise ValueError(f"{op}: axis {axis} is out of range for a tensor of shape {x.shape}")
+    return axis % x.ndim
+
+
+def softmax(x, axis: int = -1) -> Tensor:
+    """y = exp(x) / sum(exp(x)) along ``axis``, computed with the max-shift for stability."""
+    x = _tensor(x, "softmax", "x")
+    return Softmax.apply(x, axis=_axis(x, axis, "softmax"))
+
+
+def log_softmax(x, axis: int = -1) -> Tensor:
+    """y = x - logsumexp(x) along ``axis``, computed with the max-shift for stability."""
+    x = _tensor(x, "log_softmax", "x")
+    return LogSoftmax.apply(x, axis=_axis(x, axis, "log_softmax"))
+
+
+# --- losses ----------------------------------------------------------------------------------
+
+
+def _reduce(loss: Tensor, reduction: str, op: str) -> Tensor:
+    if reduction == "mean":
+        return _mean(loss)
+    if reduction == "sum":
+        return _sum(loss)
+    if reduction == "none":
+        return loss
+    raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _labels(labels, n: int, c: int, op: str, xp):
+    """The labels as an int64 array of shape (n,), checked against c classes."""
+    array = labels.data if isinstance(labels, Tensor) else labels
+    if not hasattr(array, "dtype"):
+        array = np.asarray(array)
+    if array.dtype.kind not in "iu":
+        raise TypeError(
+            f"{op}: labels must be integer class indices, got dtype {array.dtype} "
+            f"(shape {tuple(array.shape)}); convert with .astype(tm.int64)"
+        )
+    if tuple(array.shape) != (n,):
+        raise ValueError(
+            f"{op}: expected labels of shape ({n},) for input of shape ({n}, {c}), "
+            f"got {tuple(array.shape)}"
+        )
+    array = xp.asarray(array, dtype=np.int64)
+    if n and (int(array.min()) < 0 or int(array.max()) >= c):
+        raise ValueError(
+            f"{op}: labels must lie in [0, {c}) for {c} classes, got values in "
+            f"[{int(array.min())}, {int(array.max())}]"
+        )
+    return array
+
+
+def nll_loss(log_probs, labels, reduction: str = "mean") -> Tensor:
+    """loss_n = -log_probs[n, labels_n], reduced by ``reduction`` ('mean', 'sum' or 'none')."""
+    log_probs = _tensor(log_probs, "nll_loss", "log_probs")
+    if log_probs.ndim != 2:
+        raise ValueError(
+            f"nll_loss: expected (N, C) log-probabilities, got shape {log_probs.shape}"
+        )
+    n, c = log_probs.shape
+    xp = get_array_module(log_probs.data)
+    labels = _labels(labels, n, c, "nll_loss", xp)
+    picked = Gather.apply(log_probs, index=xp.arange(n) * c + labels, unique=True)
+    return _reduce(-picked, reduction, "nll_loss")
+
+
+def cross_entropy(logits, labels, reduction: str = "mean") -> Tensor:
+    """loss_n = logsumexp(logits_n) - logits_n[labels_n] = -log softmax(logits_n)[labels_n].
+
+    Computed from the logits through log_softmax (never log(softmax)): stable
+    for large logits. ``logits`` is (N, C); ``labels`` are N integers in [0, C).
+    """
+    logits = _tensor(logits, "cross_entropy", "logits")
+    if logits.ndim != 2:
+        raise ValueError(f"cross_entropy: expected (N, C) logits, got shape {logits.shape}")
+    n, c = logits.shape
+    xp = get_array_module(logits.data)
+    labels = _labels(labels, n, c, "cross_entropy", xp)
+    picked = Gather.apply(log_softmax(logits, axis=1), index=xp.arange(n) * c + labels, unique=True)
+    return _reduce(-picked, reduction, "cross_entropy")
+
+
+def mse_loss(pred, target, reduction: str = "mean") -> Tensor:
+    """loss = (pred - target)**2, reduced by ``reduction`` ('mean', 'sum' or 'none')."""
+    pred = _tensor(pred, "mse_loss", "pred")
+    target_shape = tuple(np.shape(target.data if isinstance(target, Tensor) else target))
+    if target_shape != pred.shape:
+        raise ValueError(
+            f"mse_loss: pred has shape {pred.shape} but target has shape {target_shape}; "
+            "they must match (reshape one of them)"
+        )
+    diff = pred - target
+    return _reduce(diff * diff, reduction, "mse_loss")
