@@ -25,6 +25,7 @@ from common import (  # noqa: E402
     base_parser,
     describe_machine,
     median,
+    noise_warning,
     setup_threads,
     spread,
     time_interleaved,
@@ -128,6 +129,9 @@ def main() -> None:
         t_tm, t_np = median(samples["tm"]) * 1e6, median(samples["np"]) * 1e6
         iqr = spread([s * 1e6 for s in samples["tm"]])
         print(f"{name:26s} {t_tm:9.2f} {iqr:>13s} {t_np:7.2f} {t_tm / t_np:7.1f}")
+        warning = noise_warning(samples)
+        if warning:
+            print(f"  {warning}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     describe_machine,
     matmul_gflops,
     median,
+    noise_warning,
     setup_threads,
     spread,
     time_interleaved,
@@ -376,6 +377,9 @@ def main() -> None:
     for name in ("tinymeta-F", "torch"):
         if name in samples:
             print(f"{name} / numpy floor = {median(samples[name]) / floor:.3f}")
+    warning = noise_warning(samples)
+    if warning:
+        print(warning)
 
 
 if __name__ == "__main__":

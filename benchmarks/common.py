@@ -111,8 +111,32 @@ def spread(xs: list[float]) -> str:
     return f"{qs[0]:.4g}-{qs[2]:.4g}"
 
 
+def noise_warning(samples: dict[str, list[float]], limit: float = 0.25) -> str | None:
+    """A warning when any timing's interquartile range exceeds ``limit`` times its median.
+
+    A wide spread means the machine was busy (other processes, or BLAS threads
+    of several libraries competing for few cores): ratios are then unreliable.
+    """
+    noisy = []
+    for name, xs in samples.items():
+        if len(xs) >= 4:
+            q1, _, q3 = statistics.quantiles(xs, n=4)
+            if (q3 - q1) > limit * median(xs):
+                noisy.append(name)
+    if not noisy:
+        return None
+    return (
+        f"WARNING: noisy timings for {', '.join(noisy)} (IQR > {limit:.0%} of the median); "
+        "rerun on a quieter machine (on a shared one: --threads 1 --clock cpu)"
+    )
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 20, clock: str = "wall") -> float:
-    """NumPy float32 GFLOP/s on a square n x n product (the machine's BLAS ceiling)."""
+    """NumPy float32 GFLOP/s on a square n x n product (the machine's BLAS ceiling).
+
+    The fastest of ``repeats`` runs: a ceiling is what the machine can do when
+    nothing gets in the way.
+    """
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -127,4 +151,4 @@ def matmul_gflops(n: int = 1024, repeats: int = 20, clock: str = "wall") -> floa
         start = timer()
         np.matmul(a, b, out=out)
         times.append(timer() - start)
-    return 2.0 * n**3 / median(times) / 1e9
+    return 2.0 * n**3 / min(times) / 1e9
