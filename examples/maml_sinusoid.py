@@ -152,7 +152,7 @@ def evaluate(model, rule, args, keys=None, seed_offset=10_000):
     return result, ci95, path
 
 
-def plot(model, rule, baseline, args, path: Path):
+def plot(model, rule, baseline, args, figure_path: Path):
     try:
         import matplotlib
 
@@ -170,7 +170,7 @@ def plot(model, rule, baseline, args, path: Path):
     xs, ys = tm.tensor(x_support), tm.tensor(y_support)
     for ax, (name, net, net_rule) in zip(axes[0], nets):
         params = dict(net.named_parameters())
-        path = meta.adapt(
+        fits = meta.adapt(
             lambda p, net=net: mse(nn.functional_call(net, p, xs), ys),
             params,
             net_rule,
@@ -182,15 +182,15 @@ def plot(model, rule, baseline, args, path: Path):
         ax.plot(x_support, y_support, "^", color="purple", label="used for grad")
         with tm.no_grad():
             for s, style in ((0, ":"), (1, "--"), (10, "-")):
-                fit = nn.functional_call(net, path[s], tm.tensor(grid)).numpy()
+                fit = nn.functional_call(net, fits[s], tm.tensor(grid)).numpy()
                 ax.plot(grid, fit, style, color="g", label=f"after {s} steps")
         ax.set_title(f"{name}, K={args.shots}")
         ax.set_ylim(-6, 6)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(figure_path, dpi=100)
     plt.close(fig)
-    return path
+    return figure_path
 
 
 def main(argv=None):

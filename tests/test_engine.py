@@ -649,3 +649,18 @@ def test_astype_is_differentiable_and_casts_the_gradient_back():
     assert x.astype(tm.float32) is x  # no-op cast
     i = x.astype(tm.int64)
     assert i.dtype == tm.int64 and not i.requires_grad
+
+
+# --- 0-d tensors ----------------------------------------------------------------------------
+
+
+def test_0d_results_are_arrays_not_numpy_scalars():
+    # NumPy returns scalars (np.float64, np.bool_) from 0-d arithmetic; a tensor must hold
+    # an array, or .numpy() and the backends break.
+    x = f64(2.0)
+    for t in (x > 1.0, x == 2.0, x * 3, x.max(), tm.Tensor(np.float64(1.0)), x.detach() + 1):
+        assert isinstance(t.data, np.ndarray) and t.data.ndim == 0
+        assert isinstance(t.numpy(), np.ndarray)
+    (x * x).backward()
+    (x * x).backward()  # accumulation of two 0-d gradients
+    assert isinstance(x.grad.data, np.ndarray) and x.grad.numpy() == 8.0

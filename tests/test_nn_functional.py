@@ -113,11 +113,33 @@ def test_linear_matches_numpy_and_grads_order_3(lead, fan_in, fan_out, bias, see
         check_grads(lambda x, w: F.linear(x, w), [x, w], order=3)
 
 
+@given(
+    batch=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    shared_x=st.booleans(),
+    n=st.integers(1, 3),
+    seed=seeds,
+)
+def test_linear_with_batched_weights_applies_each_batch_elements_own(batch, shared_x, n, seed):
+    # Per-task weights (B..., out, in): what task-vectorized MAML feeds through functional_call.
+    rng = _rng(seed)
+    w, b = rng.standard_normal((*batch, 3, 2)), rng.standard_normal((*batch, 3))
+    x = rng.standard_normal((n, 2) if shared_x else (*batch, n, 2))
+    y = F.linear(tm.tensor(x), tm.tensor(w), tm.tensor(b)).numpy()
+    for k in np.ndindex(*batch):
+        xk = x if shared_x else x[k]
+        np.testing.assert_allclose(y[k], xk @ w[k].T + b[k], rtol=1e-12)
+    check_grads(lambda x, w, b: F.linear(x, w, b), [x, w, b], order=3)
+
+
 def test_linear_errors_name_shapes():
     with pytest.raises(ValueError, match=r"linear: input of shape \(2, 3\) has 3 features.*4"):
         F.linear(tm.zeros(2, 3), tm.zeros(5, 4))
     with pytest.raises(ValueError, match="linear: bias must have shape"):
         F.linear(tm.zeros(2, 4), tm.zeros(5, 4), tm.zeros(4))
+    with pytest.raises(ValueError, match=r"linear: bias must have shape \(3, 5\)"):
+        F.linear(tm.zeros(3, 2, 4), tm.zeros(3, 5, 4), tm.zeros(5))
+    with pytest.raises(ValueError, match="linear: batched weights of shape"):
+        F.linear(tm.zeros(4), tm.zeros(3, 5, 4))
 
 
 def test_linear_float32_stays_float32():
@@ -233,9 +255,7 @@ def test_max_pool2d_grads_order_3(case, seed):
 
 
 def test_max_pool2d_routes_gradient_to_argmax_and_ties_to_the_first():
-    x = tm.tensor(
-        np.array([[[[1.0, 5.0, 2.0, 2.0], [3.0, 4.0, 2.0, 2.0]]]]), requires_grad=True
-    )
+    x = tm.tensor(np.array([[[[1.0, 5.0, 2.0, 2.0], [3.0, 4.0, 2.0, 2.0]]]]), requires_grad=True)
     y = F.max_pool2d(x, 2)
     np.testing.assert_array_equal(y.numpy(), [[[[5.0, 2.0]]]])
     y.sum().backward()
@@ -244,7 +264,9 @@ def test_max_pool2d_routes_gradient_to_argmax_and_ties_to_the_first():
 
 
 def test_max_pool2d_overlapping_windows_accumulate():
-    x = tm.tensor(np.array([[[[0.0, 9.0, 0.0], [0.0, 0.5, 0.0], [0.1, 0.2, 0.3]]]]), requires_grad=True)
+    x = tm.tensor(
+        np.array([[[[0.0, 9.0, 0.0], [0.0, 0.5, 0.0], [0.1, 0.2, 0.3]]]]), requires_grad=True
+    )
     F.max_pool2d(x, 2, stride=1).sum().backward()
     expected = np.zeros((3, 3))
     expected[0, 1] = 2  # the max of both top windows

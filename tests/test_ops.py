@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import tinymeta as tm
 from tinymeta.testing import check_grads
@@ -124,13 +125,8 @@ def _int_index(shapes):
 
 def _int_index_2d(shapes):
     n = shapes[0][0]
-    return hnp_int_arrays(n, (2, 3)).map(lambda i: {"index": i})
-
-
-def hnp_int_arrays(n: int, shape: tuple):
-    from hypothesis.extra import numpy as hnp
-
-    return hnp.arrays(np.int64, shape, elements=st.integers(-n, n - 1))
+    index = hnp.arrays(np.int64, (2, 3), elements=st.integers(-n, n - 1))
+    return index.map(lambda i: {"index": i})
 
 
 def _index_pair(shapes):
@@ -141,20 +137,14 @@ def _index_pair(shapes):
 
 
 def _full_mask(shapes):
-    from hypothesis.extra import numpy as hnp
-
     return hnp.arrays(np.bool_, shapes[0]).map(lambda m: {"mask": m})
 
 
 def _row_mask(shapes):
-    from hypothesis.extra import numpy as hnp
-
     return hnp.arrays(np.bool_, shapes[0][:1]).map(lambda m: {"mask": m})
 
 
 def _condition(shapes):
-    from hypothesis.extra import numpy as hnp
-
     out = np.broadcast_shapes(*shapes)
     return st.integers(0, len(out)).flatmap(
         lambda k: hnp.arrays(np.bool_, out[k:]).map(lambda c: {"cond": c})
@@ -528,7 +518,7 @@ def test_forward_matches_numpy(case, data):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-@settings(max_examples=SOME)
+@settings(max_examples=_EXAMPLES)
 @given(data=st.data())
 def test_gradients_order_1_to_3(case, data):
     arrays, extra = _draw(data, case)
@@ -617,3 +607,67 @@ def test_getitem_repeated_indices_second_order():
     np.testing.assert_array_equal(g.numpy(), [2.0, 0.0, 18.0])
     (gg,) = tm.grad(g.sum(), x)
     np.testing.assert_array_equal(gg.numpy(), [2.0, 0.0, 6.0])
+
+
+# --- documented conventions at kinks and edge cases ------------------------------------------
+
+
+def _grad_at(fn, values):
+    x = tm.tensor(values, dtype=tm.float64, requires_grad=True)
+    (g,) = tm.grad(fn(x).sum(), x)
+    return g.numpy()
+
+
+def test_relu_and_abs_have_derivative_0_at_0():
+    np.testing.assert_array_equal(_grad_at(tm.relu, [-1.0, 0.0, 2.0]), [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(_grad_at(tm.abs, [-1.0, 0.0, 2.0]), [-1.0, 0.0, 1.0])
+
+
+def test_clip_passes_the_gradient_at_its_bounds():
+    g = _grad_at(lambda x: x.clip(-1.0, 1.0), [-2.0, -1.0, 0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(g, [0.0, 1.0, 1.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("op", [tm.max, tm.min])
+def test_max_min_split_ties_evenly(op):
+    g = _grad_at(lambda x: op(x, axis=1), [[3.0, 3.0, 1.0], [2.0, 2.0, 2.0]])
+    if op is tm.min:
+        np.testing.assert_allclose(g, [[0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]])
+    else:
+        np.testing.assert_allclose(g, [[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    assert g.sum() == pytest.approx(2.0)  # as much gradient as for a unique arg-max
+
+
+def test_maximum_minimum_split_ties_evenly():
+    a = tm.tensor([1.0, 2.0, 3.0], dtype=tm.float64, requires_grad=True)
+    b = tm.tensor([2.0, 2.0, 2.0], dtype=tm.float64, requires_grad=True)
+    for op, ga, gb in (
+        (tm.maximum, [0.0, 0.5, 1.0], [1.0, 0.5, 0.0]),
+        (tm.minimum, [1.0, 0.5, 0.0], [0.0, 0.5, 1.0]),
+    ):
+        ga_, gb_ = tm.grad(op(a, b).sum(), [a, b])
+        np.testing.assert_array_equal(ga_.numpy(), ga)
+        np.testing.assert_array_equal(gb_.numpy(), gb)
+
+
+def test_power_0_and_1_are_smooth_at_0():
+    # x**0 = 1 and x**1 = x: every derivative is finite at x = 0 (no 0 * inf).
+    x = tm.tensor([0.0, 2.0], dtype=tm.float64, requires_grad=True)
+    (g0,) = tm.grad((x**0).sum(), x)
+    np.testing.assert_array_equal(g0.numpy(), [0.0, 0.0])
+    (g1,) = tm.grad((x**1).sum(), x, create_graph=True)
+    np.testing.assert_array_equal(g1.numpy(), [1.0, 1.0])
+    (gg1,) = tm.grad(g1.sum(), x, allow_unused=True)
+    assert gg1 is None or np.array_equal(gg1.numpy(), [0.0, 0.0])
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "max", "min", "var", "logsumexp"])
+@pytest.mark.parametrize("axis", [0, -1, None])
+def test_reductions_of_a_0d_tensor_over_axis_0_or_minus_1(op, axis):
+    # np.sum and np.max accept axis 0 / -1 on a 0-d array (a reduction over nothing);
+    # tinymeta does so for every reduction.
+    x = tm.tensor(1.5, dtype=tm.float64, requires_grad=True)
+    y = getattr(tm, op)(x, axis=axis)
+    assert y.shape == ()
+    assert y.item() == (0.0 if op == "var" else 1.5)
+    assert check_grads(lambda t: getattr(tm, op)(t, axis=axis), [x], order=2)

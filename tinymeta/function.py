@@ -56,7 +56,13 @@ class Function:
             ys = fn.forward(*arrays)
         except (ValueError, IndexError, TypeError) as e:
             shapes = ", ".join(f"{tuple(a.shape)} {a.dtype}" for a in arrays)
-            raise type(e)(f"{cls.op_name()}: {e} (inputs: {shapes})") from e
+            message = f"{cls.op_name()}: {e} (inputs: {shapes})"
+            try:
+                error = type(e)(message)
+            except TypeError:  # a class that wants other arguments (NumPy's ufunc errors)
+                base = next(t for t in (ValueError, IndexError, TypeError) if isinstance(e, t))
+                error = base(message)
+            raise error from e
         single = not isinstance(ys, tuple)
         # NumPy turns 0-d results into scalars (np.float64); a tensor holds arrays.
         outputs = [

@@ -264,7 +264,10 @@ class _Decoder:
             _expect(isinstance(value, bool), "a bool value is not true/false")
             return value
         if kind == "int":
-            _expect(isinstance(value, int) and not isinstance(value, bool), "an int is not one")
+            _expect(
+                isinstance(value, int) and not isinstance(value, bool),
+                "an int value is not an integer",
+            )
             return value
         if kind == "float":
             _expect(isinstance(value, (int, float)) and not isinstance(value, bool), "bad float")
@@ -342,4 +345,6 @@ def load(path) -> dict:
             f"{type(e).__name__}: {e}"
         ) from None
     except RecursionError:
-        raise ValueError(f"tm.load: {path!r}: the manifest is nested too deeply") from None
+        raise ValueError(
+            f"tm.load: {path!r} is not a valid checkpoint: the manifest is nested too deeply"
+        ) from None

@@ -48,46 +48,70 @@ def _tensor(x, op: str, name: str) -> Tensor:
 
 
 class Linear(Function):
-    """y = x @ w^T + b;  gx = gy @ w, gw = gy^T @ x (over all leading axes), gb = sum(gy)."""
+    """y = x @ w^T + b;  gx = gy @ w, gw = gy^T @ x (summed over shared axes), gb = sum(gy).
+
+    ``w`` may carry leading batch axes (B..., out, in), with ``b`` (B..., out):
+    each batch element then has its own weights (matmul broadcasting).
+    """
 
     def forward(self, x, w, b=None):
-        y = x @ w.T
+        y = x @ self.xp.swapaxes(w, -1, -2)
         if b is not None:
-            if b.dtype == y.dtype and y.ndim:
-                y += b  # y is a fresh array: add in place
+            if b.ndim > 1:  # batched bias (B..., out): one row per batch element
+                b = b[..., None, :]
+            if b.dtype == y.dtype:
+                y += b  # y is a fresh array, and b's axes are all among y's: add in place
             else:
                 y = y + b
         return y
 
     def backward(self, gy):
         x, w = self.inputs[:2]
-        gx = matmul(gy, w) if self.needs_input_grad[0] else None
+        gx = sum_to(matmul(gy, w), x.shape) if self.needs_input_grad[0] else None
         gw = None
         if self.needs_input_grad[1]:
-            gy2 = reshape(gy, (-1, w.shape[0]))
-            x2 = reshape(x, (-1, w.shape[1]))
-            gw = matmul(swapaxes(gy2, 0, 1), x2)
+            if w.ndim == 2:  # one weight shared by every row: fold all leading axes into one GEMM
+                gy2 = reshape(gy, (-1, w.shape[0]))
+                gw = matmul(swapaxes(gy2, 0, 1), reshape(x, (-1, w.shape[1])))
+            else:
+                gw = sum_to(matmul(swapaxes(gy, -1, -2), x), w.shape)
         if len(self.inputs) == 2:
             return gx, gw
-        gb = sum_to(gy, self.inputs[2].shape) if self.needs_input_grad[2] else None
+        gb = None
+        if self.needs_input_grad[2]:
+            b = self.inputs[2]
+            gb = sum_to(gy if b.ndim == 1 else _sum(gy, axis=-2), b.shape)
         return gx, gw, gb
 
 
 def linear(x, w, b=None) -> Tensor:
-    """y = x @ w^T + b, with w of shape (out, in) and x of shape (..., in)."""
+    """y = x @ w^T + b, with w of shape (out, in) and x of shape (..., in).
+
+    Batched weights: w of shape (B..., out, in) and b of shape (B..., out) apply
+    batch element k's weights to x[k] of shape (N, in) (x is (B..., N, in), its
+    batch axes broadcast). This is how a model runs with per-task parameters in
+    task-vectorized MAML (``functional_call`` with a leading task axis).
+    """
     x, w = _tensor(x, "linear", "x"), _tensor(w, "linear", "w")
-    if w.ndim != 2:
-        raise ValueError(f"linear: weight must be 2-D (out, in), got shape {w.shape}")
-    if x.ndim < 1 or x.shape[-1] != w.shape[1]:
+    if w.ndim < 2:
+        raise ValueError(
+            f"linear: weight must be (out, in) or (B..., out, in), got shape {w.shape}"
+        )
+    if x.ndim < 1 or x.shape[-1] != w.shape[-1]:
         raise ValueError(
             f"linear: input of shape {x.shape} has {x.shape[-1] if x.ndim else 0} features "
-            f"but the weight (shape {w.shape}) expects {w.shape[1]}"
+            f"but the weight (shape {w.shape}) expects {w.shape[-1]}"
+        )
+    if w.ndim > 2 and x.ndim < 2:
+        raise ValueError(
+            f"linear: batched weights of shape {w.shape} need an input of shape (B..., N, in), "
+            f"got {x.shape}"
         )
     if b is None:
         return Linear.apply(x, w)
     b = _tensor(b, "linear", "b")
-    if b.shape != (w.shape[0],):
-        raise ValueError(f"linear: bias must have shape ({w.shape[0]},), got {b.shape}")
+    if b.shape != w.shape[:-1]:
+        raise ValueError(f"linear: bias must have shape {w.shape[:-1]}, got {b.shape}")
     return Linear.apply(x, w, b)
 
 
@@ -109,7 +133,8 @@ def conv2d(x, w, b=None, stride=1, padding=0) -> Tensor:
     if x.ndim != 4 or w.ndim != 4:
         raise ValueError(
             f"conv2d: expected a 4-D input (N, C, H, W) and a 4-D weight (O, C, kh, kw), "
-            f"got shapes {x.shape} and {w.shape}"
+            f"got shapes {x.shape} and {w.shape} (batched per-task weights are not supported: "
+            "loop over tasks)"
         )
     if x.shape[1] != w.shape[1]:
         raise ValueError(
@@ -132,42 +157,36 @@ def conv2d(x, w, b=None, stride=1, padding=0) -> Tensor:
 
 
 class Gather(Function):
-    """y = x.flat[index];  gx = Scatter(gy): zeros with gy added at index (repeats summed)."""
+    """y = x.flat[index] (distinct positions);  gx = Scatter(gy): zeros with gy at index."""
 
     saves_inputs = False
 
-    def __init__(self, index, unique: bool):
-        self.index, self.unique = index, unique
+    def __init__(self, index):
+        self.index = index
 
     def forward(self, x):
         self.in_shape = x.shape
         return x.reshape(-1)[self.index]
 
     def backward(self, gy):
-        return Scatter.apply(gy, index=self.index, shape=self.in_shape, unique=self.unique)
+        return Scatter.apply(gy, index=self.index, shape=self.in_shape)
 
 
 class Scatter(Function):
-    """y = zeros(shape); y.flat[index] += gy;  ggy = Gather(ggx) at the same index."""
+    """y = zeros(shape); y.flat[index] = gy (distinct positions);  ggy = Gather(ggx)."""
 
     saves_inputs = False
 
-    def __init__(self, index, shape: tuple, unique: bool):
-        self.index, self.shape, self.unique = index, shape, unique
+    def __init__(self, index, shape: tuple):
+        self.index, self.shape = index, shape
 
     def forward(self, gy):
-        xp = self.xp
-        size = int(np.prod(self.shape))
-        if self.unique:  # each position receives one value: plain assignment
-            out = xp.zeros(size, dtype=gy.dtype)
-            out[self.index.reshape(-1)] = gy.reshape(-1)
-        else:  # overlapping windows: sum the values that land on one position
-            out = xp.bincount(self.index.reshape(-1), weights=gy.reshape(-1), minlength=size)
-            out = out.astype(gy.dtype, copy=False)
+        out = self.xp.zeros(int(np.prod(self.shape)), dtype=gy.dtype)
+        out[self.index.reshape(-1)] = gy.reshape(-1)
         return out.reshape(self.shape)
 
     def backward(self, ggx):
-        return Gather.apply(ggx, index=self.index, unique=self.unique)
+        return Gather.apply(ggx, index=self.index)
 
 
 def _pool_offsets(pool):
@@ -195,8 +214,13 @@ class _Pool(Function):
         self.argmax = argmax
 
     def geometry(self) -> dict:
-        return dict(kernel_size=self.kernel_size, stride=self.stride, in_shape=self.in_shape,
-                    argmax=self.argmax)  # fmt: skip
+        """The parameters that build a partner op over the same windows and arg-max."""
+        return {
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "in_shape": self.in_shape,
+            "argmax": self.argmax,
+        }
 
 
 class MaxPool2d(_Pool):
@@ -487,7 +511,7 @@ def nll_loss(log_probs, labels, reduction: str = "mean") -> Tensor:
     n, c = log_probs.shape
     xp = get_array_module(log_probs.data)
     labels = _labels(labels, n, c, "nll_loss", xp)
-    picked = Gather.apply(log_probs, index=xp.arange(n) * c + labels, unique=True)
+    picked = Gather.apply(log_probs, index=xp.arange(n) * c + labels)
     return _reduce(-picked, reduction, "nll_loss")
 
 
@@ -503,7 +527,7 @@ def cross_entropy(logits, labels, reduction: str = "mean") -> Tensor:
     n, c = logits.shape
     xp = get_array_module(logits.data)
     labels = _labels(labels, n, c, "cross_entropy", xp)
-    picked = Gather.apply(log_softmax(logits, axis=1), index=xp.arange(n) * c + labels, unique=True)
+    picked = Gather.apply(log_softmax(logits, axis=1), index=xp.arange(n) * c + labels)
     return _reduce(-picked, reduction, "cross_entropy")
 
 

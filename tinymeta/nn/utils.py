@@ -47,6 +47,11 @@ def functional_call(module: Module, params: Mapping, *args, **kwargs):
     (``self.weight``); ``self.parameters()`` inside forward lists the module's
     own tensors.
 
+    A replacement has the shape of the tensor it replaces, or that shape
+    with leading batch axes: per-task parameters for task-vectorized MAML,
+    which the layers that support them (Linear) apply batch element by batch
+    element (the others raise).
+
     Raises KeyError for a name the module does not have (listing the valid
     ones) and ValueError for a replacement of the wrong shape.
     """
@@ -73,7 +78,10 @@ def functional_call(module: Module, params: Mapping, *args, **kwargs):
                     f"functional_call: params[{name!r}] is a {type(value).__name__}, "
                     "expected a Tensor"
                 )
-        if value.shape != original.shape:
+        trailing = (
+            value.shape[value.ndim - original.ndim :] if value.ndim >= original.ndim else None
+        )
+        if trailing != original.shape:
             raise ValueError(
                 f"functional_call: params[{name!r}] has shape {value.shape}, but the module's "
                 f"tensor has shape {original.shape}"

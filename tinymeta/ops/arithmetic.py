@@ -91,6 +91,8 @@ class PowConst(Function):
     def backward(self, gy):
         (x,) = self.inputs
         c = self.c
+        if c == 0:  # x**0 = 1 does not depend on x (and 0 * x**-1 would be nan at x = 0)
+            return gy * 0.0
         if c == 2:
             return gy * (2.0 * x)
         return gy * (c * x ** (c - 1))
