@@ -14,6 +14,7 @@ import numpy as np
 
 from tinymeta import grad_mode
 from tinymeta.backend import get_array_module
+from tinymeta.tensor import Tensor, as_tensor_like
 
 
 class Function:
@@ -46,12 +47,12 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **params):
         """Run the op on tensors (or values convertible to tensors)."""
-        from tinymeta.tensor import Tensor, as_tensor_like
-
         fn = cls(**params)
         tensors = as_tensor_like(inputs, cls.__name__)
         arrays = [t.data for t in tensors]
-        fn.xp = get_array_module(arrays[0]) if arrays else None
+        if arrays:
+            first = arrays[0]
+            fn.xp = np if type(first) is np.ndarray else get_array_module(first)
         try:
             ys = fn.forward(*arrays)
         except (ValueError, IndexError, TypeError) as e:

@@ -281,6 +281,12 @@ def scalar_dtype(value, like_dtype):
 
 def as_tensor_like(values, op: str) -> list:
     """Tensors for an op's inputs: scalars take the dtype and device of the tensors."""
+    # The hot path of every op: all inputs are already host tensors.
+    for v in values:
+        if not isinstance(v, Tensor) or type(v.data) is not np.ndarray:
+            break
+    else:
+        return values
     ref = None
     for v in values:
         if isinstance(v, Tensor):

@@ -412,6 +412,7 @@ class Softmax(Function):
     """y = exp(x - max x) / sum exp(x - max x);  gx = y * (gy - sum(gy * y))."""
 
     saves_inputs = False
+    saves_output = True
 
     def __init__(self, axis: int):
         self.axis = axis
@@ -431,6 +432,7 @@ class LogSoftmax(Function):
     """y = x - logsumexp(x);  gx = gy - exp(y) * sum(gy)."""
 
     saves_inputs = False
+    saves_output = True
 
     def __init__(self, axis: int):
         self.axis = axis

@@ -19,8 +19,19 @@ class MatMul(Function):
     def backward(self, gy):
         a, b = self.inputs
         ga = sum_to(gy @ swapaxes(b, -1, -2), a.shape) if self.needs_input_grad[0] else None
-        gb = sum_to(swapaxes(a, -1, -2) @ gy, b.shape) if self.needs_input_grad[1] else None
+        gb = None
+        if self.needs_input_grad[1]:
+            if b.ndim == 2 and _is_transposed(b.data):
+                # b is W^T (x @ W.T): form (gy^T a)^T = a^T gy so that W's gradient comes
+                # out laid out like W, saving a strided copy later.
+                gb = swapaxes(swapaxes(gy, -1, -2) @ a, -1, -2)
+            gb = sum_to(gb if gb is not None else swapaxes(a, -1, -2) @ gy, b.shape)
         return ga, gb
+
+
+def _is_transposed(array) -> bool:
+    flags = array.flags
+    return flags.f_contiguous and not flags.c_contiguous
 
 
 def matmul(a, b):

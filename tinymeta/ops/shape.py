@@ -63,7 +63,7 @@ class Transpose(Function):
         return y
 
     def backward(self, gy):
-        inverse = tuple(int(i) for i in np.argsort(self.axes))
+        inverse = sorted(range(len(self.axes)), key=self.axes.__getitem__)  # argsort(axes)
         return transpose(gy, *inverse)
 
 
