@@ -7,9 +7,8 @@ x = tm.tensor([1.0, 2.0], requires_grad=True)
 
 import numpy as _np
 
-from tinymeta import cuda, testing  # noqa: E402
+from tinymeta import autograd, cuda, testing  # noqa: E402
 from tinymeta import ops as _ops
-from tinymeta import autograd
 from tinymeta.autograd import backward, grad
 from tinymeta.creation import (
     arange,
