@@ -30,21 +30,27 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
     roots, root_grads = _roots_and_seeds(tensors, grad_tensors, "backward")
     retain_graph = create_graph if retain_graph is None else retain_graph
     grads = _run(roots, root_grads, None, retain_graph, create_graph)
-    # Optimizers and clip_grad_norm_ update .grad in place, so each leaf needs an array
-    # of its own: one gradient array can reach several leaves (x + y hands both the
-    # same one), and a broadcast view is read-only. Copy only in those cases.
-    handed_out = {id(g.data) for g in root_grads}
+    # Optimizers and clip_grad_norm_ update .grad in place, so each leaf needs memory of
+    # its own: one gradient array can reach several leaves (x + y hands both the same
+    # one), and a broadcast view is read-only. Copy only in those cases.
+    owners = {id(_owner(g.data)) for g in root_grads}
     for leaf, g in grads.values():
         if leaf.grad is None:
             if create_graph:
                 leaf.grad = g
             else:
                 a = g.data
-                shared = id(a) in handed_out or a.base is not None
+                owner = _owner(a)
+                shared = id(owner) in owners or not getattr(a.flags, "writeable", True)
                 leaf.grad = Tensor._wrap(a.copy() if shared else a)
-                handed_out.add(id(a))
+                owners.add(id(owner))
         else:
             leaf.grad = leaf.grad + g if create_graph else Tensor._wrap(leaf.grad.data + g.data)
+
+
+def _owner(array):
+    """The array that owns ``array``'s memory (itself unless it is a view)."""
+    return array if array.base is None else array.base
 
 
 def grad(
