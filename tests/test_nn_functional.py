@@ -1,7 +1,11 @@
 """tinymeta.nn.functional: forward values against plain NumPy references (naive
 loops), and derivatives of order 1-2 (order 3 for what MAML differentiates
 twice: linear, relu, softmax, log_softmax, cross_entropy, mse) over
-Hypothesis-drawn shapes, strides and paddings."""
+Hypothesis-drawn shapes, strides and paddings.
+
+Tests that take ``device`` run on cpu and, where a GPU is available, on cuda
+(see conftest.py); constants such as labels and running statistics stay NumPy
+arrays and must follow the data to the GPU."""
 
 from __future__ import annotations
 
@@ -87,6 +91,11 @@ def _rng(seed):
     return np.random.default_rng(seed)
 
 
+def _on(device, *arrays) -> list:
+    """Tensors holding ``arrays`` on ``device`` (what check_grads gets for that device)."""
+    return [tm.tensor(a, device=device) for a in arrays]
+
+
 seeds = st.integers(0, 2**32 - 1)
 
 
@@ -100,17 +109,18 @@ seeds = st.integers(0, 2**32 - 1)
     bias=st.booleans(),
     seed=seeds,
 )
-def test_linear_matches_numpy_and_grads_order_3(lead, fan_in, fan_out, bias, seed):
+def test_linear_matches_numpy_and_grads_order_3(lead, fan_in, fan_out, bias, seed, device):
     rng = _rng(seed)
     x = rng.standard_normal((*lead, fan_in))
     w = rng.standard_normal((fan_out, fan_in))
     b = rng.standard_normal(fan_out) if bias else None
-    y = F.linear(tm.tensor(x), tm.tensor(w), None if b is None else tm.tensor(b))
+    y = F.linear(*_on(device, x, w), None if b is None else tm.tensor(b, device=device))
+    assert y.device == device
     np.testing.assert_allclose(y.numpy(), x @ w.T + (0 if b is None else b), rtol=1e-12)
     if bias:
-        check_grads(lambda x, w, b: F.linear(x, w, b), [x, w, b], order=3)
+        check_grads(lambda x, w, b: F.linear(x, w, b), _on(device, x, w, b), order=3)
     else:
-        check_grads(lambda x, w: F.linear(x, w), [x, w], order=3)
+        check_grads(lambda x, w: F.linear(x, w), _on(device, x, w), order=3)
 
 
 @given(
@@ -119,16 +129,18 @@ def test_linear_matches_numpy_and_grads_order_3(lead, fan_in, fan_out, bias, see
     n=st.integers(1, 3),
     seed=seeds,
 )
-def test_linear_with_batched_weights_applies_each_batch_elements_own(batch, shared_x, n, seed):
+def test_linear_with_batched_weights_applies_each_batch_elements_own(
+    batch, shared_x, n, seed, device
+):
     # Per-task weights (B..., out, in): what task-vectorized MAML feeds through functional_call.
     rng = _rng(seed)
     w, b = rng.standard_normal((*batch, 3, 2)), rng.standard_normal((*batch, 3))
     x = rng.standard_normal((n, 2) if shared_x else (*batch, n, 2))
-    y = F.linear(tm.tensor(x), tm.tensor(w), tm.tensor(b)).numpy()
+    y = F.linear(*_on(device, x, w, b)).numpy()
     for k in np.ndindex(*batch):
         xk = x if shared_x else x[k]
         np.testing.assert_allclose(y[k], xk @ w[k].T + b[k], rtol=1e-12)
-    check_grads(lambda x, w, b: F.linear(x, w, b), [x, w, b], order=3)
+    check_grads(lambda x, w, b: F.linear(x, w, b), _on(device, x, w, b), order=3)
 
 
 def test_linear_errors_name_shapes():
@@ -151,23 +163,25 @@ def test_linear_float32_stays_float32():
 
 
 @given(case=conv_cases(), bias=st.booleans(), seed=seeds)
-def test_conv2d_matches_naive_loops(case, bias, seed):
+def test_conv2d_matches_naive_loops(case, bias, seed, device):
     xs, ws, stride, padding = case
     rng = _rng(seed)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
     b = rng.standard_normal(ws[0]) if bias else None
-    y = F.conv2d(tm.tensor(x), tm.tensor(w), None if b is None else tm.tensor(b), stride, padding)
+    tb = None if b is None else tm.tensor(b, device=device)
+    y = F.conv2d(*_on(device, x, w), tb, stride, padding)
     ref = conv2d_ref(x, w, b, _pair(stride), _pair(padding))
     assert y.shape == ref.shape
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-10, atol=1e-12)
 
 
 @given(case=conv_cases(), seed=seeds)
-def test_conv2d_grads_order_2(case, seed):
+def test_conv2d_grads_order_2(case, seed, device):
     xs, ws, stride, padding = case
     rng = _rng(seed)
     x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[0])
-    check_grads(lambda x, w, b: F.conv2d(x, w, b, stride, padding), [x, w, b], order=2)
+    inputs = _on(device, x, w, b)
+    check_grads(lambda x, w, b: F.conv2d(x, w, b, stride, padding), inputs, order=2)
 
 
 @settings(max_examples=8)
@@ -179,7 +193,7 @@ def test_conv2d_grads_order_3(case, seed):
     check_grads(lambda x, w: F.conv2d(x, w, None, stride, padding), [x, w], order=3)
 
 
-def test_conv_relu_pool_loss_derivatives_order_3():
+def test_conv_relu_pool_loss_derivatives_order_3(device):
     # The MAML shape of the computation: a scalar loss whose gradient is differentiated again.
     rng = _rng(0)
     x, w = rng.standard_normal((2, 2, 5, 5)), rng.standard_normal((3, 2, 3, 3))
@@ -188,7 +202,7 @@ def test_conv_relu_pool_loss_derivatives_order_3():
         h = F.max_pool2d(F.relu(F.conv2d(x, w, padding=1)), 2)
         return (h * h).sum()
 
-    check_grads(loss, [x, w], order=3)
+    check_grads(loss, _on(device, x, w), order=3)
 
 
 def test_conv2d_float32_input_keeps_float32_and_layout_is_nchw():
@@ -237,13 +251,13 @@ def _distinct(shape, rng):
 
 
 @given(case=pool_cases(), seed=seeds)
-def test_max_pool2d_matches_loops_and_grads_order_2(case, seed):
+def test_max_pool2d_matches_loops_and_grads_order_2(case, seed, device):
     shape, kernel, stride = case
     x = _distinct(shape, _rng(seed))
-    y = F.max_pool2d(tm.tensor(x), kernel, stride)
+    y = F.max_pool2d(tm.tensor(x, device=device), kernel, stride)
     ref = max_pool2d_ref(x, _pair(kernel), _pair(stride if stride is not None else kernel))
     np.testing.assert_array_equal(y.numpy(), ref)
-    check_grads(lambda x: F.max_pool2d(x, kernel, stride), [x], order=2)
+    check_grads(lambda x: F.max_pool2d(x, kernel, stride), _on(device, x), order=2)
 
 
 @settings(max_examples=8)
@@ -254,8 +268,12 @@ def test_max_pool2d_grads_order_3(case, seed):
     check_grads(lambda x: F.max_pool2d(x, kernel, stride), [x], order=3)
 
 
-def test_max_pool2d_routes_gradient_to_argmax_and_ties_to_the_first():
-    x = tm.tensor(np.array([[[[1.0, 5.0, 2.0, 2.0], [3.0, 4.0, 2.0, 2.0]]]]), requires_grad=True)
+def test_max_pool2d_routes_gradient_to_argmax_and_ties_to_the_first(device):
+    x = tm.tensor(
+        np.array([[[[1.0, 5.0, 2.0, 2.0], [3.0, 4.0, 2.0, 2.0]]]]),
+        device=device,
+        requires_grad=True,
+    )
     y = F.max_pool2d(x, 2)
     np.testing.assert_array_equal(y.numpy(), [[[[5.0, 2.0]]]])
     y.sum().backward()
@@ -263,9 +281,11 @@ def test_max_pool2d_routes_gradient_to_argmax_and_ties_to_the_first():
     np.testing.assert_array_equal(x.grad.numpy(), [[[[0, 1, 1, 0], [0, 0, 0, 0]]]])
 
 
-def test_max_pool2d_overlapping_windows_accumulate():
+def test_max_pool2d_overlapping_windows_accumulate(device):
     x = tm.tensor(
-        np.array([[[[0.0, 9.0, 0.0], [0.0, 0.5, 0.0], [0.1, 0.2, 0.3]]]]), requires_grad=True
+        np.array([[[[0.0, 9.0, 0.0], [0.0, 0.5, 0.0], [0.1, 0.2, 0.3]]]]),
+        device=device,
+        requires_grad=True,
     )
     F.max_pool2d(x, 2, stride=1).sum().backward()
     expected = np.zeros((3, 3))
@@ -299,15 +319,15 @@ def bn_cases(draw):
 
 
 @given(shape=bn_cases(), seed=seeds, momentum=st.floats(0.05, 0.9))
-def test_batch_norm_training_matches_numpy_and_updates_running_stats(shape, seed, momentum):
+def test_batch_norm_training_matches_numpy_and_updates_running_stats(shape, seed, momentum, device):
     rng = _rng(seed)
     c = shape[1]
     x, weight, bias = rng.standard_normal(shape), rng.standard_normal(c), rng.standard_normal(c)
     rm, rv = rng.standard_normal(c), rng.random(c) + 0.5
-    rm_t, rv_t = tm.tensor(rm), tm.tensor(rv)  # tensors are updated in place too
-    y = F.batch_norm(
-        tm.tensor(x), rm_t, rv_t, tm.tensor(weight), tm.tensor(bias), True, momentum, 1e-5
-    )
+    rm_t, rv_t = _on(device, rm, rv)  # tensors are updated in place too
+    tx, tw, tb = _on(device, x, weight, bias)
+    y = F.batch_norm(tx, rm_t, rv_t, tw, tb, True, momentum, 1e-5)
+    assert rm_t.device == device
     ref, mu, var = batch_norm_ref(x, weight, bias, 1e-5)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-9, atol=1e-10)
     count = x.size // c
@@ -317,30 +337,34 @@ def test_batch_norm_training_matches_numpy_and_updates_running_stats(shape, seed
 
 
 @given(shape=bn_cases(), seed=seeds)
-def test_batch_norm_training_grads_order_2(shape, seed):
+def test_batch_norm_training_grads_order_2(shape, seed, device):
     rng = _rng(seed)
     c = shape[1]
     x, weight, bias = rng.standard_normal(shape), rng.standard_normal(c), rng.standard_normal(c)
     check_grads(
-        lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), [x, weight, bias], order=2
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+        _on(device, x, weight, bias),
+        order=2,
     )
 
 
 @given(shape=bn_cases(), seed=seeds)
-def test_batch_norm_eval_uses_running_stats_as_constants(shape, seed):
+def test_batch_norm_eval_uses_running_stats_as_constants(shape, seed, device):
     rng = _rng(seed)
     c = shape[1]
     x, weight, bias = rng.standard_normal(shape), rng.standard_normal(c), rng.standard_normal(c)
-    rm, rv = rng.standard_normal(c), rng.random(c) + 0.5
+    rm, rv = rng.standard_normal(c), rng.random(c) + 0.5  # host arrays, even for cuda data
     before = (rm.copy(), rv.copy())
-    y = F.batch_norm(tm.tensor(x), rm, rv, tm.tensor(weight), tm.tensor(bias), training=False)
+    y = F.batch_norm(*_on(device, x), rm, rv, *_on(device, weight, bias), training=False)
     s = (1, c) + (1,) * (x.ndim - 2)
     ref = (x - rm.reshape(s)) / np.sqrt(rv.reshape(s) + 1e-5) * weight.reshape(s) + bias.reshape(s)
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-10)
     np.testing.assert_array_equal(rm, before[0])  # eval never touches the running stats
     np.testing.assert_array_equal(rv, before[1])
     check_grads(
-        lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=False), [x, weight, bias], order=2
+        lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=False),
+        _on(device, x, weight, bias),
+        order=2,
     )
 
 
@@ -371,9 +395,9 @@ small_shapes = tms.shapes(min_dims=1, max_dims=3, max_side=4)
 
 
 @given(x=tms.arrays(small_shapes, elements=tms.well_conditioned(min_magnitude=0.05)))
-def test_relu_forward_and_grads_order_3(x):
-    np.testing.assert_array_equal(F.relu(tm.tensor(x)).numpy(), np.maximum(x, 0))
-    check_grads(F.relu, [x], order=3)
+def test_relu_forward_and_grads_order_3(x, device):
+    np.testing.assert_array_equal(F.relu(tm.tensor(x, device=device)).numpy(), np.maximum(x, 0))
+    check_grads(F.relu, _on(device, x), order=3)
 
 
 def test_relu_derivative_at_zero_is_zero():
@@ -383,13 +407,14 @@ def test_relu_derivative_at_zero_is_zero():
 
 
 @given(x=tms.arrays(small_shapes), data=st.data())
-def test_softmax_and_log_softmax_match_numpy_and_grads_order_3(x, data):
+def test_softmax_and_log_softmax_match_numpy_and_grads_order_3(x, data, device):
     axis = data.draw(st.integers(-x.ndim, x.ndim - 1))
     ref = log_softmax_ref(x, axis)
-    np.testing.assert_allclose(F.log_softmax(tm.tensor(x), axis).numpy(), ref, atol=1e-12)
-    np.testing.assert_allclose(F.softmax(tm.tensor(x), axis).numpy(), np.exp(ref), atol=1e-12)
-    check_grads(lambda x: F.softmax(x, axis), [x], order=3)
-    check_grads(lambda x: F.log_softmax(x, axis), [x], order=3)
+    (t,) = _on(device, x)
+    np.testing.assert_allclose(F.log_softmax(t, axis).numpy(), ref, atol=1e-12)
+    np.testing.assert_allclose(F.softmax(t, axis).numpy(), np.exp(ref), atol=1e-12)
+    check_grads(lambda x: F.softmax(x, axis), [t], order=3)
+    check_grads(lambda x: F.log_softmax(x, axis), [t], order=3)
 
 
 def test_softmax_is_stable_for_huge_logits():
@@ -408,15 +433,17 @@ def test_softmax_is_stable_for_huge_logits():
     reduction=st.sampled_from(["mean", "sum", "none"]),
     seed=seeds,
 )
-def test_cross_entropy_matches_numpy_and_grads_order_3(n, c, reduction, seed):
+def test_cross_entropy_matches_numpy_and_grads_order_3(n, c, reduction, seed, device):
     rng = _rng(seed)
     logits, labels = rng.standard_normal((n, c)) * 2, rng.integers(0, c, n)
     losses = -log_softmax_ref(logits, 1)[np.arange(n), labels]
     ref = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
-    out = F.cross_entropy(tm.tensor(logits), tm.tensor(labels), reduction)
+    (z,) = _on(device, logits)
+    out = F.cross_entropy(z, tm.tensor(labels, device=device), reduction)
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12)
-    check_grads(lambda z: F.cross_entropy(z, labels, reduction), [logits], order=3)
-    nll = F.nll_loss(F.log_softmax(tm.tensor(logits), 1), labels, reduction)
+    # Host labels with device logits: they follow the logits.
+    check_grads(lambda z: F.cross_entropy(z, labels, reduction), [z], order=3)
+    nll = F.nll_loss(F.log_softmax(z, 1), labels, reduction)
     np.testing.assert_allclose(nll.numpy(), ref, rtol=1e-12)
 
 
@@ -461,12 +488,11 @@ def test_loss_reduction_error():
     reduction=st.sampled_from(["mean", "sum", "none"]),
     seed=seeds,
 )
-def test_mse_loss_matches_numpy_and_grads_order_3(shape, reduction, seed):
+def test_mse_loss_matches_numpy_and_grads_order_3(shape, reduction, seed, device):
     rng = _rng(seed)
     pred, target = rng.standard_normal(shape), rng.standard_normal(shape)
     sq = (pred - target) ** 2
     ref = {"mean": sq.mean(), "sum": sq.sum(), "none": sq}[reduction]
-    np.testing.assert_allclose(
-        F.mse_loss(tm.tensor(pred), tm.tensor(target), reduction).numpy(), ref, rtol=1e-12
-    )
-    check_grads(lambda p, t: F.mse_loss(p, t, reduction), [pred, target], order=3)
+    inputs = _on(device, pred, target)
+    np.testing.assert_allclose(F.mse_loss(*inputs, reduction).numpy(), ref, rtol=1e-12)
+    check_grads(lambda p, t: F.mse_loss(p, t, reduction), inputs, order=3)

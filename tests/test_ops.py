@@ -12,6 +12,11 @@ max/min/maximum). The table drives, per op and through Hypothesis:
 - float32 inputs: the output and the gradients (first and second order) stay
   float32, Python scalars in the expression do not promote, and the values
   agree with float64.
+
+The forward, gradient and float32 tests run on every device (the ``device``
+parameter, see conftest.py): on cuda the inputs are CuPy arrays, the constants
+(indices, masks, conditions) stay NumPy arrays and must follow the data to the
+GPU, and the results are compared on the host with the same tolerances.
 """
 
 from __future__ import annotations
@@ -165,6 +170,7 @@ class Case:
     order: int = 3
     check: dict = field(default_factory=dict)  # eps/atol/rtol for check_grads
     float32: bool = True  # does float32 in give float32 out?
+    out_device: str | None = None  # where the output lives (None: the inputs' device)
 
     def __repr__(self):
         return self.name
@@ -465,7 +471,7 @@ CASES = [
         check={"eps": 1e-2, "atol": 1e-3},
         float32=False,
     ),
-    Case("to[cpu]", lambda x: x.to("cpu") * 2.0, lambda a: a * 2.0, UNARY),
+    Case("to[cpu]", lambda x: x.to("cpu") * 2.0, lambda a: a * 2.0, UNARY, out_device="cpu"),
 ]
 
 # API.md's differentiable ops: each must have at least one case.
@@ -498,7 +504,7 @@ def _draw(data, case: Case, shapes=None):
 
 
 def _cotangent(rng, y) -> tm.Tensor:
-    return tm.tensor(rng.standard_normal(y.shape).astype(y.dtype))
+    return tm.tensor(rng.standard_normal(y.shape).astype(y.dtype), device=y.device)
 
 
 # --- the tests -------------------------------------------------------------------------------
@@ -507,11 +513,12 @@ def _cotangent(rng, y) -> tm.Tensor:
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @settings(max_examples=SOME)
 @given(data=st.data())
-def test_forward_matches_numpy(case, data):
+def test_forward_matches_numpy(case, data, device):
     arrays, extra = _draw(data, case)
-    y = case.fn(*[tm.tensor(a) for a in arrays], **extra)
+    y = case.fn(*[tm.tensor(a, device=device) for a in arrays], **extra)
     expected = np.asarray(case.ref(*arrays, **extra))
     assert isinstance(y, tm.Tensor)
+    assert y.device == (case.out_device or device)
     assert y.shape == expected.shape
     assert y.dtype == expected.dtype
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-10, atol=1e-12)
@@ -520,10 +527,10 @@ def test_forward_matches_numpy(case, data):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @settings(max_examples=_EXAMPLES)
 @given(data=st.data())
-def test_gradients_order_1_to_3(case, data):
+def test_gradients_order_1_to_3(case, data, device):
     arrays, extra = _draw(data, case)
     seed = data.draw(st.integers(0, 2**16), label="seed")
-    inputs = [tm.tensor(a) for a in arrays]
+    inputs = [tm.tensor(a, device=device) for a in arrays]
     assert check_grads(
         lambda *xs: case.fn(*xs, **extra), inputs, order=case.order, seed=seed, **case.check
     )
@@ -562,11 +569,11 @@ def test_noncontiguous_inputs(case, data):
 @pytest.mark.parametrize("case", [c for c in CASES if c.float32], ids=lambda c: c.name)
 @settings(max_examples=FEW)
 @given(data=st.data())
-def test_float32_stays_float32(case, data):
+def test_float32_stays_float32(case, data, device):
     arrays, extra = _draw(data, case)
     rng = np.random.default_rng(1)
-    x32 = [tm.tensor(a.astype(np.float32), requires_grad=True) for a in arrays]
-    x64 = [tm.tensor(a, requires_grad=True) for a in arrays]
+    x32 = [tm.tensor(a.astype(np.float32), device=device, requires_grad=True) for a in arrays]
+    x64 = [tm.tensor(a, device=device, requires_grad=True) for a in arrays]
     y32, y64 = case.fn(*x32, **extra), case.fn(*x64, **extra)
     assert y32.dtype == tm.float32
     np.testing.assert_allclose(y32.numpy(), y64.numpy(), rtol=1e-4, atol=1e-5)
@@ -585,23 +592,23 @@ def test_float32_stays_float32(case, data):
             assert gg is None or (gg.dtype == tm.float32 and gg.shape == x.shape)
 
 
-def test_getitem_repeated_indices_accumulate():
-    x = tm.tensor([1.0, 2.0, 3.0], requires_grad=True)
+def test_getitem_repeated_indices_accumulate(device):
+    x = tm.tensor([1.0, 2.0, 3.0], device=device, requires_grad=True)
     y = x[np.array([0, 2, 0, 0])]
-    (y * tm.tensor([1.0, 10.0, 100.0, 1000.0])).sum().backward()
+    (y * tm.tensor([1.0, 10.0, 100.0, 1000.0], device=device)).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), [1101.0, 0.0, 10.0])
 
 
-def test_getitem_repeated_pairs_accumulate_in_2d():
-    x = tm.zeros(2, 3, requires_grad=True)
+def test_getitem_repeated_pairs_accumulate_in_2d(device):
+    x = tm.zeros(2, 3, device=device, requires_grad=True)
     rows, cols = np.array([1, 1, 0, 1]), np.array([2, 2, 0, -1])
     (g,) = tm.grad(x[rows, cols].sum(), x)
     np.testing.assert_array_equal(g.numpy(), [[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
 
 
-def test_getitem_repeated_indices_second_order():
+def test_getitem_repeated_indices_second_order(device):
     # d/dx sum(x[idx]**2) = 2 x * count;  its gradient again: 2 * count on the diagonal.
-    x = tm.tensor([1.0, 2.0, 3.0], dtype=tm.float64, requires_grad=True)
+    x = tm.tensor([1.0, 2.0, 3.0], dtype=tm.float64, device=device, requires_grad=True)
     idx = np.array([2, 2, 0, 2])
     (g,) = tm.grad((x[idx] ** 2).sum(), x, create_graph=True)
     np.testing.assert_array_equal(g.numpy(), [2.0, 0.0, 18.0])
@@ -612,25 +619,25 @@ def test_getitem_repeated_indices_second_order():
 # --- documented conventions at kinks and edge cases ------------------------------------------
 
 
-def _grad_at(fn, values):
-    x = tm.tensor(values, dtype=tm.float64, requires_grad=True)
+def _grad_at(fn, values, device="cpu"):
+    x = tm.tensor(values, dtype=tm.float64, device=device, requires_grad=True)
     (g,) = tm.grad(fn(x).sum(), x)
     return g.numpy()
 
 
-def test_relu_and_abs_have_derivative_0_at_0():
-    np.testing.assert_array_equal(_grad_at(tm.relu, [-1.0, 0.0, 2.0]), [0.0, 0.0, 1.0])
-    np.testing.assert_array_equal(_grad_at(tm.abs, [-1.0, 0.0, 2.0]), [-1.0, 0.0, 1.0])
+def test_relu_and_abs_have_derivative_0_at_0(device):
+    np.testing.assert_array_equal(_grad_at(tm.relu, [-1.0, 0.0, 2.0], device), [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(_grad_at(tm.abs, [-1.0, 0.0, 2.0], device), [-1.0, 0.0, 1.0])
 
 
-def test_clip_passes_the_gradient_at_its_bounds():
-    g = _grad_at(lambda x: x.clip(-1.0, 1.0), [-2.0, -1.0, 0.0, 1.0, 2.0])
+def test_clip_passes_the_gradient_at_its_bounds(device):
+    g = _grad_at(lambda x: x.clip(-1.0, 1.0), [-2.0, -1.0, 0.0, 1.0, 2.0], device)
     np.testing.assert_array_equal(g, [0.0, 1.0, 1.0, 1.0, 0.0])
 
 
 @pytest.mark.parametrize("op", [tm.max, tm.min])
-def test_max_min_split_ties_evenly(op):
-    g = _grad_at(lambda x: op(x, axis=1), [[3.0, 3.0, 1.0], [2.0, 2.0, 2.0]])
+def test_max_min_split_ties_evenly(op, device):
+    g = _grad_at(lambda x: op(x, axis=1), [[3.0, 3.0, 1.0], [2.0, 2.0, 2.0]], device)
     if op is tm.min:
         np.testing.assert_allclose(g, [[0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]])
     else:
@@ -638,9 +645,9 @@ def test_max_min_split_ties_evenly(op):
     assert g.sum() == pytest.approx(2.0)  # as much gradient as for a unique arg-max
 
 
-def test_maximum_minimum_split_ties_evenly():
-    a = tm.tensor([1.0, 2.0, 3.0], dtype=tm.float64, requires_grad=True)
-    b = tm.tensor([2.0, 2.0, 2.0], dtype=tm.float64, requires_grad=True)
+def test_maximum_minimum_split_ties_evenly(device):
+    a = tm.tensor([1.0, 2.0, 3.0], dtype=tm.float64, device=device, requires_grad=True)
+    b = tm.tensor([2.0, 2.0, 2.0], dtype=tm.float64, device=device, requires_grad=True)
     for op, ga, gb in (
         (tm.maximum, [0.0, 0.5, 1.0], [1.0, 0.5, 0.0]),
         (tm.minimum, [1.0, 0.5, 0.0], [0.0, 0.5, 1.0]),
@@ -650,9 +657,9 @@ def test_maximum_minimum_split_ties_evenly():
         np.testing.assert_array_equal(gb_.numpy(), gb)
 
 
-def test_power_0_and_1_are_smooth_at_0():
+def test_power_0_and_1_are_smooth_at_0(device):
     # x**0 = 1 and x**1 = x: every derivative is finite at x = 0 (no 0 * inf).
-    x = tm.tensor([0.0, 2.0], dtype=tm.float64, requires_grad=True)
+    x = tm.tensor([0.0, 2.0], dtype=tm.float64, device=device, requires_grad=True)
     (g0,) = tm.grad((x**0).sum(), x)
     np.testing.assert_array_equal(g0.numpy(), [0.0, 0.0])
     (g1,) = tm.grad((x**1).sum(), x, create_graph=True)
@@ -663,10 +670,10 @@ def test_power_0_and_1_are_smooth_at_0():
 
 @pytest.mark.parametrize("op", ["sum", "mean", "max", "min", "var", "logsumexp"])
 @pytest.mark.parametrize("axis", [0, -1, None])
-def test_reductions_of_a_0d_tensor_over_axis_0_or_minus_1(op, axis):
+def test_reductions_of_a_0d_tensor_over_axis_0_or_minus_1(op, axis, device):
     # np.sum and np.max accept axis 0 / -1 on a 0-d array (a reduction over nothing);
-    # tinymeta does so for every reduction.
-    x = tm.tensor(1.5, dtype=tm.float64, requires_grad=True)
+    # tinymeta does so for every reduction, on every device.
+    x = tm.tensor(1.5, dtype=tm.float64, device=device, requires_grad=True)
     y = getattr(tm, op)(x, axis=axis)
     assert y.shape == ()
     assert y.item() == (0.0 if op == "var" else 1.5)

@@ -30,9 +30,17 @@ def cupy_or_none():
 
 def get_array_module(array):
     """NumPy for host arrays (and scalars), CuPy for device arrays."""
-    if isinstance(array, np.ndarray) or _cupy is None:
+    if isinstance(array, np.ndarray):
         return np
-    return _cupy.get_array_module(array)
+    cp = _cupy
+    if cp is None and not _cupy_checked and is_cupy_array(array):
+        cp = cupy_or_none()  # a CuPy array made before tinymeta first looked for CuPy
+    return np if cp is None else cp.get_array_module(array)
+
+
+def is_cupy_array(obj) -> bool:
+    """Whether ``obj`` is a CuPy array (checked by type name: CuPy need not be imported)."""
+    return type(obj).__module__.startswith("cupy")
 
 
 def device_of(array) -> str:
@@ -69,12 +77,16 @@ def move_array(array, device: str):
     if device_of(array) == device:
         return array
     if device == "cpu":
-        return _cupy.asnumpy(array)
+        return to_numpy(array)
     return array_module_for("cuda").asarray(array)
 
 
 def to_numpy(array) -> np.ndarray:
-    return array if isinstance(array, np.ndarray) else _cupy.asnumpy(array)
+    """``array`` as a NumPy array: a device array is copied to the host."""
+    if isinstance(array, np.ndarray):
+        return array
+    cp = cupy_or_none()
+    return cp.asnumpy(array) if cp is not None else np.asarray(array)
 
 
 def is_available() -> bool:

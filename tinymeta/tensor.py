@@ -212,7 +212,7 @@ class Tensor:
 
     def copy_(self, other) -> Tensor:
         self._check_inplace("copy_")
-        src = other.data if isinstance(other, Tensor) else other
+        src = _on_device_of(self.data, other.data if isinstance(other, Tensor) else other)
         try:
             fits = np.broadcast_shapes(np.shape(src), self.shape) == self.shape
         except ValueError:
@@ -232,11 +232,25 @@ class Tensor:
 
     def __setitem__(self, index, value) -> None:
         self._check_inplace("__setitem__")
-        self.data[_index_arrays(index)] = value.data if isinstance(value, Tensor) else value
+        value = _on_device_of(self.data, value.data if isinstance(value, Tensor) else value)
+        self.data[_index_arrays(index)] = value
         self._bump()
 
     # Arithmetic operators, methods (t.exp(), t.sum(), ...) and t.T are
     # attached by tinymeta.ops.methods, next to the op wrappers they call.
+
+
+def _on_device_of(array, value):
+    """``value`` (an array, list or scalar) on ``array``'s device, for a write into ``array``.
+
+    NumPy refuses device arrays in ``a[...] = v`` and CuPy refuses host ones (and lists),
+    so a copy between devices (loading a checkpoint into a cuda model, say) is made here.
+    """
+    if type(array) is np.ndarray:
+        return backend.to_numpy(value) if _is_cupy(value) else value
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return backend.move_array(np.asarray(value), "cuda")
+    return value
 
 
 def _index_arrays(index):
@@ -258,7 +272,7 @@ class _HookHandle:
 
 
 def _is_cupy(obj) -> bool:
-    return type(obj).__module__.startswith("cupy") and backend.cupy_or_none() is not None
+    return backend.is_cupy_array(obj) and backend.cupy_or_none() is not None
 
 
 # --- turning op arguments into tensors ----------------------------------------

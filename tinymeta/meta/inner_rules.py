@@ -44,7 +44,12 @@ class MetaSGD:
 
     def __init__(self, params: dict, init_lr: float = 0.01, dtype=None):
         self.lrs = {
-            k: tensor(np.full(p.shape, init_lr), dtype=dtype or p.dtype, requires_grad=True)
+            k: tensor(
+                np.full(p.shape, init_lr),
+                dtype=dtype or p.dtype,
+                device=p.device,
+                requires_grad=True,
+            )
             for k, p in params.items()
         }
         for k, lr in self.lrs.items():
@@ -68,7 +73,7 @@ class PerStepLR:
         self.steps = steps
         self.lrs = [
             {
-                k: tensor(init_lr, dtype=dtype or p.dtype, requires_grad=True)
+                k: tensor(init_lr, dtype=dtype or p.dtype, device=p.device, requires_grad=True)
                 for k, p in params.items()
             }
             for _ in range(steps)

@@ -22,24 +22,30 @@ from tinymeta.creation import tensor
 
 
 class LearnedOptimizer:
-    """p' = p - (lr * g + scale * mlp(features(g)))  (coordinate-wise)."""
+    """p' = p - (lr * g + scale * mlp(features(g)))  (coordinate-wise).
+
+    ``device`` puts its weights where the parameters it updates live ("cuda" for a
+    model on the GPU).
+    """
 
     n_features = 3
 
-    def __init__(self, lr: float = 0.01, hidden: int = 20, rng=None, dtype=np.float32):
+    def __init__(self, lr: float = 0.01, hidden: int = 20, rng=None, dtype=np.float32, device=None):
         rng = np.random.default_rng(rng)
         bound = 1.0 / np.sqrt(self.n_features)
-        self.weights = {
-            "w1": tensor(rng.uniform(-bound, bound, (self.n_features, hidden)), dtype=dtype),
-            "b1": tensor(np.zeros(hidden), dtype=dtype),
-            "w2": tensor(rng.uniform(-1, 1, (hidden, 1)) / np.sqrt(hidden), dtype=dtype),
-            "b2": tensor(np.zeros(1), dtype=dtype),
-            "log_lr": tensor(np.log(lr), dtype=dtype),
-            "scale": tensor(0.0, dtype=dtype),
+        values = {
+            "w1": rng.uniform(-bound, bound, (self.n_features, hidden)),
+            "b1": np.zeros(hidden),
+            "w2": rng.uniform(-1, 1, (hidden, 1)) / np.sqrt(hidden),
+            "b2": np.zeros(1),
+            "log_lr": np.log(lr),
+            "scale": 0.0,
         }
-        for k, w in self.weights.items():
-            w.requires_grad_(True)
+        self.weights = {}
+        for k, v in values.items():
+            w = tensor(v, dtype=dtype, device=device, requires_grad=True)
             w.name = f"learned_opt.{k}"
+            self.weights[k] = w
 
     def __call__(self, params: dict, grads: dict, step: int, state: dict) -> dict:
         """``state`` carries each parameter's previous update through one inner loop."""

@@ -68,7 +68,9 @@ def windows(xp, xh, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int):
     strides = (s0, s1 * sh, s2 * sw, s1, s2, s3)
     if xp is np:
         return np.lib.stride_tricks.as_strided(xh, shape, strides, writeable=False)
-    return xp.lib.stride_tricks.as_strided(xh, shape, strides)
+    from cupy.lib.stride_tricks import as_strided  # CuPy's takes no writeable= argument
+
+    return as_strided(xh, shape, strides)
 
 
 def im2col(xp, x, kh: int, kw: int, stride: tuple, padding: tuple, oh: int, ow: int):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinymeta.backend import get_array_module
+from tinymeta.backend import device_of, get_array_module, to_numpy
 from tinymeta.function import Function
 from tinymeta.grad_mode import no_grad
 from tinymeta.nn.conv import Conv2d, output_size, pair
@@ -494,13 +494,22 @@ def _labels(labels, n: int, c: int, op: str, xp):
             f"{op}: expected labels of shape ({n},) for input of shape ({n}, {c}), "
             f"got {tuple(array.shape)}"
         )
-    array = xp.asarray(array, dtype=np.int64)
-    if n and (int(array.min()) < 0 or int(array.max()) >= c):
-        raise ValueError(
-            f"{op}: labels must lie in [0, {c}) for {c} classes, got values in "
-            f"[{int(array.min())}, {int(array.max())}]"
+    if xp is np and not isinstance(array, np.ndarray):
+        raise RuntimeError(
+            f"{op}: labels are on {device_of(array)} but the input is on cpu; "
+            "move them with .to('cpu')"
         )
-    return array
+    if n:
+        if isinstance(array, np.ndarray):  # host labels: checked before any copy to a GPU
+            low, high = int(array.min()), int(array.max())
+        else:  # device labels: both bounds in one transfer (each one waits for the GPU)
+            xp_labels = get_array_module(array)
+            low, high = to_numpy(xp_labels.stack([array.min(), array.max()])).tolist()
+        if low < 0 or high >= c:
+            raise ValueError(
+                f"{op}: labels must lie in [0, {c}) for {c} classes, got values in [{low}, {high}]"
+            )
+    return xp.asarray(array, dtype=np.int64)
 
 
 def nll_loss(log_probs, labels, reduction: str = "mean") -> Tensor:

@@ -71,8 +71,8 @@ def functional_call(module: Module, params: Mapping, *args, **kwargs):
                 f"{type(module).__name__}; valid names: {', '.join(own) or '(none)'}"
             )
         if not isinstance(value, Tensor):
-            if isinstance(value, np.ndarray):
-                value = Tensor(value)
+            if isinstance(value, np.ndarray) or hasattr(value, "__cuda_array_interface__"):
+                value = Tensor(value)  # a NumPy or CuPy array
             else:
                 raise TypeError(
                     f"functional_call: params[{name!r}] is a {type(value).__name__}, "

@@ -3,10 +3,13 @@ gradients are masks (constants) times the incoming gradient."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from tinymeta import backend
 from tinymeta.backend import get_array_module
 from tinymeta.function import Function
 from tinymeta.ops.shape import sum_to
-from tinymeta.tensor import Tensor, constant
+from tinymeta.tensor import Tensor, as_tensor_like, constant
 
 
 def _array(v):
@@ -23,6 +26,9 @@ class Where(Function):
 
     def forward(self, a, b):
         self.shapes = (a.shape, b.shape)
+        if self.xp is not np or type(self.cond) is not np.ndarray:
+            # The condition is a constant, like an index: it follows the data's device.
+            self.cond = backend.move_array(self.cond, backend.device_of(a))
         return self.xp.where(self.cond, a, b)
 
     def backward(self, gy):
@@ -107,8 +113,16 @@ def clip(x, lo=None, hi=None):
 # --- comparisons: not differentiable, they return bool tensors --------------------------
 
 
+def _on_gpu(v) -> bool:
+    return backend.is_cupy_array(_array(v))
+
+
 def _compare(name):
     def compare(a, b):
+        if backend.cupy_or_none() is not None and (_on_gpu(a) or _on_gpu(b)):
+            # As in arithmetic: a host array follows the tensors to the GPU, and tensors
+            # on different devices raise.
+            a, b = as_tensor_like([a, b], name)
         xp = get_array_module(_array(a) if isinstance(a, Tensor) else _array(b))
         return Tensor._wrap(getattr(xp, name)(_array(a), _array(b)))
 
@@ -144,8 +158,6 @@ class Cast(Function):
 
 
 def astype(x, dtype):
-    import numpy as np
-
     dtype = np.dtype(dtype)
     if x.dtype == dtype:
         return x

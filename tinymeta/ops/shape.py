@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tinymeta import backend
 from tinymeta.function import Function
 from tinymeta.tensor import Tensor, _index_arrays
 
@@ -210,10 +211,12 @@ class ScatterAdd(Function):
         gx = self.xp.zeros(self.shape, dtype=gy.dtype)
         if _is_basic(self.index):
             gx[self.index] = gy  # no repeats: plain assignment is faster
-        elif self.xp is np:
-            np.add.at(gx, self.index, gy)
-        else:
-            self.xp.add.at(gx, self.index, gy)
+        elif self.xp is np or hasattr(self.xp.add, "at"):
+            self.xp.add.at(gx, self.index, gy)  # CuPy (v13+): atomicAdd, repeats accumulate
+        else:  # older CuPy: the same operation under its former name
+            import cupyx
+
+            cupyx.scatter_add(gx, self.index, gy)
         return gx
 
     def backward(self, ggx):
@@ -221,7 +224,20 @@ class ScatterAdd(Function):
 
 
 def getitem(x, index):
-    return GetItem.apply(x, index=_index_arrays(index))
+    index = _index_arrays(index)
+    if isinstance(x, Tensor) and type(x.data) is not np.ndarray:
+        index = _index_on_device(index)
+    return GetItem.apply(x, index=index)
+
+
+def _index_on_device(index):
+    """Host index arrays copied to the GPU once: CuPy would copy them again at every use
+    (the forward, and the scatter-add and gathers of every backward pass)."""
+
+    def move(i):
+        return backend.move_array(i, "cuda") if isinstance(i, np.ndarray) and i.ndim else i
+
+    return tuple(move(i) for i in index) if isinstance(index, tuple) else move(index)
 
 
 # --- joining ------------------------------------------------------------------------
