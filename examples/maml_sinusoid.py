@@ -143,13 +143,20 @@ def evaluate(model, rule, args, keys=None, seed_offset=10_000):
         meta.per_task(params, n, keys), rule, max(EVAL_STEPS), first_order=True, keys=keys,
         trajectory=True,
     )  # fmt: skip
-    result, ci95 = {}, {}
+    result, ci95, diverged = {}, {}, {}
     with tm.no_grad():
         for s in EVAL_STEPS:
             per_task = ((forward(path[s], xq) - yq) ** 2).mean(axis=(1, 2)).numpy()
-            result[str(s)] = float(per_task.mean())
-            ci95[str(s)] = float(1.96 * per_task.std(ddof=1) / np.sqrt(n))
-    return result, ci95, path
+            finite = np.isfinite(per_task)
+            # Rates learned for one step (Meta-SGD) can blow up when applied many times:
+            # say so (None, and how many tasks diverged) rather than average infinities.
+            if finite.all():
+                result[str(s)] = float(per_task.mean())
+                ci95[str(s)] = float(1.96 * per_task.std(ddof=1) / np.sqrt(n))
+            else:
+                result[str(s)] = ci95[str(s)] = None
+                diverged[str(s)] = int((~finite).sum())
+    return result, ci95, diverged
 
 
 def plot(model, rule, baseline, args, figure_path: Path):
@@ -193,6 +200,10 @@ def plot(model, rule, baseline, args, figure_path: Path):
     return figure_path
 
 
+def _cell(value) -> str:
+    return f"{value:8.3f}" if value is not None else "diverged"
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +215,9 @@ def main(argv=None):
     train_losses = meta_train(model, rule, args, progress=not args.quiet)
     seconds = time.perf_counter() - start
     keys = [k for k, _ in model.named_parameters() if k.startswith("4.")]
-    mse_after, ci95, _ = evaluate(model, rule, args, keys=keys if args.algo == "anil" else None)
+    mse_after, ci95, diverged = evaluate(
+        model, rule, args, keys=keys if args.algo == "anil" else None
+    )
 
     metrics = {
         "algo": args.algo,
@@ -216,6 +229,8 @@ def main(argv=None):
         "mse": mse_after,
         "mse_ci95": ci95,
     }
+    if diverged:
+        metrics["diverged_tasks"] = diverged
     baseline = None
     if not args.no_baseline:
         baseline = build_model(np.random.default_rng(args.seed + 1)).to(args.device)
@@ -239,10 +254,10 @@ def main(argv=None):
 
     print(f"\n{args.algo}, K={args.shots}, {args.iterations} iterations in {seconds:.0f} s")
     print("query MSE after   " + "  ".join(f"{s:>2} steps" for s in EVAL_STEPS))
-    row = "  ".join(f"{mse_after[str(s)]:8.3f}" for s in EVAL_STEPS)
+    row = "  ".join(_cell(mse_after[str(s)]) for s in EVAL_STEPS)
     print(f"  {args.algo:<15} {row}")
     if baseline is not None:
-        row = "  ".join(f"{metrics['baseline_mse'][str(s)]:8.3f}" for s in EVAL_STEPS)
+        row = "  ".join(_cell(metrics["baseline_mse"][str(s)]) for s in EVAL_STEPS)
         print(f"  {'pretrained':<15} {row}")
     print(f"wrote {args.out / 'metrics.json'}")
     return metrics
