@@ -56,14 +56,7 @@ class Function:
         try:
             ys = fn.forward(*arrays)
         except (ValueError, IndexError, TypeError) as e:
-            shapes = ", ".join(f"{tuple(a.shape)} {a.dtype}" for a in arrays)
-            message = f"{cls.op_name()}: {e} (inputs: {shapes})"
-            try:
-                error = type(e)(message)
-            except TypeError:  # a class that wants other arguments (NumPy's ufunc errors)
-                base = next(t for t in (ValueError, IndexError, TypeError) if isinstance(e, t))
-                error = base(message)
-            raise error from e
+            raise _named_error(cls, e, arrays) from e
         single = not isinstance(ys, tuple)
         # NumPy turns 0-d results into scalars (np.float64); a tensor holds arrays.
         outputs = [
@@ -110,6 +103,17 @@ class Function:
 
     def __repr__(self):
         return f"<{self.op_name()}>"
+
+
+def _named_error(cls, error: Exception, arrays) -> Exception:
+    """``error`` again, its message prefixed by the op and followed by the input shapes."""
+    shapes = ", ".join(f"{tuple(a.shape)} {a.dtype}" for a in arrays)
+    message = f"{cls.op_name()}: {error} (inputs: {shapes})"
+    try:
+        return type(error)(message)
+    except TypeError:  # a class that wants other arguments (NumPy's ufunc errors)
+        base = next(t for t in (ValueError, IndexError, TypeError) if isinstance(error, t))
+        return base(message)
 
 
 # Set by tinymeta.autograd.detect_anomaly() while it is active, None otherwise:
