@@ -35,7 +35,7 @@ def get_array_module(array):
     cp = _cupy
     if cp is None and not _cupy_checked and is_cupy_array(array):
         cp = cupy_or_none()  # a CuPy array made before tinymeta first looked for CuPy
-    return np if cp is None else cp.get_array_module(array)
+    return cp if cp is not None and isinstance(array, cp.ndarray) else np
 
 
 def is_cupy_array(obj) -> bool:

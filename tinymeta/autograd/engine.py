@@ -41,7 +41,10 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
             else:
                 a = g.data
                 owner = _owner(a)
-                shared = id(owner) in owners or not getattr(a.flags, "writeable", True)
+                broadcast = 0 in a.strides and a.size > 1  # CuPy has no read-only flag
+                shared = (
+                    id(owner) in owners or broadcast or not getattr(a.flags, "writeable", True)
+                )
                 leaf.grad = Tensor._wrap(a.copy() if shared else a)
                 owners.add(id(owner))
         else:

@@ -244,7 +244,7 @@ class MaxPool2d(_Pool):
                 better = v > y  # strictly: a tie keeps the earlier offset
                 # argmax = where(better, i, argmax), in arithmetic: masked NumPy ops
                 # (where=, boolean assignment) are several times slower on these layouts.
-                argmax += better * (argmax.dtype.type(i) - argmax)
+                argmax += better * (i - argmax)  # a Python int: stays int8 (NumPy and CuPy)
                 self.xp.maximum(y, v, out=y)
         self.argmax = argmax
         return y
