@@ -39,14 +39,7 @@ class Tensor:
         # arithmetic returns) into 0-d arrays: a tensor always holds an array.
         if not isinstance(data, np.ndarray) and not _is_cupy(data):
             data = np.asarray(data)
-        self.data = data
-        self.grad = None
-        self.grad_fn = None
-        self.generation = 0
-        self.name = name
-        self._version = 0
-        self._hooks = None
-        self.requires_grad = False
+        self._start(data, name)
         if requires_grad:
             self.requires_grad_(True)
 
@@ -56,15 +49,19 @@ class Tensor:
         if isinstance(array, np.generic):  # 0-d arithmetic and comparisons return scalars
             array = np.asarray(array)
         t = object.__new__(cls)
-        t.data = array
-        t.grad = None
-        t.grad_fn = None
-        t.generation = 0
-        t.name = None
-        t._version = 0
-        t._hooks = None
-        t.requires_grad = False
+        t._start(array, None)
         return t
+
+    def _start(self, data, name) -> None:
+        """A leaf holding ``data``: no gradient, no creator, version 0."""
+        self.data = data
+        self.grad = None
+        self.grad_fn = None
+        self.generation = 0
+        self.name = name
+        self._version = 0
+        self._hooks = None
+        self.requires_grad = False
 
     # --- metadata --------------------------------------------------------
     @property
