@@ -42,9 +42,7 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
                 a = g.data
                 owner = _owner(a)
                 broadcast = 0 in a.strides and a.size > 1  # CuPy has no read-only flag
-                shared = (
-                    id(owner) in owners or broadcast or not getattr(a.flags, "writeable", True)
-                )
+                shared = id(owner) in owners or broadcast or not getattr(a.flags, "writeable", True)
                 leaf.grad = Tensor._wrap(a.copy() if shared else a)
                 owners.add(id(owner))
         else:
