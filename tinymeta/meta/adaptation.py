@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from tinymeta.autograd import grad
 from tinymeta.meta.inner_rules import as_update_rule
+from tinymeta.nn.inner_step import inner_step
 from tinymeta.ops import broadcast_to, expand_dims
 from tinymeta.tensor import Tensor
 
@@ -44,7 +45,8 @@ def adapt(
     path = [current]
     state: dict = {}  # the rule's memory for this inner loop only
     for step in range(steps):
-        loss = loss_fn(current)
+        with inner_step(step):  # per-step BatchNorm statistics read the step from here
+            loss = loss_fn(current)
         gs = grad(loss, [current[k] for k in keys], create_graph=not first_order)
         updated = rule({k: current[k] for k in keys}, dict(zip(keys, gs)), step, state)
         current = {**current, **updated}
@@ -135,10 +137,11 @@ def _step_weights(step_weights, steps: int) -> list:
 
 def _weighted(query_loss, path: list, weights: list):
     total = None
-    for p, w in zip(path[1:], weights):
+    for step, (p, w) in enumerate(zip(path[1:], weights), start=1):
         if w == 0.0:
             continue
-        loss = query_loss(p) * w
+        with inner_step(step):
+            loss = query_loss(p) * w
         total = loss if total is None else total + loss
     return total
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from tinymeta.autograd import grad
 from tinymeta.meta.inner_rules import as_update_rule
+from tinymeta.nn.inner_step import inner_step
 
 
 class MAML:
@@ -53,7 +54,9 @@ class Learner:
     def __call__(self, *args, **kwargs):
         from tinymeta.nn import functional_call
 
-        return functional_call(self.maml.model, self.params, *args, **kwargs)
+        # The forward of parameters updated k times is inner step k (per-step BatchNorm).
+        with inner_step(self.steps_taken):
+            return functional_call(self.maml.model, self.params, *args, **kwargs)
 
     def adapt(self, loss, first_order: bool | None = None) -> Learner:
         """One inner step on ``loss`` (a scalar computed with this learner)."""

@@ -9,6 +9,7 @@ y = nn.functional_call(model, params, x)     # the same as model(x), through par
 """
 
 from tinymeta.nn import functional, init, utils
+from tinymeta.nn.inner_step import current_inner_step, inner_step
 from tinymeta.nn.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -34,8 +35,10 @@ __all__ = [
     "ReLU",
     "Sequential",
     "clip_grad_norm_",
+    "current_inner_step",
     "functional",
     "functional_call",
     "init",
+    "inner_step",
     "utils",
 ]

@@ -17,6 +17,7 @@ from tinymeta import backend
 from tinymeta.nn import functional as F
 from tinymeta.nn import init
 from tinymeta.nn.conv import pair
+from tinymeta.nn.inner_step import current_inner_step
 from tinymeta.nn.module import Module, Parameter
 from tinymeta.ops.shape import flatten
 from tinymeta.tensor import DEFAULT_FLOAT, Tensor
@@ -156,6 +157,14 @@ class _BatchNorm(Module):
     ``num_batches_tracked`` batches. In eval mode the running statistics are
     used (the batch's, when they are not tracked). Init: weight 1, bias 0,
     running mean 0, running variance 1.
+
+    ``per_step=R`` (MAML++'s per-step statistics) keeps R rows of running
+    statistics, shape (R, C), and ``num_batches_tracked`` of shape (R,). Row k
+    belongs to the network whose parameters have had k inner updates: a
+    forward inside ``tinymeta.nn.inner_step(k)`` (which ``tinymeta.meta``'s
+    inner loops set) reads and updates row min(k, R - 1), and a forward outside
+    any inner loop uses the last row. For S inner steps use R = S + 1 (the
+    query forward after the last update gets a row of its own).
     """
 
     expected_ndim = ()
@@ -167,12 +176,17 @@ class _BatchNorm(Module):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        per_step: int | None = None,
         dtype=None,
         device=None,
     ):
         super().__init__()
         self.num_features, self.eps, self.momentum = int(num_features), eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
+        if per_step is not None and (isinstance(per_step, bool) or int(per_step) < 1):
+            raise ValueError(f"{type(self).__name__}: per_step must be >= 1, got {per_step!r}")
+        self.per_step = None if per_step is None else int(per_step)
+        rows = () if per_step is None else (self.per_step,)
         c = self.num_features
         if affine:
             self.weight = init.ones_(_empty((c,), dtype, device))
@@ -183,9 +197,9 @@ class _BatchNorm(Module):
         if track_running_stats:
             xp = backend.array_module_for(device or "cpu")
             dt = np.dtype(dtype) if dtype is not None else DEFAULT_FLOAT
-            self.register_buffer("running_mean", Tensor(xp.zeros(c, dtype=dt)))
-            self.register_buffer("running_var", Tensor(xp.ones(c, dtype=dt)))
-            self.register_buffer("num_batches_tracked", Tensor(xp.zeros((), dtype=np.int64)))
+            self.register_buffer("running_mean", Tensor(xp.zeros(rows + (c,), dtype=dt)))
+            self.register_buffer("running_var", Tensor(xp.ones(rows + (c,), dtype=dt)))
+            self.register_buffer("num_batches_tracked", Tensor(xp.zeros(rows, dtype=np.int64)))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -204,18 +218,18 @@ class _BatchNorm(Module):
                 f"input, got shape {x.shape}"
             )
         factor = 0.0 if self.momentum is None else self.momentum
+        running_mean, running_var, tracked = self._statistics()
         if self.training and self.track_running_stats:
-            tracked = self.num_batches_tracked
-            tracked.add_(1)
+            tracked += 1  # an array: a counter, outside any graph
             if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(tracked.item())
+                factor = 1.0 / float(tracked)
         # Batch statistics in training, and in eval when no running ones are kept.
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats
         return F.batch_norm(
             x,
-            self.running_mean if keep else None,
-            self.running_var if keep else None,
+            running_mean if keep else None,
+            running_var if keep else None,
             self.weight,
             self.bias,
             training=use_batch,
@@ -223,10 +237,24 @@ class _BatchNorm(Module):
             eps=self.eps,
         )
 
+    def _statistics(self) -> tuple:
+        """(running_mean, running_var, num_batches_tracked) arrays for this forward: the whole
+        buffers, or with ``per_step`` the row of the current inner step (views: updates land
+        in the buffers). None for what is not tracked."""
+        buffers = (self.running_mean, self.running_var, self.num_batches_tracked)
+        if buffers[0] is None:
+            return None, None, None
+        if self.per_step is None:
+            return tuple(b.data for b in buffers)
+        step = current_inner_step()
+        row = self.per_step - 1 if step is None else min(step, self.per_step - 1)
+        return tuple(b.data[row, ...] for b in buffers)  # `...`: a 0-d view, not a scalar
+
     def extra_repr(self) -> str:
+        per_step = "" if self.per_step is None else f", per_step={self.per_step}"
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}{per_step}"
         )
 
 
