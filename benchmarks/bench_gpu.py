@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -39,10 +38,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-W1_TASKS, W1_K, W1_LR, W1_HIDDEN = 25, 10, 0.01, 40
-W2_TASKS, W2_WAYS, W2_SHOTS, W2_QUERIES, W2_LR, W2_FILTERS = 8, 5, 1, 5, 0.4, 64
-OUTER_LR = 1e-3
+from maml_workloads import (  # noqa: E402  (the models, data and checks shared with bench_cpu)
+    W1_TASKS,
+    W2_SHOTS,
+    W2_TASKS,
+    W2_WAYS,
+    Tinymeta,
+    Torch,
+    agreement,
+    w1_data,
+    w1_weights,
+    w2_data,
+    w2_weights,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,235 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.w1_repeats = args.w2_repeats = 2
         args.w1_warmup = args.w2_warmup = 1
     return args
-
-
-# --- shared data and initial weights (NumPy, float32) ----------------------------------------
-
-
-def uniform_init(rng, shape, fan_in):
-    bound = 1.0 / math.sqrt(fan_in)
-    return rng.uniform(-bound, bound, shape).astype("float32")
-
-
-def w1_weights(np) -> dict:
-    rng = np.random.default_rng(0)
-    h = W1_HIDDEN
-    return {
-        "w1": uniform_init(rng, (h, 1), 1),
-        "b1": uniform_init(rng, (h,), 1),
-        "w2": uniform_init(rng, (h, h), h),
-        "b2": uniform_init(rng, (h,), h),
-        "w3": uniform_init(rng, (1, h), h),
-        "b3": uniform_init(rng, (1,), h),
-    }
-
-
-def w1_data(np) -> list:
-    """xs, ys, xq, yq of shape (tasks, K, 1): amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]."""
-    rng = np.random.default_rng(1)
-    amp = rng.uniform(0.1, 5.0, (W1_TASKS, 1, 1))
-    phase = rng.uniform(0.0, math.pi, (W1_TASKS, 1, 1))
-    xs = rng.uniform(-5.0, 5.0, (W1_TASKS, W1_K, 1))
-    xq = rng.uniform(-5.0, 5.0, (W1_TASKS, W1_K, 1))
-    ys, yq = amp * np.sin(xs + phase), amp * np.sin(xq + phase)
-    return [a.astype("float32") for a in (xs, ys, xq, yq)]
-
-
-def w2_weights(np) -> dict:
-    rng = np.random.default_rng(2)
-    weights, c = {}, 1
-    for i in range(4):
-        weights[f"conv{i}.w"] = uniform_init(rng, (W2_FILTERS, c, 3, 3), c * 9)
-        weights[f"conv{i}.b"] = uniform_init(rng, (W2_FILTERS,), c * 9)
-        weights[f"bn{i}.w"] = np.ones(W2_FILTERS, dtype="float32")
-        weights[f"bn{i}.b"] = np.zeros(W2_FILTERS, dtype="float32")
-        c = W2_FILTERS
-    weights["fc.w"] = uniform_init(rng, (W2_WAYS, W2_FILTERS), W2_FILTERS)
-    weights["fc.b"] = uniform_init(rng, (W2_WAYS,), W2_FILTERS)
-    return weights
-
-
-def w2_data(np) -> list:
-    """Support (tasks, ways*shots, 1, 28, 28), query (tasks, ways*queries, 1, 28, 28), labels."""
-    rng = np.random.default_rng(3)
-    xs = rng.standard_normal((W2_TASKS, W2_WAYS * W2_SHOTS, 1, 28, 28)).astype("float32")
-    xq = rng.standard_normal((W2_TASKS, W2_WAYS * W2_QUERIES, 1, 28, 28)).astype("float32")
-    ys = np.tile(np.repeat(np.arange(W2_WAYS), W2_SHOTS), (W2_TASKS, 1)).astype("int64")
-    yq = np.tile(np.repeat(np.arange(W2_WAYS), W2_QUERIES), (W2_TASKS, 1)).astype("int64")
-    return [xs, ys, xq, yq]
-
-
-# --- tinymeta ---------------------------------------------------------------------------------
-
-
-class Tinymeta:
-    """tinymeta's W1 (task-vectorized) and W2 (looped) meta-iterations."""
-
-    def __init__(self, device: str):
-        import tinymeta as tm
-        import tinymeta.nn.functional as F
-        from tinymeta import meta
-        from tinymeta.optim import Adam
-
-        self.tm, self.F, self.meta, self.Adam, self.device = tm, F, meta, Adam, device
-
-    def _setup(self, weights: dict, data: list):
-        tm = self.tm
-        params = {
-            k: tm.tensor(v, device=self.device, requires_grad=True) for k, v in weights.items()
-        }
-        return (
-            params,
-            self.Adam(list(params.values()), lr=OUTER_LR),
-            [tm.tensor(a, device=self.device) for a in data],
-        )
-
-    def mlp(self, p, x):
-        F = self.F
-        h = F.relu(F.linear(x, p["w1"], p["b1"]))
-        h = F.relu(F.linear(h, p["w2"], p["b2"]))
-        return F.linear(h, p["w3"], p["b3"])
-
-    def convnet(self, p, x):
-        F = self.F
-        for i in range(4):
-            x = F.conv2d(x, p[f"conv{i}.w"], p[f"conv{i}.b"], padding=1)
-            x = F.batch_norm(x, None, None, p[f"bn{i}.w"], p[f"bn{i}.b"], training=True)
-            x = F.max_pool2d(F.relu(x), 2)
-        return F.linear(self.tm.flatten(x, 1), p["fc.w"], p["fc.b"])
-
-    def w1(self, weights, data, steps: int, first_order: bool = False):
-        params, opt, (xs, ys, xq, yq) = self._setup(weights, data)
-
-        def meta_loss():
-            return self.meta.maml_loss(
-                self.mlp, params, (xs, ys), (xq, yq), self.F.mse_loss, W1_LR, steps,
-                first_order=first_order,
-            )  # fmt: skip
-
-        return self._wrap(params, opt, meta_loss)
-
-    def w2(self, weights, data, first_order: bool):
-        params, opt, (xs, ys, xq, yq) = self._setup(weights, data)
-
-        def meta_loss():
-            return self.meta.maml_loss(
-                self.convnet, params, (xs, ys), (xq, yq), self.F.cross_entropy, W2_LR, 1,
-                first_order=first_order, vectorized=False,
-            )  # fmt: skip
-
-        return self._wrap(params, opt, meta_loss)
-
-    def _wrap(self, params, opt, meta_loss):
-        def step():
-            loss = meta_loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        def gradient() -> dict:
-            gs = self.tm.grad(meta_loss(), list(params.values()))
-            return {k: g.numpy() for k, g in zip(params, gs)}
-
-        return step, gradient
-
-
-# --- PyTorch ----------------------------------------------------------------------------------
-
-
-class Torch:
-    """The same meta-iterations in PyTorch: looped autograd.grad, and torch.func for W1."""
-
-    def __init__(self, torch, device: str):
-        import torch.nn.functional as F
-
-        self.torch, self.F, self.device = torch, F, device
-
-    def _setup(self, weights: dict, data: list):
-        t = self.torch
-        params = {
-            k: t.tensor(v, device=self.device).requires_grad_(True) for k, v in weights.items()
-        }
-        return (
-            params,
-            t.optim.Adam(list(params.values()), lr=OUTER_LR),
-            [t.tensor(a, device=self.device) for a in data],
-        )
-
-    def mlp(self, p, x):
-        F = self.F
-        h = F.relu(F.linear(x, p["w1"], p["b1"]))
-        h = F.relu(F.linear(h, p["w2"], p["b2"]))
-        return F.linear(h, p["w3"], p["b3"])
-
-    def convnet(self, p, x):
-        F = self.F
-        for i in range(4):
-            x = F.conv2d(x, p[f"conv{i}.w"], p[f"conv{i}.b"], padding=1)
-            x = F.batch_norm(x, None, None, p[f"bn{i}.w"], p[f"bn{i}.b"], training=True)
-            x = F.max_pool2d(F.relu(x), 2)
-        return F.linear(x.flatten(1), p["fc.w"], p["fc.b"])
-
-    def _looped_meta_loss(self, forward, loss_fn, params, data, lr, steps, first_order):
-        xs, ys, xq, yq = data
-        total = 0.0
-        for t in range(xs.shape[0]):
-            p = params
-            for _ in range(steps):
-                loss = loss_fn(forward(p, xs[t]), ys[t])
-                gs = self.torch.autograd.grad(loss, list(p.values()), create_graph=not first_order)
-                p = {k: v - lr * g for (k, v), g in zip(p.items(), gs)}
-            total = total + loss_fn(forward(p, xq[t]), yq[t])
-        return total / xs.shape[0]
-
-    def w1_loop(self, weights, data, steps: int, first_order: bool = False):
-        params, opt, data = self._setup(weights, data)
-        return self._wrap(
-            params,
-            opt,
-            lambda: self._looped_meta_loss(
-                self.mlp, self.F.mse_loss, params, data, W1_LR, steps, first_order
-            ),
-        )
-
-    def w1_vmap(self, weights, data, steps: int):
-        from torch.func import grad, vmap
-
-        params, opt, data = self._setup(weights, data)
-        mse = self.F.mse_loss
-
-        def task_loss(p, xs, ys, xq, yq):
-            for _ in range(steps):
-                g = grad(lambda p_: mse(self.mlp(p_, xs), ys))(p)
-                p = {k: p[k] - W1_LR * g[k] for k in p}
-            return mse(self.mlp(p, xq), yq)
-
-        def meta_loss():
-            return vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(params, *data).mean()
-
-        return self._wrap(params, opt, meta_loss)
-
-    def w2_loop(self, weights, data, first_order: bool):
-        params, opt, data = self._setup(weights, data)
-        return self._wrap(
-            params,
-            opt,
-            lambda: self._looped_meta_loss(
-                self.convnet, self.F.cross_entropy, params, data, W2_LR, 1, first_order
-            ),
-        )
-
-    def _wrap(self, params, opt, meta_loss):
-        def step():
-            opt.zero_grad()
-            meta_loss().backward()
-            opt.step()
-
-        def gradient() -> dict:
-            gs = self.torch.autograd.grad(meta_loss(), list(params.values()))
-            return {k: g.detach().cpu().numpy() for k, g in zip(params, gs)}
-
-        return step, gradient
 
 
 # --- timing -----------------------------------------------------------------------------------
@@ -347,14 +128,6 @@ def time_rounds(fns: dict, repeats: int, warmup: int, sync, budget_s: float) -> 
             sync()
             samples[name].append(time.perf_counter() - t0)
     return samples
-
-
-def agreement(ref: dict, other: dict) -> float:
-    """max |other - ref| / max |ref| over all parameters' meta-gradients."""
-    import numpy as np
-
-    scale = max(float(np.abs(g).max()) for g in ref.values()) or 1.0
-    return max(float(np.abs(other[k] - ref[k]).max()) for k in ref) / scale
 
 
 # --- the workloads ------------------------------------------------------------------------------
