@@ -1,5 +1,166 @@
 """Compiled kernels (shipped as ``tinymeta.kernels``): arrays in, arrays out.
 
-This package never imports tinymeta. Each kernel has a vectorized NumPy
-reference that stays the default path until a profile shows the kernel helps.
+This package never imports tinymeta. Every kernel has two implementations with the same
+signature and results:
+
+  ``reference``   vectorized NumPy (and CuPy: the same code runs on device arrays)
+  ``numba_impl``  Numba-compiled loops, CPU only
+
+The environment variable ``TINYMETA_KERNELS`` picks one when this package is imported:
+``numba`` (the default, when Numba imports) or ``numpy`` (the reference). ``backend()`` says
+which is active and ``set_backend(name)`` switches (tests and benchmarks compare the two).
+CuPy arrays always go to the reference, whatever the backend.
+
+The functions below check their arguments, bring per-channel parameters to the shape the
+implementations expect and dispatch:
+
+  bn_forward(x, weight, bias, eps) -> y, mean, inv_std          x: (T, N, C, S)
+  bn_backward(gy, x, mean, inv_std, weight) -> gx, gw, gb
+  maxpool2d_argmax(x, kh, kw, sh, sw) -> y, argmax              x: (N, C, H, W)
+  softmax_xent_forward(logits, labels) -> loss, probs           logits: (N, C)
+  softmax_xent_backward(probs, labels, gloss) -> glogits
 """
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import reference
+
+_BACKENDS = ("numba", "numpy")
+
+
+def _load(name: str):
+    if name == "numpy":
+        return reference
+    if name == "numba":
+        from . import numba_impl
+
+        return numba_impl
+    raise ValueError(f"TINYMETA_KERNELS must be one of {_BACKENDS}, got {name!r}")
+
+
+def _initial_backend():
+    name = os.environ.get("TINYMETA_KERNELS", "numba").strip().lower() or "numba"
+    try:
+        return _load(name)
+    except ImportError:  # no (working) Numba: the reference is always there
+        return reference
+
+
+_impl = _initial_backend()
+
+
+def backend() -> str:
+    """The active implementation: ``"numba"`` or ``"numpy"``."""
+    return "numpy" if _impl is reference else "numba"
+
+
+def set_backend(name: str) -> str:
+    """Switch to ``"numba"`` or ``"numpy"``; returns the previous backend's name."""
+    global _impl
+    previous = backend()
+    _impl = _load(name)
+    return previous
+
+
+def _impl_for(array):
+    """Numba loops run on host arrays only: device (CuPy) arrays take the reference."""
+    return _impl if isinstance(array, np.ndarray) else reference
+
+
+def _check_float(op: str, **arrays) -> np.dtype:
+    """The common float dtype of ``arrays`` (float32 or float64), or a TypeError naming them."""
+    dtypes = {name: np.dtype(a.dtype) for name, a in arrays.items()}
+    first = next(iter(dtypes.values()))
+    if first not in (np.float32, np.float64) or any(d != first for d in dtypes.values()):
+        found = ", ".join(f"{name} {d}" for name, d in dtypes.items())
+        raise TypeError(f"{op}: expected float32 or float64 arrays of one dtype, got {found}")
+    return first
+
+
+def _per_channel_param(op: str, name: str, p, x):
+    """``p`` of shape (C,) or (T, C) as a (T, C) array in x's dtype."""
+    t, c = x.shape[0], x.shape[2]
+    if tuple(p.shape) not in ((c,), (t, c)):
+        raise ValueError(
+            f"{op}: {name} must have shape ({c},) or ({t}, {c}) for x of shape "
+            f"{tuple(x.shape)}, got {tuple(p.shape)}"
+        )
+    xp = reference._array_module(x)
+    return xp.broadcast_to(p.astype(x.dtype, copy=False), (t, c))
+
+
+def _check_bn_input(op: str, x):
+    if x.ndim != 4 or 0 in x.shape:
+        raise ValueError(f"{op}: expected a non-empty (T, N, C, S) array, got shape {x.shape}")
+
+
+def bn_forward(x, weight, bias, eps: float):
+    """Batch-norm forward per (task, channel) of x (T, N, C, S): returns y, mean, inv_std."""
+    _check_bn_input("bn_forward", x)
+    _check_float("bn_forward", x=x)
+    w = _per_channel_param("bn_forward", "weight", weight, x)
+    b = _per_channel_param("bn_forward", "bias", bias, x)
+    return _impl_for(x).bn_forward(x, w, b, eps)
+
+
+def bn_backward(gy, x, mean, inv_std, weight):
+    """Batch-norm backward: gx (T, N, C, S) and gw, gb (T, C); see ``reference.bn_backward``."""
+    _check_bn_input("bn_backward", x)
+    _check_float("bn_backward", gy=gy, x=x)
+    if gy.shape != x.shape:
+        raise ValueError(f"bn_backward: gy has shape {gy.shape} but x has shape {x.shape}")
+    stat_shape = (x.shape[0], x.shape[2])
+    for name, stat in (("mean", mean), ("inv_std", inv_std)):
+        if tuple(stat.shape) != stat_shape:
+            raise ValueError(
+                f"bn_backward: {name} must have shape {stat_shape} for x of shape {x.shape}, "
+                f"got {tuple(stat.shape)}"
+            )
+    w = _per_channel_param("bn_backward", "weight", weight, x)
+    return _impl_for(x).bn_backward(gy, x, mean, inv_std, w)
+
+
+def maxpool2d_argmax(x, kh: int, kw: int, sh: int, sw: int):
+    """y[n,c,i,j] = max over window (i, j) of x (N, C, H, W), and each window's arg-max offset
+    p * kw + q (int8; int32 for windows of 128+ elements). Ties go to the first offset."""
+    _check_float("maxpool2d_argmax", x=x)
+    if x.ndim != 4 or min(kh, kw, sh, sw) < 1 or kh > x.shape[2] or kw > x.shape[3]:
+        raise ValueError(
+            f"maxpool2d_argmax: expected an (N, C, H, W) array and a positive window that fits "
+            f"in it, got shape {x.shape}, window ({kh}, {kw}), stride ({sh}, {sw})"
+        )
+    return _impl_for(x).maxpool2d_argmax(x, int(kh), int(kw), int(sh), int(sw))
+
+
+def _check_labels(op: str, labels, n: int, c: int):
+    if labels.ndim != 1 or labels.shape[0] != n or np.dtype(labels.dtype).kind not in "iu":
+        raise ValueError(
+            f"{op}: expected {n} integer labels, got shape {labels.shape} dtype {labels.dtype}"
+        )
+
+
+def softmax_xent_forward(logits, labels):
+    """loss_n = logsumexp(logits_n) - logits_n[labels_n] for logits (N, C), and the softmax.
+
+    Labels are assumed to lie in [0, C) (callers check them once, before any copy)."""
+    _check_float("softmax_xent_forward", logits=logits)
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"softmax_xent_forward: expected (N, C) logits, got {logits.shape}")
+    _check_labels("softmax_xent_forward", labels, *logits.shape)
+    return _impl_for(logits).softmax_xent_forward(logits, labels)
+
+
+def softmax_xent_backward(probs, labels, gloss):
+    """glogits = gloss_n * (probs_n - onehot(labels_n)), for probs = softmax(logits) (N, C)."""
+    _check_float("softmax_xent_backward", probs=probs, gloss=gloss)
+    if probs.ndim != 2 or gloss.shape != probs.shape[:1]:
+        raise ValueError(
+            f"softmax_xent_backward: expected probs (N, C) and gloss (N,), got {probs.shape} "
+            f"and {gloss.shape}"
+        )
+    _check_labels("softmax_xent_backward", labels, *probs.shape)
+    return _impl_for(probs).softmax_xent_backward(probs, labels, gloss)

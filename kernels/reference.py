@@ -1,0 +1,107 @@
+"""Vectorized references for every kernel: the definitions the compiled kernels are tested against.
+
+Written with array methods and operators only (plus ``_array_module`` where a function is
+needed), so the same code runs on NumPy and CuPy arrays: on a GPU this *is* the implementation.
+Shapes and dtypes are checked by the public wrappers in ``kernels/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _array_module(a):
+    """NumPy for host arrays, CuPy for device arrays (CuPy is imported only when seen)."""
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def _per_channel(a):
+    """A (T, C) array as (T, 1, C, 1), to broadcast against a (T, N, C, S) array."""
+    return a[:, None, :, None]
+
+
+# --- batch normalisation over (T, N, C, S): statistics per (task t, channel c) ---------------
+
+
+def bn_forward(x, weight, bias, eps: float):
+    """y = (x - mean) * inv_std * weight + bias, inv_std = 1 / sqrt(var + eps), per (t, c).
+
+    x is (T, N, C, S); weight and bias are (T, C). Returns y (T, N, C, S) and the
+    batch mean and inv_std (T, C), all in x's dtype.
+    """
+    mean = x.mean(axis=(1, 3))
+    centred = x - _per_channel(mean)
+    var = (centred * centred).mean(axis=(1, 3))
+    inv_std = (var + eps) ** -0.5
+    y = centred * _per_channel(inv_std * weight) + _per_channel(bias)
+    return y, mean, inv_std
+
+
+def bn_backward(gy, x, mean, inv_std, weight):
+    """gx = w * inv_std / n * (n * gy - gb - xhat * gw), gw = sum(gy * xhat), gb = sum(gy).
+
+    xhat = (x - mean) * inv_std is recomputed from x; sums run over (N, S), n = N * S.
+    Returns gx (T, N, C, S) and gw, gb (T, C).
+    """
+    n = x.shape[1] * x.shape[3]
+    xhat = (x - _per_channel(mean)) * _per_channel(inv_std)
+    gb = gy.sum(axis=(1, 3))
+    gw = (gy * xhat).sum(axis=(1, 3))
+    scale = _per_channel(weight * inv_std * (1.0 / n))
+    gx = scale * (n * gy - _per_channel(gb) - xhat * _per_channel(gw))
+    return gx, gw, gb
+
+
+# --- max-pooling with the arg-max of every window ---------------------------------------------
+
+
+def maxpool2d_argmax(x, kh: int, kw: int, sh: int, sw: int):
+    """y[n,c,i,j] = max_{p,q} x[n,c,i*sh+p,j*sw+q] and argmax = the winning p * kw + q.
+
+    Ties go to the first maximal offset in row-major order. The arg-max is int8 (int32 for
+    windows of 128 elements or more). Loops over the kh * kw offsets, never over pixels.
+    """
+    xp = _array_module(x)
+    oh, ow = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    y = argmax = None
+    for p in range(kh):
+        for q in range(kw):
+            v = x[:, :, p : p + sh * (oh - 1) + 1 : sh, q : q + sw * (ow - 1) + 1 : sw]
+            if y is None:
+                y = v.copy()
+                argmax = xp.zeros(y.shape, dtype=np.int8 if kh * kw < 128 else np.int32)
+            else:
+                better = v > y  # strictly: a tie keeps the earlier offset
+                argmax[better] = p * kw + q
+                xp.maximum(y, v, out=y)
+    return y, argmax
+
+
+# --- softmax cross-entropy from logits ------------------------------------------------------
+
+
+def softmax_xent_forward(logits, labels):
+    """loss_n = logsumexp(logits_n) - logits_n[labels_n], and softmax(logits) (N, C).
+
+    The max-shift keeps exp from overflowing; both results are in the logits' dtype.
+    """
+    xp = _array_module(logits)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = xp.exp(shifted)
+    total = e.sum(axis=1, keepdims=True)
+    rows = xp.arange(logits.shape[0])
+    loss = xp.log(total[:, 0]) - shifted[rows, labels]
+    return loss, e / total
+
+
+def softmax_xent_backward(probs, labels, gloss):
+    """glogits = gloss_n * (softmax(logits)_n - onehot(labels_n))."""
+    xp = _array_module(probs)
+    g = probs * gloss[:, None]
+    rows = xp.arange(probs.shape[0])
+    g[rows, labels] -= gloss
+    return g
