@@ -12,6 +12,12 @@ the three are adjoint to one another:
 Each is bilinear in its two inputs, so the backward rule of each one is built
 from the other two, and derivatives of every order flow through convolutions.
 
+Per-task weights (task-vectorized MAML): x (T, N, C, H, W) with w (T, O, C, kh, kw)
+convolves task t's images with task t's weights. The three ops take that
+leading task axis as they are: the task axis is folded into the batch axis for
+the window copies (im2col, col2im), and the GEMMs become batched GEMMs, one
+``matmul`` over the task axis (T products of the same shapes as one task's).
+
 Memory layout: tensors are NCHW (the shape users see), but internally the
 arrays are laid out channels-last (NHWC in memory, an NCHW view on top). Then
 the im2col copy moves runs of kw * C contiguous floats instead of scattered
@@ -21,6 +27,8 @@ channels-last without anyone noticing.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -48,6 +56,28 @@ def output_size(size: int, kernel: int, stride: int, pad: int) -> int:
 def nhwc(x):
     """The NHWC view of an NCHW array (no copy)."""
     return x.transpose(0, 2, 3, 1)
+
+
+def to_nchw(y):
+    """The (..., C, H, W) view of a (..., H, W, C) array: NCHW shape, channels-last memory."""
+    lead = tuple(range(y.ndim - 3))
+    return y.transpose(lead + (y.ndim - 1, y.ndim - 3, y.ndim - 2))
+
+
+def fold_tasks(x):
+    """(T, N, C, H, W) -> (T*N, C, H, W), and a 4-D array as it is.
+
+    A view for the arrays the convolutions make: the task and batch axes are the
+    outermost ones in memory (channels-last keeps only C innermost).
+    """
+    return x.reshape((-1,) + x.shape[-3:])
+
+
+def weight_matrix(w):
+    """w (..., O, C, kh, kw) as (..., kh*kw*C, O): rows ordered like the im2col windows."""
+    lead = w.ndim - 4
+    order = tuple(range(lead)) + (lead + 2, lead + 3, lead + 1, lead)
+    return w.transpose(order).reshape(w.shape[:lead] + (-1, w.shape[lead]))
 
 
 def padded_nhwc(xp, x, ph: int, pw: int):
@@ -88,26 +118,31 @@ def rows_nhwc(g):
 
 class Conv2d(Function):
     """y[n,o,i,j] = sum_{c,p,q} x_pad[n,c,i*sh+p,j*sw+q] w[o,c,p,q] + b[o];
-    gx = Conv2dGradInput(gy, w), gw = Conv2dGradWeight(x, gy), gb = sum_{n,i,j} gy."""
+    gx = Conv2dGradInput(gy, w), gw = Conv2dGradWeight(x, gy), gb = sum_{n,i,j} gy.
+
+    With a task axis: x (T, N, C, H, W), w (T, O, C, kh, kw), b (T, O), and the
+    same formulas for every t (y[t] = conv(x[t], w[t]) + b[t]).
+    """
 
     def __init__(self, stride: tuple, padding: tuple):
         self.stride, self.padding = stride, padding
 
     def forward(self, x, w, b=None):
-        xp = self.xp
-        n, o = x.shape[0], w.shape[0]
-        kh, kw = w.shape[2:]
-        oh = output_size(x.shape[2], kh, self.stride[0], self.padding[0])
-        ow = output_size(x.shape[3], kw, self.stride[1], self.padding[1])
-        cols = im2col(xp, x, kh, kw, self.stride, self.padding, oh, ow)
-        # One GEMM: (N*OH*OW, kh*kw*C) @ (kh*kw*C, O), the weight ordered like the windows.
-        y = cols @ w.transpose(2, 3, 1, 0).reshape(-1, o)
+        tasks = w.shape[:-4]  # () for one weight, (T,) for one weight per task
+        o, _, kh, kw = w.shape[-4:]
+        n = x.shape[-4]
+        oh = output_size(x.shape[-2], kh, self.stride[0], self.padding[0])
+        ow = output_size(x.shape[-1], kw, self.stride[1], self.padding[1])
+        cols = im2col(self.xp, fold_tasks(x), kh, kw, self.stride, self.padding, oh, ow)
+        # One GEMM per task, (N*OH*OW, kh*kw*C) @ (kh*kw*C, O), all in one matmul call.
+        y = cols.reshape(tasks + (-1, cols.shape[-1])) @ weight_matrix(w)
         if b is not None:
+            b = b[..., None, :]  # (..., 1, O): one row, added to every window of its task
             if b.dtype == y.dtype:
                 y += b  # y is a fresh array: add in place
             else:
                 y = y + b
-        return y.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)  # NCHW view, channels-last memory
+        return to_nchw(y.reshape(tasks + (n, oh, ow, o)))  # channels-last memory
 
     def backward(self, gy):
         x, w = self.inputs[:2]
@@ -124,37 +159,40 @@ class Conv2d(Function):
         )
         if len(self.inputs) == 2:
             return gx, gw
-        gb = _sum(gy, axis=(0, 2, 3)) if self.needs_input_grad[2] else None
+        gb = _sum(gy, axis=(-4, -2, -1)) if self.needs_input_grad[2] else None
         return gx, gw, gb
 
 
 class Conv2dGradInput(Function):
     """gx_pad[n,c,i*sh+p,j*sw+q] += sum_o gy[n,o,i,j] w[o,c,p,q]  (col2im);
-    ggy = conv2d(ggx, w), gw = Conv2dGradWeight(ggx, gy)."""
+    ggy = conv2d(ggx, w), gw = Conv2dGradWeight(ggx, gy).  (Per task with a task axis.)"""
 
     def __init__(self, x_shape: tuple, stride: tuple, padding: tuple):
         self.x_shape, self.stride, self.padding = tuple(x_shape), stride, padding
 
     def forward(self, gy, w):
         xp = self.xp
-        n, c, h, wd = self.x_shape
+        tasks = w.shape[:-4]
+        n, c, h, wd = self.x_shape[-4:]
         (sh, sw), (ph, pw) = self.stride, self.padding
-        kh, kw = w.shape[2:]
-        oh, ow = gy.shape[2:]
-        rows = rows_nhwc(gy)  # (N*OH*OW, O)
+        o, _, kh, kw = w.shape[-4:]
+        oh, ow = gy.shape[-2:]
+        rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
         dtype = np.result_type(gy.dtype, w.dtype)
-        gx = xp.zeros((n, h + 2 * ph, wd + 2 * pw, c), dtype=dtype)
-        share = xp.empty((rows.shape[0], c), dtype=dtype)
+        gx = xp.zeros((math.prod(tasks) * n, h + 2 * ph, wd + 2 * pw, c), dtype=dtype)
+        share = xp.empty(rows.shape[:-1] + (c,), dtype=dtype)
         # col2im, one kernel offset (p, q) at a time: its share of every window, (N*OH*OW, O)
-        # @ (O, C), lands on rows p, p+sh, ... and columns q, q+sw, ... of the padded input.
-        # Per offset rather than one (N*OH*OW, kh*kw*C) product: the additions then read
-        # contiguous blocks instead of every (kh*kw)-th channel vector (measured 1.5x faster).
+        # @ (O, C) for each task, lands on rows p, p+sh, ... and columns q, q+sw, ... of the
+        # padded input (tasks folded into the batch axis). Per offset rather than one
+        # (N*OH*OW, kh*kw*C) product: the additions then read contiguous blocks instead of
+        # every (kh*kw)-th channel vector (measured 1.5x faster).
         for p in range(kh):
             for q in range(kw):
-                xp.matmul(rows, w[:, :, p, q], out=share)
+                xp.matmul(rows, w[..., p, q], out=share)
                 target = gx[:, p : p + sh * (oh - 1) + 1 : sh, q : q + sw * (ow - 1) + 1 : sw, :]
-                target += share.reshape(n, oh, ow, c)
-        return gx[:, ph : ph + h, pw : pw + wd, :].transpose(0, 3, 1, 2)
+                target += share.reshape(target.shape)
+        gx = gx[:, ph : ph + h, pw : pw + wd, :]
+        return to_nchw(gx.reshape(tasks + (n, h, wd, c)))
 
     def backward(self, ggx):
         gy, w = self.inputs
@@ -175,18 +213,21 @@ class Conv2dGradInput(Function):
 
 class Conv2dGradWeight(Function):
     """gw[o,c,p,q] = sum_{n,i,j} gy[n,o,i,j] x_pad[n,c,i*sh+p,j*sw+q];
-    gx = Conv2dGradInput(gy, ggw), ggy = conv2d(x, ggw)."""
+    gx = Conv2dGradInput(gy, ggw), ggy = conv2d(x, ggw).  (Per task with a task axis.)"""
 
     def __init__(self, w_shape: tuple, stride: tuple, padding: tuple):
         self.w_shape, self.stride, self.padding = tuple(w_shape), stride, padding
 
     def forward(self, x, gy):
-        o, c, kh, kw = self.w_shape
-        oh, ow = gy.shape[2:]
-        cols = im2col(self.xp, x, kh, kw, self.stride, self.padding, oh, ow)
-        # One GEMM: (O, N*OH*OW) @ (N*OH*OW, kh*kw*C), then back to (O, C, kh, kw).
-        gw = rows_nhwc(gy).T @ cols
-        return gw.reshape(o, kh, kw, c).transpose(0, 3, 1, 2)
+        tasks = self.w_shape[:-4]
+        o, c, kh, kw = self.w_shape[-4:]
+        oh, ow = gy.shape[-2:]
+        cols = im2col(self.xp, fold_tasks(x), kh, kw, self.stride, self.padding, oh, ow)
+        cols = cols.reshape(tasks + (-1, cols.shape[-1]))  # (T, N*OH*OW, kh*kw*C)
+        rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
+        # One GEMM per task: (O, N*OH*OW) @ (N*OH*OW, kh*kw*C), then back to (O, C, kh, kw).
+        gw = rows.swapaxes(-1, -2) @ cols
+        return to_nchw(gw.reshape(tasks + (o, kh, kw, c)))
 
     def backward(self, ggw):
         x, gy = self.inputs

@@ -19,7 +19,7 @@ from tinymeta.ops.elementwise import relu as _relu
 from tinymeta.ops.linalg import matmul
 from tinymeta.ops.reductions import mean as _mean
 from tinymeta.ops.reductions import sum as _sum
-from tinymeta.ops.shape import reshape, sum_to, swapaxes
+from tinymeta.ops.shape import broadcast_to, expand_dims, reshape, sum_to, swapaxes
 from tinymeta.tensor import Tensor, constant
 
 __all__ = [
@@ -125,35 +125,80 @@ def conv2d(x, w, b=None, stride=1, padding=0) -> Tensor:
     forward is one GEMM over the im2col windows; the gradients are the ops
     Conv2dGradInput (a transposed convolution) and Conv2dGradWeight, whose own
     gradients are convolutions again, so every order is available.
+
+    Task axis (task-vectorized MAML, ``functional_call`` with per-task
+    parameters): x of shape (T, N, C, H, W) with w (T, O, C, kh, kw) and b
+    (T, O) convolves task t's images with task t's weights, as batched GEMMs
+    (no loop over tasks); y is (T, N, O, OH, OW). A shared w (O, C, kh, kw) or
+    b (O,) broadcasts over the tasks.
     """
     x, w = _tensor(x, "conv2d", "x"), _tensor(w, "conv2d", "w")
+    b = None if b is None else _tensor(b, "conv2d", "b")
     stride, padding = pair(stride, "stride", "conv2d"), pair(padding, "padding", "conv2d")
     if min(stride) < 1:
         raise ValueError(f"conv2d: stride must be positive, got {stride}")
-    if x.ndim != 4 or w.ndim != 4:
+    _check_conv_shapes(x, w, b, padding)
+    per_task = w.ndim == 5 or (b is not None and b.ndim == 2)
+    if x.ndim == 5 and not per_task:
+        # One set of weights for every task: fold the tasks into the batch (one bigger GEMM).
+        y = _conv2d(reshape(x, (-1,) + x.shape[2:]), w, b, stride, padding)
+        return reshape(y, x.shape[:2] + y.shape[1:])
+    if per_task:  # a shared weight or bias next to a per-task one: copies for every task
+        w = _per_task(w, x.shape[0], 4)
+        b = None if b is None else _per_task(b, x.shape[0], 1)
+    return _conv2d(x, w, b, stride, padding)
+
+
+def _conv2d(x, w, b, stride: tuple, padding: tuple) -> Tensor:
+    if b is None:
+        return Conv2d.apply(x, w, stride=stride, padding=padding)
+    return Conv2d.apply(x, w, b, stride=stride, padding=padding)
+
+
+def _per_task(t: Tensor, tasks: int, ndim: int) -> Tensor:
+    """``t`` with a leading task axis: as it is if it has one, else broadcast (differentiably)."""
+    return t if t.ndim > ndim else broadcast_to(expand_dims(t, 0), (tasks,) + t.shape)
+
+
+def _check_conv_shapes(x: Tensor, w: Tensor, b, padding: tuple) -> None:
+    """Raise a ValueError naming the shapes unless x, w and b fit together (see conv2d)."""
+    if x.ndim not in (4, 5) or w.ndim not in (4, 5):
         raise ValueError(
-            f"conv2d: expected a 4-D input (N, C, H, W) and a 4-D weight (O, C, kh, kw), "
-            f"got shapes {x.shape} and {w.shape} (batched per-task weights are not supported: "
-            "loop over tasks)"
+            f"conv2d: expected a 4-D input (N, C, H, W) and a 4-D weight (O, C, kh, kw), or "
+            f"with a task axis a 5-D input (T, N, C, H, W) and a weight (T, O, C, kh, kw) or "
+            f"(O, C, kh, kw); got shapes {x.shape} and {w.shape}"
         )
-    if x.shape[1] != w.shape[1]:
+    o = w.shape[-4]
+    if b is not None and (b.ndim not in (1, 2) or b.shape[-1] != o):
         raise ValueError(
-            f"conv2d: input has {x.shape[1]} channels (shape {x.shape}) but the weight "
-            f"expects {w.shape[1]} (weight shape {w.shape})"
+            f"conv2d: bias must have shape ({o},), or (T, {o}) with a task axis, got {b.shape} "
+            f"(weight shape {w.shape})"
+        )
+    if w.ndim == 5 or (b is not None and b.ndim == 2):
+        if x.ndim != 5:
+            raise ValueError(
+                f"conv2d: per-task weights (weight shape {w.shape}, bias shape "
+                f"{None if b is None else b.shape}) need an input with a task axis "
+                f"(T, N, C, H, W), got shape {x.shape}"
+            )
+        for name, t, ndim in (("weight", w, 5), ("bias", b, 2)):
+            if t is not None and t.ndim == ndim and t.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"conv2d: the input has {x.shape[0]} tasks (shape {x.shape}) but the "
+                    f"{name} has {t.shape[0]} (shape {t.shape}): the task axes must match"
+                )
+    if x.shape[-3] != w.shape[-3]:
+        raise ValueError(
+            f"conv2d: input has {x.shape[-3]} channels (shape {x.shape}) but the weight "
+            f"expects {w.shape[-3]} (weight shape {w.shape})"
         )
     for axis, name in ((0, "height"), (1, "width")):
-        size, k = x.shape[2 + axis] + 2 * padding[axis], w.shape[2 + axis]
+        size, k = x.shape[-2 + axis] + 2 * padding[axis], w.shape[-2 + axis]
         if k > size:
             raise ValueError(
                 f"conv2d: kernel {name} {k} exceeds the padded input {name} {size} "
                 f"(input shape {x.shape}, weight shape {w.shape}, padding {padding})"
             )
-    if b is None:
-        return Conv2d.apply(x, w, stride=stride, padding=padding)
-    b = _tensor(b, "conv2d", "b")
-    if b.shape != (w.shape[0],):
-        raise ValueError(f"conv2d: bias must have shape ({w.shape[0]},), got {b.shape}")
-    return Conv2d.apply(x, w, b, stride=stride, padding=padding)
 
 
 class Gather(Function):
@@ -294,22 +339,30 @@ def max_pool2d(x, kernel_size, stride=None) -> Tensor:
     derivative is zero almost everywhere and the gradient of the gradient still
     flows (gather <-> scatter). Ties go to the first maximal element of a window
     (row-major), so exactly one input receives each output's gradient.
+
+    A 5-D input (T, N, C, H, W) (a leading task axis) is pooled like T*N images:
+    pooling has no weights, so the tasks are simply folded into the batch.
     """
     x = _tensor(x, "max_pool2d", "x")
     kernel = pair(kernel_size, "kernel_size", "max_pool2d")
     stride = pair(stride if stride is not None else kernel, "stride", "max_pool2d")
-    if x.ndim != 4:
-        raise ValueError(f"max_pool2d: expected a 4-D input (N, C, H, W), got shape {x.shape}")
+    if x.ndim not in (4, 5):
+        raise ValueError(
+            f"max_pool2d: expected a 4-D input (N, C, H, W), or (T, N, C, H, W) with a task "
+            f"axis, got shape {x.shape}"
+        )
     if min(kernel + stride) < 1:
         raise ValueError(
             f"max_pool2d: kernel_size and stride must be positive, got {kernel} and {stride}"
         )
-    if kernel[0] > x.shape[2] or kernel[1] > x.shape[3]:
+    if kernel[0] > x.shape[-2] or kernel[1] > x.shape[-1]:
         raise ValueError(
             f"max_pool2d: kernel {kernel} is larger than the input's spatial size "
             f"(input shape {x.shape})"
         )
-    return MaxPool2d.apply(x, kernel_size=kernel, stride=stride, in_shape=x.shape)
+    images = x if x.ndim == 4 else reshape(x, (-1,) + x.shape[2:])  # tasks into the batch
+    y = MaxPool2d.apply(images, kernel_size=kernel, stride=stride, in_shape=images.shape)
+    return y if x.ndim == 4 else reshape(y, x.shape[:2] + y.shape[1:])
 
 
 # --- normalisation ---------------------------------------------------------------------------

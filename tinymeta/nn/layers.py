@@ -87,6 +87,9 @@ class Linear(Module):
 class Conv2d(Module):
     """y = conv2d(x, weight, bias, stride, padding), weight (out, in, kh, kw), NCHW.
 
+    Also takes x (T, N, C, H, W) with a leading task axis: under ``functional_call``
+    with per-task weights (T, out, in, kh, kw) each task uses its own (see F.conv2d).
+
     Init: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in * kh * kw.
     """
 
@@ -133,7 +136,10 @@ class Conv2d(Module):
 
 
 class MaxPool2d(Module):
-    """y = max over each kernel_size window, moved by stride (default: kernel_size)."""
+    """y = max over each kernel_size window, moved by stride (default: kernel_size).
+
+    (N, C, H, W) or, with a leading task axis, (T, N, C, H, W) inputs.
+    """
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
@@ -265,9 +271,10 @@ class BatchNorm1d(_BatchNorm):
 
 
 class BatchNorm2d(_BatchNorm):
-    """Batch normalisation of an (N, C, H, W) input over N, H and W, per channel."""
+    """Batch normalisation of an (N, C, H, W) input over N, H and W, per channel; of a
+    (T, N, C, H, W) input (a leading task axis) per task and channel (see F.batch_norm)."""
 
-    expected_ndim = (4,)
+    expected_ndim = (4, 5)
 
 
 class ReLU(Module):
@@ -278,7 +285,14 @@ class ReLU(Module):
 
 
 class Flatten(Module):
-    """Merge axes start_dim..end_dim into one: (N, C, H, W) -> (N, C*H*W) by default."""
+    """Merge axes start_dim..end_dim into one: (N, C, H, W) -> (N, C*H*W) by default.
+
+    Negative dims count from the end. A net that must also run with a leading
+    task axis (task-vectorized MAML: x of shape (T, N, C, H, W)) should use
+    ``Flatten(-3)``, which merges the (C, H, W) image axes whatever leads them:
+    (N, C*H*W) and (T, N, C*H*W). The default start_dim=1 follows PyTorch and
+    would merge N into the features of a task-axis input.
+    """
 
     def __init__(self, start_dim: int = 1, end_dim: int = -1):
         super().__init__()
