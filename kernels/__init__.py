@@ -14,7 +14,8 @@ CuPy arrays always go to the reference, whatever the backend.
 The functions below check their arguments, bring per-channel parameters to the shape the
 implementations expect and dispatch:
 
-  bn_forward(x, weight, bias, eps) -> y, mean, inv_std          x: (T, N, C, S)
+  bn_stats(x, eps) -> mean, inv_std                             x: (T, N, C, S)
+  bn_forward(x, weight, bias, eps) -> y, mean, inv_std
   bn_backward(gy, x, mean, inv_std, weight) -> gx, gw, gb
   maxpool2d_argmax(x, kh, kw, sh, sw) -> y, argmax              x: (N, C, H, W)
   softmax_xent_forward(logits, labels) -> loss, probs           logits: (N, C)
@@ -96,6 +97,13 @@ def _per_channel_param(op: str, name: str, p, x):
 def _check_bn_input(op: str, x):
     if x.ndim != 4 or 0 in x.shape:
         raise ValueError(f"{op}: expected a non-empty (T, N, C, S) array, got shape {x.shape}")
+
+
+def bn_stats(x, eps: float):
+    """Per (task, channel) mean and inv_std = 1 / sqrt(var + eps) of x (T, N, C, S)."""
+    _check_bn_input("bn_stats", x)
+    _check_float("bn_stats", x=x)
+    return _impl_for(x).bn_stats(x, eps)
 
 
 def bn_forward(x, weight, bias, eps: float):

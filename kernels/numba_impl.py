@@ -41,7 +41,7 @@ def _channels_last(x):
 
 
 @numba.njit(cache=True)
-def _bn_forward_rows(x, weight, bias, eps, y, mean, inv_std):
+def _bn_stats_rows(x, eps, mean, inv_std):
     t_count, m_count, c_count = x.shape
     total = np.zeros(c_count)  # float64: float32 running sums of 10^4..10^5 terms drift
     for t in range(t_count):
@@ -59,10 +59,25 @@ def _bn_forward_rows(x, weight, bias, eps, y, mean, inv_std):
         for c in range(c_count):
             mean[t, c] = mu[c]
             inv_std[t, c] = 1.0 / np.sqrt(total[c] / m_count + eps)
+
+
+@numba.njit(cache=True)
+def _bn_forward_rows(x, weight, bias, eps, y, mean, inv_std):
+    _bn_stats_rows(x, eps, mean, inv_std)
+    for t in range(x.shape[0]):
         scale = inv_std[t] * weight[t]  # in x's dtype, so the full-size pass stays in it
-        for m in range(m_count):
-            for c in range(c_count):
+        for m in range(x.shape[1]):
+            for c in range(x.shape[2]):
                 y[t, m, c] = (x[t, m, c] - mean[t, c]) * scale[c] + bias[t, c]
+
+
+def bn_stats(x, eps: float):
+    """See ``reference.bn_stats``: mean and inv_std (T, C)."""
+    rows = _rows(x)
+    t, _, c = rows.shape
+    mean, inv_std = np.empty((t, c), x.dtype), np.empty((t, c), x.dtype)
+    _bn_stats_rows(rows, float(eps), mean, inv_std)
+    return mean, inv_std
 
 
 def bn_forward(x, weight, bias, eps: float):

@@ -27,6 +27,13 @@ def _per_channel(a):
 # --- batch normalisation over (T, N, C, S): statistics per (task t, channel c) ---------------
 
 
+def bn_stats(x, eps: float):
+    """mean and inv_std = 1 / sqrt(var + eps) (biased var) of x (T, N, C, S) per (t, c)."""
+    mean = x.mean(axis=(1, 3))
+    centred = x - _per_channel(mean)
+    return mean, ((centred * centred).mean(axis=(1, 3)) + eps) ** -0.5
+
+
 def bn_forward(x, weight, bias, eps: float):
     """y = (x - mean) * inv_std * weight + bias, inv_std = 1 / sqrt(var + eps), per (t, c).
 

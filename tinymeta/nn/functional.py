@@ -13,6 +13,7 @@ import numpy as np
 from tinymeta.backend import device_of, get_array_module, to_numpy
 from tinymeta.function import Function
 from tinymeta.grad_mode import no_grad
+from tinymeta.nn.batchnorm import BatchNormLayout, batch_norm_train
 from tinymeta.nn.conv import Conv2d, output_size, pair
 from tinymeta.ops.elementwise import exp
 from tinymeta.ops.elementwise import relu as _relu
@@ -394,63 +395,79 @@ def batch_norm(
 ) -> Tensor:
     """y = (x - mean) / sqrt(var + eps) * weight + bias, per channel (axis 1 of (N, C) or NCHW).
 
-    Training: mean and (biased) var are the batch's, over every axis but the
-    channel one, and the gradient flows through them (composed from
-    differentiable ops, so every order works). If running statistics are given
-    (arrays or tensors of shape (C,)), they are updated in place outside the
-    graph, with the unbiased batch variance, as PyTorch does:
-    ``running = (1 - momentum) * running + momentum * batch``.
+    A 5-D input (T, N, C, H, W) carries a leading task axis (task-vectorized MAML): its
+    statistics are per (task, channel), and weight and bias may be (C,) or per task (T, C).
+
+    Training: mean and (biased) var are the batch's, over every axis but the channel (and
+    task) one, and the gradient flows through them: one fused op (tinymeta.nn.batchnorm)
+    whose derivatives of every order are exact. If running statistics are given (arrays or
+    tensors of shape (C,)), they are updated in place outside the graph, with the unbiased
+    batch variance, as PyTorch does: ``running = (1 - momentum) * running + momentum * batch``
+    (for a task axis, with the mean over tasks of the per-task statistics).
     Evaluation: the running statistics are used as constants.
     """
     x = _tensor(x, "batch_norm", "x")
-    if x.ndim not in (2, 4):
+    if x.ndim not in (2, 4, 5):
         raise ValueError(
-            f"batch_norm: expected an (N, C) or (N, C, H, W) input, got shape {x.shape}"
+            f"batch_norm: expected an (N, C) or (N, C, H, W) input, or (T, N, C, H, W) with a "
+            f"leading task axis, got shape {x.shape}"
         )
-    c = x.shape[1]
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        if t is not None and tuple(t.shape) != (c,):
+    layout = BatchNormLayout(x.shape)
+    t, _, c, _ = layout.kernel_shape
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is not None and tuple(stat.shape) != (c,):
             raise ValueError(
                 f"batch_norm: {name} must have shape ({c},) for an input of shape {x.shape}, "
-                f"got {tuple(t.shape)}"
+                f"got {tuple(stat.shape)}"
             )
-    axes = (0,) if x.ndim == 2 else (0, 2, 3)
-    shape = (1, c) + (1,) * (x.ndim - 2)
+    allowed = ((c,), (t, c)) if x.ndim == 5 else ((c,),)
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None and tuple(param.shape) not in allowed:
+            raise ValueError(
+                f"batch_norm: {name} must have shape "
+                f"{' or '.join(map(str, allowed))} for an input of shape {x.shape}, "
+                f"got {tuple(param.shape)}"
+            )
+    xp = get_array_module(x.data)
     if training:
-        count = x.size // c
+        count = layout.count
         if count < 2:
             raise ValueError(
                 f"batch_norm: training needs more than one value per channel, got input "
                 f"shape {x.shape}"
             )
-        mu = _mean(x, axes, keepdims=True)
-        centred = x - mu
-        var = _mean(centred * centred, axes, keepdims=True)
-        if running_mean is not None:
-            _update_running(running_mean, mu.data.reshape(c), momentum)
-        if running_var is not None:
-            # The running estimate uses the unbiased variance (n / (n - 1)), as in PyTorch.
-            _update_running(running_var, var.data.reshape(c) * (count / (count - 1)), momentum)
-        inv_std = (var + eps) ** -0.5
-    else:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                "batch_norm: evaluation (training=False) needs running_mean and running_var"
-            )
-        xp = get_array_module(x.data)
-        rm = xp.asarray(_stat_array(running_mean)).reshape(shape)
-        rv = xp.asarray(_stat_array(running_var)).reshape(shape)
-        centred = x - constant(rm.astype(x.dtype, copy=False))
-        inv_std = constant(((rv + eps) ** -0.5).astype(x.dtype, copy=False))
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"batch_norm: expected a float32 or float64 input, got {x.dtype}")
+
+        def update_running(mean, inv_std):
+            if running_mean is not None:
+                _update_running(running_mean, mean.mean(axis=0), momentum)
+            if running_var is not None:
+                # The running estimate uses the unbiased variance (n / (n - 1)), as in PyTorch.
+                var = inv_std**-2 - eps
+                _update_running(running_var, (var * (count / (count - 1))).mean(axis=0), momentum)
+
+        # Without an affine part the fused op gets constants: w = 1 and b = 0 need no gradient.
+        if weight is None:
+            weight = constant(xp.ones(c, dtype=x.dtype))
+        if bias is None:
+            bias = constant(xp.zeros(c, dtype=x.dtype))
+        track = running_mean is not None or running_var is not None
+        return batch_norm_train(x, weight, bias, eps, update_running if track else None)
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "batch_norm: evaluation (training=False) needs running_mean and running_var"
+        )
+    shape = layout.param_shape((c,))
+    rm = xp.asarray(_stat_array(running_mean)).reshape(shape)
+    rv = xp.asarray(_stat_array(running_var)).reshape(shape)
+    centred = x - constant(rm.astype(x.dtype, copy=False))
+    inv_std = constant(((rv + eps) ** -0.5).astype(x.dtype, copy=False))
     # Fold the affine scale into the per-channel factor: one full-size product, not two.
-    scale = inv_std if weight is None else inv_std * reshape(weight, shape)
-    y = centred * scale
-    return y if bias is None else y + reshape(bias, shape)
+    if weight is not None:
+        inv_std = inv_std * reshape(weight, layout.param_shape(weight.shape))
+    y = centred * inv_std
+    return y if bias is None else y + reshape(bias, layout.param_shape(bias.shape))
 
 
 # --- activations -------------------------------------------------------------------------------
