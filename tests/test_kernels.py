@@ -1,0 +1,266 @@
+"""tinymeta.kernels: every Numba kernel against its vectorized NumPy reference, in float32 and
+float64, on contiguous, channels-last and strided (non-contiguous) inputs of Hypothesis-drawn
+shapes; the references against plain definitions; backend selection and argument errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tinymeta.kernels import reference
+
+from tinymeta import kernels
+
+numba_impl = pytest.importorskip("tinymeta.kernels.numba_impl")
+
+DTYPES = [np.float32, np.float64]
+# Same math in a different order (float64 sums in the kernels, pairwise sums in NumPy).
+TOL = {np.float32: {"rtol": 2e-4, "atol": 2e-5}, np.float64: {"rtol": 1e-10, "atol": 1e-12}}
+
+
+def _close(a, b, dtype):
+    assert a.dtype == np.dtype(dtype) and a.shape == b.shape
+    np.testing.assert_allclose(a, b, **TOL[dtype])
+
+
+def _in_layout(array, layout: str, channel_axis: int):
+    """The same values as ``array``, in another memory layout: ``contiguous`` (C order),
+    ``channels_last`` (the channel axis innermost in memory, as tinymeta's convolutions leave
+    NCHW arrays) or ``strided`` (every other element of a bigger array: no axis contiguous)."""
+    if layout == "contiguous":
+        return np.ascontiguousarray(array)
+    if layout == "channels_last":
+        order = [a for a in range(array.ndim) if a != channel_axis] + [channel_axis]
+        return np.ascontiguousarray(array.transpose(order)).transpose(np.argsort(order))
+    big = np.zeros(array.shape[:-1] + (2 * array.shape[-1],), array.dtype)
+    big[..., ::2] = array
+    return big[..., ::2]
+
+
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+@st.composite
+def bn_arrays(draw, n_arrays: int = 1):
+    """``n_arrays`` arrays of one (T, N, C, S) shape, a dtype and a layout."""
+    shape = (
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 5)),
+        draw(st.integers(1, 6)),
+    )
+    if shape[1] * shape[3] < 2:
+        shape = (shape[0], 2, shape[2], shape[3])
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(LAYOUTS))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for _ in range(n_arrays):
+        a = (rng.standard_normal(shape) * rng.uniform(0.1, 3) + rng.uniform(-2, 2)).astype(dtype)
+        arrays.append(_in_layout(a, layout, channel_axis=2))
+    return arrays, dtype, rng
+
+
+def _params(rng, t, c, dtype, per_task: bool):
+    shape = (t, c) if per_task else (c,)
+    return rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
+
+
+# --- batch norm -------------------------------------------------------------------------------
+
+
+@given(case=bn_arrays(), per_task=st.booleans())
+def test_bn_forward_numba_matches_reference(case, per_task):
+    (x,), dtype, rng = case
+    t, _, c, _ = x.shape
+    w, b = _params(rng, t, c, dtype, per_task)
+    w2, b2 = np.broadcast_to(w, (t, c)), np.broadcast_to(b, (t, c))
+    for got, want in zip(
+        numba_impl.bn_forward(x, w2, b2, 1e-5), reference.bn_forward(x, w2, b2, 1e-5)
+    ):
+        _close(got, want, dtype)
+    for got, want in zip(numba_impl.bn_stats(x, 1e-5), reference.bn_stats(x, 1e-5)):
+        _close(got, want, dtype)
+
+
+@given(case=bn_arrays(n_arrays=2), per_task=st.booleans())
+def test_bn_backward_numba_matches_reference(case, per_task):
+    (x, gy), dtype, rng = case
+    t, _, c, _ = x.shape
+    w, _ = _params(rng, t, c, dtype, per_task)
+    w2 = np.broadcast_to(w, (t, c))
+    mean, inv_std = reference.bn_stats(x, 1e-5)
+    got = numba_impl.bn_backward(gy, x, mean, inv_std, w2)
+    want = reference.bn_backward(gy, x, mean, inv_std, w2)
+    scale = float(np.abs(want[0]).max()) + 1.0  # gx is a difference of O(n) terms
+    for g, r in zip(got, want):
+        assert g.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(g, r, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * scale)
+
+
+def test_bn_reference_matches_the_definition():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 3, 4)) * 2 + 1
+    w, b = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    y, mean, inv_std = reference.bn_forward(x, w, b, 1e-5)
+    for t in range(2):
+        for c in range(3):
+            v = x[t, :, c, :]
+            np.testing.assert_allclose(mean[t, c], v.mean())
+            np.testing.assert_allclose(inv_std[t, c], 1 / np.sqrt(v.var() + 1e-5))
+            want = (v - v.mean()) / np.sqrt(v.var() + 1e-5) * w[t, c] + b[t, c]
+            np.testing.assert_allclose(y[t, :, c, :], want, rtol=1e-12)
+    # The backward against a finite difference of <gy, y> in every argument.
+    gy = rng.standard_normal(x.shape)
+    gx, gw, gb = reference.bn_backward(gy, x, mean, inv_std, w)
+    u = rng.standard_normal(x.shape)
+
+    def f(x_):
+        return np.sum(gy * reference.bn_forward(x_, w, b, 1e-5)[0])
+
+    numeric = (f(x + 1e-6 * u) - f(x - 1e-6 * u)) / 2e-6
+    np.testing.assert_allclose(np.sum(gx * u), numeric, rtol=1e-6)
+    xhat = (x - mean[:, None, :, None]) * inv_std[:, None, :, None]
+    np.testing.assert_allclose(gw, (gy * xhat).sum(axis=(1, 3)), rtol=1e-12)
+    np.testing.assert_allclose(gb, gy.sum(axis=(1, 3)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_kernels_keep_large_offsets_accurate(dtype):
+    # A mean far from zero relative to the spread: two passes (and float64 sums) keep the
+    # variance right where E[x^2] - E[x]^2 would cancel.
+    rng = np.random.default_rng(1)
+    x = (1000 + rng.standard_normal((1, 400, 2, 49))).astype(dtype)
+    _, inv_std = numba_impl.bn_stats(x, 0.0)
+    np.testing.assert_allclose(inv_std, 1 / x.astype(np.float64).std(axis=(1, 3)), rtol=1e-3)
+
+
+# --- max-pool with arg-max ----------------------------------------------------------------
+
+
+@st.composite
+def pool_cases(draw):
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(kh, kh + 5)), draw(st.integers(kw, kw + 5))
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(LAYOUTS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    # Few distinct values: ties are common, and both must send them to the first offset.
+    x = rng.integers(-3, 4, (n, c, h, w)).astype(dtype)
+    return _in_layout(x, layout, channel_axis=1), (kh, kw, sh, sw), dtype
+
+
+@given(case=pool_cases())
+def test_maxpool2d_argmax_numba_matches_reference(case):
+    x, window, dtype = case
+    y, argmax = numba_impl.maxpool2d_argmax(x, *window)
+    y_ref, argmax_ref = reference.maxpool2d_argmax(x, *window)
+    assert y.dtype == np.dtype(dtype) and argmax.dtype == np.int8
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+
+
+def test_maxpool2d_argmax_reference_matches_a_loop():
+    rng = np.random.default_rng(2)
+    x = rng.integers(-2, 3, (2, 3, 7, 6)).astype(np.float64)
+    kh, kw, sh, sw = 3, 2, 2, 1
+    y, argmax = kernels.maxpool2d_argmax(x, kh, kw, sh, sw)
+    for n, c, i, j in np.ndindex(*y.shape):
+        window = x[n, c, i * sh : i * sh + kh, j * sw : j * sw + kw].reshape(-1)
+        assert y[n, c, i, j] == window.max()
+        assert argmax[n, c, i, j] == np.argmax(window)  # NumPy's argmax: the first maximum
+
+
+# --- softmax cross-entropy --------------------------------------------------------------------
+
+
+@given(
+    n=st.integers(1, 6),
+    c=st.integers(1, 7),
+    dtype=st.sampled_from(DTYPES),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_softmax_xent_numba_matches_reference(n, c, dtype, strided, seed):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((n, c)) * 5).astype(dtype)
+    if strided:
+        logits = _in_layout(logits, "strided", channel_axis=1)
+    labels = rng.integers(0, c, n)
+    loss, probs = numba_impl.softmax_xent_forward(logits, labels)
+    loss_ref, probs_ref = reference.softmax_xent_forward(logits, labels)
+    _close(loss, loss_ref, dtype)
+    _close(probs, probs_ref, dtype)
+    gloss = rng.standard_normal(n).astype(dtype)
+    _close(
+        numba_impl.softmax_xent_backward(probs, labels, gloss),
+        reference.softmax_xent_backward(probs_ref, labels, gloss),
+        dtype,
+    )
+
+
+def test_softmax_xent_reference_matches_the_definition_and_is_stable():
+    logits = np.array([[1.0, 2.0, 3.0], [1000.0, 0.0, -1000.0]])
+    labels = np.array([2, 1])
+    loss, probs = kernels.softmax_xent_forward(logits, labels)
+    np.testing.assert_allclose(loss[0], np.log(np.exp(logits[0]).sum()) - 3.0)
+    np.testing.assert_allclose(loss[1], 1000.0)  # no overflow for large logits
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    g = kernels.softmax_xent_backward(probs, labels, np.array([1.0, 2.0]))
+    np.testing.assert_allclose(g[0], probs[0] - np.eye(3)[2])
+    np.testing.assert_allclose(g[1], 2.0 * (probs[1] - np.eye(3)[1]))
+
+
+# --- backend selection and errors --------------------------------------------------------------
+
+
+def test_set_backend_switches_and_reports():
+    previous = kernels.set_backend("numpy")
+    try:
+        assert kernels.backend() == "numpy"
+        x = np.random.default_rng(3).standard_normal((1, 4, 2, 3))
+        y = kernels.bn_forward(x, np.ones(2), np.zeros(2), 1e-5)[0]
+        kernels.set_backend("numba")
+        assert kernels.backend() == "numba"
+        np.testing.assert_allclose(kernels.bn_forward(x, np.ones(2), np.zeros(2), 1e-5)[0], y)
+        with pytest.raises(ValueError, match="TINYMETA_KERNELS must be one of"):
+            kernels.set_backend("fortran")
+    finally:
+        kernels.set_backend(previous)
+
+
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+def test_environment_variable_picks_the_backend(name):
+    env = dict(os.environ, TINYMETA_KERNELS=name)
+    out = subprocess.run(
+        [sys.executable, "-c", "import tinymeta.kernels as k; print(k.backend())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == name
+
+
+def test_kernel_argument_errors_name_the_kernel_and_shapes():
+    x = np.zeros((1, 2, 3, 4))
+    with pytest.raises(TypeError, match=r"bn_forward: expected float32 or float64 .* x int64"):
+        kernels.bn_forward(x.astype(np.int64), np.ones(3), np.zeros(3), 1e-5)
+    with pytest.raises(ValueError, match=r"bn_forward: weight must have shape \(3,\) or \(1, 3\)"):
+        kernels.bn_forward(x, np.ones(4), np.zeros(3), 1e-5)
+    with pytest.raises(ValueError, match=r"bn_stats: expected a non-empty \(T, N, C, S\)"):
+        kernels.bn_stats(np.zeros((2, 3)), 1e-5)
+    with pytest.raises(TypeError, match="bn_backward: .* gy float32, x float64"):
+        kernels.bn_backward(x.astype(np.float32), x, np.zeros((1, 3)), np.ones((1, 3)), np.ones(3))
+    with pytest.raises(ValueError, match=r"maxpool2d_argmax: .* window \(5, 1\)"):
+        kernels.maxpool2d_argmax(np.zeros((1, 1, 4, 4)), 5, 1, 1, 1)
+    with pytest.raises(ValueError, match="softmax_xent_forward: expected 2 integer labels"):
+        kernels.softmax_xent_forward(np.zeros((2, 3)), np.zeros(2))
