@@ -7,9 +7,9 @@ arrays with the channel axis innermost: tinymeta's NCHW arrays are channels-last
 contiguous memory, which LLVM vectorizes. Other layouts are copied into it once.
 
 Compiled once per dtype (``cache=True`` keeps the machine code on disk between runs); no
-fastmath, so results follow IEEE arithmetic like the reference; no ``parallel=True``: on this
-project's 2-core machines the per-call arrays are too small for threads to pay off (measured in
-benchmarks/bench_kernels.py). Sums are accumulated in float64 whatever the input dtype.
+fastmath, so results follow IEEE arithmetic like the reference; no ``parallel=True`` (not
+measured to help yet: the 2-core machines this project targets are shared, and the single-thread
+loops already run at memory speed). Sums are accumulated in float64 whatever the input dtype.
 """
 
 from __future__ import annotations

@@ -1,0 +1,191 @@
+"""Kernels: start-up cost, fused batch norm against the composed one, Numba against NumPy.
+
+    python benchmarks/bench_kernels.py [--threads 1 --clock cpu] [--repeats 15]
+
+Prints (a) ``import tinymeta`` plus the first call of every kernel (float32 and float64) in a
+fresh process, with an empty Numba cache (the compile time) and again with it warm (the
+target is under 2 s); (b) batch norm forward + backward (and a double backward, as
+second-order MAML runs it) on W2 shapes, fused against the composed formula it replaced;
+(c) each kernel under Numba against its vectorized NumPy reference. Medians in ms.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    base_parser,
+    describe_machine,
+    median,
+    noise_warning,
+    setup_threads,
+    time_interleaved,
+)
+
+FIRST_CALLS = """
+import time
+t0 = time.perf_counter()
+import numpy as np
+import tinymeta
+from tinymeta import kernels
+t1 = time.perf_counter()
+for dt in (np.float32, np.float64):
+    x = np.ones((1, 2, 3, 4), dt)
+    p = np.ones(3, dt)
+    y, mean, inv_std = kernels.bn_forward(x, p, p, 1e-5)
+    kernels.bn_stats(x, 1e-5)
+    kernels.bn_backward(x, x, mean, inv_std, p)
+    kernels.maxpool2d_argmax(np.ones((1, 2, 4, 4), dt), 2, 2, 2, 2)
+    loss, probs = kernels.softmax_xent_forward(np.ones((3, 5), dt), np.zeros(3, np.int64))
+    kernels.softmax_xent_backward(probs, np.zeros(3, np.int64), loss)
+t2 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t2 - t0:.3f} {kernels.backend()}")
+"""
+
+
+def first_call_times(threads: int) -> None:
+    print("(a) import tinymeta + first call of every kernel (fresh process, seconds)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, TINYMETA_KERNELS="numba")
+        for label in ("cold cache (compiles)", "warm cache", "warm cache, again"):
+            out = subprocess.run(
+                [sys.executable, "-c", FIRST_CALLS], env=env, capture_output=True, text=True
+            )
+            if out.returncode:
+                raise RuntimeError(out.stderr)
+            imported, total, backend = out.stdout.split()
+            print(
+                f"  {label:24s} import {float(imported):6.2f}  import + first calls "
+                f"{float(total):6.2f}  ({backend})"
+            )
+
+
+def composed_batch_norm(x, w, b, eps=1e-5):
+    """The previous F.batch_norm (training): about ten differentiable ops."""
+    from tinymeta.ops.reductions import mean
+
+    axes = (1, 3, 4) if x.ndim == 5 else (0, 2, 3)
+    shape = (1,) * (x.ndim - 4) + (1, -1, 1, 1)
+    mu = mean(x, axes, keepdims=True)
+    centred = x - mu
+    var = mean(centred * centred, axes, keepdims=True)
+    return centred * ((var + eps) ** -0.5 * w.reshape(shape)) + b.reshape(shape)
+
+
+def batch_norm_cases(np, tm, F, args):
+    print("\n(b) batch norm on W2 shapes, float32 channels-last: fused vs composed (ms)")
+    print(f"  {'input shape':24s} {'pass':>16s} {'fused':>8s} {'composed':>9s} {'ratio':>6s}")
+    rng = np.random.default_rng(0)
+    shapes = [(n, 64, s, s) for n in (10, 50) for s in (28, 14, 7)] + [(8, 10, 64, 14, 14)]
+    all_samples = {}
+    for shape in shapes:
+        nhwc = rng.standard_normal(shape[:-3] + shape[-2:] + shape[-3:-2]).astype(np.float32)
+        order = tuple(range(len(shape) - 3)) + (len(shape) - 1, len(shape) - 3, len(shape) - 2)
+        x = tm.tensor(nhwc, requires_grad=True)
+        x = tm.Tensor(x.data.transpose(order), requires_grad=True)  # NCHW view, NHWC memory
+        w = tm.tensor(rng.standard_normal(64).astype(np.float32), requires_grad=True)
+        b = tm.tensor(rng.standard_normal(64).astype(np.float32), requires_grad=True)
+        gy = tm.tensor(rng.standard_normal(shape).astype(np.float32))
+
+        def fused(x=x, w=w, b=b):
+            return F.batch_norm(x, None, None, w, b, training=True)
+
+        def composed(x=x, w=w, b=b):
+            return composed_batch_norm(x, w, b)
+
+        def first(op, gy=gy, x=x, w=w, b=b):
+            return lambda: tm.grad((op() * gy).sum(), [x, w, b])
+
+        def second(op, gy=gy, x=x, w=w, b=b):
+            def run():
+                gs = tm.grad((op() * gy).sum(), [x, w, b], create_graph=True)
+                return tm.grad(sum((g * g).sum() for g in gs), [x, w, b], allow_unused=True)
+
+            return run
+
+        for label, make in (("fwd+bwd", first), ("fwd+bwd+bwd^2", second)):
+            samples = time_interleaved(
+                {"fused": make(fused), "composed": make(composed)},
+                args.repeats,
+                args.warmup,
+                clock=args.clock,
+            )
+            f, c = median(samples["fused"]) * 1e3, median(samples["composed"]) * 1e3
+            print(f"  {str(shape):24s} {label:>16s} {f:8.2f} {c:9.2f} {c / f:5.1f}x")
+            all_samples[f"{shape} {label}"] = samples["fused"]
+    return all_samples
+
+
+def kernel_cases(np, kernels, args):
+    print("\n(c) each kernel: Numba vs the NumPy reference, float32 (ms)")
+    print(f"  {'kernel':40s} {'numba':>8s} {'numpy':>8s} {'ratio':>6s}")
+    from tinymeta.kernels import numba_impl, reference
+
+    rng = np.random.default_rng(1)
+    n, c, s = 50, 64, 28
+    nhwc = rng.standard_normal((n, s, s, c)).astype(np.float32)
+    x4 = nhwc.transpose(0, 3, 1, 2)  # NCHW, channels-last memory
+    x = x4.reshape(1, n, c, s * s)
+    gy = rng.standard_normal((n, s, s, c)).astype(np.float32).transpose(0, 3, 1, 2)
+    gy = gy.reshape(1, n, c, s * s)
+    w = np.ones((1, c), np.float32)
+    mean, inv_std = reference.bn_stats(x, 1e-5)
+    logits = rng.standard_normal((25, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, 25)
+    loss, probs = reference.softmax_xent_forward(logits, labels)
+    cases = {
+        f"bn_stats {x4.shape}": lambda m: m.bn_stats(x, 1e-5),
+        f"bn_forward {x4.shape}": lambda m: m.bn_forward(x, w, w, 1e-5),
+        f"bn_backward {x4.shape}": lambda m: m.bn_backward(gy, x, mean, inv_std, w),
+        f"maxpool2d_argmax 2x2 {x4.shape}": lambda m: m.maxpool2d_argmax(x4, 2, 2, 2, 2),
+        "softmax_xent_forward (25, 5)": lambda m: m.softmax_xent_forward(logits, labels),
+        "softmax_xent_backward (25, 5)": lambda m: m.softmax_xent_backward(probs, labels, loss),
+    }
+    all_samples = {}
+    for name, call in cases.items():
+        samples = time_interleaved(
+            {
+                "numba": lambda call=call: call(numba_impl),
+                "numpy": lambda call=call: call(reference),
+            },
+            args.repeats,
+            args.warmup,
+            inner=1 if "xent" not in name else 200,
+            clock=args.clock,
+        )
+        nb, ref = median(samples["numba"]) * 1e3, median(samples["numpy"]) * 1e3
+        print(f"  {name:40s} {nb:8.3f} {ref:8.3f} {ref / nb:5.1f}x")
+        all_samples[name] = samples["numba"]
+    return all_samples
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0], repeats=15, warmup=3)
+    parser.add_argument("--skip-startup", action="store_true", help="skip (a)")
+    args = parser.parse_args()
+    threads = setup_threads(args.threads)
+    import numpy as np
+
+    import tinymeta as tm
+    import tinymeta.nn.functional as F
+    from tinymeta import kernels
+
+    print(describe_machine(threads, args.clock), f"kernels: {kernels.backend()}")
+    if not args.skip_startup:
+        first_call_times(threads)
+    start = time.perf_counter()
+    samples = batch_norm_cases(np, tm, F, args)
+    samples.update(kernel_cases(np, kernels, args))
+    warning = noise_warning(samples)
+    if warning:
+        print(warning)
+    print(f"({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
