@@ -43,46 +43,57 @@ class Function:
     inputs = None
     outputs = None
     xp = None
+    input_versions = None  # set by _record when saves_inputs
+    output_versions = None  # set by _record when saves_output
 
     @classmethod
     def apply(cls, *inputs, **params):
         """Run the op on tensors (or values convertible to tensors)."""
-        fn = cls(**params)
-        tensors = as_tensor_like(inputs, cls.__name__)
-        arrays = [t.data for t in tensors]
-        if arrays:
-            first = arrays[0]
-            fn.xp = np if type(first) is np.ndarray else get_array_module(first)
+        fn = cls(**params) if params else cls()
+        # The hot path of every op: all inputs are already host tensors, so their
+        # arrays are taken in the same pass (as_tensor_like handles the rest).
+        arrays = []
+        for t in inputs:
+            if not isinstance(t, Tensor) or type(t.data) is not np.ndarray:
+                break
+            arrays.append(t.data)
+        else:
+            fn.xp = np
+            tensors = inputs
+        if len(arrays) != len(inputs):
+            tensors = as_tensor_like(inputs, cls.__name__)
+            arrays = [t.data for t in tensors]
+            fn.xp = get_array_module(arrays[0])
         try:
             ys = fn.forward(*arrays)
         except (ValueError, IndexError, TypeError) as e:
             raise _named_error(cls, e, arrays) from e
-        single = not isinstance(ys, tuple)
-        # NumPy turns 0-d results into scalars (np.float64); a tensor holds arrays.
-        outputs = [
-            Tensor._wrap(np.asarray(y) if isinstance(y, np.generic) else y)
-            for y in ((ys,) if single else ys)
-        ]
+        # _wrap turns NumPy scalars (0-d results) into 0-d arrays: a tensor holds arrays.
+        single = type(ys) is not tuple
+        outputs = (Tensor._wrap(ys),) if single else tuple(Tensor._wrap(y) for y in ys)
 
-        if grad_mode.is_grad_enabled():
-            needs = tuple(t.requires_grad for t in tensors)
-            if any(needs):
+        if grad_mode._enabled.get():  # is_grad_enabled(), without the call (hot path)
+            needs = tuple([t.requires_grad for t in tensors])
+            if True in needs:
                 fn._record(tensors, needs, outputs)
         if _forward_hook is not None:
-            _forward_hook(fn, outputs)
-        return outputs[0] if single else tuple(outputs)
+            _forward_hook(fn, list(outputs))
+        return outputs[0] if single else outputs
 
     def _record(self, tensors, needs, outputs):
         self.inputs = tuple(tensors)
         self.needs_input_grad = needs
-        self.generation = max(t.generation for t in tensors)
-        self.input_versions = tuple(t._version for t in tensors) if self.saves_inputs else None
-        self.output_versions = tuple(o._version for o in outputs) if self.saves_output else None
-        self.outputs = tuple(weakref.ref(o) for o in outputs)
+        self.generation = generation = max([t.generation for t in tensors])
+        # Versions are checked in backward only for what backward reads (see saves_inputs).
+        if self.saves_inputs:
+            self.input_versions = tuple([t._version for t in tensors])
+        if self.saves_output:
+            self.output_versions = tuple([o._version for o in outputs])
+        self.outputs = tuple([weakref.ref(o) for o in outputs])
         for o in outputs:
             o.grad_fn = self
             o.requires_grad = True
-            o.generation = self.generation + 1
+            o.generation = generation + 1
 
     # --- what subclasses write -------------------------------------------
     def forward(self, *xs):

@@ -46,7 +46,8 @@ class Tensor:
     @classmethod
     def _wrap(cls, array):
         """Fast constructor for op outputs (no checks beyond making NumPy scalars 0-d arrays)."""
-        if isinstance(array, np.generic):  # 0-d arithmetic and comparisons return scalars
+        # 0-d arithmetic and comparisons return NumPy scalars (the type test first: hot path)
+        if type(array) is not np.ndarray and isinstance(array, np.generic):
             array = np.asarray(array)
         t = object.__new__(cls)
         t._start(array, None)

@@ -230,24 +230,32 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
             gys = []
             for y in outputs:
                 entry = grads.pop(id(y), None) if y is not None else None
-                g = None if entry is None else _run_hooks(y, entry[1])
-                if g is not None and id(y) in targets:
-                    result[id(y)] = (y, g)
+                g = None
+                if entry is not None:
+                    g = _run_hooks(y, entry[1]) if y._hooks else entry[1]
+                    if id(y) in targets:
+                        result[id(y)] = (y, g)
                 gys.append(g)
-            if all(g is None for g in gys):
+            if len(gys) == 1:
+                if gys[0] is None:  # no gradient reached this node
+                    _release(fn, retain_graph)
+                    continue
+            elif all(g is None for g in gys):
                 _release(fn, retain_graph)
                 continue
-            if len(gys) > 1:  # a missing output gradient of a multi-output op is zero
+            else:  # a missing output gradient of a multi-output op is zero
                 gys = [
                     g if g is not None else Tensor._wrap(fn.xp.zeros_like(y.data))
                     for g, y in zip(gys, outputs)
                 ]
-            _check_versions(fn)
+            # Only nodes that saved values can be invalidated by an in-place change.
+            if fn.input_versions is not None or fn.output_versions is not None:
+                _check_versions(fn)
             if hook is not None:
                 gxs = hook.run_rule(fn, gys)  # calls fn.backward(*gys), watching it
             else:
                 gxs = fn.backward(*gys)
-            if not isinstance(gxs, tuple):
+            if type(gxs) is not tuple:
                 gxs = (gxs,)
             if len(gxs) != len(fn.inputs):
                 raise RuntimeError(
@@ -257,14 +265,15 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
             for x, gx, need in zip(fn.inputs, gxs, fn.needs_input_grad):
                 if gx is None or not need:
                     continue
-                if gx.dtype != x.dtype:  # e.g. float32 input used in a float64 op
+                if gx.data.dtype != x.data.dtype:  # e.g. float32 input used in a float64 op
                     gx = gx.astype(x.dtype)
-                if gx.shape != x.shape:
+                if gx.data.shape != x.data.shape:
                     raise RuntimeError(
                         f"{fn.op_name()}.backward produced a gradient of shape {gx.shape} "
                         f"for an input of shape {x.shape}"
                     )
-                _accumulate(grads, x, gx)
+                entry = grads.get(id(x))  # _accumulate(grads, x, gx), inlined: hot path
+                grads[id(x)] = (x, gx) if entry is None else (x, entry[1] + gx)
             _release(fn, retain_graph)
 
 
@@ -292,22 +301,22 @@ def _run_hooks(x, g):
 def _check_versions(fn):
     """Refuse to differentiate through inputs (or, for ops whose backward reads it, the
     output) that were changed in place after the forward."""
-    saved = []
     if fn.input_versions is not None:
-        saved += [("input", i, x, v) for i, (x, v) in enumerate(zip(fn.inputs, fn.input_versions))]
+        for i, (x, v) in enumerate(zip(fn.inputs, fn.input_versions)):
+            if x._version != v:
+                _version_error(fn, "input", i, x, v)
     if fn.output_versions is not None:
-        saved += [
-            ("output", i, y, v)
-            for i, (y, v) in enumerate(zip(fn._held_outputs, fn.output_versions))
-            if y is not None
-        ]
-    for what, i, x, v in saved:
-        if x._version != v:
-            raise RuntimeError(
-                f"{fn.op_name()}: {what} {i} (shape {x.shape}, dtype {x.dtype}) saved for "
-                f"backward was modified in place after the forward (version {v} -> "
-                f"{x._version}), e.g. by an optimizer step. Recompute the forward after the change."
-            )
+        for i, (y, v) in enumerate(zip(fn._held_outputs, fn.output_versions)):
+            if y is not None and y._version != v:
+                _version_error(fn, "output", i, y, v)
+
+
+def _version_error(fn, what: str, i: int, x, v: int):
+    raise RuntimeError(
+        f"{fn.op_name()}: {what} {i} (shape {x.shape}, dtype {x.dtype}) saved for "
+        f"backward was modified in place after the forward (version {v} -> "
+        f"{x._version}), e.g. by an optimizer step. Recompute the forward after the change."
+    )
 
 
 def _release(fn, retain_graph):
@@ -315,7 +324,7 @@ def _release(fn, retain_graph):
     if not retain_graph:
         # Drop the saved tensors (their arrays can now be freed); keep only
         # where the edges led, so that a second backward can say what is wrong.
-        fn.freed_edges = tuple((weakref.ref(x), x.grad_fn) for x in fn.inputs)
+        fn.freed_edges = tuple([(weakref.ref(x), x.grad_fn) for x in fn.inputs])
         fn.inputs = None
 
 

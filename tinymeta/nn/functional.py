@@ -17,10 +17,9 @@ from tinymeta.nn.batchnorm import BatchNormLayout, batch_norm_train
 from tinymeta.nn.conv import Conv2d, output_size, pair
 from tinymeta.ops.elementwise import exp
 from tinymeta.ops.elementwise import relu as _relu
-from tinymeta.ops.linalg import matmul
 from tinymeta.ops.reductions import mean as _mean
 from tinymeta.ops.reductions import sum as _sum
-from tinymeta.ops.shape import broadcast_to, expand_dims, reshape, sum_to, swapaxes
+from tinymeta.ops.shape import broadcast_to, expand_dims, reshape, sum_to_array
 from tinymeta.tensor import Tensor, constant
 
 __all__ = [
@@ -53,6 +52,10 @@ class Linear(Function):
 
     ``w`` may carry leading batch axes (B..., out, in), with ``b`` (B..., out):
     each batch element then has its own weights (matmul broadcasting).
+
+    The gradients are two fused ops, LinearGradInput (gx) and LinearGradWeight (gw, gb),
+    whose own gradients are Linear and these two again: a double backward through a
+    layer is a handful of nodes instead of a chain of matmuls, transposes and reshapes.
     """
 
     def forward(self, x, w, b=None):
@@ -68,21 +71,67 @@ class Linear(Function):
 
     def backward(self, gy):
         x, w = self.inputs[:2]
-        gx = sum_to(matmul(gy, w), x.shape) if self.needs_input_grad[0] else None
+        has_bias = len(self.inputs) == 3
+        gx = LinearGradInput.apply(gy, w, x_shape=x.shape) if self.needs_input_grad[0] else None
+        if not any(self.needs_input_grad[1:]):
+            return (gx, None, None) if has_bias else (gx, None)
+        gw = LinearGradWeight.apply(x, gy, w_shape=w.shape, with_bias=has_bias)
+        return (gx, *gw) if has_bias else (gx, gw)
+
+
+class LinearGradInput(Function):
+    """gx = gy @ w (summed to x's shape);  ggy = linear(ggx, w), gw = LinearGradWeight(ggx, gy).
+
+    The backward of Linear with respect to its input. It is linear in gy and in w, so its
+    own gradients are again a Linear (for gy) and a weight gradient (for w).
+    """
+
+    def __init__(self, x_shape: tuple):
+        self.x_shape = tuple(x_shape)
+
+    def forward(self, gy, w):
+        return sum_to_array(self.xp, gy @ w, self.x_shape)
+
+    def backward(self, ggx):
+        gy, w = self.inputs
+        ggy = Linear.apply(ggx, w) if self.needs_input_grad[0] else None
         gw = None
         if self.needs_input_grad[1]:
-            if w.ndim == 2:  # one weight shared by every row: fold all leading axes into one GEMM
-                gy2 = reshape(gy, (-1, w.shape[0]))
-                gw = matmul(swapaxes(gy2, 0, 1), reshape(x, (-1, w.shape[1])))
-            else:
-                gw = sum_to(matmul(swapaxes(gy, -1, -2), x), w.shape)
-        if len(self.inputs) == 2:
-            return gx, gw
-        gb = None
-        if self.needs_input_grad[2]:
-            b = self.inputs[2]
-            gb = sum_to(gy if b.ndim == 1 else _sum(gy, axis=-2), b.shape)
-        return gx, gw, gb
+            gw = LinearGradWeight.apply(ggx, gy, w_shape=w.shape, with_bias=False)
+        return ggy, gw
+
+
+class LinearGradWeight(Function):
+    """gw = gy^T @ x (summed to w's shape), and with_bias gb = sum of gy over rows;
+    gx = LinearGradInput(gy, ggw), ggy = linear(x, ggw, ggb).
+
+    The backward of Linear with respect to its weight and bias: outputs (gw, gb) when
+    ``with_bias``, else gw. Linear in x and in gy, so its gradients are a Linear again
+    (for gy: x @ ggw^T + ggb) and an input gradient (for x: gy @ ggw).
+    """
+
+    def __init__(self, w_shape: tuple, with_bias: bool):
+        self.w_shape, self.with_bias = tuple(w_shape), with_bias
+
+    def forward(self, x, gy):
+        out, n_in = self.w_shape[-2:]
+        if len(self.w_shape) == 2:  # one weight shared by every row: fold all leading axes
+            gy2 = gy.reshape(-1, out)  # into one GEMM (its result is laid out like w)
+            gw = gy2.T @ x.reshape(-1, n_in)
+            gb = gy2.sum(axis=0)
+        else:  # per-batch-element weights: a batched GEMM, summed over broadcast axes
+            xp = self.xp
+            gw = sum_to_array(xp, xp.swapaxes(gy, -1, -2) @ x, self.w_shape)
+            gb = sum_to_array(xp, gy.sum(axis=-2), self.w_shape[:-1])
+        return (gw, gb) if self.with_bias else gw
+
+    def backward(self, ggw, ggb=None):
+        x, gy = self.inputs
+        gx = LinearGradInput.apply(gy, ggw, x_shape=x.shape) if self.needs_input_grad[0] else None
+        ggy = None
+        if self.needs_input_grad[1]:
+            ggy = Linear.apply(x, ggw, ggb) if self.with_bias else Linear.apply(x, ggw)
+        return gx, ggy
 
 
 def linear(x, w, b=None) -> Tensor:

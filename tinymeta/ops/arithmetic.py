@@ -7,6 +7,7 @@ import numpy as np
 
 from tinymeta.function import Function
 from tinymeta.ops.shape import sum_to
+from tinymeta.tensor import Tensor
 
 
 class Add(Function):
@@ -50,6 +51,25 @@ class Mul(Function):
         ga = sum_to(gy * b, a.shape) if self.needs_input_grad[0] else None
         gb = sum_to(gy * a, b.shape) if self.needs_input_grad[1] else None
         return ga, gb
+
+
+class Scale(Function):
+    """y = c * x for a constant Python number c;  gx = c * gy.
+
+    Mul with a number would wrap it in a tensor and save both inputs; the constant
+    needs neither (means, learning rates and loss weights are all this op).
+    """
+
+    saves_inputs = False
+
+    def __init__(self, c):
+        self.c = c
+
+    def forward(self, x):
+        return x * self.c
+
+    def backward(self, gy):
+        return Scale.apply(gy, c=self.c)
 
 
 class Div(Function):
@@ -124,7 +144,20 @@ def sub(a, b):
 
 
 def mul(a, b):
+    if _is_number(b) and _is_float_tensor(a):
+        return Scale.apply(a, c=b)
+    if _is_number(a) and _is_float_tensor(b):
+        return Scale.apply(b, c=a)
     return Mul.apply(a, b)
+
+
+def _is_number(c) -> bool:
+    """A Python int or float (not bool, not a NumPy scalar): it keeps a float tensor's dtype."""
+    return type(c) is float or type(c) is int
+
+
+def _is_float_tensor(x) -> bool:
+    return isinstance(x, Tensor) and x.data.dtype.kind in "fc"
 
 
 def div(a, b):
