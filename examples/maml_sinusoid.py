@@ -43,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--meta-lr", type=float, default=1e-3, help="Adam's rate for the outer step")
     p.add_argument("--iterations", type=int, default=15000)
     p.add_argument(
+        "--clip-grad", type=float, default=0.0,
+        help="clip the meta-gradient's norm to this (0: no clipping)",
+    )  # fmt: skip
+    p.add_argument(
         "--first-order-iterations",
         type=int,
         default=0,
@@ -92,7 +96,8 @@ def meta_train(model, rule, args, progress=True):
         return nn.functional_call(model, p, x)
 
     tasks = SinusoidTasks(rng=args.seed)
-    outer = Adam(list(params.values()) + rule.parameters(), lr=args.meta_lr)
+    outer_params = list(params.values()) + rule.parameters()
+    outer = Adam(outer_params, lr=args.meta_lr)
     losses = []
     for it in tqdm(range(args.iterations), desc=args.algo, disable=not progress, mininterval=1):
         xs, ys, xq, yq = to_tensors(
@@ -111,6 +116,12 @@ def meta_train(model, rule, args, progress=True):
             )  # fmt: skip
             loss.backward()
             losses.append(loss.item())
+            if not np.isfinite(losses[-1]):
+                # An inner loop that blew up (a learned rate grown too large) would write NaN
+                # into every meta-parameter through Adam: skip the step, count it.
+                continue
+        if args.clip_grad:
+            nn.utils.clip_grad_norm_(outer_params, args.clip_grad)
         outer.step()
     return losses
 
@@ -239,7 +250,8 @@ def main(argv=None):
             baseline, meta.InnerSGD(args.inner_lr), args
         )
     if train_losses:
-        metrics["final_train_loss"] = float(np.mean(train_losses[-100:]))
+        metrics["final_train_loss"] = float(np.nanmean(train_losses[-100:]))
+        metrics["skipped_steps"] = int(np.sum(~np.isfinite(train_losses)))
 
     checkpoint = {
         "model": model.state_dict(),

@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tinymeta as tm
@@ -46,3 +47,29 @@ def test_every_algorithm_runs_and_improves_with_adaptation(algo, tmp_path):
     assert metrics["mse"]["1"] < metrics["mse"]["0"]
     rule_params = tm.load(tmp_path / "checkpoint.npz")["rule"]
     assert bool(rule_params) == (algo in ("metasgd", "learned-opt"))
+
+
+def test_a_meta_step_that_blows_up_is_skipped_not_applied(tmp_path):
+    """An inner rate of 50 makes the 3-step inner loop overflow on some batches: those steps
+    must be counted and skipped, leaving every meta-parameter finite."""
+    metrics = _example().main(
+        ["--algo", "metasgd", "--inner-lr", "50", "--inner-steps", "3", "--iterations", "20",
+         "--eval-tasks", "10", "--no-baseline", "--quiet", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert metrics["skipped_steps"] > 0
+    checkpoint = tm.load(tmp_path / "checkpoint.npz")
+    for group in ("model", "rule"):
+        for name, value in checkpoint[group].items():
+            assert np.isfinite(np.asarray(value)).all(), f"{group}.{name}"
+
+
+def test_clipping_bounds_the_first_meta_step(tmp_path):
+    """With Adam the first step moves each coordinate by about lr whatever the gradient's
+    scale, so clipping is checked through the gradient itself: the clipped norm is <= max."""
+    example = _example()
+    args = example.parse_args(["--iterations", "1", "--clip-grad", "1e-3", "--quiet"])
+    model = example.build_model(np.random.default_rng(0))
+    rule = example.make_rule("maml", dict(model.named_parameters()), args)
+    example.meta_train(model, rule, args, progress=False)
+    norm = np.sqrt(sum(float((p.grad.numpy() ** 2).sum()) for p in model.parameters()))
+    assert norm <= 1e-3 * (1 + 1e-4)
