@@ -230,6 +230,7 @@ CASES = [
     Case("add[scalar]", lambda x: 2.5 + x, lambda a: 2.5 + a, UNARY),
     Case("sub[scalar]", lambda x: 1.5 - x, lambda a: 1.5 - a, UNARY),
     Case("mul[scalar]", lambda x: x * -3.0, lambda a: a * -3.0, UNARY),
+    Case("mul[int scalar on the left]", lambda x: 2 * x, lambda a: 2 * a, UNARY),
     Case("div[scalar]", lambda x: 2.0 / x, lambda a: 2.0 / a, UNARY, NONZERO),
     Case("pow[scalar base]", lambda x: 2.0**x, lambda a: 2.0**a, UNARY),
     Case("pow[const 2]", lambda x: x**2, lambda a: a**2, UNARY),
@@ -655,6 +656,22 @@ def test_maximum_minimum_split_ties_evenly(device):
         ga_, gb_ = tm.grad(op(a, b).sum(), [a, b])
         np.testing.assert_array_equal(ga_.numpy(), ga)
         np.testing.assert_array_equal(gb_.numpy(), gb)
+
+
+def test_times_a_number_is_one_scale_node_that_saves_nothing(device):
+    x = tm.tensor(np.array([1.0, -2.0], dtype=np.float32), device=device, requires_grad=True)
+    for y in (x * 0.5, 0.5 * x, x * 3):
+        assert y.grad_fn.op_name() == "Scale" and y.grad_fn.inputs == (x,)
+        assert y.dtype == np.float32 and not y.grad_fn.saves_inputs
+    (g,) = tm.grad((x * 0.5).sum(), x, create_graph=True)
+    assert g.grad_fn is None  # gy is a constant: c * gy needs no node
+    np.testing.assert_allclose(g.numpy(), [0.5, 0.5])
+    # Not a float tensor, or not a Python number: the general Mul and its dtype rules.
+    ints = tm.tensor(np.array([1, 2], dtype=np.int32), device=device)
+    assert (ints * 2).dtype == np.int32 and (ints * 2.5).dtype.kind == "f"
+    np.testing.assert_array_equal((ints * 2.5).numpy(), [2.5, 5.0])
+    y = x * np.float64(2.0)
+    assert y.grad_fn.op_name() == "Mul" and y.dtype == np.float32
 
 
 def test_power_0_and_1_are_smooth_at_0(device):
