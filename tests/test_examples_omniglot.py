@@ -161,3 +161,27 @@ def test_workers_give_the_same_meta_gradient(omniglot_example):
     np.testing.assert_allclose(stats1, stats2, rtol=1e-5)
     for k in g1:
         np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("algo", ["maml", "anil", "metasgd", "reptile"])
+def test_vectorized_and_looped_meta_batches_give_the_same_meta_gradient(omniglot_example, algo):
+    """The default task-vectorized meta-batch (batched convolutions, per-task BatchNorm) gives
+    the looped meta-gradient, loss and accuracy."""
+    mo = omniglot_example
+    sampler = tm.data.EpisodeSampler(load_omniglot("small1"), 5, 1, 2, rng=1, rotations=True)
+    batch = sampler.sample_batch(3)
+    results = []
+    for looped in ([], ["--looped"]):
+        args = mo.parse_args(TINY + ["--meta-batch", "3", "--algo", algo] + looped)
+        assert args.looped == bool(looped)
+        model = mo.build_model(8, 5, np.random.default_rng(0))
+        rule = mo.make_rule(algo, dict(model.named_parameters()), args)
+        tensors = mo.meta_parameters(model, rule)
+        stats = mo.Workers(1, args).gradients(model, rule, batch, args, first_order=False)
+        results.append(({k: t.grad.numpy().copy() for k, t in tensors.items()}, stats))
+    (gv, stats_v), (gl, stats_l) = results
+    np.testing.assert_allclose(stats_v, stats_l, rtol=1e-5)
+    assert set(gv) == set(gl) == set(tensors)
+    for k in gl:
+        np.testing.assert_allclose(gv[k], gl[k], rtol=1e-3, atol=1e-5, err_msg=k)
+    assert max(np.abs(g).max() for g in gv.values()) > 1e-3
