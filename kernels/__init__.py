@@ -17,6 +17,7 @@ implementations expect and dispatch:
   bn_stats(x, eps) -> mean, inv_std                             x: (T, N, C, S)
   bn_forward(x, weight, bias, eps) -> y, mean, inv_std
   bn_backward(gy, x, mean, inv_std, weight) -> gx, gw, gb
+  bn_double_backward(gy, x, mean, inv_std, weight, ggx=, ggw=, ggb=) -> g_gy, g_x, g_w
   maxpool2d_argmax(x, kh, kw, sh, sw) -> y, argmax              x: (N, C, H, W)
   softmax_xent_forward(logits, labels) -> loss, probs           logits: (N, C)
   softmax_xent_backward(probs, labels, gloss) -> glogits
@@ -99,6 +100,16 @@ def _check_bn_input(op: str, x):
         raise ValueError(f"{op}: expected a non-empty (T, N, C, S) array, got shape {x.shape}")
 
 
+def _check_stats(op: str, x, **stats):
+    stat_shape = (x.shape[0], x.shape[2])
+    for name, stat in stats.items():
+        if tuple(stat.shape) != stat_shape:
+            raise ValueError(
+                f"{op}: {name} must have shape {stat_shape} for x of shape {x.shape}, "
+                f"got {tuple(stat.shape)}"
+            )
+
+
 def bn_stats(x, eps: float):
     """Per (task, channel) mean and inv_std = 1 / sqrt(var + eps) of x (T, N, C, S)."""
     _check_bn_input("bn_stats", x)
@@ -121,15 +132,50 @@ def bn_backward(gy, x, mean, inv_std, weight):
     _check_float("bn_backward", gy=gy, x=x)
     if gy.shape != x.shape:
         raise ValueError(f"bn_backward: gy has shape {gy.shape} but x has shape {x.shape}")
-    stat_shape = (x.shape[0], x.shape[2])
-    for name, stat in (("mean", mean), ("inv_std", inv_std)):
-        if tuple(stat.shape) != stat_shape:
-            raise ValueError(
-                f"bn_backward: {name} must have shape {stat_shape} for x of shape {x.shape}, "
-                f"got {tuple(stat.shape)}"
-            )
+    _check_stats("bn_backward", x, mean=mean, inv_std=inv_std)
     w = _per_channel_param("bn_backward", "weight", weight, x)
     return _impl_for(x).bn_backward(gy, x, mean, inv_std, w)
+
+
+def bn_double_backward(
+    gy,
+    x,
+    mean,
+    inv_std,
+    weight=None,
+    ggx=None,
+    ggw=None,
+    ggb=None,
+    need_gy: bool = True,
+    need_x: bool = True,
+):
+    """Batch-norm double backward: the derivatives of <ggx, gx> + <ggw, gw> + <ggb, gb> with
+    respect to gy, x and the weight, where gx, gw, gb = ``bn_backward(gy, x, ..., weight)``.
+
+    x, gy and ggx are (T, N, C, S); weight, ggw and ggb (C,) or (T, C). A missing ggx, ggw or
+    ggb is zero; a missing weight is one. Returns g_gy and g_x (T, N, C, S), each None when
+    ``need_gy`` / ``need_x`` is false, and g_w (T, C). See ``reference.bn_double_backward``.
+    """
+    op = "bn_double_backward"
+    _check_bn_input(op, x)
+    arrays = {"gy": gy, "x": x} if ggx is None else {"gy": gy, "x": x, "ggx": ggx}
+    _check_float(op, **arrays)
+    for name, a in arrays.items():
+        if a.shape != x.shape:
+            raise ValueError(f"{op}: {name} has shape {a.shape} but x has shape {x.shape}")
+    _check_stats(op, x, mean=mean, inv_std=inv_std)
+    xp = reference._array_module(x)
+    t, c = x.shape[0], x.shape[2]
+
+    def param(name, p, default):
+        if p is None:
+            return xp.full((t, c), default, dtype=x.dtype)
+        return _per_channel_param(op, name, p, x)
+
+    w, ggw, ggb = param("weight", weight, 1.0), param("ggw", ggw, 0.0), param("ggb", ggb, 0.0)
+    return _impl_for(x).bn_double_backward(
+        gy, x, mean, inv_std, w, ggx, ggw, ggb, need_gy=need_gy, need_x=need_x
+    )
 
 
 def maxpool2d_argmax(x, kh: int, kw: int, sh: int, sw: int):

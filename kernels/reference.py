@@ -63,6 +63,42 @@ def bn_backward(gy, x, mean, inv_std, weight):
     return gx, gw, gb
 
 
+def bn_double_backward(gy, x, mean, inv_std, weight, ggx, ggw, ggb, need_gy=True, need_x=True):
+    """The derivatives of <ggx, gx> + <ggw, gw> + <ggb, gb> (gx, gw, gb from ``bn_backward``).
+
+    With s = inv_std, xhat = (x - mean) s, P(v) = v - mean(v) - xhat mean(v xhat) (sums over
+    (N, S), n = N * S), A = ggx, B = gy, m_A = mean(A xhat), m_B = mean(B xhat) and
+    c = mean(A P(B)) (so gw's partner: <A, s P(B)> = s n c):
+
+        g_gy = w s P(A) + ggw xhat + ggb
+        g_x  = -w s^2 (m_B P(A) + m_A P(B) + c xhat) + s ggw P(B)
+        g_w  = s n c
+
+    ``ggx`` may be None (zero); ``weight``, ``ggw``, ``ggb`` are (T, C). Returns g_gy and g_x
+    (T, N, C, S), each None unless needed, and g_w (T, C).
+    """
+    n = x.shape[1] * x.shape[3]
+    s, w = _per_channel(inv_std), _per_channel(weight)
+    xhat = (x - _per_channel(mean)) * s
+
+    def project(v):
+        m_v = _per_channel((v * xhat).mean(axis=(1, 3)))
+        return v - _per_channel(v.mean(axis=(1, 3))) - xhat * m_v, m_v
+
+    p_b, m_b = project(gy)
+    g_gy = _per_channel(ggw) * xhat + _per_channel(ggb) if need_gy else None
+    g_x = s * _per_channel(ggw) * p_b if need_x else None
+    if ggx is None:
+        return g_gy, g_x, _array_module(x).zeros_like(inv_std)
+    p_a, m_a = project(ggx)
+    c = (ggx * p_b).mean(axis=(1, 3))
+    if need_gy:
+        g_gy = g_gy + w * s * p_a
+    if need_x:
+        g_x = g_x - w * s * s * (m_b * p_a + m_a * p_b + _per_channel(c) * xhat)
+    return g_gy, g_x, inv_std * n * c
+
+
 # --- max-pooling with the arg-max of every window ---------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The fused training-mode batch norm (tinymeta.nn.batchnorm) behind F.batch_norm.
 
-Against the composed formula it replaced (values, first and second derivatives), against
+Against the composed formula it replaced (values, first and second derivatives), the fused
+double backward (one kernel call with grad mode off) against its composed-op rule, against
 finite differences (gradcheck and gradgradcheck in float64, the third order by directional
 checks), for (N, C), (N, C, H, W) and (T, N, C, H, W) inputs with and without weight and bias,
 shared or per-task parameters; running statistics; the NumPy-reference kernels give the same
@@ -97,6 +98,49 @@ def test_fused_matches_composed_values_and_first_and_second_derivatives(case):
             assert s is None or np.allclose(s.numpy(), 0)
         else:
             np.testing.assert_allclose(s.numpy(), s_ref.numpy(), rtol=1e-7, atol=1e-9)
+
+
+def _second_derivatives(inputs, create_graph: bool):
+    """The gradients of <u, first gradients of sum(v * y**2)> w.r.t. the inputs. gy = 2 v y
+    depends on every input, so the double backward needs all of ggy, gx' and gw'.
+    With create_graph=False the batch-norm double backward is one kernel call; with True it
+    is recorded from differentiable ops: the two must agree."""
+    live = [t for t in inputs if t is not None]
+    rng = np.random.default_rng(13)
+    y = fused(*inputs)
+    v = tm.tensor(rng.standard_normal(y.shape))
+    gs = tm.grad((v * y * y).sum(), live, create_graph=True)
+    us = [tm.tensor(rng.standard_normal(g.shape)) for g in gs]
+    total = sum((g * u).sum() for g, u in zip(gs, us))
+    return tm.grad(total, live, create_graph=create_graph, allow_unused=True)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@given(case=bn_cases())
+def test_fused_double_backward_matches_the_composed_rule(backend, case):
+    previous = kernels.set_backend(backend)
+    try:
+        inputs = _leaves(*case)
+        fused_kernel = _second_derivatives(inputs, create_graph=False)
+        composed_ops = _second_derivatives(inputs, create_graph=True)
+    finally:
+        kernels.set_backend(previous)
+    for g, g_ref in zip(fused_kernel, composed_ops):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            assert not g.requires_grad  # the kernel's results are constants
+            np.testing.assert_allclose(g.numpy(), g_ref.numpy(), rtol=1e-8, atol=1e-10)
+
+
+def test_fused_double_backward_in_float32_matches_float64():
+    rng = np.random.default_rng(14)
+    case = (rng.standard_normal((3, 4, 5, 3, 3)) + 2, rng.standard_normal((3, 5)), np.ones(5))
+    want = _second_derivatives(_leaves(*case), create_graph=False)
+    got = _second_derivatives(_leaves(*(a.astype(np.float32) for a in case)), create_graph=False)
+    for g, g_ref in zip(got, want):
+        assert g.dtype == np.float32
+        scale = np.abs(g_ref.numpy()).max()
+        np.testing.assert_allclose(g.numpy(), g_ref.numpy(), rtol=1e-3, atol=1e-4 * scale)
 
 
 @given(case=bn_cases(max_side=2))

@@ -131,6 +131,56 @@ def test_bn_reference_matches_the_definition():
     np.testing.assert_allclose(gb, gy.sum(axis=(1, 3)), rtol=1e-12)
 
 
+@given(case=bn_arrays(n_arrays=3), per_task=st.booleans(), which=st.sampled_from(range(6)))
+def test_bn_double_backward_numba_matches_reference(case, per_task, which):
+    (x, gy, ggx), dtype, rng = case
+    t, _, c, _ = x.shape
+    w, ggw = _params(rng, t, c, dtype, per_task)
+    ggb = rng.standard_normal(c).astype(dtype)
+    # Every input that may be missing, and the outputs that may be skipped.
+    ggx = None if which % 2 else ggx
+    need_gy, need_x = [(True, True), (False, True), (True, False)][which // 2]
+    mean, inv_std = reference.bn_stats(x, 1e-5)
+    args = (gy, x, mean, inv_std, np.broadcast_to(w, (t, c)), ggx)
+    params = (np.broadcast_to(ggw, (t, c)), np.broadcast_to(ggb, (t, c)))
+    got = numba_impl.bn_double_backward(*args, *params, need_gy=need_gy, need_x=need_x)
+    want = reference.bn_double_backward(*args, *params, need_gy=need_gy, need_x=need_x)
+    assert (got[0] is None) == (not need_gy) and (got[1] is None) == (not need_x)
+    # Sums of O(n) terms times inv_std**2: compare against the size of the results.
+    scale = max(float(np.abs(r).max()) for r in want if r is not None) + 1.0
+    for g, r in zip(got, want):
+        if r is not None:
+            assert g.dtype == np.dtype(dtype) and g.shape == r.shape
+            np.testing.assert_allclose(
+                g, r, rtol=TOL[dtype]["rtol"], atol=10 * TOL[dtype]["atol"] * scale
+            )
+
+
+def test_bn_double_backward_reference_is_the_derivative_of_bn_backward():
+    # d/d(gy, x, w) of <ggx, gx> + <ggw, gw> + <ggb, gb>, by central differences along random
+    # directions; the statistics are recomputed from the shifted x.
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 4, 3, 5)) * 1.5 + 0.5
+    gy, ggx = rng.standard_normal(x.shape), rng.standard_normal(x.shape)
+    w, ggw, ggb = (rng.standard_normal((2, 3)) for _ in range(3))
+
+    def objective(gy_, x_, w_):
+        gx, gw, gb = reference.bn_backward(gy_, x_, *reference.bn_stats(x_, 1e-5), w_)
+        return np.sum(ggx * gx) + np.sum(ggw * gw) + np.sum(ggb * gb)
+
+    mean, inv_std = reference.bn_stats(x, 1e-5)
+    for ggx_ in (ggx, None):
+        if ggx_ is None:  # without ggx: only the gw and gb terms
+            ggx = np.zeros(x.shape)
+        analytic = kernels.bn_double_backward(gy, x, mean, inv_std, w, ggx_, ggw, ggb)
+        for i, g in enumerate(analytic):
+            u = rng.standard_normal(g.shape)
+            plus, minus = [gy, x, w], [gy, x, w]
+            plus[i], minus[i] = plus[i] + 1e-6 * u, minus[i] - 1e-6 * u
+            numeric = (objective(*plus) - objective(*minus)) / 2e-6
+            np.testing.assert_allclose(np.sum(g * u), numeric, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bn_kernels_keep_large_offsets_accurate(dtype):
     # A mean far from zero relative to the spread: two passes (and float64 sums) keep the
@@ -260,6 +310,14 @@ def test_kernel_argument_errors_name_the_kernel_and_shapes():
         kernels.bn_stats(np.zeros((2, 3)), 1e-5)
     with pytest.raises(TypeError, match="bn_backward: .* gy float32, x float64"):
         kernels.bn_backward(x.astype(np.float32), x, np.zeros((1, 3)), np.ones((1, 3)), np.ones(3))
+    with pytest.raises(ValueError, match=r"bn_double_backward: ggx has shape \(1, 2, 3, 5\)"):
+        kernels.bn_double_backward(
+            x, x, np.zeros((1, 3)), np.ones((1, 3)), ggx=np.zeros((1, 2, 3, 5))
+        )
+    with pytest.raises(ValueError, match=r"bn_double_backward: ggw must have shape \(3,\) or"):
+        kernels.bn_double_backward(x, x, np.zeros((1, 3)), np.ones((1, 3)), ggw=np.ones(2))
+    with pytest.raises(ValueError, match=r"bn_double_backward: inv_std must have shape \(1, 3\)"):
+        kernels.bn_double_backward(x, x, np.zeros((1, 3)), np.ones(3))
     with pytest.raises(ValueError, match=r"maxpool2d_argmax: .* window \(5, 1\)"):
         kernels.maxpool2d_argmax(np.zeros((1, 1, 4, 4)), 5, 1, 1, 1)
     with pytest.raises(ValueError, match="softmax_xent_forward: expected 2 integer labels"):

@@ -13,9 +13,19 @@ reference on a GPU) instead of the dozen small ops the formula takes when compos
 backward is one more kernel call that computes gx, gw and gb together. Each of the three
 gradients is then recorded as its own single-output node (BatchNormGradInput, ...Weight,
 ...Bias) holding the kernel's value: the engine can free any one of them that nobody uses.
-Their backward rules (the second derivatives) are written with differentiable tinymeta ops
-around Standardize(x) = xhat and InvStd(x) = inv_std, two more fused ops whose backward rules
-use each other, so the third and higher derivatives are exact too.
+Their backward rules (the second derivatives) take one more kernel call when nobody will
+differentiate them again (grad mode off, as in the outer backward of second-order MAML); when a
+graph is being recorded (create_graph=True: third order and beyond) they are written with
+differentiable tinymeta ops around Standardize(x) = xhat and InvStd(x) = inv_std, two more
+fused ops whose backward rules use each other, so every higher derivative is exact too.
+
+The second derivatives, with P(v) = v - mean(v) - xhat * mean(v * xhat) (self-adjoint; the
+Jacobian of xhat is inv_std * P), so that gx = w * inv_std * P(gy), and for incoming
+ggx, ggw, ggb (A = ggx, B = gy, m_A = mean(A * xhat), m_B = mean(B * xhat), c = mean(A * P(B))):
+
+    ggy = w * inv_std * P(A) + ggw * xhat + ggb
+    gx' = -w * inv_std**2 * (m_B * P(A) + m_A * P(B) + c * xhat) + inv_std * ggw * P(B)
+    gw' = inv_std * n * c
 
 Inputs are (N, C), (N, C, H, W) or (T, N, C, H, W): a leading task axis, as task-vectorized
 MAML runs every task's batch at once, with statistics per (task, channel) and a weight and
@@ -26,10 +36,12 @@ from __future__ import annotations
 
 from tinymeta import kernels
 from tinymeta.function import Function
+from tinymeta.grad_mode import is_grad_enabled
 from tinymeta.ops.reductions import keepdims_shape
 from tinymeta.ops.reductions import mean as _mean
 from tinymeta.ops.reductions import sum as _sum
 from tinymeta.ops.shape import broadcast_to, reshape, sum_to
+from tinymeta.tensor import Tensor
 
 
 class BatchNormLayout:
@@ -166,7 +178,7 @@ class BatchNormTrain(Function):
             w.data,
         )
         need_x, need_w, need_b = self.needs_input_grad
-        geometry = {"layout": layout, "eps": self.eps}
+        geometry = {"layout": layout, "eps": self.eps, "stats": (self.mean, self.inv_std)}
         if need_x:
             gx = BatchNormGradInput.apply(gy, x, w, value=layout.from_kernel(gx), **geometry)
         if need_w:  # gw, gb are per (task, channel): a weight shared by the tasks sums them
@@ -177,28 +189,63 @@ class BatchNormTrain(Function):
 
 
 # The three gradient nodes return the value that BatchNormTrain.backward's kernel call already
-# computed (``value``); what they add is the rule for differentiating it once more.
+# computed (``value``); what they add is the rule for differentiating it once more. They are
+# three single-output nodes rather than one with three outputs: the engine frees any of them
+# that nobody uses, and it cannot build the zero gradient of a freed output.
+
+
+def _fused_second_derivatives(node, gy, x, w, ggx=None, ggw=None):
+    """The double-backward kernel on the node's arrays: (ggy, gx', gw') tensors, gw' (T, C).
+
+    Only for grad mode off: its results are constants, so nothing may differentiate them.
+    """
+    layout = node.layout
+    need_gy, need_x = node.needs_input_grad[:2]
+    g_gy, g_x, g_w = kernels.bn_double_backward(
+        layout.to_kernel(gy.data),
+        layout.to_kernel(x.data),
+        *node.stats,
+        weight=None if w is None else w.data,
+        ggx=None if ggx is None else layout.to_kernel(ggx.data),
+        ggw=None if ggw is None else ggw.data,
+        need_gy=need_gy,
+        need_x=need_x,
+    )
+    g_gy = Tensor._wrap(layout.from_kernel(g_gy)) if need_gy else None
+    g_x = Tensor._wrap(layout.from_kernel(g_x)) if need_x else None
+    return g_gy, g_x, Tensor._wrap(g_w)
 
 
 class BatchNormGradInput(Function):
-    """gx = w * inv_std / n * (n * gy - sum(gy) - xhat * sum(gy * xhat)).
+    """gx = w * inv_std / n * (n * gy - sum(gy) - xhat * sum(gy * xhat)) = w * inv_std * P(gy).
 
-    Backward, with P(v) = v - mean(v) - xhat * mean(v * xhat) and q = sum(ggx * P(gy)), the
-    derivatives of <ggx, gx>:
+    Backward, with q = sum(ggx * P(gy)), the derivatives of <ggx, gx>:
         ggy = w * inv_std * P(ggx)
         gw  = inv_std * q
         gx' = through xhat and inv_std, with
               g_xhat = -w * inv_std * (ggx * mean(gy * xhat) + gy * mean(ggx * xhat))
               g_inv_std = w * q
+    (the module docstring has them expanded): one kernel call with grad mode off, composed
+    differentiable ops when the graph is recorded.
     """
 
-    def __init__(self, layout: BatchNormLayout, eps: float, value):
-        self.layout, self.eps, self.value = layout, eps, value
+    def __init__(self, layout: BatchNormLayout, eps: float, stats, value):
+        self.layout, self.eps, self.stats, self.value = layout, eps, stats, value
 
     def forward(self, gy, x, w):
         return self.value
 
     def backward(self, ggx):
+        gy, x, w = self.inputs
+        if not is_grad_enabled():
+            g_gy, g_x, g_w = _fused_second_derivatives(self, gy, x, w, ggx=ggx)
+            if self.needs_input_grad[2]:  # (T, C) per task; a weight shared by the tasks sums
+                g_w = Tensor._wrap(g_w.data.sum(axis=0) if w.ndim == 1 else g_w.data)
+            return g_gy, g_x, g_w if self.needs_input_grad[2] else None
+        return self.composed_backward(ggx)
+
+    def composed_backward(self, ggx):
+        """The same derivatives from differentiable ops (exact at every higher order)."""
         gy, x, w = self.inputs
         layout, axes = self.layout, self.layout.axes
         xhat, inv_std = standardize(x, layout, self.eps), inv_std_of(x, layout, self.eps)
@@ -224,13 +271,20 @@ class BatchNormGradWeight(Function):
     """gw = sum(gy * xhat) per (task, channel), shape (T, C);
     ggy = ggw * xhat,  gx' = through xhat with g_xhat = ggw * gy."""
 
-    def __init__(self, layout: BatchNormLayout, eps: float, value):
-        self.layout, self.eps, self.value = layout, eps, value
+    def __init__(self, layout: BatchNormLayout, eps: float, stats, value):
+        self.layout, self.eps, self.stats, self.value = layout, eps, stats, value
 
     def forward(self, gy, x):
         return self.value
 
     def backward(self, ggw):
+        if not is_grad_enabled():
+            gy, x = self.inputs
+            return _fused_second_derivatives(self, gy, x, None, ggw=ggw)[:2]
+        return self.composed_backward(ggw)
+
+    def composed_backward(self, ggw):
+        """The same derivatives from differentiable ops (exact at every higher order)."""
         gy, x = self.inputs
         ggw = reshape(ggw, self.layout.stat_shape)
         need_gy, need_x = self.needs_input_grad
