@@ -48,9 +48,12 @@ def functional_call(module: Module, params: Mapping, *args, **kwargs):
     own tensors.
 
     A replacement has the shape of the tensor it replaces, or that shape
-    with leading batch axes: per-task parameters for task-vectorized MAML,
-    which the layers that support them (Linear) apply batch element by batch
-    element (the others raise).
+    with leading batch axes: per-task parameters for task-vectorized MAML
+    (``tinymeta.meta.per_task``), which Linear, Conv2d (batched GEMMs) and
+    BatchNorm2d (statistics per task) apply task by task to an input with the
+    same leading task axis, e.g. images (T, N, C, H, W); MaxPool2d and ReLU
+    take that input as it is. A Flatten in such a net should count from the
+    end (``nn.Flatten(-3)`` for images) so that it leaves the task axis alone.
 
     Raises KeyError for a name the module does not have (listing the valid
     ones) and ValueError for a replacement of the wrong shape.
