@@ -188,3 +188,11 @@ def test_shapes_that_do_not_line_up_name_the_op():
     w = tm.tensor(np.ones((3, 2)))
     with pytest.raises(ValueError, match=r"LinearGradInput: .*\(4, 5\).*\(3, 2\)"):
         LinearGradInput.apply(gy, w, x_shape=(4, 2))
+
+
+def test_an_inner_size_of_1_still_checks_the_shapes():
+    """The outer-product fast path must not turn a mismatch into a broadcast."""
+    gy = tm.tensor(np.ones((2, 1)))
+    w = tm.tensor(np.ones((2, 4)))  # gy @ w needs w with 1 row
+    with pytest.raises(ValueError, match=r"LinearGradInput: .*\(2, 1\).*\(2, 4\)"):
+        LinearGradInput.apply(gy, w, x_shape=(2, 4))

@@ -157,31 +157,30 @@ def _collect(roots, targets):
     below every target's is not walked past: it cannot lead to one.
     """
     min_target_generation = min((t.generation for t in targets.values()), default=0)
-    seen = set()
+    seen = set()  # Functions hash by identity (only tensors redefine ==)
     order = []
     stack = [r.grad_fn for r in roots if r.grad_fn is not None]
     while stack:
         fn = stack.pop()
-        if id(fn) in seen:
+        if fn in seen:
             continue
-        seen.add(id(fn))
+        seen.add(fn)
         order.append(fn)
         if fn.generation < min_target_generation:
             continue
         for _, creator in _edges(fn):
-            if creator is not None and id(creator) not in seen:
+            if creator is not None and creator not in seen:
                 stack.append(creator)
     order.sort(key=lambda f: f.generation)  # an input's creator comes before its consumers
 
     if targets:
         needed = set()
         for fn in order:
-            if any(
-                (x is not None and id(x) in targets) or (c is not None and id(c) in needed)
-                for x, c in _edges(fn)
-            ):
-                needed.add(id(fn))
-        order = [fn for fn in order if id(fn) in needed]
+            for x, creator in _edges(fn):
+                if creator in needed or (x is not None and id(x) in targets):
+                    needed.add(fn)
+                    break
+        order = [fn for fn in order if fn in needed]
     if any(fn.inputs is None for fn in order):
         raise RuntimeError(FREED_MESSAGE)
     order.reverse()
@@ -202,7 +201,7 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
     # Keep every output alive until its node has run: freeing a consumer node
     # drops its references to its inputs, which may be another node's outputs.
     for fn in order:
-        fn._held_outputs = tuple(ref() for ref in fn.outputs)
+        fn._held_outputs = tuple([ref() for ref in fn.outputs])
     try:
         _propagate(order, grads, targets, result, retain_graph, create_graph)
     finally:

@@ -59,7 +59,7 @@ class Linear(Function):
     """
 
     def forward(self, x, w, b=None):
-        y = x @ self.xp.swapaxes(w, -1, -2)
+        y = _matmul(x, self.xp.swapaxes(w, -1, -2))
         if b is not None:
             if b.ndim > 1:  # batched bias (B..., out): one row per batch element
                 b = b[..., None, :]
@@ -90,7 +90,7 @@ class LinearGradInput(Function):
         self.x_shape = tuple(x_shape)
 
     def forward(self, gy, w):
-        return sum_to_array(self.xp, gy @ w, self.x_shape)
+        return sum_to_array(self.xp, _matmul(gy, w), self.x_shape)
 
     def backward(self, ggx):
         gy, w = self.inputs
@@ -117,11 +117,11 @@ class LinearGradWeight(Function):
         out, n_in = self.w_shape[-2:]
         if len(self.w_shape) == 2:  # one weight shared by every row: fold all leading axes
             gy2 = gy.reshape(-1, out)  # into one GEMM (its result is laid out like w)
-            gw = gy2.T @ x.reshape(-1, n_in)
+            gw = _matmul(gy2.T, x.reshape(-1, n_in))
             gb = gy2.sum(axis=0)
         else:  # per-batch-element weights: a batched GEMM, summed over broadcast axes
             xp = self.xp
-            gw = sum_to_array(xp, xp.swapaxes(gy, -1, -2) @ x, self.w_shape)
+            gw = sum_to_array(xp, _matmul(xp.swapaxes(gy, -1, -2), x), self.w_shape)
             gb = sum_to_array(xp, gy.sum(axis=-2), self.w_shape[:-1])
         return (gw, gb) if self.with_bias else gw
 
@@ -132,6 +132,15 @@ class LinearGradWeight(Function):
         if self.needs_input_grad[1]:
             ggy = Linear.apply(x, ggw, ggb) if self.with_bias else Linear.apply(x, ggw)
         return gx, ggy
+
+
+def _matmul(a, b):
+    """a @ b. An inner size of 1 (a layer with one input feature, the gradients of a layer
+    with one output) makes it an outer product: one broadcast multiply is then about twice
+    as fast as a BLAS call per batch element, with the same numbers (there is no sum)."""
+    if a.ndim >= 2 and b.ndim >= 2 and a.shape[-1] == 1 == b.shape[-2]:
+        return a * b
+    return a @ b
 
 
 def linear(x, w, b=None) -> Tensor:

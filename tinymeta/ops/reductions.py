@@ -32,7 +32,9 @@ def keepdims_shape(shape: tuple, axes: tuple) -> tuple:
 
 def expand_reduced(gy, in_shape: tuple, axes: tuple, keepdims: bool):
     """Bring the gradient of a reduction back to the input's shape."""
-    if not keepdims:
+    # Broadcasting lines shapes up from the right, so leading reduced axes (a sum over
+    # everything, say) need no reshape back to keepdims form first.
+    if not keepdims and axes != tuple(range(len(axes))):
         gy = reshape(gy, keepdims_shape(in_shape, axes))
     return broadcast_to(gy, in_shape)
 
