@@ -5,8 +5,10 @@
 Prints (a) ``import tinymeta`` plus the first call of every kernel (float32 and float64) in a
 fresh process, with an empty Numba cache (the compile time) and again with it warm (the
 target is under 2 s); (b) batch norm forward + backward (and a double backward, as
-second-order MAML runs it) on W2 shapes, fused against the composed formula it replaced;
-(c) each kernel under Numba against its vectorized NumPy reference. Medians in ms.
+second-order MAML runs it) on W2 shapes, fused against the composed formula it replaced, and
+for the double backward also the fused forward/backward with the second derivatives from
+composed ops (their rule before the double-backward kernel, still used when a graph is
+recorded); (c) each kernel under Numba against its vectorized NumPy reference. Medians in ms.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ for dt in (np.float32, np.float64):
     y, mean, inv_std = kernels.bn_forward(x, p, p, 1e-5)
     kernels.bn_stats(x, 1e-5)
     kernels.bn_backward(x, x, mean, inv_std, p)
+    kernels.bn_double_backward(x, x, mean, inv_std, p, ggx=x, ggw=p, ggb=p)
     kernels.maxpool2d_argmax(np.ones((1, 2, 4, 4), dt), 2, 2, 2, 2)
     loss, probs = kernels.softmax_xent_forward(np.ones((3, 5), dt), np.zeros(3, np.int64))
     kernels.softmax_xent_backward(probs, np.zeros(3, np.int64), loss)
@@ -77,9 +80,32 @@ def composed_batch_norm(x, w, b, eps=1e-5):
     return centred * ((var + eps) ** -0.5 * w.reshape(shape)) + b.reshape(shape)
 
 
+class ComposedSecondDerivatives:
+    """Within this context the batch-norm gradient nodes differentiate themselves with their
+    composed-op rule even with grad mode off (what they did before the double-backward kernel).
+    """
+
+    def __enter__(self):
+        from tinymeta.nn import batchnorm
+
+        self.saved = {}
+        for node in (batchnorm.BatchNormGradInput, batchnorm.BatchNormGradWeight):
+            self.saved[node] = node.backward
+            node.backward = node.composed_backward
+
+    def __exit__(self, *exc):
+        for node, backward in self.saved.items():
+            node.backward = backward
+        return False
+
+
 def batch_norm_cases(np, tm, F, args):
     print("\n(b) batch norm on W2 shapes, float32 channels-last: fused vs composed (ms)")
-    print(f"  {'input shape':24s} {'pass':>16s} {'fused':>8s} {'composed':>9s} {'ratio':>6s}")
+    print("  bwd^2 composed: fused forward and backward, second derivatives from composed ops")
+    print(
+        f"  {'input shape':24s} {'pass':>14s} {'fused':>8s} {'bwd^2 composed':>15s} "
+        f"{'composed':>9s} {'ratio':>6s}"
+    )
     rng = np.random.default_rng(0)
     shapes = [(n, 64, s, s) for n in (10, 50) for s in (28, 14, 7)] + [(8, 10, 64, 14, 14)]
     all_samples = {}
@@ -108,15 +134,23 @@ def batch_norm_cases(np, tm, F, args):
 
             return run
 
+        def old_second(op=fused):
+            run = second(op)
+
+            def run_composed():
+                with ComposedSecondDerivatives():
+                    return run()
+
+            return run_composed
+
         for label, make in (("fwd+bwd", first), ("fwd+bwd+bwd^2", second)):
-            samples = time_interleaved(
-                {"fused": make(fused), "composed": make(composed)},
-                args.repeats,
-                args.warmup,
-                clock=args.clock,
-            )
+            variants = {"fused": make(fused), "composed": make(composed)}
+            if make is second:
+                variants["bwd^2 composed"] = old_second()
+            samples = time_interleaved(variants, args.repeats, args.warmup, clock=args.clock)
             f, c = median(samples["fused"]) * 1e3, median(samples["composed"]) * 1e3
-            print(f"  {str(shape):24s} {label:>16s} {f:8.2f} {c:9.2f} {c / f:5.1f}x")
+            old = f"{median(samples['bwd^2 composed']) * 1e3:15.2f}" if make is second else " " * 15
+            print(f"  {str(shape):24s} {label:>14s} {f:8.2f} {old} {c:9.2f} {c / f:5.1f}x")
             all_samples[f"{shape} {label}"] = samples["fused"]
     return all_samples
 
@@ -134,6 +168,8 @@ def kernel_cases(np, kernels, args):
     gy = rng.standard_normal((n, s, s, c)).astype(np.float32).transpose(0, 3, 1, 2)
     gy = gy.reshape(1, n, c, s * s)
     w = np.ones((1, c), np.float32)
+    ggx = rng.standard_normal((n, s, s, c)).astype(np.float32).transpose(0, 3, 1, 2)
+    ggx = ggx.reshape(1, n, c, s * s)
     mean, inv_std = reference.bn_stats(x, 1e-5)
     logits = rng.standard_normal((25, 5)).astype(np.float32)
     labels = rng.integers(0, 5, 25)
@@ -142,6 +178,9 @@ def kernel_cases(np, kernels, args):
         f"bn_stats {x4.shape}": lambda m: m.bn_stats(x, 1e-5),
         f"bn_forward {x4.shape}": lambda m: m.bn_forward(x, w, w, 1e-5),
         f"bn_backward {x4.shape}": lambda m: m.bn_backward(gy, x, mean, inv_std, w),
+        f"bn_double_backward {x4.shape}": lambda m: m.bn_double_backward(
+            gy, x, mean, inv_std, w, ggx, w, w
+        ),
         f"maxpool2d_argmax 2x2 {x4.shape}": lambda m: m.maxpool2d_argmax(x4, 2, 2, 2, 2),
         "softmax_xent_forward (25, 5)": lambda m: m.softmax_xent_forward(logits, labels),
         "softmax_xent_backward (25, 5)": lambda m: m.softmax_xent_backward(probs, labels, loss),

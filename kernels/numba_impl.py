@@ -152,10 +152,13 @@ def _bn_double_backward_rows(
     ggx, has_ggx, gy, x, mean, inv_std, weight, ggw, ggb, g_gy, g_x, g_w, need_gy, need_x
 ):
     t_count, m_count, c_count = x.shape
-    # Pass 1: the five per-channel sums the rule needs (d = x - mean, so xhat = s d).
+    # A missing ggx is zero: the loops read gy in its place and give it zero weight, so they
+    # have no branch on it (the inner loops stay vectorizable; the need_* tests are hoisted).
+    a_weight = 1.0 if has_ggx else 0.0
     sum_a, sum_b = np.zeros(c_count), np.zeros(c_count)
     sum_ad, sum_bd, sum_ab = np.zeros(c_count), np.zeros(c_count), np.zeros(c_count)
     for t in range(t_count):
+        # Pass 1: the five per-channel sums the rule needs (d = x - mean, so xhat = s d).
         sum_a[:] = 0.0
         sum_b[:] = 0.0
         sum_ad[:] = 0.0
@@ -163,31 +166,29 @@ def _bn_double_backward_rows(
         sum_ab[:] = 0.0
         for m in range(m_count):
             for c in range(c_count):
-                b = gy[t, m, c]
+                a, b = ggx[t, m, c], gy[t, m, c]
                 d = x[t, m, c] - mean[t, c]
+                sum_a[c] += a
                 sum_b[c] += b
+                sum_ad[c] += a * d
                 sum_bd[c] += b * d
-                if has_ggx:
-                    a = ggx[t, m, c]
-                    sum_a[c] += a
-                    sum_ad[c] += a * d
-                    sum_ab[c] += a * b
+                sum_ab[c] += a * b
         # The rule (see reference.bn_double_backward) as per-channel coefficients of
-        # g_gy = ws A + e_d d + e_0  and  g_x = k_a A + k_b B + k_d d + k_0 (A = ggx, B = gy).
-        e_d, e_0 = np.empty_like(mean[t]), np.empty_like(mean[t])
+        # g_gy = ws A + e_d d + e_0  and  g_x = k_a A + k_b B + k_d d + k_0 (A = ggx, B = gy),
+        # in x's dtype so that the full-size pass stays in it.
+        ws, e_d, e_0 = np.empty_like(mean[t]), np.empty_like(mean[t]), np.empty_like(mean[t])
         k_a, k_b = np.empty_like(mean[t]), np.empty_like(mean[t])
         k_d, k_0 = np.empty_like(mean[t]), np.empty_like(mean[t])
-        ws = np.empty_like(mean[t])
         for c in range(c_count):
-            s = np.float64(inv_std[t, c])
-            w, gw_c, gb_c = np.float64(weight[t, c]), np.float64(ggw[t, c]), ggb[t, c]
-            mean_a, mean_b = sum_a[c] / m_count, sum_b[c] / m_count
-            m_a, m_b = s * sum_ad[c] / m_count, s * sum_bd[c] / m_count
-            cov = sum_ab[c] / m_count - mean_a * mean_b - m_a * m_b  # c = mean(A P(B))
+            s, w = np.float64(inv_std[t, c]), np.float64(weight[t, c]) * a_weight
+            gw_c = np.float64(ggw[t, c])
+            mean_a, mean_b = a_weight * sum_a[c] / m_count, sum_b[c] / m_count
+            m_a, m_b = a_weight * s * sum_ad[c] / m_count, s * sum_bd[c] / m_count
+            cov = a_weight * sum_ab[c] / m_count - mean_a * mean_b - m_a * m_b  # mean(A P(B))
             alpha = -w * s * s
             ws[c] = w * s
             e_d[c] = s * (gw_c - w * s * m_a)
-            e_0[c] = gb_c - w * s * mean_a
+            e_0[c] = ggb[t, c] - w * s * mean_a
             k_a[c] = alpha * m_b
             k_b[c] = alpha * m_a + s * gw_c
             k_d[c] = s * (alpha * (cov - 2.0 * m_a * m_b) - s * gw_c * m_b)
@@ -196,18 +197,12 @@ def _bn_double_backward_rows(
         # Pass 2: the full-size outputs, one multiply-add chain per element.
         for m in range(m_count):
             for c in range(c_count):
+                a = ggx[t, m, c]
                 d = x[t, m, c] - mean[t, c]
-                if has_ggx:
-                    a = ggx[t, m, c]
-                    if need_gy:
-                        g_gy[t, m, c] = ws[c] * a + e_d[c] * d + e_0[c]
-                    if need_x:
-                        g_x[t, m, c] = k_a[c] * a + k_b[c] * gy[t, m, c] + k_d[c] * d + k_0[c]
-                else:
-                    if need_gy:
-                        g_gy[t, m, c] = e_d[c] * d + e_0[c]
-                    if need_x:
-                        g_x[t, m, c] = k_b[c] * gy[t, m, c] + k_d[c] * d + k_0[c]
+                if need_gy:
+                    g_gy[t, m, c] = ws[c] * a + e_d[c] * d + e_0[c]
+                if need_x:
+                    g_x[t, m, c] = k_a[c] * a + k_b[c] * gy[t, m, c] + k_d[c] * d + k_0[c]
 
 
 def bn_double_backward(gy, x, mean, inv_std, weight, ggx, ggw, ggb, need_gy=True, need_x=True):
@@ -215,14 +210,15 @@ def bn_double_backward(gy, x, mean, inv_std, weight, ggx, ggw, ggb, need_gy=True
     rows = _rows(x)
     t, m, c = rows.shape
     dtype = x.dtype
-    none = np.empty((0, 0, 0), dtype)  # stands in for an output or input that is not there
+    none = np.empty((0, 0, 0), dtype)  # stands in for an output that is not needed
     g_gy = np.empty_like(rows) if need_gy else none
     g_x = np.empty_like(rows) if need_x else none
     g_w = np.empty((t, c), dtype)
+    gy_rows = _rows(gy.astype(dtype, copy=False))
     _bn_double_backward_rows(
-        none if ggx is None else _rows(ggx.astype(dtype, copy=False)),
+        gy_rows if ggx is None else _rows(ggx.astype(dtype, copy=False)),
         ggx is not None,
-        _rows(gy.astype(dtype, copy=False)),
+        gy_rows,
         rows,
         np.ascontiguousarray(mean, dtype=dtype),
         np.ascontiguousarray(inv_std, dtype=dtype),
