@@ -224,20 +224,6 @@ def conv_net(batch_norm: bool = False, seed: int = 0) -> nn.Module:
     )
 
 
-def _batch_norm_takes_a_task_axis() -> bool:
-    try:
-        F.batch_norm(tm.ones(2, 2, 1, 2, 2), None, None, tm.ones(2, 1), tm.zeros(2, 1), True)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
-needs_batched_bn = pytest.mark.skipif(
-    not _batch_norm_takes_a_task_axis(),
-    reason="F.batch_norm does not take a task axis (T, N, C, H, W) yet",
-)
-
-
 def test_functional_call_with_per_task_parameters_equals_one_call_per_task():
     model = conv_net()
     rng = np.random.default_rng(4)
@@ -311,7 +297,7 @@ def test_maml_loss_vectorized_equals_looped_anil_shared_body():
     _vectorized_equals_looped(conv_net(), 2, keys=["7.weight", "7.bias"])
 
 
-@needs_batched_bn
 @pytest.mark.parametrize("steps", [1, 2])
 def test_maml_loss_vectorized_equals_looped_on_a_conv_batchnorm_net(steps):
+    """BatchNorm2d with a task axis takes each task's own batch statistics (F.batch_norm)."""
     _vectorized_equals_looped(conv_net(batch_norm=True), steps)
