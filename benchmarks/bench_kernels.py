@@ -1,6 +1,6 @@
 """Kernels: start-up cost, fused batch norm against the composed one, Numba against NumPy.
 
-    python benchmarks/bench_kernels.py [--threads 1 --clock cpu] [--repeats 15]
+    python benchmarks/bench_kernels.py [--threads 1 --clock cpu] [--repeats 15] [--w2]
 
 Prints (a) ``import tinymeta`` plus the first call of every kernel (float32 and float64) in a
 fresh process, with an empty Numba cache (the compile time) and again with it warm (the
@@ -8,7 +8,9 @@ target is under 2 s); (b) batch norm forward + backward (and a double backward, 
 second-order MAML runs it) on W2 shapes, fused against the composed formula it replaced, and
 for the double backward also the fused forward/backward with the second derivatives from
 composed ops (their rule before the double-backward kernel, still used when a graph is
-recorded); (c) each kernel under Numba against its vectorized NumPy reference. Medians in ms.
+recorded); (c) each kernel under Numba against its vectorized NumPy reference; with ``--w2``,
+(d) W2's second-order meta-iteration (bench_w2_cpu.py), looped and task-vectorized, with the
+batch-norm double backward fused and composed. Medians in ms.
 """
 
 from __future__ import annotations
@@ -203,9 +205,33 @@ def kernel_cases(np, kernels, args):
     return all_samples
 
 
+def w2_cases(args):
+    print("\n(d) W2 second-order meta-iteration: batch-norm double backward fused vs composed (ms)")
+    from bench_w2_cpu import build_w2, w2_batch, w2_meta_step
+
+    batch = w2_batch()
+    all_samples = {}
+    for mode in ("looped", "vectorized"):  # each pair on its own: their memory use differs
+        vectorized = mode == "vectorized"
+        step, _ = w2_meta_step(build_w2(), batch, first_order=False, vectorized=vectorized)
+
+        def composed_step(step=step):
+            with ComposedSecondDerivatives():
+                step()
+
+        samples = time_interleaved(
+            {"fused": step, "composed": composed_step}, args.repeats, args.warmup, clock=args.clock
+        )
+        f, c = median(samples["fused"]) * 1e3, median(samples["composed"]) * 1e3
+        print(f"  {mode:12s} fused {f:8.1f}  composed {c:8.1f}  {c / f:5.2f}x")
+        all_samples.update({f"W2 {mode}, {k}": v for k, v in samples.items()})
+    return all_samples
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], repeats=15, warmup=3)
     parser.add_argument("--skip-startup", action="store_true", help="skip (a)")
+    parser.add_argument("--w2", action="store_true", help="also (d), W2's meta-iteration")
     args = parser.parse_args()
     threads = setup_threads(args.threads)
     import numpy as np
@@ -220,6 +246,8 @@ def main() -> None:
     start = time.perf_counter()
     samples = batch_norm_cases(np, tm, F, args)
     samples.update(kernel_cases(np, kernels, args))
+    if args.w2:
+        samples.update(w2_cases(args))
     warning = noise_warning(samples)
     if warning:
         print(warning)
