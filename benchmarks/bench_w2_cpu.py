@@ -19,6 +19,8 @@ meta-iteration, the interquartile range, and the vectorized speed-up.
     python benchmarks/bench_w2_cpu.py --threads 1 --clock cpu --repeats 10 --warmup 2
     # examples/maml_omniglot.py's default setup: 20-way 1-shot, 1 query, 32 filters
     python benchmarks/bench_w2_cpu.py --threads 1 --clock cpu --ways 20 --queries 1 --filters 32
+    # malloc keeping freed memory (see keep_freed_memory), as the Omniglot example does
+    python benchmarks/bench_w2_cpu.py --threads 1 --clock cpu --keep-freed-memory
 
 ``build_w2``, ``w2_batch`` and ``w2_meta_step`` are importable (a side-by-side script can
 build the same network and data); none of them imports anything at module level.
@@ -136,6 +138,27 @@ def w2_meta_step(model, batch: tuple, first_order: bool, vectorized: bool):
     return step, gradient
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed memory instead of handing it back to the OS.
+
+    Why: every meta-iteration allocates and frees the same tens-of-megabytes arrays. By
+    default glibc serves large ones with fresh ``mmap`` pages and trims its heap after frees,
+    so each iteration pays for page faults on zeroed pages again; the task-vectorized
+    meta-batch, whose arrays are T times larger, pays the most. Here every allocation comes
+    from the heap, which never shrinks: the process keeps its peak memory. Same as running
+    with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``. False (nothing done) where
+    the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def main(argv=None) -> dict:
     parser = base_parser(__doc__.splitlines()[0], repeats=10, warmup=2)
     parser.add_argument("--filters", type=int, default=FILTERS, help="channels of every conv")
@@ -144,8 +167,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--shots", type=int, default=SHOTS)
     parser.add_argument("--queries", type=int, default=QUERIES, help="query images per class")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc: no mmap, no heap trimming (as examples/maml_omniglot.py does)",
+    )
     args = parser.parse_args(argv)
     threads = setup_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_memory():
+        print("--keep-freed-memory: not glibc, malloc left as it is")
 
     import numpy as np
 
