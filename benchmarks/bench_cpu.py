@@ -389,7 +389,7 @@ def profile(args, libs: Libraries) -> None:
         step()
     profiler.disable()
     took = (time.process_time() - start) / iterations
-    print(f"cProfile of {iterations} tinymeta iterations of {args.profile} ")
+    print(f"cProfile of {iterations} tinymeta iterations of {args.profile}")
     print(f"({took * 1e3:.2f} ms each under the profiler)")
     stats = pstats.Stats(profiler).strip_dirs()
     stats.sort_stats("tottime").print_stats(25)
