@@ -93,6 +93,12 @@ def parse_args(argv=None):
         choices=("w1", "w1-5", "w4"),
         help="cProfile tinymeta on W1 (1 or 5 inner steps) or W4 instead of timing",
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc malloc keeps freed memory (bench_w2_cpu.keep_freed_memory): no page faults "
+        "on every iteration's large arrays; applies to every implementation in the process",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.quick:
@@ -399,6 +405,10 @@ def profile(args, libs: Libraries) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     threads = setup_threads(args.threads)
+    if args.keep_freed_memory:
+        from bench_w2_cpu import keep_freed_memory
+
+        print(f"malloc keeps freed memory: {keep_freed_memory()}")
     libs = import_libraries(args, threads)
     print(describe_machine(threads, args.clock))
     versions = [f"tinymeta {getattr(libs.tm, '__version__', '?')}"]
