@@ -447,6 +447,64 @@ def test_cross_entropy_matches_numpy_and_grads_order_3(n, c, reduction, seed, de
     np.testing.assert_allclose(nll.numpy(), ref, rtol=1e-12)
 
 
+def _composed_cross_entropy(z, labels, reduction):
+    """The formula before the fused op: -log_softmax(z)[labels], from differentiable ops."""
+    return F.nll_loss(F.log_softmax(z, 1), labels, reduction)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@given(
+    n=st.integers(1, 5),
+    c=st.integers(1, 5),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=seeds,
+)
+def test_fused_cross_entropy_matches_the_composed_formula_to_third_order(
+    backend, n, c, reduction, seed
+):
+    # Loss weights that depend on the input make gloss require grad, so the second and third
+    # derivatives go through both of SoftmaxCrossEntropyGrad's rules (for z and for gloss).
+    from tinymeta import kernels
+
+    rng = _rng(seed)
+    z0, u0, labels = rng.standard_normal((n, c)) * 2, rng.standard_normal(n), rng.integers(0, c, n)
+
+    def derivatives(loss_fn):
+        z, u = tm.tensor(z0, requires_grad=True), tm.tensor(u0, requires_grad=True)
+        losses = loss_fn(z, labels, "none") * tm.tanh(u * z.sum())
+        loss = {"mean": losses.mean(), "sum": losses.sum(), "none": losses}[reduction]
+        out = [loss.sum()]
+        for _ in range(3):  # first, second, third derivatives along fixed random directions
+            gz, gu = tm.grad(out[-1], [z, u], create_graph=True)
+            out.append((gz * tm.tensor(z0[::-1].copy())).sum() + (gu * gu).sum())
+        return [t.item() for t in out]
+
+    previous = kernels.set_backend(backend)
+    try:
+        got = derivatives(F.cross_entropy)
+    finally:
+        kernels.set_backend(previous)
+    want = derivatives(_composed_cross_entropy)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_cross_entropy_finite_differences_with_loss_weights():
+    rng = _rng(3)
+    z, w, labels = rng.standard_normal((4, 3)), rng.standard_normal(4), np.array([2, 0, 1, 2])
+    check_grads(lambda z, w: (F.cross_entropy(z, labels, "none") * w).sum(), [z, w], order=3)
+
+
+def test_fused_cross_entropy_keeps_float32_and_uses_one_node():
+    z = tm.tensor(_rng(4).standard_normal((6, 5)).astype(np.float32), requires_grad=True)
+    losses = F.cross_entropy(z, np.arange(6) % 5, reduction="none")
+    assert losses.dtype == np.float32 and losses.grad_fn.op_name() == "SoftmaxCrossEntropy"
+    (g,) = tm.grad(losses.sum(), [z])
+    assert g.dtype == np.float32
+    ref = np.exp(log_softmax_ref(z.numpy().astype(np.float64), 1))
+    ref[np.arange(6), np.arange(6) % 5] -= 1
+    np.testing.assert_allclose(g.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_cross_entropy_gradient_is_softmax_minus_one_hot():
     logits = tm.tensor(_rng(2).standard_normal((3, 4)), requires_grad=True)
     labels = np.array([3, 0, 0])
