@@ -8,7 +8,8 @@ target is under 2 s); (b) batch norm forward + backward (and a double backward, 
 second-order MAML runs it) on W2 shapes, fused against the composed formula it replaced, and
 for the double backward also the fused forward/backward with the second derivatives from
 composed ops (their rule before the double-backward kernel, still used when a graph is
-recorded); (c) each kernel under Numba against its vectorized NumPy reference; with ``--w2``,
+recorded); (b2) cross-entropy, the fused op against log_softmax + nll_loss, on W2/W3 logits;
+(c) each kernel under Numba against its vectorized NumPy reference; with ``--w2``,
 (d) W2's second-order meta-iteration (bench_w2_cpu.py), looped and task-vectorized, with the
 batch-norm double backward fused and composed. Medians in ms.
 """
@@ -157,6 +158,41 @@ def batch_norm_cases(np, tm, F, args):
     return all_samples
 
 
+def cross_entropy_cases(np, tm, F, args):
+    print("\n(b2) cross-entropy on W2/W3 logits, float32: fused op vs log_softmax + nll (us)")
+    rng = np.random.default_rng(2)
+    all_samples = {}
+    for shape in ((5, 5), (25, 5), (200, 5), (128, 10)):
+        z = tm.tensor(rng.standard_normal(shape).astype(np.float32), requires_grad=True)
+        labels = rng.integers(0, shape[1], shape[0])
+
+        def composed(z, labels):
+            return F.nll_loss(F.log_softmax(z, 1), labels)
+
+        def first(loss_fn, z=z, labels=labels):
+            return lambda: tm.grad(loss_fn(z, labels), [z])
+
+        def second(loss_fn, z=z, labels=labels):
+            def run():
+                (g,) = tm.grad(loss_fn(z, labels), [z], create_graph=True)
+                return tm.grad((g * g).sum(), [z])
+
+            return run
+
+        for label, make in (("fwd+bwd", first), ("fwd+bwd+bwd^2", second)):
+            samples = time_interleaved(
+                {"fused": make(F.cross_entropy), "composed": make(composed)},
+                args.repeats,
+                args.warmup,
+                inner=100,
+                clock=args.clock,
+            )
+            f, c = median(samples["fused"]) * 1e6, median(samples["composed"]) * 1e6
+            print(f"  {str(shape):12s} {label:>14s} fused {f:7.1f} composed {c:7.1f} {c / f:5.2f}x")
+            all_samples[f"xent {shape} {label}"] = samples["fused"]
+    return all_samples
+
+
 def kernel_cases(np, kernels, args):
     print("\n(c) each kernel: Numba vs the NumPy reference, float32 (ms)")
     print(f"  {'kernel':40s} {'numba':>8s} {'numpy':>8s} {'ratio':>6s}")
@@ -245,6 +281,7 @@ def main() -> None:
         first_call_times(threads)
     start = time.perf_counter()
     samples = batch_norm_cases(np, tm, F, args)
+    samples.update(cross_entropy_cases(np, tm, F, args))
     samples.update(kernel_cases(np, kernels, args))
     if args.w2:
         samples.update(w2_cases(args))
