@@ -219,6 +219,6 @@ def test_repr():
     assert repr(tm.tensor([1, 2])) == "tensor([1, 2], dtype=int64)"
     assert repr(tm.tensor([1.0], requires_grad=True)) == "tensor([1.], requires_grad=True)"
     x = tm.tensor([1.0], requires_grad=True)
-    assert repr(x * 2) == "tensor([2.], grad_fn=Mul)"
+    assert repr(x * 2) == "tensor([2.], grad_fn=Scale)"  # times a number: the Scale op
     assert repr(tm.tensor(0.5)) == "tensor(0.5)"
     assert repr(tm.ones(2, 2)) == "tensor([[1., 1.],\n        [1., 1.]])"
