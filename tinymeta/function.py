@@ -52,17 +52,19 @@ class Function:
         fn = cls(**params) if params else cls()
         # The hot path of every op: all inputs are already host tensors, so their
         # arrays are taken in the same pass (as_tensor_like handles the rest).
-        arrays = []
+        arrays, needs = [], []
         for t in inputs:
             if not isinstance(t, Tensor) or type(t.data) is not np.ndarray:
                 break
             arrays.append(t.data)
+            needs.append(t.requires_grad)
         else:
             fn.xp = np
             tensors = inputs
         if len(arrays) != len(inputs):
             tensors = as_tensor_like(inputs, cls.__name__)
             arrays = [t.data for t in tensors]
+            needs = [t.requires_grad for t in tensors]
             fn.xp = get_array_module(arrays[0])
         try:
             ys = fn.forward(*arrays)
@@ -72,10 +74,8 @@ class Function:
         single = type(ys) is not tuple
         outputs = (Tensor._wrap(ys),) if single else tuple(Tensor._wrap(y) for y in ys)
 
-        if grad_mode._enabled.get():  # is_grad_enabled(), without the call (hot path)
-            needs = tuple([t.requires_grad for t in tensors])
-            if True in needs:
-                fn._record(tensors, needs, outputs)
+        if True in needs and grad_mode._enabled.get():  # is_grad_enabled(), without a call
+            fn._record(tensors, tuple(needs), outputs)
         if _forward_hook is not None:
             _forward_hook(fn, list(outputs))
         return outputs[0] if single else outputs
@@ -89,11 +89,13 @@ class Function:
             self.input_versions = tuple([t._version for t in tensors])
         if self.saves_output:
             self.output_versions = tuple([o._version for o in outputs])
-        self.outputs = tuple([weakref.ref(o) for o in outputs])
+        refs = []
         for o in outputs:
+            refs.append(weakref.ref(o))
             o.grad_fn = self
             o.requires_grad = True
             o.generation = generation + 1
+        self.outputs = tuple(refs)
 
     # --- what subclasses write -------------------------------------------
     def forward(self, *xs):
