@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import tinymeta as tm
+from tinymeta.function import Function
 
 
 def f64(values, requires_grad=True) -> tm.Tensor:
@@ -664,3 +665,30 @@ def test_0d_results_are_arrays_not_numpy_scalars():
     (x * x).backward()
     (x * x).backward()  # accumulation of two 0-d gradients
     assert isinstance(x.grad.data, np.ndarray) and x.grad.numpy() == 8.0
+
+
+class _SplitScaled(Function):
+    """(a, b) = (2x, 3x): a two-output op; gx = 2 ga + 3 gb."""
+
+    saves_inputs = False
+
+    def forward(self, x):
+        return 2.0 * x, 3.0 * x
+
+    def backward(self, ga, gb):
+        return ga * 2.0 + gb * 3.0
+
+
+def test_multi_output_node_whose_unused_output_is_gone():
+    """Backward through one output of a two-output node whose other output was garbage
+    collected: the missing gradient is zero, built without the freed output."""
+    x = tm.tensor([1.0, -2.0, 0.5], dtype=tm.float64, requires_grad=True)
+    a, b = _SplitScaled.apply(x)
+    ref = weakref.ref(b)
+    del b
+    gc.collect()
+    assert ref() is None  # nothing else kept it alive
+    (g,) = tm.grad((a * a).sum(), x, create_graph=True)
+    np.testing.assert_allclose(g.numpy(), 8.0 * x.numpy())  # d/dx sum (2x)^2 = 8x
+    (gg,) = tm.grad(g.sum(), x)
+    np.testing.assert_allclose(gg.numpy(), np.full(3, 8.0))

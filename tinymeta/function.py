@@ -96,6 +96,10 @@ class Function:
             o.requires_grad = True
             o.generation = generation + 1
         self.outputs = tuple(refs)
+        if len(outputs) > 1:
+            # An output may be garbage before backward runs; its zero gradient is then built
+            # from the shape and dtype kept here.
+            self.output_specs = tuple([(o.shape, o.dtype) for o in outputs])
 
     # --- what subclasses write -------------------------------------------
     def forward(self, *xs):

@@ -242,10 +242,11 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
             elif all(g is None for g in gys):
                 _release(fn, retain_graph)
                 continue
-            else:  # a missing output gradient of a multi-output op is zero
+            else:  # a missing output gradient of a multi-output op is zero (the output
+                # itself may be gone: nothing kept it alive)
                 gys = [
-                    g if g is not None else Tensor._wrap(fn.xp.zeros_like(y.data))
-                    for g, y in zip(gys, outputs)
+                    g if g is not None else Tensor._wrap(fn.xp.zeros(shape, dtype))
+                    for g, (shape, dtype) in zip(gys, fn.output_specs)
                 ]
             # Only nodes that saved values can be invalidated by an in-place change.
             if fn.input_versions is not None or fn.output_versions is not None:
