@@ -588,9 +588,9 @@ def test_anomaly_for_a_node_made_outside_the_block():
 # What each op's backward rule reads, written out independently of the library:
 # "in" = all its inputs, "out" = its output.
 SAVES = {
-    "Add": "", "Sub": "", "Neg": "", "Mul": "in", "Scale": "", "Div": "in out", "PowConst": "in",
-    "Pow": "in out", "Exp": "out", "Log": "in", "Sqrt": "out", "Sin": "in", "Cos": "in",
-    "Tanh": "out", "TanhGrad": "in", "Sigmoid": "out", "Relu": "in", "Abs": "in",
+    "Add": "", "Sub": "", "Neg": "", "Mul": "in", "Scale": "", "AddScaled": "", "Div": "in out",
+    "PowConst": "in", "Pow": "in out", "Exp": "out", "Log": "in", "Sqrt": "out", "Sin": "in",
+    "Cos": "in", "Tanh": "out", "TanhGrad": "in", "Sigmoid": "out", "Relu": "in", "Abs": "in",
     "Sum": "", "Max": "in out", "Min": "in out", "MatMul": "in", "Einsum": "in",
     "Reshape": "", "Transpose": "", "BroadcastTo": "", "SumTo": "", "GetItem": "",
     "ScatterAdd": "", "Concatenate": "", "Where": "", "Maximum": "in", "Minimum": "in",

@@ -222,6 +222,7 @@ CASES = [
     # arithmetic, tensors on both sides and broadcasting
     Case("add", lambda a, b: a + b, np.add, PAIR),
     Case("sub", lambda a, b: a - b, np.subtract, PAIR),
+    Case("add_scaled", lambda a, b: tm.ops.add_scaled(a, b, -0.7), lambda a, b: a - 0.7 * b, PAIR),
     Case("mul", lambda a, b: a * b, np.multiply, PAIR),
     Case("div", lambda a, b: a / b, np.divide, PAIR, (ANY, NONZERO)),
     Case("pow[tensor exponent]", lambda a, b: a**b, np.power, PAIR, (BASE, ANY)),

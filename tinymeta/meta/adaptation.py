@@ -16,7 +16,7 @@ from __future__ import annotations
 from tinymeta.autograd import grad
 from tinymeta.meta.inner_rules import as_update_rule
 from tinymeta.nn.inner_step import inner_step
-from tinymeta.ops import broadcast_to, expand_dims
+from tinymeta.ops import broadcast_to
 from tinymeta.tensor import Tensor
 
 
@@ -63,7 +63,7 @@ def per_task(params: dict, num_tasks: int, keys=None) -> dict:
     """
     keys = set(params if keys is None else keys)
     return {
-        k: broadcast_to(expand_dims(p, 0), (num_tasks,) + p.shape) if k in keys else p
+        k: broadcast_to(p, (num_tasks,) + p.shape) if k in keys else p  # prepends the axis
         for k, p in params.items()
     }
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinymeta.creation import tensor
+from tinymeta.ops.arithmetic import add_scaled
 
 
 class InnerSGD:
@@ -30,7 +31,7 @@ class InnerSGD:
         self.lr = float(lr)
 
     def __call__(self, params: dict, grads: dict, step: int, state: dict) -> dict:
-        return {k: params[k] - self.lr * grads[k] for k in grads}
+        return {k: add_scaled(params[k], grads[k], -self.lr) for k in grads}
 
     def parameters(self) -> list:
         return []
