@@ -19,6 +19,10 @@ implementations expect and dispatch:
   bn_backward(gy, x, mean, inv_std, weight) -> gx, gw, gb
   bn_double_backward(gy, x, mean, inv_std, weight, ggx=, ggw=, ggb=) -> g_gy, g_x, g_w
   maxpool2d_argmax(x, kh, kw, sh, sw) -> y, argmax              x: (N, C, H, W)
+  maxpool2d_scatter(gy, argmax, kh, kw, sh, sw, h, w) -> gx     gy, argmax: (N, C, OH, OW)
+  maxpool2d_gather(x, argmax, kh, kw, sh, sw) -> y
+  im2col(x, kh, kw, sh, sw, ph, pw) -> cols                     cols: (N, OH, OW, kh, kw, C)
+  col2im(cols, h, w, sh, sw, ph, pw) -> gx                      gx: (N, C, h, w)
   softmax_xent_forward(logits, labels) -> loss, probs           logits: (N, C)
   softmax_xent_backward(probs, labels, gloss) -> glogits
 """
@@ -188,6 +192,83 @@ def maxpool2d_argmax(x, kh: int, kw: int, sh: int, sw: int):
             f"in it, got shape {x.shape}, window ({kh}, {kw}), stride ({sh}, {sw})"
         )
     return _impl_for(x).maxpool2d_argmax(x, int(kh), int(kw), int(sh), int(sw))
+
+
+def _check_pool_argmax(op: str, argmax, out_shape: tuple, **window):
+    if argmax.dtype not in (np.int8, np.int32) or tuple(argmax.shape) != tuple(out_shape):
+        raise ValueError(
+            f"{op}: expected an int8 or int32 arg-max of shape {tuple(out_shape)} for window "
+            f"{window}, got shape {tuple(argmax.shape)} dtype {argmax.dtype}"
+        )
+
+
+def maxpool2d_scatter(gy, argmax, kh: int, kw: int, sh: int, sw: int, h: int, w: int):
+    """gx (N, C, h, w): gy[n,c,i,j] added at the arg-max p * kw + q of window (i, j), i.e. at
+    gx[n,c,i*sh+p,j*sw+q]; zeros elsewhere. The gradient of the max-pool (and of the gather)."""
+    _check_float("maxpool2d_scatter", gy=gy)
+    if gy.ndim != 4 or min(kh, kw, sh, sw) < 1 or kh > h or kw > w:
+        raise ValueError(
+            f"maxpool2d_scatter: expected an (N, C, OH, OW) gradient and a positive window that "
+            f"fits in the ({h}, {w}) input, got shape {gy.shape}, window ({kh}, {kw})"
+        )
+    out_hw = ((h - kh) // sh + 1, (w - kw) // sw + 1)
+    if tuple(gy.shape[2:]) != out_hw:
+        raise ValueError(
+            f"maxpool2d_scatter: a ({kh}, {kw}) window with stride ({sh}, {sw}) on a ({h}, {w}) "
+            f"input gives {out_hw} outputs, but gy has shape {gy.shape}"
+        )
+    _check_pool_argmax("maxpool2d_scatter", argmax, gy.shape, kernel=(kh, kw), stride=(sh, sw))
+    return _impl_for(gy).maxpool2d_scatter(gy, argmax, *map(int, (kh, kw, sh, sw, h, w)))
+
+
+def maxpool2d_gather(x, argmax, kh: int, kw: int, sh: int, sw: int):
+    """y[n,c,i,j] = x[n,c,i*sh+p,j*sw+q] at the arg-max p * kw + q of window (i, j) of
+    x (N, C, H, W): the max-pool with its windows' arg-max held fixed."""
+    _check_float("maxpool2d_gather", x=x)
+    if x.ndim != 4 or min(kh, kw, sh, sw) < 1 or kh > x.shape[2] or kw > x.shape[3]:
+        raise ValueError(
+            f"maxpool2d_gather: expected an (N, C, H, W) array and a positive window that fits "
+            f"in it, got shape {x.shape}, window ({kh}, {kw}), stride ({sh}, {sw})"
+        )
+    n, c, h, w = x.shape
+    out_shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+    _check_pool_argmax("maxpool2d_gather", argmax, out_shape, kernel=(kh, kw), stride=(sh, sw))
+    return _impl_for(x).maxpool2d_gather(x, argmax, *map(int, (kh, kw, sh, sw)))
+
+
+def _check_conv_window(op: str, h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph, pw):
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0 or kh > h + 2 * ph or kw > w + 2 * pw:
+        raise ValueError(
+            f"{op}: expected a positive window ({kh}, {kw}) and stride ({sh}, {sw}), padding "
+            f"({ph}, {pw}) >= 0, and the window to fit in the padded ({h}, {w}) input"
+        )
+
+
+def im2col(x, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
+    """cols[n,i,j,p,q,c] = x_pad[n,c,i*sh+p,j*sw+q]: the kh x kw windows of x (N, C, H, W),
+    zero-padded by (ph, pw), as a C-contiguous (N, OH, OW, kh, kw, C) array."""
+    _check_float("im2col", x=x)
+    if x.ndim != 4:
+        raise ValueError(f"im2col: expected an (N, C, H, W) array, got shape {x.shape}")
+    _check_conv_window("im2col", *x.shape[2:], kh, kw, sh, sw, ph, pw)
+    return _impl_for(x).im2col(x, *map(int, (kh, kw, sh, sw, ph, pw)))
+
+
+def col2im(cols, h: int, w: int, sh: int, sw: int, ph: int, pw: int):
+    """gx (N, C, h, w), channels-last: every window element of cols (N, OH, OW, kh, kw, C)
+    added back onto the input pixel it came from; the adjoint of ``im2col``."""
+    _check_float("col2im", cols=cols)
+    if cols.ndim != 6:
+        raise ValueError(f"col2im: expected (N, OH, OW, kh, kw, C) windows, got {cols.shape}")
+    kh, kw = cols.shape[3:5]
+    _check_conv_window("col2im", h, w, kh, kw, sh, sw, ph, pw)
+    out_hw = ((h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+    if tuple(cols.shape[1:3]) != out_hw:
+        raise ValueError(
+            f"col2im: a ({kh}, {kw}) window with stride ({sh}, {sw}) and padding ({ph}, {pw}) "
+            f"on a ({h}, {w}) input has {out_hw} positions, but cols has shape {cols.shape}"
+        )
+    return _impl_for(cols).col2im(cols, *map(int, (h, w, sh, sw, ph, pw)))
 
 
 def _check_labels(op: str, labels, n: int, c: int):

@@ -115,13 +115,76 @@ def maxpool2d_argmax(x, kh: int, kw: int, sh: int, sw: int):
         for q in range(kw):
             v = x[:, :, p : p + sh * (oh - 1) + 1 : sh, q : q + sw * (ow - 1) + 1 : sw]
             if y is None:
-                y = v.copy()
-                argmax = xp.zeros(y.shape, dtype=np.int8 if kh * kw < 128 else np.int32)
+                y = v.copy(order="K")  # order K: keep x's (channels-last) memory layout
+                argmax = xp.zeros_like(y, dtype=np.int8 if kh * kw < 128 else np.int32)
             else:
                 better = v > y  # strictly: a tie keeps the earlier offset
-                argmax[better] = p * kw + q
+                # argmax = where(better, offset, argmax) in arithmetic: masked assignment is
+                # several times slower on channels-last layouts (a Python int keeps int8).
+                argmax += better * (p * kw + q - argmax)
                 xp.maximum(y, v, out=y)
     return y, argmax
+
+
+def _window_offsets(h: int, w: int, kh: int, kw: int, sh: int, sw: int):
+    """(p * kw + q, rows, cols) for each window offset (p, q) of an (h, w) image: the slices
+    of the image that this offset of every window reads, one element per window."""
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    for p in range(kh):
+        for q in range(kw):
+            rows = slice(p, p + sh * (oh - 1) + 1, sh)
+            yield p * kw + q, rows, slice(q, q + sw * (ow - 1) + 1, sw)
+
+
+def maxpool2d_scatter(gy, argmax, kh: int, kw: int, sh: int, sw: int, h: int, w: int):
+    """gx (N, C, h, w) = zeros, plus gy[n,c,i,j] at x[n,c,i*sh+p,j*sw+q] for the arg-max
+    offset p * kw + q of window (i, j) (added up where overlapping windows share a maximum).
+    The adjoint of ``maxpool2d_gather``."""
+    xp = _array_module(gy)
+    n, c = gy.shape[:2]
+    gx = xp.zeros((n, h, w, c), dtype=gy.dtype).transpose(0, 3, 1, 2)  # channels-last
+    for i, rows, cols in _window_offsets(h, w, kh, kw, sh, sw):
+        gx[:, :, rows, cols] += gy * (argmax == i)
+    return gx
+
+
+def maxpool2d_gather(x, argmax, kh: int, kw: int, sh: int, sw: int):
+    """y[n,c,i,j] = x[n,c,i*sh+p,j*sw+q] at the arg-max offset p * kw + q of window (i, j)."""
+    y = _array_module(x).zeros_like(argmax, dtype=x.dtype)  # argmax's (channels-last) layout
+    for i, rows, cols in _window_offsets(*x.shape[2:], kh, kw, sh, sw):
+        y += x[:, :, rows, cols] * (argmax == i)
+    return y
+
+
+# --- convolution windows: im2col and its adjoint col2im ---------------------------------------
+
+
+def im2col(x, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
+    """cols[n,i,j,p,q,c] = x_pad[n,c,i*sh+p,j*sw+q]: every kh x kw window of x (N, C, H, W),
+    zero-padded by ph rows and pw columns on each side, as a C-contiguous
+    (N, OH, OW, kh, kw, C) array (so (N*OH*OW, kh*kw*C) is a free reshape: the GEMM operand)."""
+    xp = _array_module(x)
+    n, c, h, w = x.shape
+    padded = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=x.dtype)
+    padded[:, ph : ph + h, pw : pw + w, :] = x.transpose(0, 2, 3, 1)
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    cols = xp.empty((n, oh, ow, kh, kw, c), dtype=x.dtype)
+    for i, rows, columns in _window_offsets(h + 2 * ph, w + 2 * pw, kh, kw, sh, sw):
+        cols[:, :, :, i // kw, i % kw, :] = padded[:, rows, columns, :]
+    return cols
+
+
+def col2im(cols, h: int, w: int, sh: int, sw: int, ph: int, pw: int):
+    """gx[n,c,r,s] = sum of cols[n,i,j,p,q,c] over the windows (i, j) and offsets (p, q) with
+    i*sh+p-ph = r and j*sw+q-pw = s: the adjoint of ``im2col`` (each window element goes back
+    to the input pixel it was copied from; padding drops out). cols is (N, OH, OW, kh, kw, C);
+    gx is (N, C, h, w), channels-last in memory."""
+    xp = _array_module(cols)
+    n, oh, ow, kh, kw, c = cols.shape
+    padded = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=cols.dtype)
+    for i, rows, columns in _window_offsets(h + 2 * ph, w + 2 * pw, kh, kw, sh, sw):
+        padded[:, rows, columns, :] += cols[:, :, :, i // kw, i % kw, :]
+    return padded[:, ph : ph + h, pw : pw + w, :].transpose(0, 3, 1, 2)
 
 
 # --- softmax cross-entropy from logits ------------------------------------------------------

@@ -1,9 +1,11 @@
 """2-D convolution on NCHW tensors: im2col forward, col2im backward, any order.
 
-The forward views every kh x kw window of the (padded) input without copying
-(``as_strided``), copies the windows once into an im2col matrix and does one
-GEMM: no Python loop over pixels. Its two gradients are ops of their own, and
-the three are adjoint to one another:
+The forward copies every kh x kw window of the (zero-padded) input once into an
+im2col matrix and does one GEMM: no Python loop over pixels. Its input gradient
+is one GEMM giving every window's share of the gradient and col2im, the adjoint
+of im2col, adding each share back onto the pixel it was read from. The window
+copies are ``tinymeta.kernels.im2col`` / ``col2im`` (Numba loops on the CPU, the
+array-module reference on a GPU). The three ops are adjoint to one another:
 
     y  = conv2d(x, w)               y[n,o,i,j] = sum_{c,p,q} x_pad[n,c,i*sh+p,j*sw+q] w[o,c,p,q]
     gx = Conv2dGradInput(gy, w)     transposed convolution (col2im)
@@ -20,18 +22,17 @@ the window copies (im2col, col2im), and the GEMMs become batched GEMMs, one
 
 Memory layout: tensors are NCHW (the shape users see), but internally the
 arrays are laid out channels-last (NHWC in memory, an NCHW view on top). Then
-the im2col copy moves runs of kw * C contiguous floats instead of scattered
-single ones, and col2im adds whole channel vectors; NumPy's elementwise ops
+the im2col copy moves whole channel vectors instead of scattered single
+floats, and col2im adds whole channel vectors; NumPy's elementwise ops
 and reductions keep the layout of their inputs, so the whole network runs
 channels-last without anyone noticing.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from tinymeta import kernels
 from tinymeta.function import Function
 from tinymeta.ops.reductions import sum as _sum
 
@@ -80,34 +81,14 @@ def weight_matrix(w):
     return w.transpose(order).reshape(w.shape[:lead] + (-1, w.shape[lead]))
 
 
-def padded_nhwc(xp, x, ph: int, pw: int):
-    """x (NCHW) as an NHWC array with ph zero rows above and below, pw zero columns each side."""
-    if ph == 0 and pw == 0:
-        return nhwc(x)
-    n, c, h, w = x.shape
-    out = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=x.dtype)
-    out[:, ph : ph + h, pw : pw + w, :] = nhwc(x)
-    return out
+def im2col(x, kh: int, kw: int, stride: tuple, padding: tuple):
+    """The (N*OH*OW, kh*kw*C) matrix whose rows are the windows of x (NCHW): one copy.
 
-
-def windows(xp, xh, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int):
-    """A read-only (N, OH, OW, kh, kw, C) view of the windows of the NHWC array xh: no copy."""
-    n, c = xh.shape[0], xh.shape[3]
-    s0, s1, s2, s3 = xh.strides
-    shape = (n, oh, ow, kh, kw, c)
-    strides = (s0, s1 * sh, s2 * sw, s1, s2, s3)
-    if xp is np:
-        return np.lib.stride_tricks.as_strided(xh, shape, strides, writeable=False)
-    from cupy.lib.stride_tricks import as_strided  # CuPy's takes no writeable= argument
-
-    return as_strided(xh, shape, strides)
-
-
-def im2col(xp, x, kh: int, kw: int, stride: tuple, padding: tuple, oh: int, ow: int):
-    """The (N*OH*OW, kh*kw*C) matrix whose rows are the windows of x (NCHW): one copy."""
-    (sh, sw), (ph, pw) = stride, padding
-    view = windows(xp, padded_nhwc(xp, x, ph, pw), kh, kw, sh, sw, oh, ow)
-    return view.reshape(x.shape[0] * oh * ow, kh * kw * x.shape[1])
+    ``kernels.im2col`` writes the zero padding as it copies (no padded copy of x first) and
+    leaves the windows C-contiguous, so the reshape to a matrix is free.
+    """
+    cols = kernels.im2col(x, kh, kw, *stride, *padding)
+    return cols.reshape(-1, kh * kw * x.shape[1])
 
 
 def rows_nhwc(g):
@@ -133,7 +114,7 @@ class Conv2d(Function):
         n = x.shape[-4]
         oh = output_size(x.shape[-2], kh, self.stride[0], self.padding[0])
         ow = output_size(x.shape[-1], kw, self.stride[1], self.padding[1])
-        cols = im2col(self.xp, fold_tasks(x), kh, kw, self.stride, self.padding, oh, ow)
+        cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
         # One GEMM per task, (N*OH*OW, kh*kw*C) @ (kh*kw*C, O), all in one matmul call.
         y = cols.reshape(tasks + (-1, cols.shape[-1])) @ weight_matrix(w)
         if b is not None:
@@ -171,28 +152,17 @@ class Conv2dGradInput(Function):
         self.x_shape, self.stride, self.padding = tuple(x_shape), stride, padding
 
     def forward(self, gy, w):
-        xp = self.xp
         tasks = w.shape[:-4]
         n, c, h, wd = self.x_shape[-4:]
-        (sh, sw), (ph, pw) = self.stride, self.padding
         o, _, kh, kw = w.shape[-4:]
         oh, ow = gy.shape[-2:]
         rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
-        dtype = np.result_type(gy.dtype, w.dtype)
-        gx = xp.zeros((math.prod(tasks) * n, h + 2 * ph, wd + 2 * pw, c), dtype=dtype)
-        share = xp.empty(rows.shape[:-1] + (c,), dtype=dtype)
-        # col2im, one kernel offset (p, q) at a time: its share of every window, (N*OH*OW, O)
-        # @ (O, C) for each task, lands on rows p, p+sh, ... and columns q, q+sw, ... of the
-        # padded input (tasks folded into the batch axis). Per offset rather than one
-        # (N*OH*OW, kh*kw*C) product: the additions then read contiguous blocks instead of
-        # every (kh*kw)-th channel vector (measured 1.5x faster).
-        for p in range(kh):
-            for q in range(kw):
-                xp.matmul(rows, w[..., p, q], out=share)
-                target = gx[:, p : p + sh * (oh - 1) + 1 : sh, q : q + sw * (ow - 1) + 1 : sw, :]
-                target += share.reshape(target.shape)
-        gx = gx[:, ph : ph + h, pw : pw + wd, :]
-        return to_nchw(gx.reshape(tasks + (n, h, wd, c)))
+        # Every window's share of the gradient, (N*OH*OW, O) @ (O, kh*kw*C) per task in one
+        # GEMM, then col2im adds each window element back onto the pixel it was read from.
+        cols = rows @ weight_matrix(w).swapaxes(-1, -2)
+        cols = cols.reshape((-1, oh, ow, kh, kw, c))  # tasks folded into the batch axis
+        gx = kernels.col2im(cols, h, wd, *self.stride, *self.padding)
+        return gx.reshape(tasks + (n, c, h, wd))  # a view: the task axis is outermost
 
     def backward(self, ggx):
         gy, w = self.inputs
@@ -221,8 +191,7 @@ class Conv2dGradWeight(Function):
     def forward(self, x, gy):
         tasks = self.w_shape[:-4]
         o, c, kh, kw = self.w_shape[-4:]
-        oh, ow = gy.shape[-2:]
-        cols = im2col(self.xp, fold_tasks(x), kh, kw, self.stride, self.padding, oh, ow)
+        cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
         cols = cols.reshape(tasks + (-1, cols.shape[-1]))  # (T, N*OH*OW, kh*kw*C)
         rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
         # One GEMM per task: (O, N*OH*OW) @ (N*OH*OW, kh*kw*C), then back to (O, C, kh, kw).

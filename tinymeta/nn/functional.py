@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from tinymeta import kernels
 from tinymeta.backend import device_of, get_array_module, to_numpy
 from tinymeta.function import Function
 from tinymeta.grad_mode import no_grad
 from tinymeta.nn.batchnorm import BatchNormLayout, batch_norm_train
-from tinymeta.nn.conv import Conv2d, output_size, pair
+from tinymeta.nn.conv import Conv2d, pair
 from tinymeta.ops.elementwise import exp
 from tinymeta.ops.elementwise import relu as _relu
 from tinymeta.ops.reductions import mean as _mean
@@ -293,28 +294,17 @@ class Scatter(Function):
         return Gather.apply(ggx, index=self.index)
 
 
-def _pool_offsets(pool):
-    """(i, rows, cols) for each kernel offset i = p * kw + q: the slices of the input that
-    offset reads, one element per window."""
-    (kh, kw), (sh, sw), (oh, ow) = pool.kernel_size, pool.stride, pool.out_hw
-    for p in range(kh):
-        for q in range(kw):
-            yield (
-                p * kw + q,
-                slice(p, p + sh * (oh - 1) + 1, sh),
-                slice(q, q + sw * (ow - 1) + 1, sw),
-            )
-
-
 class _Pool(Function):
-    """Shared by the max-pool ops: the window geometry and each window's arg-max offset."""
+    """Shared by the max-pool ops: the window geometry and each window's arg-max offset.
+
+    The array work is in ``tinymeta.kernels`` (Numba loops on the CPU, the vectorized
+    reference on a GPU or with TINYMETA_KERNELS=numpy).
+    """
 
     saves_inputs = False
 
     def __init__(self, kernel_size: tuple, stride: tuple, in_shape: tuple, argmax=None):
         self.kernel_size, self.stride, self.in_shape = kernel_size, stride, in_shape
-        (kh, kw), (sh, sw) = kernel_size, stride
-        self.out_hw = (output_size(in_shape[2], kh, sh, 0), output_size(in_shape[3], kw, sw, 0))
         self.argmax = argmax
 
     def geometry(self) -> dict:
@@ -330,27 +320,14 @@ class _Pool(Function):
 class MaxPool2d(_Pool):
     """y[n,c,i,j] = max_{p,q} x[n,c,i*sh+p,j*sw+q];  gx = PoolScatter(gy) to each arg-max.
 
-    The arg-max offset of every window is found here and then fixed, so the
-    op is a gather: its gradient is a scatter, whose gradient is the gather
+    The arg-max offset p * kw + q of every window is found here and then fixed, so
+    the op is a gather: its gradient is a scatter, whose gradient is the gather
     again (any order). Ties go to the first maximal element of a window in
-    row-major order. Loops over the kh*kw kernel offsets, never over pixels.
+    row-major order.
     """
 
     def forward(self, x):
-        y = argmax = None
-        for i, rows, cols in _pool_offsets(self):
-            v = x[:, :, rows, cols]
-            if y is None:
-                y = v.copy(order="K")  # order K: keep the (channels-last) memory layout
-                dtype = np.int8 if self.kernel_size[0] * self.kernel_size[1] < 128 else np.int32
-                argmax = self.xp.zeros_like(y, dtype=dtype)
-            else:
-                better = v > y  # strictly: a tie keeps the earlier offset
-                # argmax = where(better, i, argmax), in arithmetic: masked NumPy ops
-                # (where=, boolean assignment) are several times slower on these layouts.
-                argmax += better * (i - argmax)  # a Python int: stays int8 (NumPy and CuPy)
-                self.xp.maximum(y, v, out=y)
-        self.argmax = argmax
+        y, self.argmax = kernels.maxpool2d_argmax(x, *self.kernel_size, *self.stride)
         return y
 
     def backward(self, gy):
@@ -362,15 +339,8 @@ class PoolScatter(_Pool):
     ggy = PoolGather(ggx)."""
 
     def forward(self, gy):
-        n, c, h, w = self.in_shape
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        gx = self.xp.zeros((n, h, w, c), dtype=gy.dtype).transpose(0, 3, 1, 2)  # channels-last
-        for i, rows, cols in _pool_offsets(self):
-            if sh >= kh and sw >= kw:  # windows do not overlap: each slice is written once
-                self.xp.multiply(gy, self.argmax == i, out=gx[:, :, rows, cols])
-            else:  # one input can be the maximum of several windows: add
-                gx[:, :, rows, cols] += gy * (self.argmax == i)
-        return gx
+        h, w = self.in_shape[2:]
+        return kernels.maxpool2d_scatter(gy, self.argmax, *self.kernel_size, *self.stride, h, w)
 
     def backward(self, ggx):
         return PoolGather.apply(ggx, **self.geometry())
@@ -381,10 +351,7 @@ class PoolGather(_Pool):
     gx = PoolScatter(gy)."""
 
     def forward(self, x):
-        y = self.xp.zeros_like(self.argmax, dtype=x.dtype)
-        for i, rows, cols in _pool_offsets(self):
-            y += x[:, :, rows, cols] * (self.argmax == i)
-        return y
+        return kernels.maxpool2d_gather(x, self.argmax, *self.kernel_size, *self.stride)
 
     def backward(self, gy):
         return PoolScatter.apply(gy, **self.geometry())
