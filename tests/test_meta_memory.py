@@ -52,7 +52,7 @@ def test_meta_step_frees_every_node_and_array_without_gc():
     try:
         loss = meta_loss()
         nodes = _graph_nodes(loss)
-        assert len(nodes) > 50  # a real second-order graph
+        assert len(nodes) > 30  # a real second-order graph (two inner steps, fused Linear grads)
         node_refs = [weakref.ref(fn) for fn in nodes]
         array_refs = [
             weakref.ref(x.data) for fn in nodes for x in fn.inputs if not x.is_leaf and x.ndim
