@@ -162,16 +162,23 @@ def maxpool2d_gather(x, argmax, kh: int, kw: int, sh: int, sw: int):
 def im2col(x, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int):
     """cols[n,i,j,p,q,c] = x_pad[n,c,i*sh+p,j*sw+q]: every kh x kw window of x (N, C, H, W),
     zero-padded by ph rows and pw columns on each side, as a C-contiguous
-    (N, OH, OW, kh, kw, C) array (so (N*OH*OW, kh*kw*C) is a free reshape: the GEMM operand)."""
+    (N, OH, OW, kh, kw, C) array (so (N*OH*OW, kh*kw*C) is a free reshape: the GEMM operand).
+
+    The windows are a strided view of the padded NHWC copy of x (no copy), then copied once;
+    with x channels-last, each window row is a run of kw * C contiguous floats.
+    """
     xp = _array_module(x)
     n, c, h, w = x.shape
     padded = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=x.dtype)
     padded[:, ph : ph + h, pw : pw + w, :] = x.transpose(0, 2, 3, 1)
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    cols = xp.empty((n, oh, ow, kh, kw, c), dtype=x.dtype)
-    for i, rows, columns in _window_offsets(h + 2 * ph, w + 2 * pw, kh, kw, sh, sw):
-        cols[:, :, :, i // kw, i % kw, :] = padded[:, rows, columns, :]
-    return cols
+    s0, s1, s2, s3 = padded.strides
+    shape, strides = (n, oh, ow, kh, kw, c), (s0, s1 * sh, s2 * sw, s1, s2, s3)
+    if xp is np:
+        windows = np.lib.stride_tricks.as_strided(padded, shape, strides, writeable=False)
+    else:  # CuPy's as_strided takes no writeable= argument
+        windows = xp.lib.stride_tricks.as_strided(padded, shape, strides)
+    return xp.ascontiguousarray(windows)
 
 
 def col2im(cols, h: int, w: int, sh: int, sw: int, ph: int, pw: int):

@@ -229,6 +229,120 @@ def test_maxpool2d_argmax_reference_matches_a_loop():
         assert argmax[n, c, i, j] == np.argmax(window)  # NumPy's argmax: the first maximum
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("hw", [(4, 6), (5, 7)])  # the odd sizes leave a row and a column out
+def test_maxpool2d_2x2_fast_paths_match_reference(dtype, layout, hw):
+    rng = np.random.default_rng(hw[1])
+    x = _in_layout(rng.integers(-2, 3, (2, 3) + hw).astype(dtype), layout, channel_axis=1)
+    y, argmax = numba_impl.maxpool2d_argmax(x, 2, 2, 2, 2)
+    y_ref, argmax_ref = reference.maxpool2d_argmax(x, 2, 2, 2, 2)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    gy = _in_layout(rng.standard_normal(y.shape).astype(dtype), layout, channel_axis=1)
+    gx = numba_impl.maxpool2d_scatter(gy, argmax, 2, 2, 2, 2, *hw)
+    assert gx.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(gx, reference.maxpool2d_scatter(gy, argmax, 2, 2, 2, 2, *hw))
+    np.testing.assert_array_equal(
+        numba_impl.maxpool2d_gather(x, argmax, 2, 2, 2, 2),
+        reference.maxpool2d_gather(x, argmax, 2, 2, 2, 2),
+    )
+
+
+@given(case=pool_cases())
+def test_maxpool2d_scatter_and_gather_numba_match_reference(case):
+    x, window, dtype = case
+    h, w = x.shape[2:]
+    _, argmax = reference.maxpool2d_argmax(x, *window)
+    rng = np.random.default_rng(int(x.size))
+    gy = rng.standard_normal(argmax.shape).astype(dtype)
+    gx = numba_impl.maxpool2d_scatter(gy, argmax, *window, h, w)
+    assert gx.dtype == np.dtype(dtype) and gx.shape == x.shape
+    # Overlapping windows add in another order: equal up to rounding.
+    _close(gx, reference.maxpool2d_scatter(gy, argmax, *window, h, w), dtype)
+    y = numba_impl.maxpool2d_gather(x, argmax, *window)
+    np.testing.assert_array_equal(y, reference.maxpool2d_gather(x, argmax, *window))
+
+
+def test_maxpool2d_scatter_and_gather_references_match_loops_and_are_adjoint():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 7, 6))
+    kh, kw, sh, sw = 3, 2, 2, 1  # overlapping windows
+    y, argmax = kernels.maxpool2d_argmax(x, kh, kw, sh, sw)
+    gy = rng.standard_normal(y.shape)
+    gx = np.zeros_like(x)
+    for n, c, i, j in np.ndindex(*y.shape):
+        p, q = divmod(int(argmax[n, c, i, j]), kw)
+        gx[n, c, i * sh + p, j * sw + q] += gy[n, c, i, j]
+    np.testing.assert_allclose(reference.maxpool2d_scatter(gy, argmax, kh, kw, sh, sw, 7, 6), gx)
+    np.testing.assert_array_equal(reference.maxpool2d_gather(x, argmax, kh, kw, sh, sw), y)
+    # <scatter(gy), x> = <gy, gather(x)>: each is the other's gradient.
+    scattered = kernels.maxpool2d_scatter(gy, argmax, kh, kw, sh, sw, 7, 6)
+    gathered = kernels.maxpool2d_gather(x, argmax, kh, kw, sh, sw)
+    np.testing.assert_allclose(np.sum(scattered * x), np.sum(gy * gathered))
+
+
+# --- convolution windows ----------------------------------------------------------------------
+
+
+@st.composite
+def conv_window_cases(draw):
+    """x (N, C, H, W) in a drawn dtype and layout, a window, stride (up to 2) and padding."""
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+    h = draw(st.integers(max(1, kh - 2 * ph), 6))
+    w = draw(st.integers(max(1, kw - 2 * pw), 6))
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(LAYOUTS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    x = _in_layout(rng.standard_normal((n, c, h, w)).astype(dtype), layout, channel_axis=1)
+    return x, (kh, kw, sh, sw, ph, pw), dtype, rng
+
+
+def _im2col_loops(x, kh, kw, sh, sw, ph, pw):
+    n, c, h, w = x.shape
+    padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), x.dtype)
+    padded[:, :, ph : ph + h, pw : pw + w] = x
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    cols = np.empty((n, oh, ow, kh, kw, c), x.dtype)
+    for i, j, p, q in np.ndindex(oh, ow, kh, kw):
+        cols[:, i, j, p, q, :] = padded[:, :, i * sh + p, j * sw + q]
+    return cols
+
+
+@given(case=conv_window_cases())
+def test_im2col_matches_loops_and_col2im_is_its_adjoint(case):
+    x, window, dtype, rng = case
+    cols = kernels.im2col(x, *window)
+    assert cols.dtype == np.dtype(dtype) and cols.flags.c_contiguous
+    np.testing.assert_array_equal(cols, _im2col_loops(x, *window))
+    # <im2col(x), v> = <x, col2im(v)> for any v: col2im is im2col's transpose.
+    v = rng.standard_normal(cols.shape).astype(dtype)
+    kh, kw, sh, sw, ph, pw = window
+    for impl in (reference, numba_impl):
+        gx = impl.col2im(v, *x.shape[2:], sh, sw, ph, pw)
+        assert gx.shape == x.shape and gx.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(
+            np.sum(cols.astype(np.float64) * v), np.sum(x.astype(np.float64) * gx), rtol=1e-5
+        )
+
+
+@given(case=conv_window_cases())
+def test_col2im_numba_matches_reference(case):
+    x, (kh, kw, sh, sw, ph, pw), dtype, rng = case
+    cols = kernels.im2col(x, kh, kw, sh, sw, ph, pw)
+    v = rng.standard_normal(cols.shape).astype(dtype)
+    v = _in_layout(v, "strided", channel_axis=5) if x.shape[0] > 1 else v  # any strides
+    args = (*x.shape[2:], sh, sw, ph, pw)
+    _close(numba_impl.col2im(v, *args), reference.col2im(v, *args), dtype)
+    # The channel loop itself (col2im hands one channel to the reference).
+    gx = np.empty((x.shape[0],) + x.shape[2:] + (x.shape[1],), dtype)
+    numba_impl._col2im_channels_last(np.ascontiguousarray(v), sh, sw, ph, pw, gx)
+    _close(gx.transpose(0, 3, 1, 2), reference.col2im(v, *args), dtype)
+
+
 # --- softmax cross-entropy --------------------------------------------------------------------
 
 
@@ -320,5 +434,18 @@ def test_kernel_argument_errors_name_the_kernel_and_shapes():
         kernels.bn_double_backward(x, x, np.zeros((1, 3)), np.ones(3))
     with pytest.raises(ValueError, match=r"maxpool2d_argmax: .* window \(5, 1\)"):
         kernels.maxpool2d_argmax(np.zeros((1, 1, 4, 4)), 5, 1, 1, 1)
+    y, argmax = kernels.maxpool2d_argmax(np.zeros((1, 2, 4, 4)), 2, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"maxpool2d_scatter: .* \(4, 4\) input gives \(2, 2\)"):
+        kernels.maxpool2d_scatter(np.zeros((1, 2, 3, 2)), argmax, 2, 2, 2, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"maxpool2d_gather: expected an int8 or int32 arg-max"):
+        kernels.maxpool2d_gather(np.zeros((1, 2, 4, 4)), argmax.astype(np.int64), 2, 2, 2, 2)
+    with pytest.raises(TypeError, match="maxpool2d_gather: expected float32 or float64"):
+        kernels.maxpool2d_gather(np.zeros((1, 2, 4, 4), np.int32), argmax, 2, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"im2col: expected an \(N, C, H, W\) array"):
+        kernels.im2col(np.zeros((2, 3, 4)), 3, 3, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"im2col: .* window \(5, 3\) .* padded \(2, 4\)"):
+        kernels.im2col(np.zeros((1, 1, 2, 4)), 5, 3, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"col2im: .* has \(4, 4\) positions, but cols"):
+        kernels.col2im(np.zeros((1, 3, 4, 3, 3, 2)), 4, 4, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="softmax_xent_forward: expected 2 integer labels"):
         kernels.softmax_xent_forward(np.zeros((2, 3)), np.zeros(2))

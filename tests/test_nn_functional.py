@@ -294,6 +294,34 @@ def test_max_pool2d_overlapping_windows_accumulate(device):
     np.testing.assert_array_equal(x.grad.numpy()[0, 0], expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_pool_kernel_backends_agree_to_second_order(dtype):
+    """The Numba kernels (default) and the NumPy reference (TINYMETA_KERNELS=numpy) give the
+    same conv -> relu -> max-pool values, gradients and gradients of gradients."""
+    from tinymeta import kernels
+
+    rng = _rng(11)
+    x0 = _distinct((2, 3, 7, 6), rng).astype(dtype)
+    w0 = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+
+    def run():
+        x, w = tm.tensor(x0, requires_grad=True), tm.tensor(w0, requires_grad=True)
+        y = F.max_pool2d(F.relu(F.conv2d(x, w, padding=1)), 2)
+        gx, gw = tm.grad((y * y).sum(), [x, w], create_graph=True)
+        ggx, ggw = tm.grad((gx * gx).sum() + (gw * gw).sum(), [x, w])
+        return [a.numpy() for a in (y, gx, gw, ggx, ggw)]
+
+    previous = kernels.set_backend("numpy")
+    try:
+        expected = run()
+    finally:
+        kernels.set_backend(previous)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    for got, want in zip(run(), expected):
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(got, want, **tol)
+
+
 def test_max_pool2d_errors():
     with pytest.raises(ValueError, match=r"max_pool2d: kernel \(3, 3\) is larger"):
         F.max_pool2d(tm.zeros(1, 1, 2, 2), 3)
