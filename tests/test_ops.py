@@ -696,3 +696,38 @@ def test_reductions_of_a_0d_tensor_over_axis_0_or_minus_1(op, axis, device):
     assert y.shape == ()
     assert y.item() == (0.0 if op == "var" else 1.5)
     assert check_grads(lambda t: getattr(tm, op)(t, axis=axis), [x], order=2)
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@settings(max_examples=FEW)
+@given(data=st.data())
+def test_matmul_with_transpose_flags_to_third_order(trans_a, trans_b, data):
+    """MatMul(trans_a, trans_b) computes op(a) @ op(b) (what the backward rules of matmul
+    use); its values and three orders of gradients, with broadcast batch axes."""
+    from tinymeta.ops.linalg import MatMul
+
+    m, k, n = (data.draw(st.integers(1, 4)) for _ in range(3))
+    batch_a, batch_b = data.draw(tms.broadcastable_shapes(2, min_dims=0, max_dims=2, max_side=3))
+    a = data.draw(tms.arrays(batch_a + ((k, m) if trans_a else (m, k))))
+    b = data.draw(tms.arrays(batch_b + ((n, k) if trans_b else (k, n))))
+    expected = (np.swapaxes(a, -1, -2) if trans_a else a) @ (
+        np.swapaxes(b, -1, -2) if trans_b else b
+    )
+
+    def fn(x, y):
+        return MatMul.apply(x, y, trans_a=trans_a, trans_b=trans_b)
+
+    np.testing.assert_allclose(fn(tm.tensor(a), tm.tensor(b)).numpy(), expected, rtol=1e-12)
+    assert check_grads(fn, [tm.tensor(a), tm.tensor(b)], order=3, seed=m * 7 + n)
+
+
+def test_matmul_backward_uses_no_transpose_nodes():
+    x = tm.tensor(np.ones((3, 4)), requires_grad=True)
+    w = tm.tensor(np.ones((4, 2)), requires_grad=True)
+    gx, gw = tm.grad((x @ w).sum(), [x, w], create_graph=True)
+    for g in (gx, gw):
+        assert g.grad_fn.op_name() == "MatMul"
+        assert all(
+            t.grad_fn is None or t.grad_fn.op_name() != "Transpose" for t in g.grad_fn.inputs
+        )

@@ -10,23 +10,48 @@ from tinymeta.tensor import Tensor, constant
 
 
 class MatMul(Function):
-    """y = a @ b (both at least 2-D, batch axes broadcast);
-    ga = gy @ b^T, gb = a^T @ gy (summed over broadcast batch axes)."""
+    """y = A @ B with A = a^T if trans_a else a, B likewise (at least 2-D; batch axes
+    broadcast; ^T swaps the last two axes);  gA = gy @ B^T, gB = A^T @ gy, summed over
+    broadcast batch axes and transposed back where an input was.
+
+    The flags let a backward rule say "a^T @ gy" as one node instead of a Transpose and a
+    MatMul: BLAS reads a transposed operand in place, so the flag costs nothing.
+    """
+
+    def __init__(self, trans_a: bool = False, trans_b: bool = False):
+        self.trans_a, self.trans_b = trans_a, trans_b
 
     def forward(self, a, b):
+        if self.trans_a:
+            a = self.xp.swapaxes(a, -1, -2)
+        if self.trans_b:
+            b = self.xp.swapaxes(b, -1, -2)
         return a @ b
 
     def backward(self, gy):
         a, b = self.inputs
-        ga = sum_to(gy @ swapaxes(b, -1, -2), a.shape) if self.needs_input_grad[0] else None
-        gb = None
+        ta, tb = self.trans_a, self.trans_b
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            # gA = gy B^T; when a was transposed its gradient is gA^T = B gy^T.
+            ga = _mm(b, gy, tb, True) if ta else _mm(gy, b, False, not tb)
+            ga = sum_to(ga, a.shape)
         if self.needs_input_grad[1]:
-            if b.ndim == 2 and _is_transposed(b.data):
+            # gB = A^T gy; when b was transposed its gradient is gB^T = gy^T A.
+            if tb:
+                gb = _mm(gy, a, True, ta)
+            elif b.ndim == 2 and not ta and _is_transposed(b.data):
                 # b is W^T (x @ W.T): form (gy^T a)^T = a^T gy so that W's gradient comes
                 # out laid out like W, saving a strided copy later.
-                gb = swapaxes(swapaxes(gy, -1, -2) @ a, -1, -2)
-            gb = sum_to(gb if gb is not None else swapaxes(a, -1, -2) @ gy, b.shape)
+                gb = swapaxes(_mm(gy, a, True, False), -1, -2)
+            else:
+                gb = _mm(a, gy, not ta, False)
+            gb = sum_to(gb, b.shape)
         return ga, gb
+
+
+def _mm(a, b, trans_a: bool, trans_b: bool):
+    return MatMul.apply(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
 def _is_transposed(array) -> bool:
