@@ -96,7 +96,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--keep-freed-memory",
         action="store_true",
-        help="glibc malloc keeps freed memory (bench_w2_cpu.keep_freed_memory): no page faults "
+        help="glibc malloc keeps freed memory (tinymeta.backend.keep_freed_memory): no page faults "
         "on every iteration's large arrays; applies to every implementation in the process",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -406,7 +406,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = setup_threads(args.threads)
     if args.keep_freed_memory:
-        from bench_w2_cpu import keep_freed_memory
+        from tinymeta.backend import keep_freed_memory
 
         print(f"malloc keeps freed memory: {keep_freed_memory()}")
     libs = import_libraries(args, threads)

@@ -92,3 +92,26 @@ def to_numpy(array) -> np.ndarray:
 def is_available() -> bool:
     """Whether CuPy and at least one CUDA device are usable."""
     return cupy_or_none() is not None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed memory instead of handing it back to the OS.
+
+    For long CPU runs (examples, benchmarks); the library never calls it itself, since it
+    changes the whole process. Why: every meta-iteration allocates and frees the same
+    tens-of-megabytes arrays. By
+    default glibc serves large ones with fresh ``mmap`` pages and trims its heap after frees,
+    so each iteration pays for page faults on zeroed pages again; the task-vectorized
+    meta-batch, whose arrays are T times larger, pays the most. Here every allocation comes
+    from the heap, which never shrinks: the process keeps its peak memory. Same as running
+    with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``. False (nothing done) where
+    the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
