@@ -72,30 +72,32 @@ class Function:
             raise _named_error(cls, e, arrays) from e
         # _wrap turns NumPy scalars (0-d results) into 0-d arrays: a tensor holds arrays.
         single = type(ys) is not tuple
-        outputs = (Tensor._wrap(ys),) if single else tuple(Tensor._wrap(y) for y in ys)
+        outputs = (Tensor._wrap(ys),) if single else tuple([Tensor._wrap(y) for y in ys])
 
-        if True in needs and grad_mode._enabled.get():  # is_grad_enabled(), without a call
+        if True in needs and _grad_enabled():  # is_grad_enabled(), without a call
             fn._record(tensors, tuple(needs), outputs)
         if _forward_hook is not None:
             _forward_hook(fn, list(outputs))
         return outputs[0] if single else outputs
 
     def _record(self, tensors, needs, outputs):
-        self.inputs = tuple(tensors)
+        self.inputs = tensors = tuple(tensors)
         self.needs_input_grad = needs
-        self.generation = generation = max([t.generation for t in tensors])
+        if len(tensors) == 1:  # max() of one generation, without building a list
+            generation = tensors[0].generation
+        else:
+            generation = max([t.generation for t in tensors])
+        self.generation = generation
         # Versions are checked in backward only for what backward reads (see saves_inputs).
         if self.saves_inputs:
             self.input_versions = tuple([t._version for t in tensors])
         if self.saves_output:
             self.output_versions = tuple([o._version for o in outputs])
-        refs = []
         for o in outputs:
-            refs.append(weakref.ref(o))
             o.grad_fn = self
             o.requires_grad = True
             o.generation = generation + 1
-        self.outputs = tuple(refs)
+        self.outputs = tuple([weakref.ref(o) for o in outputs])
         if len(outputs) > 1:
             # An output may be garbage before backward runs; its zero gradient is then built
             # from the shape and dtype kept here.
@@ -132,6 +134,9 @@ def _named_error(cls, error: Exception, arrays) -> Exception:
         base = next(t for t in (ValueError, IndexError, TypeError) if isinstance(error, t))
         return base(message)
 
+
+# grad mode's switch, read once per op (grad_mode.is_grad_enabled without the extra call)
+_grad_enabled = grad_mode._enabled.get
 
 # Set by tinymeta.autograd.detect_anomaly() while it is active, None otherwise:
 # called as ``_forward_hook(fn, outputs)`` after every op's forward (recorded or not).

@@ -50,7 +50,11 @@ class Tensor:
         if type(array) is not np.ndarray and isinstance(array, np.generic):
             array = np.asarray(array)
         t = object.__new__(cls)
-        t._start(array, None)
+        # _start(array, None), inlined: every op output passes here
+        t.data = array
+        t.grad = t.grad_fn = t.name = t._hooks = None
+        t.generation = t._version = 0
+        t.requires_grad = False
         return t
 
     def _start(self, data, name) -> None:

@@ -13,9 +13,13 @@ derivatives of any order.
 
 from __future__ import annotations
 
+import operator
 import weakref
 
-from tinymeta.grad_mode import set_grad_enabled
+import numpy as np
+
+from tinymeta import grad_mode
+from tinymeta.backend import get_array_module
 from tinymeta.tensor import Tensor
 
 FREED_MESSAGE = (
@@ -133,8 +137,8 @@ def _roots_and_seeds(outputs, grad_outputs, caller: str):
 
 
 def _ones_like(array):
-    from tinymeta.backend import get_array_module
-
+    if type(array) is np.ndarray:  # np.ones_like's dispatch costs more than the array itself
+        return np.ones(array.shape, array.dtype)
     return get_array_module(array).ones_like(array)
 
 
@@ -156,7 +160,7 @@ def _collect(roots, targets):
     which a target can be reached are kept, and a Function whose generation is
     below every target's is not walked past: it cannot lead to one.
     """
-    min_target_generation = min((t.generation for t in targets.values()), default=0)
+    min_target_generation = min([t.generation for t in targets.values()]) if targets else 0
     seen = set()  # Functions hash by identity (only tensors redefine ==)
     order = []
     stack = [r.grad_fn for r in roots if r.grad_fn is not None]
@@ -168,10 +172,15 @@ def _collect(roots, targets):
         order.append(fn)
         if fn.generation < min_target_generation:
             continue
-        for _, creator in _edges(fn):
+        # The creators of fn's inputs (_edges(fn) without the tensors: the walk needs only these)
+        if fn.inputs is not None:
+            creators = [x.grad_fn for x in fn.inputs]
+        else:
+            creators = [creator for _, creator in fn.freed_edges]
+        for creator in creators:
             if creator is not None and creator not in seen:
                 stack.append(creator)
-    order.sort(key=lambda f: f.generation)  # an input's creator comes before its consumers
+    order.sort(key=_generation)  # an input's creator comes before its consumers
 
     if targets:
         needed = set()
@@ -181,10 +190,14 @@ def _collect(roots, targets):
                     needed.add(fn)
                     break
         order = [fn for fn in order if fn in needed]
-    if any(fn.inputs is None for fn in order):
-        raise RuntimeError(FREED_MESSAGE)
     order.reverse()
+    for fn in order:
+        if fn.inputs is None:
+            raise RuntimeError(FREED_MESSAGE)
     return order
+
+
+_generation = operator.attrgetter("generation")
 
 
 def _run(roots, root_grads, inputs, retain_graph, create_graph):
@@ -201,7 +214,8 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
     # Keep every output alive until its node has run: freeing a consumer node
     # drops its references to its inputs, which may be another node's outputs.
     for fn in order:
-        fn._held_outputs = tuple([ref() for ref in fn.outputs])
+        refs = fn.outputs
+        fn._held_outputs = (refs[0](),) if len(refs) == 1 else tuple([ref() for ref in refs])
     try:
         _propagate(order, grads, targets, result, retain_graph, create_graph)
     finally:
@@ -211,7 +225,7 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
     # What is left: gradients of leaves (backward) or of the requested inputs (grad).
     for key, (x, g) in grads.items():
         if inputs is None:
-            if x.is_leaf and x.requires_grad:
+            if x.grad_fn is None and x.requires_grad:  # a leaf that requires grad
                 result[key] = (x, _run_hooks(x, g))
         elif key in targets:
             result[key] = (x, _run_hooks(x, g))
@@ -223,31 +237,14 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
     hook = _backward_hook  # trace() / detect_anomaly() watch the backward rules through it
     if hook is not None:
         hook.begin_pass(create_graph=create_graph, retain_graph=retain_graph)
-    with set_grad_enabled(create_graph):
+    # set_grad_enabled(create_graph) as a bare token: no context-manager object per call.
+    mode = grad_mode._enabled.set(create_graph)
+    try:
         for fn in order:
-            outputs = fn._held_outputs
-            gys = []
-            for y in outputs:
-                entry = grads.pop(id(y), None) if y is not None else None
-                g = None
-                if entry is not None:
-                    g = _run_hooks(y, entry[1]) if y._hooks else entry[1]
-                    if id(y) in targets:
-                        result[id(y)] = (y, g)
-                gys.append(g)
-            if len(gys) == 1:
-                if gys[0] is None:  # no gradient reached this node
-                    _release(fn, retain_graph)
-                    continue
-            elif all(g is None for g in gys):
+            gys = _output_grads(fn, grads, targets, result)
+            if gys is None:  # no gradient reached this node
                 _release(fn, retain_graph)
                 continue
-            else:  # a missing output gradient of a multi-output op is zero (the output
-                # itself may be gone: nothing kept it alive)
-                gys = [
-                    g if g is not None else Tensor._wrap(fn.xp.zeros(shape, dtype))
-                    for g, (shape, dtype) in zip(gys, fn.output_specs)
-                ]
             # Only nodes that saved values can be invalidated by an in-place change.
             if fn.input_versions is not None or fn.output_versions is not None:
                 _check_versions(fn)
@@ -265,16 +262,56 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
             for x, gx, need in zip(fn.inputs, gxs, fn.needs_input_grad):
                 if gx is None or not need:
                     continue
-                if gx.data.dtype != x.data.dtype:  # e.g. float32 input used in a float64 op
-                    gx = gx.astype(x.dtype)
+                x_dtype, g_dtype = x.data.dtype, gx.data.dtype
+                # dtypes are compared by identity first: equal builtin dtypes are one object
+                if g_dtype is not x_dtype and g_dtype != x_dtype:  # e.g. float32 input in a
+                    gx = gx.astype(x_dtype)  # float64 op
                 if gx.data.shape != x.data.shape:
                     raise RuntimeError(
                         f"{fn.op_name()}.backward produced a gradient of shape {gx.shape} "
                         f"for an input of shape {x.shape}"
                     )
-                entry = grads.get(id(x))  # _accumulate(grads, x, gx), inlined: hot path
-                grads[id(x)] = (x, gx) if entry is None else (x, entry[1] + gx)
+                key = id(x)
+                entry = grads.get(key)  # _accumulate(grads, x, gx), inlined: hot path
+                grads[key] = (x, gx) if entry is None else (x, entry[1] + gx)
             _release(fn, retain_graph)
+    finally:
+        grad_mode._enabled.reset(mode)
+
+
+def _output_grads(fn, grads, targets, result):
+    """The gradients reaching ``fn``'s outputs (taken out of ``grads``), as a tuple for its
+    backward rule; None when none reached it. Hooks on the outputs run here, and a
+    gradient asked for by ``grad`` is put in ``result``."""
+    outputs = fn._held_outputs
+    if len(outputs) == 1:  # almost every op: one output, one dict look-up
+        y = outputs[0]
+        entry = grads.pop(id(y), None) if y is not None else None
+        if entry is None:
+            return None
+        g = _run_hooks(y, entry[1]) if y._hooks else entry[1]
+        if targets and id(y) in targets:
+            result[id(y)] = (y, g)
+        return (g,)
+    gys = []
+    for y in outputs:
+        entry = grads.pop(id(y), None) if y is not None else None
+        g = None
+        if entry is not None:
+            g = _run_hooks(y, entry[1]) if y._hooks else entry[1]
+            if id(y) in targets:
+                result[id(y)] = (y, g)
+        gys.append(g)
+    if all(g is None for g in gys):
+        return None
+    # A missing output gradient of a multi-output op is zero (the output itself may be
+    # gone: nothing kept it alive).
+    return tuple(
+        [
+            g if g is not None else Tensor._wrap(fn.xp.zeros(shape, dtype))
+            for g, (shape, dtype) in zip(gys, fn.output_specs)
+        ]
+    )
 
 
 def _accumulate(grads, x, g):
