@@ -138,7 +138,9 @@ def _roots_and_seeds(outputs, grad_outputs, caller: str):
 
 def _ones_like(array):
     if type(array) is np.ndarray:  # np.ones_like's dispatch costs more than the array itself
-        return np.ones(array.shape, array.dtype)
+        ones = np.empty(array.shape, array.dtype)
+        ones.fill(1)
+        return ones
     return get_array_module(array).ones_like(array)
 
 
@@ -185,7 +187,16 @@ def _collect(roots, targets):
     if targets:
         needed = set()
         for fn in order:
-            for x, creator in _edges(fn):
+            if fn.inputs is None:  # freed earlier: if it is on the way, the check below raises
+                edges = _edges(fn)
+            else:  # _edges(fn) without building the (tensor, creator) pairs: hot loop
+                edges = fn.inputs
+                for x in edges:
+                    if id(x) in targets or x.grad_fn in needed:
+                        needed.add(fn)
+                        break
+                continue
+            for x, creator in edges:
                 if creator in needed or (x is not None and id(x) in targets):
                     needed.add(fn)
                     break

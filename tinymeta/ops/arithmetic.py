@@ -174,6 +174,8 @@ def add_scaled(a, b, c):
 
 
 def mul(a, b):
+    if type(a) is Tensor and type(b) is Tensor:  # the common case, decided without calls
+        return Mul.apply(a, b)
     if _is_number(b) and _is_float_tensor(a):
         return Scale.apply(a, c=b)
     if _is_number(a) and _is_float_tensor(b):

@@ -3,6 +3,7 @@ read it from ``self.output`` instead of recomputing it."""
 
 from __future__ import annotations
 
+from tinymeta import kernels
 from tinymeta.function import Function
 from tinymeta.tensor import constant
 
@@ -102,7 +103,8 @@ class TanhGrad(Function):
     def backward(self, ggx):
         y, gy = self.inputs
         g_y = ggx * gy * (-2.0 * y) if self.needs_input_grad[0] else None
-        g_gy = ggx * (1.0 - y * y) if self.needs_input_grad[1] else None
+        # ggx * (1 - y**2) is this op's own forward: one node instead of three
+        g_gy = TanhGrad.apply(y, ggx) if self.needs_input_grad[1] else None
         return g_y, g_gy
 
 
@@ -130,7 +132,22 @@ class Relu(Function):
 
     def backward(self, gy):
         (x,) = self.inputs
-        return gy * constant(x.data > 0)  # the mask straight from the array: no compare op
+        return ReluGrad.apply(gy, x)
+
+
+class ReluGrad(Function):
+    """gx = gy * [x > 0], the ReLU's backward as one op;  ggy = ReluGrad(ggx, x), and no
+    gradient for x (the mask [x > 0] is flat wherever it is differentiable).
+
+    One kernel pass (tinymeta.kernels.relu_backward) instead of a mask array and a multiply.
+    """
+
+    def forward(self, gy, x):
+        return kernels.relu_backward(gy, x)
+
+    def backward(self, ggx):
+        _, x = self.inputs
+        return ReluGrad.apply(ggx, x), None
 
 
 def exp(x):

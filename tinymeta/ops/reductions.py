@@ -6,6 +6,7 @@ import builtins
 
 from tinymeta.backend import get_array_module
 from tinymeta.function import Function
+from tinymeta.grad_mode import is_grad_enabled
 from tinymeta.ops.shape import broadcast_to, reshape
 from tinymeta.tensor import constant
 
@@ -53,6 +54,13 @@ class Sum(Function):
         return self.xp.sum(x, axis=self.axes, keepdims=self.keepdims)
 
     def backward(self, gy):
+        if not (gy.requires_grad and is_grad_enabled()):
+            # Nothing will differentiate this gradient (a loss's seed, say): broadcast the
+            # array directly, skipping the BroadcastTo node that would not be recorded anyway.
+            g = gy.data
+            if not self.keepdims:
+                g = g.reshape(keepdims_shape(self.in_shape, self.axes))
+            return constant(self.xp.broadcast_to(g, self.in_shape))
         return expand_reduced(gy, self.in_shape, self.axes, self.keepdims)
 
 
