@@ -6,10 +6,15 @@ signature and results:
   ``reference``   vectorized NumPy (and CuPy: the same code runs on device arrays)
   ``numba_impl``  Numba-compiled loops, CPU only
 
-The environment variable ``TINYMETA_KERNELS`` picks one when this package is imported:
-``numba`` (the default, when Numba imports) or ``numpy`` (the reference). ``backend()`` says
-which is active and ``set_backend(name)`` switches (tests and benchmarks compare the two).
-CuPy arrays always go to the reference, whatever the backend.
+The environment variable ``TINYMETA_KERNELS`` picks one: ``numba`` (the default, when Numba
+imports) or ``numpy`` (the reference). ``backend()`` says which is active and
+``set_backend(name)`` switches (tests and benchmarks compare the two). CuPy arrays always go to
+the reference, whatever the backend.
+
+Numba is imported on the first kernel call, not with this package: its import and set-up take
+about half a second, which ``import tinymeta`` (and code that never calls a kernel) should not
+pay. Each kernel's machine code then comes from Numba's on-disk cache (``cache=True``), one
+signature at a time as calls need it.
 
 The functions below check their arguments, bring per-channel parameters to the shape the
 implementations expect and dispatch:
@@ -25,6 +30,8 @@ implementations expect and dispatch:
   col2im(cols, h, w, sh, sw, ph, pw) -> gx                      gx: (N, C, h, w)
   softmax_xent_forward(logits, labels) -> loss, probs           logits: (N, C)
   softmax_xent_backward(probs, labels, gloss) -> glogits
+  relu_backward(gy, x) -> gx                                    any shape
+  sgd_update_(param, grad, lr) -> param (updated in place)      any shape
 """
 
 from __future__ import annotations
@@ -50,18 +57,29 @@ def _load(name: str):
 
 def _initial_backend():
     name = os.environ.get("TINYMETA_KERNELS", "numba").strip().lower() or "numba"
-    try:
-        return _load(name)
-    except ImportError:  # no (working) Numba: the reference is always there
-        return reference
+    if name not in _BACKENDS:  # a typo fails now, not at the first kernel call
+        raise ValueError(f"TINYMETA_KERNELS must be one of {_BACKENDS}, got {name!r}")
+    return name
 
 
-_impl = _initial_backend()
+_requested = _initial_backend()
+_impl = None  # the module, loaded by _active() on the first kernel call
+
+
+def _active():
+    """The implementation module; the first call imports it (and with it Numba)."""
+    global _impl
+    if _impl is None:
+        try:
+            _impl = _load(_requested)
+        except ImportError:  # no (working) Numba: the reference is always there
+            _impl = reference
+    return _impl
 
 
 def backend() -> str:
     """The active implementation: ``"numba"`` or ``"numpy"``."""
-    return "numpy" if _impl is reference else "numba"
+    return "numpy" if _active() is reference else "numba"
 
 
 def set_backend(name: str) -> str:
@@ -74,7 +92,7 @@ def set_backend(name: str) -> str:
 
 def _impl_for(array):
     """Numba loops run on host arrays only: device (CuPy) arrays take the reference."""
-    return _impl if isinstance(array, np.ndarray) else reference
+    return (_impl or _active()) if isinstance(array, np.ndarray) else reference
 
 
 def _check_float(op: str, **arrays) -> np.dtype:
@@ -299,3 +317,30 @@ def softmax_xent_backward(probs, labels, gloss):
         )
     _check_labels("softmax_xent_backward", labels, *probs.shape)
     return _impl_for(probs).softmax_xent_backward(probs, labels, gloss)
+
+
+# --- elementwise steps of a training loop ---------------------------------------------------
+
+
+def _check_same_shape(op: str, a_name: str, a, b_name: str, b):
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{op}: expected arrays of one shape, got {a_name} {tuple(a.shape)} and "
+            f"{b_name} {tuple(b.shape)}"
+        )
+
+
+# These two take any dtype (a float16 model still trains): the Numba loops run for float32
+# and float64, every other dtype (or a mix) takes the reference.
+
+
+def relu_backward(gy, x):
+    """gx = gy * [x > 0]: the ReLU's gradient (zero where x <= 0), in gy's dtype."""
+    _check_same_shape("relu_backward", "gy", gy, "x", x)
+    return _impl_for(gy).relu_backward(gy, x)
+
+
+def sgd_update_(param, grad, lr: float):
+    """param -= lr * grad, in place (with lr in param's dtype); returns param."""
+    _check_same_shape("sgd_update_", "param", param, "grad", grad)
+    return _impl_for(param).sgd_update_(param, grad, lr)

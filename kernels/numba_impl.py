@@ -486,3 +486,81 @@ def softmax_xent_backward(probs, labels, gloss):
         glogits,
     )
     return glogits
+
+
+# --- elementwise steps of a training loop -----------------------------------------------------
+#
+# NumPy spells these as two passes with a temporary array in between (the mask x > 0, or
+# lr * grad); each loop below reads its inputs and writes its output once. They run on flat
+# views in memory order, so any dense layout (C order, channels-last) works without a copy;
+# other layouts and mixed dtypes take the reference.
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# Below this many elements NumPy's two passes cost less than a call into compiled code
+# (about 5 us of argument checks and dispatch; measured on W3's bias vectors).
+_SMALL = 4096
+
+
+def _memory_order(a):
+    """a's axes from the slowest- to the fastest-varying in memory."""
+    return sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
+
+
+def _flat_views(a, b):
+    """1-D views of a and b, element k of one at the same index as element k of the other,
+    when they have one float dtype (float32 or float64) and one dense memory layout and are
+    not small; None otherwise (mixed dtypes, layouts that differ or are not dense, e.g.
+    broadcast)."""
+    if a.dtype not in _FLOATS or a.dtype != b.dtype or a.size < _SMALL:
+        return None
+    if a.flags.c_contiguous and b.flags.c_contiguous:
+        return a.reshape(-1), b.reshape(-1)
+    order = _memory_order(a)
+    a, b = a.transpose(order), b.transpose(order)
+    if not (a.flags.c_contiguous and b.flags.c_contiguous):
+        return None
+    return a.reshape(-1), b.reshape(-1)
+
+
+def _empty_in_layout_of(a):
+    """An uninitialised array shaped like ``a`` and laid out like it in memory, with a flat
+    view in that memory order."""
+    if a.flags.c_contiguous:
+        out = np.empty(a.shape, a.dtype)
+        return out, out.reshape(-1)
+    order = _memory_order(a)
+    out = np.empty([a.shape[axis] for axis in order], a.dtype)
+    return out.transpose(np.argsort(order)), out.reshape(-1)
+
+
+@numba.njit(cache=True)
+def _relu_backward_flat(gy, x, gx):
+    zero = x.dtype.type(0.0)
+    for k in range(gy.size):
+        gx[k] = gy[k] * (x[k] > zero)  # a multiply, as the reference: a NaN in gy stays NaN
+
+
+def relu_backward(gy, x):
+    """See ``reference.relu_backward``: gx in gy's dtype and memory layout."""
+    flat = _flat_views(gy, x)
+    if flat is None:
+        return reference.relu_backward(gy, x)
+    gx, gx_flat = _empty_in_layout_of(gy)
+    _relu_backward_flat(*flat, gx_flat)
+    return gx
+
+
+@numba.njit(cache=True)
+def _sgd_update_flat(param, grad, lr):
+    for k in range(param.size):
+        param[k] -= lr * grad[k]
+
+
+def sgd_update_(param, grad, lr: float):
+    """See ``reference.sgd_update_``: param -= lr * grad in place, one pass over memory."""
+    flat = _flat_views(param, grad)
+    if flat is None:
+        return reference.sgd_update_(param, grad, lr)
+    _sgd_update_flat(*flat, param.dtype.type(lr))
+    return param

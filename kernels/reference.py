@@ -218,3 +218,18 @@ def softmax_xent_backward(probs, labels, gloss):
     rows = xp.arange(probs.shape[0])
     g[rows, labels] -= gloss
     return g
+
+
+# --- elementwise steps of a training loop ---------------------------------------------------
+
+
+def relu_backward(gy, x):
+    """gx = gy * [x > 0]: the ReLU's gradient; the derivative at 0 is taken as 0."""
+    return gy * (x > 0)
+
+
+def sgd_update_(param, grad, lr: float):
+    """param -= lr * grad, in place, with lr rounded to param's dtype first (what
+    ``param -= lr * grad`` does for a Python float lr); returns param."""
+    param -= param.dtype.type(lr) * grad
+    return param

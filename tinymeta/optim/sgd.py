@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tinymeta import kernels
 from tinymeta.optim.optimizer import Optimizer, check_number
 from tinymeta.tensor import Tensor
 
@@ -64,4 +65,7 @@ class SGD(Optimizer):
                 dampening = group["dampening"]
                 buf += grad if dampening == 0 else (1 - dampening) * grad
             grad = grad + momentum * buf if group["nesterov"] else buf
-        param.add_(grad, alpha=-lr)
+        # theta -= gamma * g in one pass over memory (a kernel): NumPy's param -= lr * grad
+        # first writes lr * grad to a temporary array and reads it back.
+        kernels.sgd_update_(param.data, grad, lr)
+        param._bump()  # an in-place change, like add_: graphs that saved param can tell
