@@ -14,7 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tinymeta.kernels import reference
 
+import tinymeta as tm
 from tinymeta import kernels
+from tinymeta.testing import check_grads
+from tinymeta.testing import strategies as tms
 
 numba_impl = pytest.importorskip("tinymeta.kernels.numba_impl")
 
@@ -383,6 +386,152 @@ def test_softmax_xent_reference_matches_the_definition_and_is_stable():
     np.testing.assert_allclose(g[1], 2.0 * (probs[1] - np.eye(3)[1]))
 
 
+# --- elementwise steps: ReLU backward, SGD update -----------------------------------------------
+
+
+class _loops_for_any_size:
+    """Within this context the Numba loops also run on small arrays (they normally hand
+    arrays under ``numba_impl._SMALL`` elements to the reference), so that Hypothesis' small
+    shapes exercise them."""
+
+    def __enter__(self):
+        self.saved, numba_impl._SMALL = numba_impl._SMALL, 0
+
+    def __exit__(self, *exc):
+        numba_impl._SMALL = self.saved
+        return False
+
+
+@st.composite
+def same_layout_pair(draw):
+    """Two arrays of one shape, dtype and layout (contiguous, channels-last or strided), with
+    zeros, NaN and infinities among the values."""
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=4)))
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(LAYOUTS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf])
+    pair = []
+    for _ in range(2):
+        a = rng.standard_normal(shape)
+        a.flat[rng.integers(0, a.size, a.size // 4)] = rng.choice(special, a.size // 4)
+        pair.append(_in_layout(a.astype(dtype), layout, channel_axis=len(shape) - 1))
+    return pair[0], pair[1], dtype
+
+
+@given(case=same_layout_pair())
+def test_relu_backward_numba_matches_reference_bit_for_bit(case):
+    gy, x, dtype = case
+    with _loops_for_any_size():
+        gx = numba_impl.relu_backward(gy, x)
+    expected = reference.relu_backward(gy, x)
+    assert gx.dtype == np.dtype(dtype) and gx.shape == x.shape
+    np.testing.assert_array_equal(gx, expected)  # NaN where the reference has NaN
+    assert (np.signbit(gx) == np.signbit(expected)).all()
+    # The reference is the definition: gy where x > 0, gy * 0 elsewhere.
+    np.testing.assert_array_equal(expected, np.where(x > 0, gy, gy * 0))
+
+
+@given(case=same_layout_pair(), lr=st.floats(1e-4, 10.0))
+def test_sgd_update_numba_matches_reference_bit_for_bit(case, lr):
+    param, grad, dtype = case
+    start = param.copy()
+    with _loops_for_any_size():
+        out = numba_impl.sgd_update_(param, grad, lr)
+    assert out is param and param.dtype == np.dtype(dtype)  # updated in place
+    expected = start.copy()
+    expected -= lr * grad  # NumPy's own in-place update, with a Python float lr
+    np.testing.assert_array_equal(param, expected)
+    np.testing.assert_array_equal(reference.sgd_update_(start, grad, lr), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_kernels_on_big_arrays_and_in_channels_last_layout(dtype):
+    """Above the small-array cut-off, without the test hook: the compiled loops themselves,
+    and an output laid out like gy (a channels-last gradient stays channels-last)."""
+    rng = np.random.default_rng(5)
+    shape = (4, 16, 9, 9)  # 5184 elements, above numba_impl._SMALL
+    assert np.prod(shape) >= numba_impl._SMALL
+    gy = _in_layout(rng.standard_normal(shape).astype(dtype), "channels_last", channel_axis=1)
+    x = _in_layout(rng.standard_normal(shape).astype(dtype), "channels_last", channel_axis=1)
+    gx = numba_impl.relu_backward(gy, x)
+    np.testing.assert_array_equal(gx, gy * (x > 0))
+    assert gx.strides == gy.strides
+    param = x.copy(order="K")
+    numba_impl.sgd_update_(param, gy, 0.3)
+    np.testing.assert_array_equal(param, x - dtype(0.3) * gy)
+
+
+def test_elementwise_kernels_take_the_reference_for_other_dtypes_and_mixed_layouts():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((70, 70))  # float64, 4900 elements
+    for gy in (
+        x.astype(np.float16),  # no loop compiled for float16
+        x.astype(np.float32),  # mixed dtypes
+        np.asfortranarray(x),  # a layout unlike x's
+        np.broadcast_to(x[:1], x.shape),  # not dense
+    ):
+        np.testing.assert_array_equal(numba_impl.relu_backward(gy, x), gy * (x > 0))
+    param = x.astype(np.float16)
+    expected = param.copy()
+    expected -= 0.5 * x  # a float64 step, rounded to float16 in place
+    np.testing.assert_array_equal(numba_impl.sgd_update_(param, x, 0.5), expected)
+
+
+@given(
+    x=tms.arrays(tms.shapes(max_dims=2, max_side=4), elements=st.floats(0.1, 3.0)),
+    signs=st.integers(0, 2**16),
+)
+def test_relu_grad_is_exact_to_third_order(x, signs):
+    """ReluGrad (the ReLU's backward op) against finite differences at orders 1, 2 and 3,
+    away from the kink at 0 (where the derivative is taken as 0)."""
+    x = x * np.where(np.random.default_rng(signs).random(x.shape) < 0.5, -1.0, 1.0)
+
+    def cubic_through_relu(t):
+        r = tm.relu(t)
+        return r * r * r + 2.0 * r  # curved, so the derivatives of every order are not 0
+
+    assert check_grads(cubic_through_relu, [tm.tensor(x)], order=3)
+
+
+def test_relu_backward_is_one_relu_grad_node_in_a_recorded_graph():
+    x = tm.tensor(np.array([-1.0, 0.5, 2.0]), requires_grad=True)
+    (g,) = tm.grad((tm.relu(x) ** 2).sum(), x, create_graph=True)
+    np.testing.assert_array_equal(g.numpy(), [0.0, 1.0, 4.0])
+    assert type(g.grad_fn).__name__ == "ReluGrad"
+    (gg,) = tm.grad(g.sum(), x)  # d/dx sum(2 relu(x) [x > 0]) = 2 [x > 0]
+    np.testing.assert_array_equal(gg.numpy(), [0.0, 2.0, 2.0])
+
+
+# --- start-up: Numba is loaded by the first kernel call, from its cache ---------------------------
+
+
+def test_numba_is_imported_by_the_first_kernel_call_not_by_import():
+    code = (
+        "import sys, numpy as np, tinymeta, tinymeta.nn, tinymeta.optim\n"
+        "from tinymeta import kernels\n"
+        "before = 'numba' in sys.modules\n"
+        "kernels.softmax_xent_forward(np.zeros((2, 3)), np.zeros(2, np.int64))\n"
+        "print(before, 'numba' in sys.modules, kernels.backend())\n"
+    )
+    env = dict(os.environ, TINYMETA_KERNELS="numba")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["False", "True", "numba"]
+
+
+def test_every_numba_kernel_is_cached_on_disk():
+    import numba.core.caching
+
+    dispatchers = [
+        f for f in vars(numba_impl).values() if isinstance(f, numba.core.dispatcher.Dispatcher)
+    ]
+    assert len(dispatchers) >= 14
+    for f in dispatchers:
+        assert isinstance(f._cache, numba.core.caching.FunctionCache), f.__name__
+
+
 # --- backend selection and errors --------------------------------------------------------------
 
 
@@ -449,3 +598,7 @@ def test_kernel_argument_errors_name_the_kernel_and_shapes():
         kernels.col2im(np.zeros((1, 3, 4, 3, 3, 2)), 4, 4, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="softmax_xent_forward: expected 2 integer labels"):
         kernels.softmax_xent_forward(np.zeros((2, 3)), np.zeros(2))
+    with pytest.raises(ValueError, match=r"relu_backward: .* gy \(2, 3\) and x \(3, 2\)"):
+        kernels.relu_backward(np.zeros((2, 3)), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"sgd_update_: .* param \(4,\) and grad \(1, 4\)"):
+        kernels.sgd_update_(np.zeros(4), np.zeros((1, 4)), 0.1)

@@ -276,6 +276,38 @@ def test_step_bumps_version_and_stale_graph_refuses_backward():
         tm.grad(saved, w)
 
 
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_on_big_float32_params_is_numpys_update_bit_for_bit(backend, momentum):
+    """Parameters big enough for the compiled update (tinymeta.kernels.sgd_update_), float32,
+    against NumPy's ``p -= lr * g`` with the same rounding, under both kernel backends."""
+    from tinymeta import kernels
+
+    rng = np.random.default_rng(1)
+    w = tm.tensor(rng.standard_normal((64, 100)).astype(np.float32), requires_grad=True)
+    target = rng.standard_normal((64, 100)).astype(np.float32)
+    expected, buf = w.numpy().copy(), None
+    previous = kernels.set_backend(backend)
+    try:
+        opt = SGD([w], lr=0.01, momentum=momentum)
+        for _ in range(3):
+            opt.zero_grad()
+            ((w - tm.tensor(target)) ** 2).sum().backward()
+            g = w.grad.numpy()
+            np.testing.assert_array_equal(g, 2 * (expected - target))  # same start each step
+            if momentum:
+                buf = g.copy() if buf is None else buf * np.float32(momentum) + g
+                g = buf
+            version = w._version
+            opt.step()
+            expected -= 0.01 * g
+            assert w._version > version
+            assert w.dtype == np.float32
+            np.testing.assert_array_equal(w.numpy(), expected)
+    finally:
+        kernels.set_backend(previous)
+
+
 def test_step_does_not_modify_grad_arrays():
     w, b = fresh_params()
     opt = SGD([w, b], lr=0.1, momentum=0.9, weight_decay=0.1)
