@@ -8,6 +8,7 @@ recorded and differentiated (the engine decides, with grad mode).
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import numpy as np
@@ -83,21 +84,18 @@ class Function:
     def _record(self, tensors, needs, outputs):
         self.inputs = tensors = tuple(tensors)
         self.needs_input_grad = needs
-        if len(tensors) == 1:  # max() of one generation, without building a list
-            generation = tensors[0].generation
-        else:
-            generation = max([t.generation for t in tensors])
-        self.generation = generation
+        # map() with attrgetter instead of comprehensions: no Python frame per op
+        self.generation = generation = max(map(_generation_of, tensors))
         # Versions are checked in backward only for what backward reads (see saves_inputs).
         if self.saves_inputs:
-            self.input_versions = tuple([t._version for t in tensors])
+            self.input_versions = tuple(map(_version_of, tensors))
         if self.saves_output:
-            self.output_versions = tuple([o._version for o in outputs])
+            self.output_versions = tuple(map(_version_of, outputs))
         for o in outputs:
             o.grad_fn = self
             o.requires_grad = True
             o.generation = generation + 1
-        self.outputs = tuple([weakref.ref(o) for o in outputs])
+        self.outputs = tuple(map(weakref.ref, outputs))
         if len(outputs) > 1:
             # An output may be garbage before backward runs; its zero gradient is then built
             # from the shape and dtype kept here.
@@ -134,6 +132,9 @@ def _named_error(cls, error: Exception, arrays) -> Exception:
         base = next(t for t in (ValueError, IndexError, TypeError) if isinstance(error, t))
         return base(message)
 
+
+_generation_of = operator.attrgetter("generation")
+_version_of = operator.attrgetter("_version")
 
 # grad mode's switch, read once per op (grad_mode.is_grad_enabled without the extra call)
 _grad_enabled = grad_mode._enabled.get
