@@ -176,7 +176,7 @@ def _collect(roots, targets):
             continue
         # The creators of fn's inputs (_edges(fn) without the tensors: the walk needs only these)
         if fn.inputs is not None:
-            creators = [x.grad_fn for x in fn.inputs]
+            creators = map(_grad_fn_of, fn.inputs)
         else:
             creators = [creator for _, creator in fn.freed_edges]
         for creator in creators:
@@ -209,6 +209,8 @@ def _collect(roots, targets):
 
 
 _generation = operator.attrgetter("generation")
+_grad_fn_of = operator.attrgetter("grad_fn")
+_version_of = operator.attrgetter("_version")
 
 
 def _run(roots, root_grads, inputs, retain_graph, create_graph):
@@ -349,7 +351,8 @@ def _run_hooks(x, g):
 def _check_versions(fn):
     """Refuse to differentiate through inputs (or, for ops whose backward reads it, the
     output) that were changed in place after the forward."""
-    if fn.input_versions is not None:
+    # One tuple comparison in C first; the loop below finds which input changed.
+    if fn.input_versions is not None and tuple(map(_version_of, fn.inputs)) != fn.input_versions:
         for i, (x, v) in enumerate(zip(fn.inputs, fn.input_versions)):
             if x._version != v:
                 _version_error(fn, "input", i, x, v)
@@ -372,7 +375,8 @@ def _release(fn, retain_graph):
     if not retain_graph:
         # Drop the saved tensors (their arrays can now be freed); keep only
         # where the edges led, so that a second backward can say what is wrong.
-        fn.freed_edges = tuple([(weakref.ref(x), x.grad_fn) for x in fn.inputs])
+        inputs = fn.inputs
+        fn.freed_edges = tuple(zip(map(weakref.ref, inputs), map(_grad_fn_of, inputs)))
         fn.inputs = None
 
 
