@@ -1,6 +1,7 @@
 """Kernels: start-up cost, fused batch norm against the composed one, Numba against NumPy.
 
     python benchmarks/bench_kernels.py [--threads 1 --clock cpu] [--repeats 15] [--w2]
+    python benchmarks/bench_kernels.py --startup-only
 
 Prints (a) ``import tinymeta`` plus the first call of every kernel (float32 and float64) in a
 fresh process, with an empty Numba cache (the compile time) and again with it warm (the
@@ -37,8 +38,11 @@ import time
 t0 = time.perf_counter()
 import numpy as np
 import tinymeta
+import tinymeta.nn
 from tinymeta import kernels
 t1 = time.perf_counter()
+kernels.softmax_xent_forward(np.ones((3, 5)), np.zeros(3, np.int64))  # imports Numba
+t2 = time.perf_counter()
 for dt in (np.float32, np.float64):
     x = np.ones((1, 2, 3, 4), dt)
     p = np.ones(3, dt)
@@ -46,29 +50,76 @@ for dt in (np.float32, np.float64):
     kernels.bn_stats(x, 1e-5)
     kernels.bn_backward(x, x, mean, inv_std, p)
     kernels.bn_double_backward(x, x, mean, inv_std, p, ggx=x, ggw=p, ggb=p)
-    kernels.maxpool2d_argmax(np.ones((1, 2, 4, 4), dt), 2, 2, 2, 2)
+    for k in (2, 3):  # the 2x2 loops and the general ones
+        image = np.ones((1, 2, 6, 6), dt)
+        y, argmax = kernels.maxpool2d_argmax(image, k, k, k, k)
+        kernels.maxpool2d_scatter(y, argmax, k, k, k, k, 6, 6)
+        kernels.maxpool2d_gather(image, argmax, k, k, k, k)
+    kernels.col2im(kernels.im2col(image, 3, 3, 1, 1, 1, 1), 6, 6, 1, 1, 1, 1)
     loss, probs = kernels.softmax_xent_forward(np.ones((3, 5), dt), np.zeros(3, np.int64))
     kernels.softmax_xent_backward(probs, np.zeros(3, np.int64), loss)
-t2 = time.perf_counter()
-print(f"{t1 - t0:.3f} {t2 - t0:.3f} {kernels.backend()}")
+    big = np.ones(8192, dt)  # above the size where these hand over to NumPy
+    kernels.relu_backward(big, big)
+    kernels.sgd_update_(big, big, 0.1)
+t3 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t2 - t1:.3f} {t3 - t0:.3f} {kernels.backend()}")
 """
 
 
-def first_call_times(threads: int) -> None:
+# Numba's own share of the start-up: its import, and the set-up its first call runs (the
+# typing and lowering registries, even when the code comes from the cache), with one trivial
+# cached function.
+NUMBA_ALONE = """
+import time
+t0 = time.perf_counter()
+import numpy as np
+import trivial_kernel
+trivial_kernel.add_one(np.ones(3))
+print(f"{time.perf_counter() - t0:.3f}")
+"""
+
+TRIVIAL_KERNEL = """
+import numba
+
+@numba.njit(cache=True)
+def add_one(x):
+    return x + 1.0
+"""
+
+
+def _run_fresh(code: str, env: dict) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return out.stdout.split()
+
+
+def first_call_times(threads: int, warm_runs: int = 5) -> None:
     print("(a) import tinymeta + first call of every kernel (fresh process, seconds)")
+    print("  import: tinymeta, tinymeta.nn and tinymeta.kernels; first call: the first kernel")
+    print("  call, which imports and sets up Numba; total: import + every kernel, both dtypes")
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, TINYMETA_KERNELS="numba")
-        for label in ("cold cache (compiles)", "warm cache", "warm cache, again"):
-            out = subprocess.run(
-                [sys.executable, "-c", FIRST_CALLS], env=env, capture_output=True, text=True
-            )
-            if out.returncode:
-                raise RuntimeError(out.stderr)
-            imported, total, backend = out.stdout.split()
+        totals = []
+        for run in range(1 + warm_runs):
+            imported, first, total, backend = _run_fresh(FIRST_CALLS, env)
+            label = "cold cache (compiles)" if run == 0 else f"warm cache, run {run}"
             print(
-                f"  {label:24s} import {float(imported):6.2f}  import + first calls "
-                f"{float(total):6.2f}  ({backend})"
+                f"  {label:24s} import {float(imported):5.2f}  first call {float(first):5.2f}  "
+                f"total {float(total):6.2f}  ({backend})"
             )
+            totals.append(float(total))
+        warm = sorted(totals[1:])
+        print(f"  warm total: median {median(warm):.2f}, best {warm[0]:.2f} (target: under 2 s)")
+        with open(os.path.join(cache, "trivial_kernel.py"), "w") as f:
+            f.write(TRIVIAL_KERNEL)
+        env["PYTHONPATH"] = os.pathsep.join([cache, env.get("PYTHONPATH", "")])
+        _run_fresh(NUMBA_ALONE, env)  # compiles it into the cache
+        alone = sorted(float(_run_fresh(NUMBA_ALONE, env)[0]) for _ in range(warm_runs))
+        print(
+            f"  numpy + Numba alone (import, one cached trivial function): median "
+            f"{median(alone):.2f}, best {alone[0]:.2f}"
+        )
 
 
 def composed_batch_norm(x, w, b, eps=1e-5):
@@ -267,6 +318,7 @@ def w2_cases(args):
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], repeats=15, warmup=3)
     parser.add_argument("--skip-startup", action="store_true", help="skip (a)")
+    parser.add_argument("--startup-only", action="store_true", help="only (a)")
     parser.add_argument("--w2", action="store_true", help="also (d), W2's meta-iteration")
     args = parser.parse_args()
     threads = setup_threads(args.threads)
@@ -279,6 +331,8 @@ def main() -> None:
     print(describe_machine(threads, args.clock), f"kernels: {kernels.backend()}")
     if not args.skip_startup:
         first_call_times(threads)
+    if args.startup_only:
+        return
     start = time.perf_counter()
     samples = batch_norm_cases(np, tm, F, args)
     samples.update(cross_entropy_cases(np, tm, F, args))
