@@ -43,7 +43,7 @@ class Function:
 
     inputs = None
     outputs = None
-    xp = None
+    xp = np  # the array module of the inputs; set per node only for CuPy ones
     input_versions = None  # set by _record when saves_inputs
     output_versions = None  # set by _record when saves_output
 
@@ -60,13 +60,13 @@ class Function:
             arrays.append(t.data)
             needs.append(t.requires_grad)
         else:
-            fn.xp = np
-            tensors = inputs
+            tensors = inputs  # host arrays: fn.xp stays the class default, NumPy
         if len(arrays) != len(inputs):
             tensors = as_tensor_like(inputs, cls.__name__)
             arrays = [t.data for t in tensors]
             needs = [t.requires_grad for t in tensors]
-            fn.xp = get_array_module(arrays[0])
+            if type(arrays[0]) is not np.ndarray:
+                fn.xp = get_array_module(arrays[0])
         try:
             ys = fn.forward(*arrays)
         except (ValueError, IndexError, TypeError) as e:

@@ -286,7 +286,12 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                     )
                 key = id(x)
                 entry = grads.get(key)  # _accumulate(grads, x, gx), inlined: hot path
-                grads[key] = (x, gx) if entry is None else (x, entry[1] + gx)
+                if entry is None:
+                    grads[key] = (x, gx)
+                elif create_graph:
+                    grads[key] = (x, entry[1] + gx)
+                else:  # grad mode is off, so no Add node would be recorded: add the arrays
+                    grads[key] = (x, Tensor._wrap(entry[1].data + gx.data))
             _release(fn, retain_graph)
     finally:
         grad_mode._enabled.reset(mode)
