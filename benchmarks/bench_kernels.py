@@ -98,27 +98,26 @@ def first_call_times(threads: int, warm_runs: int = 5) -> None:
     print("(a) import tinymeta + first call of every kernel (fresh process, seconds)")
     print("  import: tinymeta, tinymeta.nn and tinymeta.kernels; first call: the first kernel")
     print("  call, which imports and sets up Numba; total: import + every kernel, both dtypes")
+    print("  Numba alone: numpy + Numba's import + one cached trivial function, in the same runs")
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, TINYMETA_KERNELS="numba")
-        totals = []
-        for run in range(1 + warm_runs):
+        with open(os.path.join(cache, "trivial_kernel.py"), "w") as f:
+            f.write(TRIVIAL_KERNEL)
+        alone_env = dict(env, PYTHONPATH=os.pathsep.join([cache, env.get("PYTHONPATH", "")]))
+        totals, alone = [], []
+        for run in range(1 + warm_runs):  # alternated, so that both see the same load
             imported, first, total, backend = _run_fresh(FIRST_CALLS, env)
+            alone.append(float(_run_fresh(NUMBA_ALONE, alone_env)[0]))
             label = "cold cache (compiles)" if run == 0 else f"warm cache, run {run}"
             print(
                 f"  {label:24s} import {float(imported):5.2f}  first call {float(first):5.2f}  "
-                f"total {float(total):6.2f}  ({backend})"
+                f"total {float(total):6.2f}  ({backend}); Numba alone {alone[-1]:5.2f}"
             )
             totals.append(float(total))
-        warm = sorted(totals[1:])
-        print(f"  warm total: median {median(warm):.2f}, best {warm[0]:.2f} (target: under 2 s)")
-        with open(os.path.join(cache, "trivial_kernel.py"), "w") as f:
-            f.write(TRIVIAL_KERNEL)
-        env["PYTHONPATH"] = os.pathsep.join([cache, env.get("PYTHONPATH", "")])
-        _run_fresh(NUMBA_ALONE, env)  # compiles it into the cache
-        alone = sorted(float(_run_fresh(NUMBA_ALONE, env)[0]) for _ in range(warm_runs))
+        warm, alone = sorted(totals[1:]), sorted(alone[1:])
         print(
-            f"  numpy + Numba alone (import, one cached trivial function): median "
-            f"{median(alone):.2f}, best {alone[0]:.2f}"
+            f"  warm total: median {median(warm):.2f}, best {warm[0]:.2f} (target: under 2 s); "
+            f"Numba alone: median {median(alone):.2f}, best {alone[0]:.2f}"
         )
 
 
