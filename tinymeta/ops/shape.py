@@ -17,9 +17,10 @@ def sum_to_array(xp, x, shape: tuple):
         return x
     lead = x.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(
-        lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1
+        [lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1]
     )
-    y = xp.sum(x, axis=axes, keepdims=True) if axes else x
+    # The array's own .sum (NumPy and CuPy alike) skips np.sum's Python wrapper.
+    y = x.sum(axis=axes, keepdims=True) if axes else x
     return y.reshape(shape) if lead else y
 
 
