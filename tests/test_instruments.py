@@ -590,7 +590,8 @@ def test_anomaly_for_a_node_made_outside_the_block():
 SAVES = {
     "Add": "", "Sub": "", "Neg": "", "Mul": "in", "Scale": "", "AddScaled": "", "Div": "in out",
     "PowConst": "in", "Pow": "in out", "Exp": "out", "Log": "in", "Sqrt": "out", "Sin": "in",
-    "Cos": "in", "Tanh": "out", "TanhGrad": "in", "Sigmoid": "out", "Relu": "in", "Abs": "in",
+    "Cos": "in", "Tanh": "out", "TanhGrad": "in",
+    "TanhGradGrad": "in", "Sigmoid": "out", "Relu": "in", "Abs": "in",
     "Sum": "", "Max": "in out", "Min": "in out", "MatMul": "in", "Einsum": "in",
     "Reshape": "", "Transpose": "", "BroadcastTo": "", "SumTo": "", "GetItem": "",
     "ScatterAdd": "", "Concatenate": "", "Where": "", "Maximum": "in", "Minimum": "in",

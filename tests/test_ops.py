@@ -731,3 +731,30 @@ def test_matmul_backward_uses_no_transpose_nodes():
         assert all(
             t.grad_fn is None or t.grad_fn.op_name() != "Transpose" for t in g.grad_fn.inputs
         )
+
+
+@settings(deadline=None, max_examples=10)
+@given(data=st.data())
+def test_tanh_grad_rules_to_third_order(data):
+    """TanhGrad (gy * (1 - y**2)) and its y-derivative TanhGradGrad (-2 y gy ggx), the
+    fused nodes of tanh's higher derivatives: values and three orders of gradients in
+    every input."""
+    from tinymeta.ops.elementwise import TanhGrad, TanhGradGrad
+
+    shape = data.draw(tms.shapes(min_dims=0, max_dims=3, max_side=3))
+    y, gy, ggx = (data.draw(tms.arrays(shape)) for _ in range(3))
+    tensors = [tm.tensor(a) for a in (y, gy, ggx)]
+    np.testing.assert_allclose(TanhGrad.apply(*tensors[:2]).numpy(), gy * (1 - y * y))
+    np.testing.assert_allclose(TanhGradGrad.apply(*tensors).numpy(), -2 * y * gy * ggx)
+    assert check_grads(TanhGrad.apply, tensors[:2], order=3)
+    assert check_grads(TanhGradGrad.apply, tensors, order=3)
+
+
+def test_square_backward_is_one_product_for_both_inputs():
+    """x * x hands gy * x to both inputs (computed once); the sum is 2 x gy, at any order."""
+    x = tm.tensor(np.array([0.5, -1.5, 2.0]), requires_grad=True)
+    (g,) = tm.grad((x * x).sum(), x, create_graph=True)
+    np.testing.assert_allclose(g.numpy(), 2 * x.numpy())
+    (h,) = tm.grad((g * g).sum(), x)
+    np.testing.assert_allclose(h.numpy(), 8 * x.numpy())
+    assert check_grads(lambda t: t * t, [x], order=3)

@@ -48,6 +48,9 @@ class Mul(Function):
 
     def backward(self, gy):
         a, b = self.inputs
+        if a is b:  # y = a * a: both gradients are gy * a (the engine adds them), made once
+            ga = gy * a
+            return ga, ga
         ga = sum_to(gy * b, a.shape) if self.needs_input_grad[0] else None
         gb = sum_to(gy * a, b.shape) if self.needs_input_grad[1] else None
         return ga, gb

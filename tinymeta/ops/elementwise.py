@@ -102,10 +102,26 @@ class TanhGrad(Function):
 
     def backward(self, ggx):
         y, gy = self.inputs
-        g_y = ggx * gy * (-2.0 * y) if self.needs_input_grad[0] else None
+        g_y = TanhGradGrad.apply(y, gy, ggx) if self.needs_input_grad[0] else None
         # ggx * (1 - y**2) is this op's own forward: one node instead of three
         g_gy = TanhGrad.apply(y, ggx) if self.needs_input_grad[1] else None
         return g_y, g_gy
+
+
+class TanhGradGrad(Function):
+    """y = -2 a b c, TanhGrad's derivative in y (a = y, b = gy, c = ggx) as one node;
+    ga = -2 b c g, gb = -2 a c g, gc = -2 a b g: the same op on the other two and g."""
+
+    def forward(self, a, b, c):
+        return -2.0 * a * b * c
+
+    def backward(self, g):
+        a, b, c = self.inputs
+        need_a, need_b, need_c = self.needs_input_grad
+        ga = TanhGradGrad.apply(b, c, g) if need_a else None
+        gb = TanhGradGrad.apply(a, c, g) if need_b else None
+        gc = TanhGradGrad.apply(a, b, g) if need_c else None
+        return ga, gb, gc
 
 
 class Sigmoid(Function):
