@@ -692,3 +692,33 @@ def test_multi_output_node_whose_unused_output_is_gone():
     np.testing.assert_allclose(g.numpy(), 8.0 * x.numpy())  # d/dx sum (2x)^2 = 8x
     (gg,) = tm.grad(g.sum(), x)
     np.testing.assert_allclose(gg.numpy(), np.full(3, 8.0))
+
+
+def test_sum_gradient_reaches_the_leaf_as_writable_memory():
+    # Sum's backward hands an unrecorded gradient back as a broadcast view (no node); the
+    # leaf's .grad must still be memory of its own that an optimizer can update in place.
+    x = tm.tensor(np.zeros((3, 4), dtype=np.float32), requires_grad=True)
+    x.sum().backward()
+    assert x.grad.data.flags.writeable and 0 not in x.grad.data.strides
+    x.grad.data += 1.0
+    np.testing.assert_array_equal(x.grad.numpy(), np.full((3, 4), 2.0, np.float32))
+    (g,) = tm.grad(x.sum(axis=1), x, grad_outputs=tm.tensor(np.arange(3, dtype=np.float32)))
+    np.testing.assert_array_equal(g.numpy(), np.repeat(np.arange(3.0), 4).reshape(3, 4))
+
+
+def test_gradient_sums_agree_with_and_without_a_graph():
+    # A tensor used three times gets three gradients; without create_graph they are added
+    # as arrays, with it through Add nodes. Same values, same dtype; only one is a graph.
+    a = np.array([0.3, -1.2, 2.0], dtype=np.float32)
+    x = tm.tensor(a, requires_grad=True)
+
+    def f():
+        return (x * 2.0 + x * x + tm.tanh(x)).sum()
+
+    (plain,) = tm.grad(f(), x)
+    (graphed,) = tm.grad(f(), x, create_graph=True)
+    expected = 2.0 + 2.0 * a + (1.0 - np.tanh(a) ** 2)
+    for g in (plain, graphed):
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g.numpy(), expected, rtol=1e-6)
+    assert plain.grad_fn is None and graphed.grad_fn is not None

@@ -186,26 +186,27 @@ def _collect(roots, targets):
 
     if targets:
         needed = set()
-        for fn in order:
-            if fn.inputs is None:  # freed earlier: if it is on the way, the check below raises
-                edges = _edges(fn)
-            else:  # _edges(fn) without building the (tensor, creator) pairs: hot loop
-                edges = fn.inputs
-                for x in edges:
-                    if id(x) in targets or x.grad_fn in needed:
-                        needed.add(fn)
-                        break
-                continue
-            for x, creator in edges:
-                if creator in needed or (x is not None and id(x) in targets):
-                    needed.add(fn)
-                    break
+        for fn in order:  # oldest first: the creators of fn's inputs are already decided
+            if _leads_to_target(fn, needed, targets):
+                needed.add(fn)
         order = [fn for fn in order if fn in needed]
     order.reverse()
     for fn in order:
         if fn.inputs is None:
             raise RuntimeError(FREED_MESSAGE)
     return order
+
+
+def _leads_to_target(fn, needed, targets) -> bool:
+    """Whether an input of ``fn`` is a target or was made by a node that leads to one."""
+    if fn.inputs is None:  # freed by an earlier backward: only its edges are left
+        return any(
+            creator in needed or (x is not None and id(x) in targets) for x, creator in _edges(fn)
+        )
+    for x in fn.inputs:  # _edges(fn) without building the pairs: this runs for every node
+        if id(x) in targets or x.grad_fn in needed:
+            return True
+    return False
 
 
 _generation = operator.attrgetter("generation")
@@ -275,10 +276,11 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
             for x, gx, need in zip(fn.inputs, gxs, fn.needs_input_grad):
                 if gx is None or not need:
                     continue
+                # A float32 input used in a float64 op, say. (`is` first: it is cheaper
+                # than ==, and equal builtin dtypes are one object.)
                 x_dtype, g_dtype = x.data.dtype, gx.data.dtype
-                # dtypes are compared by identity first: equal builtin dtypes are one object
-                if g_dtype is not x_dtype and g_dtype != x_dtype:  # e.g. float32 input in a
-                    gx = gx.astype(x_dtype)  # float64 op
+                if g_dtype is not x_dtype and g_dtype != x_dtype:
+                    gx = gx.astype(x_dtype)
                 if gx.data.shape != x.data.shape:
                     raise RuntimeError(
                         f"{fn.op_name()}.backward produced a gradient of shape {gx.shape} "
