@@ -21,7 +21,6 @@ checking tinymeta's own overhead.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -37,40 +36,10 @@ from common import (  # noqa: E402
     spread,
     time_interleaved,
 )
+from maml_workloads import OUTER_LR, W1_LR, W1_TASKS, w1_data, w1_weights  # noqa: E402
 
-TASKS, K, INNER_LR, HIDDEN, OUTER_LR = 25, 10, 0.01, 40, 1e-3
 # name -> (inner steps, first order)
 VARIANTS = {"2nd-1": (1, False), "2nd-5": (5, False), "1st-1": (1, True)}
-
-
-def weights(np) -> dict:
-    """The MLP's initial weights, uniform in +-1/sqrt(fan_in) as PyTorch initializes."""
-    rng = np.random.default_rng(0)
-
-    def init(shape, fan_in):
-        bound = 1.0 / math.sqrt(fan_in)
-        return rng.uniform(-bound, bound, shape).astype("float32")
-
-    h = HIDDEN
-    return {
-        "w1": init((h, 1), 1),
-        "b1": init((h,), 1),
-        "w2": init((h, h), h),
-        "b2": init((h,), h),
-        "w3": init((1, h), h),
-        "b3": init((1,), h),
-    }
-
-
-def data(np) -> list:
-    """xs, ys, xq, yq of shape (tasks, K, 1): amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5]."""
-    rng = np.random.default_rng(1)
-    amp = rng.uniform(0.1, 5.0, (TASKS, 1, 1))
-    phase = rng.uniform(0.0, math.pi, (TASKS, 1, 1))
-    xs = rng.uniform(-5.0, 5.0, (TASKS, K, 1))
-    xq = rng.uniform(-5.0, 5.0, (TASKS, K, 1))
-    ys, yq = amp * np.sin(xs + phase), amp * np.sin(xq + phase)
-    return [a.astype("float32") for a in (xs, ys, xq, yq)]
 
 
 def make_step(tm, np, steps: int, first_order: bool):
@@ -79,8 +48,8 @@ def make_step(tm, np, steps: int, first_order: bool):
     from tinymeta import meta
     from tinymeta.optim import Adam
 
-    params = {k: tm.tensor(v, requires_grad=True) for k, v in weights(np).items()}
-    xs, ys, xq, yq = (tm.tensor(a) for a in data(np))
+    params = {k: tm.tensor(v, requires_grad=True) for k, v in w1_weights(np).items()}
+    xs, ys, xq, yq = (tm.tensor(a) for a in w1_data(np))
     opt = Adam(list(params.values()), lr=OUTER_LR)
 
     def mlp(p, x):
@@ -90,7 +59,7 @@ def make_step(tm, np, steps: int, first_order: bool):
 
     def step():
         loss = meta.maml_loss(
-            mlp, params, (xs, ys), (xq, yq), F.mse_loss, INNER_LR, steps, first_order=first_order
+            mlp, params, (xs, ys), (xq, yq), F.mse_loss, W1_LR, steps, first_order=first_order
         )
         opt.zero_grad()
         loss.backward()
@@ -139,7 +108,7 @@ def main() -> None:
     import tinymeta as tm
 
     names = args.only or list(VARIANTS)
-    print(f"W1 sinusoid MAML, {TASKS} tasks task-vectorized; tinymeta from {tm.__file__}")
+    print(f"W1 sinusoid MAML, {W1_TASKS} tasks task-vectorized; tinymeta from {tm.__file__}")
     print(describe_machine(threads, args.clock))
     fns = {name: make_step(tm, np, *VARIANTS[name]) for name in names}
 
