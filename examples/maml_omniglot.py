@@ -122,6 +122,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--filters", type=int, default=32, help="channels of every conv layer")
     p.add_argument("--no-rotations", action="store_true", help="no rotated classes in training")
+    p.add_argument(
+        "--flips", action="store_true", help="mirror images as extra classes in training"
+    )
+    p.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        help="move each training image by up to this many pixels (random, per image and axis)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes sharing each meta-batch")
     p.add_argument(
         "--looped",
@@ -147,6 +156,8 @@ def parse_args(argv=None):
     for name in ("ways", "shots", "queries", "inner_steps", "test_inner_steps", "meta_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.shift < 0:
+        p.error("--shift must be at least 0")
     if not args.minutes > 0:
         p.error("--minutes must be positive")
     if not 1 <= args.workers <= args.meta_batch:
@@ -533,6 +544,7 @@ def meta_train(model, rule, outer, train_set, proxy, state: dict, args, checkpoi
     sampler = EpisodeSampler(
         train_set, args.ways, args.shots, args.queries,
         rng=np.random.default_rng([args.seed, start]), rotations=not args.no_rotations,
+        flips=args.flips, max_shift=args.shift,
     )  # fmt: skip
     workers = Workers(args.workers, args)
     bar = tqdm(
@@ -659,6 +671,9 @@ def main(argv=None):
         "meta_lr": args.meta_lr,
         "schedule": args.schedule,
         "first_order_iterations": args.first_order_iterations,
+        "rotations": not args.no_rotations,
+        "flips": args.flips,
+        "shift": args.shift,
         "workers": args.workers,
         "vectorized": not args.looped,
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),

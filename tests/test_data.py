@@ -512,6 +512,56 @@ def test_episode_rotations(small1):
         np.testing.assert_array_equal(ep.support_x[i], expected)
 
 
+def test_episode_flips_are_mirror_classes(small1):
+    sampler = EpisodeSampler(small1, ways=20, shots=1, queries=1, rng=4, rotations=True, flips=True)
+    assert sampler.num_classes == 8 * 136
+    seen = set()
+    for _ in range(10):
+        idx = sampler.sample_indices()
+        views = list(zip(idx.classes.tolist(), idx.rotations.tolist(), idx.flipped.tolist()))
+        assert len(set(views)) == 20  # a character and its mirror image are different classes
+        seen.update(idx.flipped.tolist())
+    assert seen == {False, True}
+
+    idx = EpisodeSampler(small1, 20, 1, 1, rng=9, rotations=True, flips=True).sample_indices()
+    ep = EpisodeSampler(small1, 20, 1, 1, rng=9, rotations=True, flips=True).sample()
+    for i in range(20):
+        image = small1.images[idx.query[i, 0]]
+        if idx.flipped[i]:
+            image = image[..., ::-1]  # mirror first, then turn
+        expected = np.rot90(image, k=idx.rotations[i], axes=(-2, -1))
+        np.testing.assert_array_equal(ep.query_x[i], expected)
+    # Without flips nothing changes, the random stream included.
+    plain = EpisodeSampler(small1, 5, 1, 1, rng=3, rotations=True).sample_batch(2)
+    again = EpisodeSampler(small1, 5, 1, 1, rng=3, rotations=True, flips=False).sample_batch(2)
+    np.testing.assert_array_equal(plain.support_x, again.support_x)
+    assert EpisodeSampler(small1, 5, 1, 1, rng=3).sample_indices().flipped is None
+
+
+def test_episode_shifts_move_each_image_within_range(small1):
+    shifted = EpisodeSampler(small1, ways=20, shots=2, queries=3, rng=6, max_shift=3)
+    idx = EpisodeSampler(small1, ways=20, shots=2, queries=3, rng=6).sample_indices()
+    ep = shifted.sample()
+    originals = small1.images[idx.support.ravel()][:, 0]
+    offsets = set()
+    for original, moved in zip(originals, ep.support_x[:, 0], strict=True):
+        matches = []
+        for dy in range(-3, 4):
+            for dx in range(-3, 4):
+                expected = np.zeros_like(original)
+                src = original[max(0, -dy) : 28 - max(0, dy), max(0, -dx) : 28 - max(0, dx)]
+                expected[max(0, dy) : 28 + min(0, dy), max(0, dx) : 28 + min(0, dx)] = src
+                if np.array_equal(moved, expected):
+                    matches.append((dy, dx))
+        assert matches, "a shifted image is not a shift of its original by at most 3 pixels"
+        offsets.update(matches)
+    assert len(offsets) > 5  # offsets are drawn per image
+    with pytest.raises(ValueError, match="max_shift"):
+        EpisodeSampler(small1, 5, 1, 1, max_shift=28)
+    with pytest.raises(ValueError, match="max_shift"):
+        EpisodeSampler(small1, 5, 1, 1, max_shift=-1)
+
+
 def test_episode_same_alphabet(small1):
     sampler = EpisodeSampler(small1, ways=20, shots=1, queries=1, rng=3, same_alphabet=True)
     alphabets = set()

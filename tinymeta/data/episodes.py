@@ -7,7 +7,10 @@ images: the first ``shots`` form the support set, the rest the query set. Episod
 examples of a set independently.
 
 With ``rotations=True`` every (character, quarter turn) pair is its own class, the data
-augmentation of the MAML paper's Omniglot experiments (it multiplies the classes by four).
+augmentation of the MAML paper's Omniglot experiments (it multiplies the classes by four);
+``flips=True`` makes each character's mirror image a class of its own too (times two).
+``max_shift=s`` moves every image by a random whole number of pixels in -s..s along each
+axis (zeros fill in): new drawings of the same class, not new classes.
 """
 
 from __future__ import annotations
@@ -36,13 +39,16 @@ class EpisodeIndices:
 
     ``classes[i]`` is the dataset character behind episode label ``i`` and ``rotations[i]``
     its number of counter-clockwise quarter turns (always 0 without rotations);
-    ``support[i]`` / ``query[i]`` are the dataset image indices of label ``i``.
+    ``support[i]`` / ``query[i]`` are the dataset image indices of label ``i``;
+    ``flipped[i]`` says whether label ``i`` is the mirror image (left-right) of its character,
+    applied before the rotation (always False without flips).
     """
 
     classes: np.ndarray  # int64 (ways,)
     rotations: np.ndarray  # int64 (ways,)
     support: np.ndarray  # int64 (ways, shots)
     query: np.ndarray  # int64 (ways, queries)
+    flipped: np.ndarray | None = None  # bool (ways,); None: no flips
 
 
 def _positive_int(name: str, value: int, minimum: int) -> int:
@@ -66,6 +72,10 @@ class EpisodeSampler:
         same_alphabet: draw all classes of an episode from one alphabet (chosen uniformly
             among the alphabets that have at least ``ways`` classes), like the official
             within-alphabet one-shot benchmark.
+        flips: treat each character's mirror image as a class of its own (with
+            ``rotations``, every rotation of the mirror image too).
+        max_shift: move each image by up to this many pixels along each axis, independently
+            per image and axis (0: no shifts).
     """
 
     def __init__(
@@ -77,6 +87,8 @@ class EpisodeSampler:
         rng: RngLike = None,
         rotations: bool = False,
         same_alphabet: bool = False,
+        flips: bool = False,
+        max_shift: int = 0,
     ) -> None:
         self.dataset = dataset
         self.ways = _positive_int("ways", ways, 1)
@@ -84,6 +96,13 @@ class EpisodeSampler:
         self.queries = _positive_int("queries", queries, 0)
         self.rotations = bool(rotations)
         self.same_alphabet = bool(same_alphabet)
+        self.flips = bool(flips)
+        self.max_shift = _positive_int("max_shift", max_shift, 0)
+        if self.max_shift >= dataset.images.shape[-1]:
+            raise ValueError(
+                f"max_shift must be smaller than the image size {dataset.images.shape[-1]}, "
+                f"got {self.max_shift}"
+            )
         self.rng = as_generator(rng)
 
         per_class = self.shots + self.queries
@@ -91,11 +110,12 @@ class EpisodeSampler:
         eligible = np.array(
             [c for c, idx in enumerate(self._class_images) if len(idx) >= per_class], dtype=np.int64
         )
-        # A "virtual class" is character * 4 + quarter turns (or just the character).
-        n_rot = 4 if self.rotations else 1
-        self._pool = (eligible[:, None] * n_rot + np.arange(n_rot)).ravel()
+        # A "virtual class" is character * views + view, where a view is one of the
+        # character's (mirror image, quarter turns) pairs: view = flipped * n_rot + turns.
+        views = self._views
+        self._pool = (eligible[:, None] * views + np.arange(views)).ravel()
         if self.same_alphabet:
-            alphabet_of = dataset.char_alphabet[self._pool // n_rot]
+            alphabet_of = dataset.char_alphabet[self._pool // views]
             groups = [self._pool[alphabet_of == a] for a in np.unique(alphabet_of)]
             self._groups = [g for g in groups if len(g) >= self.ways]
             if not self._groups:
@@ -112,12 +132,17 @@ class EpisodeSampler:
         return (
             f"EpisodeSampler(ways={self.ways}, shots={self.shots}, queries={self.queries}, "
             f"rotations={self.rotations}, same_alphabet={self.same_alphabet}, "
-            f"classes={self.num_classes})"
+            f"flips={self.flips}, max_shift={self.max_shift}, classes={self.num_classes})"
         )
 
     @property
+    def _views(self) -> int:
+        return (4 if self.rotations else 1) * (2 if self.flips else 1)
+
+    @property
     def num_classes(self) -> int:
-        """Number of classes episodes are drawn from (characters, times 4 with rotations)."""
+        """Number of classes episodes are drawn from (characters, times 4 with rotations,
+        times 2 with flips)."""
         return len(self._pool)
 
     def sample_indices(self) -> EpisodeIndices:
@@ -127,7 +152,8 @@ class EpisodeSampler:
             pool = self._groups[self.rng.integers(len(self._groups))]
         chosen = self.rng.choice(pool, size=self.ways, replace=False)
         n_rot = 4 if self.rotations else 1
-        classes, rotations = chosen // n_rot, chosen % n_rot
+        classes, view = chosen // self._views, chosen % self._views
+        rotations, flipped = view % n_rot, view // n_rot
         per_class = self.shots + self.queries
         picks = np.stack(
             [self.rng.choice(self._class_images[c], size=per_class, replace=False) for c in classes]
@@ -137,24 +163,41 @@ class EpisodeSampler:
             rotations=rotations.astype(np.int64),
             support=picks[:, : self.shots].astype(np.int64),
             query=picks[:, self.shots :].astype(np.int64),
+            flipped=flipped.astype(bool) if self.flips else None,
         )
 
-    def _gather(self, indices: np.ndarray, rotations: np.ndarray) -> np.ndarray:
-        """Images ``(ways * n, 1, S, S)`` for indices ``(ways, n)``, rotated per class."""
+    def _gather(self, indices: np.ndarray, idx: EpisodeIndices) -> np.ndarray:
+        """Images ``(ways * n, 1, S, S)`` for indices ``(ways, n)``: each class mirrored and
+        rotated as ``idx`` says, then (with ``max_shift``) each image shifted."""
         images = self.dataset.images[indices]  # (ways, n, 1, S, S), a copy
+        if idx.flipped is not None and idx.flipped.any():
+            images[idx.flipped] = images[idx.flipped][..., ::-1]
+        rotations = idx.rotations
         for k in np.unique(rotations[rotations > 0]):
             rows = rotations == k
             images[rows] = np.rot90(images[rows], k=int(k), axes=(-2, -1))
-        return images.reshape(-1, *images.shape[2:])
+        images = images.reshape(-1, *images.shape[2:])
+        return self._shift(images) if self.max_shift else images
+
+    def _shift(self, images: np.ndarray) -> np.ndarray:
+        """Move each image ``(M, 1, S, S)`` by its own random offset, filling in zeros."""
+        s, size = self.max_shift, images.shape[-1]
+        padded = np.pad(images, ((0, 0), (0, 0), (s, s), (s, s)))
+        # Image m is the window of padded image m that starts at (s - dy, s - dx).
+        start = self.rng.integers(0, 2 * s + 1, size=(2, len(images)))
+        rows = start[0][:, None] + np.arange(size)  # (M, S)
+        cols = start[1][:, None] + np.arange(size)
+        m = np.arange(len(images))[:, None, None]
+        return padded[m, 0, rows[:, :, None], cols[:, None, :]][:, None]
 
     def sample(self) -> Episode:
         """Draw one episode."""
         idx = self.sample_indices()
         labels = np.arange(self.ways, dtype=np.int64)
         return Episode(
-            support_x=self._gather(idx.support, idx.rotations),
+            support_x=self._gather(idx.support, idx),
             support_y=np.repeat(labels, self.shots),
-            query_x=self._gather(idx.query, idx.rotations),
+            query_x=self._gather(idx.query, idx),
             query_y=np.repeat(labels, self.queries),
         )
 
