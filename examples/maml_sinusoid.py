@@ -75,7 +75,7 @@ def make_rule(algo: str, params: dict, args):
     if algo == "metasgd":
         return meta.MetaSGD(params, init_lr=args.inner_lr)
     if algo == "learned-opt":
-        return meta.LearnedOptimizer(lr=args.inner_lr, rng=args.seed)
+        return meta.LearnedOptimizer(lr=args.inner_lr, rng=args.seed, params=params)
     return meta.InnerSGD(args.inner_lr)
 
 

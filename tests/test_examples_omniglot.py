@@ -159,8 +159,12 @@ def test_workers_give_the_same_meta_gradient(omniglot_example):
         grads.append(({k: t.grad.numpy().copy() for k, t in tensors.items()}, stats))
     (g1, stats1), (g2, stats2) = grads
     np.testing.assert_allclose(stats1, stats2, rtol=1e-5)
+    # float32 sums in another order: compare against the gradients' own scale. (A conv bias
+    # in front of BatchNorm has an exactly-zero gradient, so its entries are rounding noise.)
+    scale = max(np.abs(g).max() for g in g1.values())
+    assert scale > 1e-3, scale  # the comparison is not between zeros
     for k in g1:
-        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-4 * scale, err_msg=k)
 
 
 @pytest.mark.parametrize("algo", ["maml", "anil", "metasgd", "reptile"])

@@ -274,19 +274,31 @@ def _np_learned_opt(params, grads, step, theta, state):
         features = np.stack([g, np.tanh(g), prev], axis=-1)
         hidden = np.tanh(features @ w["w1"] + w["b1"])
         correction = (hidden @ w["w2"] + w["b2"])[..., 0]
-        update = np.exp(w["log_lr"]) * g + w["scale"] * correction
+        log_lr = w["log_lr"] if "log_lr" in w else w[f"log_lr.{k}"]
+        update = np.exp(log_lr) * g + w["scale"] * correction
         state[k] = update
         new[k] = params[k] - update
     return new
 
 
-@pytest.mark.parametrize("vectorized", [True, False], ids=["vectorized", "looped"])
-def test_learned_optimizer_gradients_match_finite_differences(vectorized):
+@pytest.mark.parametrize(
+    "vectorized, per_coordinate",
+    [(True, False), (False, False), (True, True), (False, True)],
+    ids=["vectorized", "looped", "vectorized-per-coordinate", "looped-per-coordinate"],
+)
+def test_learned_optimizer_gradients_match_finite_differences(vectorized, per_coordinate):
     steps = 2
     theta = init_mlp()
     batch = sinusoid_batch()
     params = leaves(theta)
-    opt = LearnedOptimizer(lr=LR, hidden=4, rng=3, dtype=np.float64)
+    opt = LearnedOptimizer(
+        lr=LR, hidden=4, rng=3, dtype=np.float64, params=params if per_coordinate else None
+    )
+    if per_coordinate:  # different rates per coordinate, so a mix-up would show
+        rng = np.random.default_rng(5)
+        for k, w in opt.weights.items():
+            if k.startswith("log_lr."):
+                w.data[...] += rng.uniform(-0.5, 0.5, w.shape)
     # scale starts at 0 (exactly MAML); make the MLP's correction part of the update.
     opt.weights["scale"].data[...] = 0.3
     opt.weights["b1"].data[...] = np.linspace(-0.2, 0.2, 4)
@@ -303,6 +315,34 @@ def test_learned_optimizer_gradients_match_finite_differences(vectorized):
     grads = meta_grads(loss, tensors)
     assert_grads_close(grads, expected)
     assert np.abs(grads["learned_opt.w1"]).max() > 1e-6  # the MLP's weights do get trained
+
+
+def test_learned_optimizer_per_coordinate_rates_start_as_meta_sgd():
+    """With the MLP switched off (scale 0, as built), per-coordinate rates make the learned
+    optimizer's inner loop exactly Meta-SGD's with the same rates."""
+    theta = init_mlp()
+    params = leaves(theta)
+    opt = LearnedOptimizer(lr=0.02, hidden=4, rng=0, dtype=np.float64, params=params)
+    sgd = MetaSGD(params, init_lr=0.02, dtype=np.float64)
+    rng = np.random.default_rng(1)
+    for k, lr in sgd.lrs.items():
+        lr.data[...] = 0.02 * np.exp(rng.uniform(-1, 1, lr.shape))
+        opt.weights[f"log_lr.{k}"].data[...] = np.log(lr.data)
+    assert {k for k in opt.named_parameters() if "log_lr" in k} == {
+        f"learned_opt.log_lr.{k}" for k in params
+    }
+    support, _ = as_tensors(sinusoid_batch())
+    forward = make_forward()
+
+    def loss_fn(p):
+        return mse(forward(p, support[0][0]), support[1][0])
+
+    a = adapt(loss_fn, params, opt, 3)
+    b = adapt(loss_fn, params, sgd, 3)
+    for k in params:
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-13, err_msg=k)
+    with pytest.raises(KeyError, match="no learned rates for parameter 'extra'"):
+        opt({"extra": params["0.weight"]}, {"extra": params["0.weight"]}, 0, {})
 
 
 # --- 2. FOMAML equals its closed form; second order differs ---------------------------------------

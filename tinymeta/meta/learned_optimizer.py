@@ -8,7 +8,10 @@ like momentum) it outputs the update. It starts as plain SGD,
 
 with ``scale`` = 0, so at initialisation it is exactly MAML's inner step, and
 meta-training (backprop through the unrolled inner loop) learns the
-correction. Because the MLP is built from tinymeta ops, the update is
+correction. Given the parameters it will update (``params=``), ``lr`` becomes
+one learned rate per coordinate, as in Meta-SGD, and the MLP corrects that
+preconditioned step: one network shared by all coordinates cannot tell a bias
+from a weight, a per-coordinate rate can. Because the MLP is built from tinymeta ops, the update is
 differentiable w.r.t. both the MLP's weights and the gradient, so it works as
 the inner optimizer of second-order MAML.
 """
@@ -24,13 +27,24 @@ from tinymeta.creation import tensor
 class LearnedOptimizer:
     """p' = p - (lr * g + scale * mlp(features(g)))  (coordinate-wise).
 
-    ``device`` puts its weights where the parameters it updates live ("cuda" for a
-    model on the GPU).
+    ``params`` (name -> tensor, optional): learn a rate per coordinate of each of these
+    parameters (initialised to ``lr``) instead of one shared rate. ``device`` puts its
+    weights where the parameters it updates live ("cuda" for a model on the GPU).
     """
 
     n_features = 3
 
-    def __init__(self, lr: float = 0.01, hidden: int = 20, rng=None, dtype=np.float32, device=None):
+    def __init__(
+        self,
+        lr: float = 0.01,
+        hidden: int = 20,
+        rng=None,
+        dtype=np.float32,
+        device=None,
+        params: dict | None = None,
+    ):
+        if lr <= 0:
+            raise ValueError(f"LearnedOptimizer: lr must be positive, got {lr}")
         rng = np.random.default_rng(rng)
         bound = 1.0 / np.sqrt(self.n_features)
         values = {
@@ -38,14 +52,29 @@ class LearnedOptimizer:
             "b1": np.zeros(hidden),
             "w2": rng.uniform(-1, 1, (hidden, 1)) / np.sqrt(hidden),
             "b2": np.zeros(1),
-            "log_lr": np.log(lr),
             "scale": 0.0,
         }
+        if params is None:
+            values["log_lr"] = np.log(lr)
+        else:
+            values.update({f"log_lr.{k}": np.full(p.shape, np.log(lr)) for k, p in params.items()})
+        self.per_coordinate = params is not None
         self.weights = {}
         for k, v in values.items():
             w = tensor(v, dtype=dtype, device=device, requires_grad=True)
             w.name = f"learned_opt.{k}"
             self.weights[k] = w
+
+    def _log_lr(self, name: str):
+        if not self.per_coordinate:
+            return self.weights["log_lr"]
+        try:
+            return self.weights[f"log_lr.{name}"]
+        except KeyError:
+            raise KeyError(
+                f"LearnedOptimizer: no learned rates for parameter {name!r}; it was built for "
+                f"{sorted(k[len('log_lr.') :] for k in self.weights if k.startswith('log_lr.'))}"
+            ) from None
 
     def __call__(self, params: dict, grads: dict, step: int, state: dict) -> dict:
         """``state`` carries each parameter's previous update through one inner loop."""
@@ -58,7 +87,7 @@ class LearnedOptimizer:
             features = ops.stack([g, ops.tanh(g), prev], axis=-1)
             hidden = ops.tanh(features @ w["w1"] + w["b1"])
             correction = ops.squeeze(hidden @ w["w2"] + w["b2"], -1)
-            update = ops.exp(w["log_lr"]) * g + w["scale"] * correction
+            update = ops.exp(self._log_lr(k)) * g + w["scale"] * correction
             state[k] = update
             new[k] = params[k] - update
         return new
