@@ -97,6 +97,13 @@ def parse_args(argv=None):
     p.add_argument("--inner-steps", type=int, default=1, help="inner SGD steps in meta-training")
     p.add_argument("--test-inner-steps", type=int, default=3, help="inner steps at test")
     p.add_argument("--inner-lr", type=float, default=0.4)
+    p.add_argument(
+        "--test-inner-lr",
+        type=float,
+        default=None,
+        help="SGD rate of the test-time steps (default: --inner-lr; Meta-SGD uses its learned "
+        "rates)",
+    )
     p.add_argument("--meta-batch", type=int, default=8, help="episodes per meta-iteration")
     p.add_argument("--meta-lr", type=float, default=3e-3, help="Adam's rate for the outer step")
     p.add_argument(
@@ -156,6 +163,10 @@ def parse_args(argv=None):
     for name in ("ways", "shots", "queries", "inner_steps", "test_inner_steps", "meta_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.test_inner_lr is None:
+        args.test_inner_lr = args.inner_lr
+    if not args.inner_lr > 0 or not args.test_inner_lr > 0:
+        p.error("--inner-lr and --test-inner-lr must be positive")
     if args.shift < 0:
         p.error("--shift must be at least 0")
     if not args.minutes > 0:
@@ -411,7 +422,7 @@ def eval_setup(model, rule, n: int, args):
             for k, lr in rule.lrs.items()
         }
     else:
-        eval_rule = rule
+        eval_rule = meta.InnerSGD(args.test_inner_lr)
     return eval_model, params, eval_rule
 
 
@@ -667,6 +678,7 @@ def main(argv=None):
         "inner_steps": args.inner_steps,
         "test_inner_steps": args.test_inner_steps,
         "inner_lr": args.inner_lr,
+        "test_inner_lr": args.test_inner_lr,
         "meta_batch": args.meta_batch,
         "meta_lr": args.meta_lr,
         "schedule": args.schedule,

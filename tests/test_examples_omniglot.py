@@ -131,6 +131,21 @@ def test_checkpoint_and_resume(omniglot_example, first_run, tmp_path):
         omniglot_example.main(other + ["--out", str(resumed)])
 
 
+def test_test_time_rate_has_its_own_flag(omniglot_example):
+    mo = omniglot_example
+    assert mo.parse_args(TINY).test_inner_lr == mo.parse_args(TINY).inner_lr == 0.4
+    args = mo.parse_args(TINY + ["--test-inner-lr", "0.1"])
+    model = mo.build_model(8, 5, np.random.default_rng(0))
+    rule = mo.make_rule("maml", dict(model.named_parameters()), args)
+    _, params, eval_rule = mo.eval_setup(model, rule, 5, args)
+    ones = {k: tm.tensor(np.ones(p.shape, np.float32)) for k, p in params.items()}
+    stepped = eval_rule(params, ones, 0, {})
+    for k, p in params.items():
+        np.testing.assert_allclose(stepped[k].numpy(), p.numpy() - 0.1, rtol=1e-6, atol=1e-7)
+    with pytest.raises(SystemExit):
+        mo.parse_args(TINY + ["--test-inner-lr", "0"])
+
+
 @pytest.mark.parametrize("algo", ["fomaml", "metasgd", "anil", "reptile"])
 def test_other_algorithms(omniglot_example, algo, tmp_path):
     argv = TINY + ["--algo", algo, "--iterations", "1", "--eval-episodes", "1", "--val-every", "0"]
