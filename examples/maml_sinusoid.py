@@ -52,6 +52,13 @@ def parse_args(argv=None):
         default=0,
         help="derivative-order annealing: first-order for this many iterations",
     )
+    p.add_argument(
+        "--init",
+        choices=("default", "paper"),
+        default="default",
+        help="initial weights: default (uniform, +-1/sqrt(fan_in), as nn.Linear) or paper "
+        "(the MAML reference code's: normal with std 0.01 truncated at 2 std, zero biases)",
+    )
     p.add_argument("--eval-tasks", type=int, default=600)
     p.add_argument("--eval-points", type=int, default=100, help="query points per eval task")
     p.add_argument("--no-baseline", action="store_true", help="skip the pretrained baseline")
@@ -62,12 +69,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_model(rng) -> nn.Module:
-    return nn.Sequential(
+def build_model(rng, init: str = "default") -> nn.Module:
+    model = nn.Sequential(
         nn.Linear(1, 40, rng=rng), nn.ReLU(),
         nn.Linear(40, 40, rng=rng), nn.ReLU(),
         nn.Linear(40, 1, rng=rng),
     )  # fmt: skip
+    if init == "paper":
+        with tm.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.copy_(np.zeros(p.shape))
+                else:
+                    p.copy_(truncated_normal(rng, p.shape, std=0.01))
+    return model
+
+
+def truncated_normal(rng, shape, std: float) -> np.ndarray:
+    """Normal samples with those beyond two standard deviations drawn again."""
+    x = rng.standard_normal(shape)
+    while (outside := np.abs(x) > 2).any():
+        x[outside] = rng.standard_normal(int(outside.sum()))
+    return x * std
 
 
 def make_rule(algo: str, params: dict, args):
@@ -223,7 +246,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
 
-    model = build_model(rng).to(args.device)
+    model = build_model(rng, args.init).to(args.device)
     rule = make_rule(args.algo, dict(model.named_parameters()), args)
     train_losses, skipped = meta_train(model, rule, args, progress=not args.quiet)
     seconds = time.perf_counter() - start
@@ -238,6 +261,7 @@ def main(argv=None):
         "iterations": args.iterations,
         "inner_steps": args.inner_steps,
         "inner_lr": args.inner_lr,
+        "init": args.init,
         "seconds": round(seconds, 2),
         "mse": mse_after,
         "mse_ci95": ci95,
@@ -246,7 +270,7 @@ def main(argv=None):
         metrics["diverged_tasks"] = diverged
     baseline = None
     if not args.no_baseline:
-        baseline = build_model(np.random.default_rng(args.seed + 1)).to(args.device)
+        baseline = build_model(np.random.default_rng(args.seed + 1), args.init).to(args.device)
         pretrain_baseline(baseline, args, progress=not args.quiet)
         metrics["baseline_mse"], metrics["baseline_mse_ci95"], _ = evaluate(
             baseline, meta.InnerSGD(args.inner_lr), args

@@ -73,3 +73,19 @@ def test_clipping_bounds_the_first_meta_step(tmp_path):
     example.meta_train(model, rule, args, progress=False)
     norm = np.sqrt(sum(float((p.grad.numpy() ** 2).sum()) for p in model.parameters()))
     assert norm <= 1e-3 * (1 + 1e-4)
+
+
+def test_paper_init_is_small_truncated_normal_with_zero_biases():
+    example = _example()
+    model = example.build_model(np.random.default_rng(0), init="paper")
+    weights = np.concatenate(
+        [p.numpy().ravel() for k, p in model.named_parameters() if k.endswith("weight")]
+    )
+    assert np.abs(weights).max() <= 0.02  # truncated at two standard deviations
+    assert 0.007 < weights.std() < 0.01  # 0.01 before truncation (0.88 of it after)
+    for k, p in model.named_parameters():
+        if k.endswith("bias"):
+            assert not p.numpy().any(), k
+    default = example.build_model(np.random.default_rng(0))
+    assert np.abs(default.state_dict()["0.weight"]).max() > 0.1  # uniform +-1 for fan-in 1
+    assert example.parse_args(["--init", "paper"]).init == "paper"
