@@ -427,6 +427,7 @@ def test_meta_update_rules_live_on_the_parameters_device():
         meta.MetaSGD(params, init_lr=0.1),
         meta.PerStepLR(params, steps=2, init_lr=0.1),
         meta.LearnedOptimizer(lr=0.1, dtype=tm.float64, device="cuda", rng=0),
+        meta.LearnedOptimizer(lr=0.1, rng=0, params=params),  # device and dtype from params
     ]
     for rule in rules:
         assert all(p.device == "cuda" for p in rule.parameters())

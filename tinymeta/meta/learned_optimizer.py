@@ -28,8 +28,10 @@ class LearnedOptimizer:
     """p' = p - (lr * g + scale * mlp(features(g)))  (coordinate-wise).
 
     ``params`` (name -> tensor, optional): learn a rate per coordinate of each of these
-    parameters (initialised to ``lr``) instead of one shared rate. ``device`` puts its
-    weights where the parameters it updates live ("cuda" for a model on the GPU).
+    parameters (initialised to ``lr``) instead of one shared rate; the weights then take the
+    parameters' dtype and device unless given. Without ``params``, ``device`` puts the
+    weights where the parameters it updates live ("cuda" for a model on the GPU), and
+    ``dtype`` defaults to float32.
     """
 
     n_features = 3
@@ -39,12 +41,17 @@ class LearnedOptimizer:
         lr: float = 0.01,
         hidden: int = 20,
         rng=None,
-        dtype=np.float32,
+        dtype=None,
         device=None,
         params: dict | None = None,
     ):
         if lr <= 0:
             raise ValueError(f"LearnedOptimizer: lr must be positive, got {lr}")
+        if params:  # live where, and in the precision of, the parameters it updates
+            first = next(iter(params.values()))
+            dtype = first.dtype if dtype is None else dtype
+            device = first.device if device is None else device
+        dtype = np.float32 if dtype is None else dtype
         rng = np.random.default_rng(rng)
         bound = 1.0 / np.sqrt(self.n_features)
         values = {
