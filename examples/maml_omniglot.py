@@ -133,12 +133,6 @@ def parse_args(argv=None):
         help="derivative-order annealing: first-order for this many iterations",
     )
     p.add_argument("--filters", type=int, default=32, help="channels of every conv layer")
-    p.add_argument(
-        "--zero-head",
-        action="store_true",
-        help="reset the linear head to zero after every meta-update (Kao et al. 2022's zeroing "
-        "trick): every class starts from the same row, and the inner steps write the rows",
-    )
     p.add_argument("--no-rotations", action="store_true", help="no rotated classes in training")
     p.add_argument(
         "--flips", action="store_true", help="mirror images as extra classes in training"
@@ -211,14 +205,6 @@ def build_model(filters: int, ways: int, rng=None) -> nn.Module:
 def head_keys(model: nn.Module) -> list:
     last = f"{len(model) - 1}."
     return [k for k, _ in model.named_parameters() if k.startswith(last)]
-
-
-def zero_head(model: nn.Module) -> None:
-    """Set the last layer's weights and bias to zero (in place, outside the graph)."""
-    with tm.no_grad():
-        for k, p in model.named_parameters():
-            if k in head_keys(model):
-                p.copy_(np.zeros(p.shape, dtype=p.numpy().dtype))
 
 
 def make_rule(algo: str, params: dict, args):
@@ -595,8 +581,6 @@ def meta_train(model, rule, outer, train_set, proxy, state: dict, args, checkpoi
             first_order = args.algo == "fomaml" or it < args.first_order_iterations
             loss, accuracy = workers.gradients(model, rule, batch, args, first_order)
             outer.step()
-            if args.zero_head:
-                zero_head(model)
             state["seconds"] += time.perf_counter() - tick
             state["iteration"] = it + 1
             history["loss"].append(loss)
@@ -673,8 +657,6 @@ def main(argv=None):
         )
 
     model = build_model(args.filters, args.ways, rng).to(args.device)
-    if args.zero_head:
-        zero_head(model)
     rule = make_rule(args.algo, dict(model.named_parameters()), args)
     outer = Adam(list(meta_parameters(model, rule).values()), lr=args.meta_lr)
     path = args.out / "checkpoint.npz"
@@ -706,7 +688,6 @@ def main(argv=None):
         "meta_lr": args.meta_lr,
         "schedule": args.schedule,
         "first_order_iterations": args.first_order_iterations,
-        "zero_head": args.zero_head,
         "rotations": not args.no_rotations,
         "flips": args.flips,
         "shift": args.shift,
