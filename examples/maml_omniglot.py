@@ -31,9 +31,8 @@ class.
     python examples/maml_omniglot.py --resume --minutes 90   # 30 more minutes of the same run
 
 Options beyond the paper's recipe: ``--test-inner-lr`` (the test-time SGD rate, default
-``--inner-lr``), ``--zero-head`` (the linear head is reset to zero after every meta-update, so
-every class row starts equal and the inner steps write them; Kao et al. 2022), ``--flips``
-(mirror images as extra classes) and ``--shift N`` (random translations of up to N pixels).
+``--inner-lr``), ``--flips`` (mirror images as extra classes) and ``--shift N`` (random
+translations of up to N pixels).
 
 Writes metrics.json, checkpoint.npz and (with matplotlib) the meta-training curve to --out.
 Each meta-batch runs task-vectorized: the parameters get a leading task axis
