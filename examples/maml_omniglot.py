@@ -1,4 +1,4 @@
-"""MAML on Omniglot one-shot classification (Finn, Abbeel & Levine 2017, section 5.2).
+r"""MAML on Omniglot one-shot classification (Finn, Abbeel & Levine 2017, section 5.2).
 
 The standard MAML Omniglot network (4 blocks of 3x3 conv -> BatchNorm -> ReLU -> 2x2 max-pool
 on 1x28x28 images, then a linear layer to ``--ways`` logits) is meta-trained on N-way K-shot
@@ -28,7 +28,8 @@ class.
 
     python examples/maml_omniglot.py --eval-runs all_runs.zip      # 60 minutes of meta-training
     # the README's best run (82.3% on the small2 proxy):
-    python examples/maml_omniglot.py --workers 2 --filters 64 --test-inner-steps 10 --test-inner-lr 0.2
+    python examples/maml_omniglot.py --workers 2 --filters 64 --test-inner-steps 10 \\
+        --test-inner-lr 0.2
     python examples/maml_omniglot.py --algo metasgd --ways 5 --minutes 10
     python examples/maml_omniglot.py --resume --minutes 90   # 30 more minutes of the same run
 
