@@ -28,7 +28,7 @@ class.
 
     python examples/maml_omniglot.py --eval-runs all_runs.zip      # 60 minutes of meta-training
     # the README's best run (82.3% on the small2 proxy):
-    python examples/maml_omniglot.py --workers 2 --filters 64 --test-inner-steps 10 \\
+    python examples/maml_omniglot.py --workers 2 --filters 64 --test-inner-steps 10 \
         --test-inner-lr 0.2
     python examples/maml_omniglot.py --algo metasgd --ways 5 --minutes 10
     python examples/maml_omniglot.py --resume --minutes 90   # 30 more minutes of the same run
