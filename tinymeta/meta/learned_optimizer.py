@@ -11,9 +11,9 @@ meta-training (backprop through the unrolled inner loop) learns the
 correction. Given the parameters it will update (``params=``), ``lr`` becomes
 one learned rate per coordinate, as in Meta-SGD, and the MLP corrects that
 preconditioned step: one network shared by all coordinates cannot tell a bias
-from a weight, a per-coordinate rate can. Because the MLP is built from tinymeta ops, the update is
-differentiable w.r.t. both the MLP's weights and the gradient, so it works as
-the inner optimizer of second-order MAML.
+from a weight, a per-coordinate rate can. Because the MLP is built from
+tinymeta ops, the update is differentiable w.r.t. both the MLP's weights and
+the gradient, so it works as the inner optimizer of second-order MAML.
 """
 
 from __future__ import annotations
