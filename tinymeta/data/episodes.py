@@ -97,6 +97,9 @@ class EpisodeSampler:
         self.rotations = bool(rotations)
         self.same_alphabet = bool(same_alphabet)
         self.flips = bool(flips)
+        # A class's "views": its quarter turns (with rotations), each also mirrored (with flips).
+        self._turns = 4 if self.rotations else 1
+        self._views = self._turns * (2 if self.flips else 1)
         self.max_shift = _positive_int("max_shift", max_shift, 0)
         if self.max_shift >= dataset.images.shape[-1]:
             raise ValueError(
@@ -111,7 +114,7 @@ class EpisodeSampler:
             [c for c, idx in enumerate(self._class_images) if len(idx) >= per_class], dtype=np.int64
         )
         # A "virtual class" is character * views + view, where a view is one of the
-        # character's (mirror image, quarter turns) pairs: view = flipped * n_rot + turns.
+        # character's (mirror image, quarter turns) pairs: view = flipped * _turns + turns.
         views = self._views
         self._pool = (eligible[:, None] * views + np.arange(views)).ravel()
         if self.same_alphabet:
@@ -136,10 +139,6 @@ class EpisodeSampler:
         )
 
     @property
-    def _views(self) -> int:
-        return (4 if self.rotations else 1) * (2 if self.flips else 1)
-
-    @property
     def num_classes(self) -> int:
         """Number of classes episodes are drawn from (characters, times 4 with rotations,
         times 2 with flips)."""
@@ -151,9 +150,8 @@ class EpisodeSampler:
         if self.same_alphabet:
             pool = self._groups[self.rng.integers(len(self._groups))]
         chosen = self.rng.choice(pool, size=self.ways, replace=False)
-        n_rot = 4 if self.rotations else 1
         classes, view = chosen // self._views, chosen % self._views
-        rotations, flipped = view % n_rot, view // n_rot
+        rotations, flipped = view % self._turns, view // self._turns
         per_class = self.shots + self.queries
         picks = np.stack(
             [self.rng.choice(self._class_images[c], size=per_class, replace=False) for c in classes]
