@@ -7,6 +7,43 @@ x = tm.tensor([1.0, 2.0], requires_grad=True)
 
 import numpy as _np
 
+
+def _register_kernels() -> None:
+    """Make ``tinymeta.kernels`` importable from a source checkout that was not installed.
+
+    The wheel (and ``pip install -e .``) maps the top-level ``kernels/`` folder to
+    ``tinymeta.kernels`` (see pyproject.toml's package-dir). A plain checkout on ``sys.path``
+    has no such mapping, so here the sibling folder of this package is loaded under that name,
+    exactly as the installed mapping would. Where neither exists, say what to run.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    if "tinymeta.kernels" in sys.modules or importlib.util.find_spec("tinymeta.kernels"):
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        raise ImportError(
+            "tinymeta.kernels is missing: tinymeta was imported from a source tree without its "
+            "kernels/ folder mapped in; run `pip install -e .` in the repository root"
+        )
+    spec = importlib.util.spec_from_file_location(
+        "tinymeta.kernels", init, submodule_search_locations=[folder]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tinymeta.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["tinymeta.kernels"]
+        raise
+    globals()["kernels"] = module
+
+
+_register_kernels()
+
 from tinymeta import autograd, cuda, testing  # noqa: E402
 from tinymeta import ops as _ops
 from tinymeta.autograd import backward, grad
