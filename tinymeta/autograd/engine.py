@@ -19,6 +19,7 @@ import weakref
 import numpy as np
 
 from tinymeta import grad_mode
+from tinymeta.autograd.first_order import is_first_order
 from tinymeta.backend import get_array_module
 from tinymeta.tensor import Tensor
 
@@ -33,6 +34,7 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
     """Accumulate gradients of ``tensors`` into ``.grad`` of the leaves that require grad."""
     roots, root_grads = _roots_and_seeds(tensors, grad_tensors, "backward")
     retain_graph = create_graph if retain_graph is None else retain_graph
+    create_graph = create_graph and not is_first_order()  # first_order_inner_grads()
     grads = _run(roots, root_grads, None, retain_graph, create_graph)
     # Optimizers and clip_grad_norm_ update .grad in place, so each leaf needs memory of
     # its own: one gradient array can reach several leaves (x + y hands both the same
@@ -80,6 +82,7 @@ def grad(
         if not x.requires_grad:
             raise RuntimeError(f"grad: inputs[{i}] (shape {x.shape}) does not require grad")
     retain_graph = create_graph if retain_graph is None else retain_graph
+    create_graph = create_graph and not is_first_order()  # first_order_inner_grads()
     grads = _run(roots, root_grads, inputs, retain_graph, create_graph)
     result = []
     for i, x in enumerate(inputs):
