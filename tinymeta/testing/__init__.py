@@ -1,9 +1,28 @@
-"""Gradient checking: ``gradcheck``, ``gradgradcheck``, ``check_grads`` and
-Hypothesis ``strategies`` for property tests of your own code."""
+"""Gradient checking: ``gradcheck``, ``gradgradcheck``, ``check_grads``; meta-gradient
+checking: ``check_meta_grads``, ``assert_meta_grads_close`` (with
+``first_order_inner_grads``, the mode they use to tell a silently first-order
+meta-gradient); and Hypothesis ``strategies`` for property tests of your own code."""
 
+from tinymeta.autograd.first_order import first_order_inner_grads
 from tinymeta.testing.gradcheck import check_grads, gradcheck, gradgradcheck
+from tinymeta.testing.meta_check import (
+    MetaGradCheck,
+    ParamCheck,
+    assert_meta_grads_close,
+    check_meta_grads,
+)
 
-__all__ = ["check_grads", "gradcheck", "gradgradcheck", "strategies"]
+__all__ = [
+    "MetaGradCheck",
+    "ParamCheck",
+    "assert_meta_grads_close",
+    "check_grads",
+    "check_meta_grads",
+    "first_order_inner_grads",
+    "gradcheck",
+    "gradgradcheck",
+    "strategies",
+]
 
 
 def __getattr__(name):
