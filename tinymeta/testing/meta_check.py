@@ -283,7 +283,8 @@ def _scalar_loss(meta_loss, params) -> Tensor:
         loss = meta_loss(params)
     if not isinstance(loss, Tensor):
         raise TypeError(
-            f"check_meta_grads: meta_loss returned a {type(loss).__name__}, expected a scalar Tensor"
+            f"check_meta_grads: meta_loss returned a {type(loss).__name__}, "
+            "expected a scalar Tensor"
         )
     if loss.size != 1:
         raise ValueError(
