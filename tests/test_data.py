@@ -1,7 +1,8 @@
 """Tests for tinymeta.data: sinusoid tasks, Omniglot loading/caching/splits, episodes, runs.
 
-The Omniglot archives are found through ``omniglot_root()`` (normally the repository's
-``../shared/data/omniglot``); tests that need them skip when they are absent. small1 is
+The Omniglot archives are found through ``omniglot_root()``: set ``$TINYMETA_DATA`` to the
+folder that holds ``images_background_small1.zip`` (``.ci/run`` does when the data folder is
+beside the checkout); tests that need them skip, saying so, when they are absent. small1 is
 decoded once per module into a temporary cache; the network is never used.
 """
 
@@ -46,7 +47,11 @@ def _archive(stem: str) -> Path:
 def _require(stem: str) -> Path:
     path = _archive(stem)
     if not path.is_file():
-        pytest.skip(f"Omniglot archive {path} not found (set TINYMETA_DATA to its folder)")
+        pytest.skip(
+            f"Omniglot archive {path.name} not found under {path.parent}: set TINYMETA_DATA to "
+            f"the folder that holds it (to fetch it there: "
+            f"`python -c \"import tinymeta.data as d; d.download_omniglot('{stem}', 'DIR')\"`)"
+        )
     return path
 
 
@@ -161,16 +166,23 @@ def test_omniglot_root_resolution_order(monkeypatch, tmp_path):
     assert omniglot_root() == tmp_path / "omniglot"  # ...or a data folder holding omniglot/
     assert omniglot_root(tmp_path / "explicit") == tmp_path / "explicit"
 
+    # Without TINYMETA_DATA: the cache's omniglot/ folder, where downloads go.
     monkeypatch.delenv("TINYMETA_DATA")
-    repo_root = Path(omniglot_mod.__file__).resolve().parents[2]
-    shared = repo_root.parent / "shared" / "data" / "omniglot"
-    if shared.is_dir():
-        assert omniglot_root() == shared
-
-    # Outside a checkout (no shared folder next to it) the user cache is the last resort.
-    monkeypatch.setattr(omniglot_mod, "__file__", str(tmp_path / "a" / "b" / "c" / "omniglot.py"))
+    monkeypatch.setenv("TINYMETA_CACHE", str(tmp_path / "cache"))
+    assert omniglot_root() == tmp_path / "cache" / "omniglot"
+    monkeypatch.delenv("TINYMETA_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert omniglot_root() == tmp_path / "xdg" / "tinymeta" / "omniglot"
+
+
+def test_data_is_found_only_through_root_env_or_cache(monkeypatch, tmp_path):
+    """No folder next to the source checkout is ever looked at."""
+    for name in ("TINYMETA_DATA", "TINYMETA_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert omniglot_root() == tmp_path / "home" / ".cache" / "tinymeta" / "omniglot"
+    source = Path(omniglot_mod.__file__).read_text()
+    assert '"shared"' not in source and "../shared" not in source
 
 
 # ----------------------------------------------------------------------------- loading
@@ -386,15 +398,15 @@ def test_download_falls_back_to_user_folder_when_root_is_read_only(
     small1, cache_dir, monkeypatch, tmp_path
 ):
     archive = _require(SMALL1_NAME)
-    read_only, xdg = tmp_path / "shared", tmp_path / "xdg"
+    read_only, cache = tmp_path / "data", tmp_path / "cache"
     read_only.mkdir()
     monkeypatch.setenv("TINYMETA_DATA", str(read_only))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    monkeypatch.setenv("TINYMETA_CACHE", str(cache))
     real_writable = omniglot_mod._writable
     monkeypatch.setattr(omniglot_mod, "_writable", lambda d: d != read_only and real_writable(d))
     fake = _patch_urlopen(monkeypatch, archive.read_bytes())
     load_omniglot("small1", cache_dir=cache_dir, download=True)
-    assert (xdg / "tinymeta" / "omniglot" / f"{SMALL1_NAME}.zip").is_file()
+    assert (cache / "omniglot" / f"{SMALL1_NAME}.zip").is_file()
     assert not list(read_only.iterdir())
     # The next load finds the downloaded copy without the network.
     fake.payload = RuntimeError("network must not be used")

@@ -1,8 +1,8 @@
 """examples/maml_omniglot.py end to end, tiny: 5-way, 8 filters, meta-batch 2, a few episodes.
 
-Needs the small Omniglot background sets (``omniglot_root()``, normally
-``../shared/data/omniglot``); skips without them. The official one-shot runs are not in the
-shared data, so runs in their format are built here from small1's PNGs.
+Needs the small Omniglot background sets (found through ``omniglot_root()``: set
+``$TINYMETA_DATA`` to their folder); skips, saying so, without them. The official one-shot runs
+are not among them, so runs in their format are built here from small1's PNGs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ def omniglot_example(tmp_path_factory):
     """The example module, with decoded archives cached in a temporary folder."""
     for stem in ("images_background_small1", "images_background_small2"):
         if not (omniglot_root() / f"{stem}.zip").is_file():
-            pytest.skip(f"{stem}.zip not found under {omniglot_root()} (set TINYMETA_DATA)")
+            pytest.skip(
+                f"{stem}.zip not found under {omniglot_root()}: set TINYMETA_DATA to the folder "
+                f"that holds it (to fetch it there: "
+                f"`python -c \"import tinymeta.data as d; d.download_omniglot('{stem}', 'DIR')\"`)"
+            )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINYMETA_CACHE", str(tmp_path_factory.mktemp("cache")))
         # On sys.path rather than loaded from its file: --workers' spawned processes import it.

@@ -71,26 +71,28 @@ class ChecksumError(OSError):
 # ----------------------------------------------------------------------------- locations
 
 
-def _user_cache_home() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+def default_cache_dir() -> Path:
+    """The cache: ``$TINYMETA_CACHE``, else ``$XDG_CACHE_HOME/tinymeta`` (``~/.cache/tinymeta``).
+
+    Decoded arrays are cached here, and archives are downloaded to its ``omniglot/`` folder.
+    """
+    env = os.environ.get("TINYMETA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "tinymeta"
 
 
 def _user_omniglot_dir() -> Path:
-    return _user_cache_home() / "tinymeta" / "omniglot"
-
-
-def default_cache_dir() -> Path:
-    """Where decoded arrays are cached: ``$TINYMETA_CACHE`` or ``~/.cache/tinymeta``."""
-    env = os.environ.get("TINYMETA_CACHE")
-    return Path(env).expanduser() if env else _user_cache_home() / "tinymeta"
+    return default_cache_dir() / "omniglot"
 
 
 def omniglot_root(root: str | os.PathLike[str] | None = None) -> Path:
     """Resolve the directory that holds the Omniglot zips.
 
     Order: the explicit ``root``; ``$TINYMETA_DATA`` (a data folder holding ``omniglot/``, or
-    the Omniglot folder itself); ``../shared/data/omniglot`` next to the repository checkout
-    (if it exists); finally ``~/.cache/tinymeta/omniglot`` (where downloads go by default).
+    the Omniglot folder itself); finally the cache's ``omniglot/`` folder
+    (``$TINYMETA_CACHE/omniglot``, by default ``~/.cache/tinymeta/omniglot``), where
+    checksummed downloads go.
     """
     if root is not None:
         return Path(root).expanduser()
@@ -98,10 +100,6 @@ def omniglot_root(root: str | os.PathLike[str] | None = None) -> Path:
     if env:
         base = Path(env).expanduser()
         return base / "omniglot" if (base / "omniglot").is_dir() else base
-    # tinymeta/data/omniglot.py -> parents[2] is the repository root of a source checkout.
-    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "omniglot"
-    if shared.is_dir():
-        return shared
     return _user_omniglot_dir()
 
 
@@ -129,7 +127,7 @@ def download_omniglot(
     """Download ``<name>.zip`` from the official Omniglot repository into ``dest``.
 
     ``name`` is an archive stem such as ``"images_background_small1"`` (see ``CHECKSUMS``);
-    ``dest`` defaults to :func:`omniglot_root`, or ``~/.cache/tinymeta/omniglot`` when that
+    ``dest`` defaults to :func:`omniglot_root`, or the cache's ``omniglot/`` folder when that
     is read-only (``load_omniglot`` looks there too). The file is streamed to a temporary name,
     its checksum verified, then renamed into place, so an interrupted or corrupt download
     never leaves a plausible-looking archive behind. An existing archive with the right
@@ -183,8 +181,8 @@ def _download_dir(dirs: list[Path]) -> Path:
 
 def _archive_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
     """Folders searched for archives: the resolved root and, unless ``root`` was given, the
-    user download folder (an archive downloaded there because the resolved root is read-only,
-    e.g. a shared data folder holding only the small sets, must be found next time)."""
+    cache's download folder (an archive downloaded there because the resolved root is
+    read-only, e.g. a data folder holding only the small sets, must be found next time)."""
     dirs = [omniglot_root(root)]
     if root is None and _user_omniglot_dir() != dirs[0]:
         dirs.append(_user_omniglot_dir())
@@ -380,8 +378,8 @@ def load_omniglot(
             ``"both"`` (their union; Greek and Latin, present in both with identical images,
             are kept once, from small1), ``"full"`` (``images_background.zip``, 30 alphabets)
             or ``"evaluation"`` (``images_evaluation.zip``, 20 alphabets).
-        root: folder holding the zips; by default :func:`omniglot_root`, then the user
-            download folder ``~/.cache/tinymeta/omniglot``.
+        root: folder holding the zips; by default :func:`omniglot_root`, then the cache's
+            download folder (``$TINYMETA_CACHE/omniglot``, ``~/.cache/tinymeta/omniglot``).
         image_size: side of the square output images (105 keeps the originals unresized).
         cache_dir: where decoded arrays are cached; see :func:`default_cache_dir`.
         download: fetch a missing archive (checksum-verified) instead of raising.
