@@ -5,6 +5,13 @@ broadcast together, well-conditioned arrays (finite, bounded, optionally kept
 away from zero or from kinks such as the corners of ``abs``/``relu``/``clip``),
 and tensors, optionally as non-contiguous views of a bigger array.
 
+For meta-learning: meta-batches of tasks (``sinusoid_task_batches``,
+``classification_task_batches`` with shuffled N-way K-shot ``episode_labels``),
+small float64 networks (``mlp_params``/``mlp_forward``,
+``conv_params``/``conv_forward``) and inner-loop configurations
+(``inner_loop_configs``), for properties such as "the meta-gradient equals
+finite differences" (``tinymeta.testing.check_meta_grads``).
+
 Hypothesis is a test dependency: this module is the only part of tinymeta that
 imports it, and ``tinymeta.testing.strategies`` is loaded on first use.
 
@@ -31,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from hypothesis import strategies as st
@@ -39,12 +47,22 @@ from hypothesis.extra import numpy as hnp
 from tinymeta.tensor import Tensor
 
 __all__ = [
+    "InnerLoopConfig",
+    "TaskBatch",
     "arrays",
     "as_noncontiguous",
     "broadcastable_shapes",
+    "classification_task_batches",
+    "conv_forward",
+    "conv_params",
     "distinct_arrays",
+    "episode_labels",
     "float_dtypes",
+    "inner_loop_configs",
+    "mlp_forward",
+    "mlp_params",
     "shapes",
+    "sinusoid_task_batches",
     "tensors",
     "well_conditioned",
 ]
@@ -231,3 +249,209 @@ def tensors(
         hows = st.sampled_from(["stride", "reverse", "transpose"])
         values = st.tuples(values, hows).map(lambda t: as_noncontiguous(t[0], t[1]))
     return values.map(lambda a: Tensor(a, requires_grad=requires_grad))
+
+
+# --- meta-learning: task batches, small networks, inner-loop configurations -----------------
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """A meta-batch: support ``(xs, ys)`` and query ``(xq, yq)`` tensors with a leading task axis.
+
+    What ``tinymeta.meta.maml_loss`` takes: ``maml_loss(forward, params,
+    batch.support, batch.query, ...)``. ``select(order)`` keeps (and reorders)
+    some tasks, ``task(t)`` is a batch of task ``t`` alone.
+    """
+
+    xs: Tensor
+    ys: Tensor
+    xq: Tensor
+    yq: Tensor
+
+    @property
+    def support(self) -> tuple:
+        return self.xs, self.ys
+
+    @property
+    def query(self) -> tuple:
+        return self.xq, self.yq
+
+    @property
+    def num_tasks(self) -> int:
+        return self.xs.shape[0]
+
+    def select(self, order) -> TaskBatch:
+        """The tasks ``order`` (a sequence of task indices), in that order."""
+        index = np.asarray(order, dtype=np.int64)
+        return TaskBatch(*(Tensor(t.data[index]) for t in (self.xs, self.ys, self.xq, self.yq)))
+
+    def task(self, t: int) -> TaskBatch:
+        return self.select([t])
+
+
+def _sizes(value, name: str) -> st.SearchStrategy[int]:
+    """An int, an inclusive (lo, hi) range, or a strategy of ints."""
+    if isinstance(value, st.SearchStrategy):
+        return value
+    if isinstance(value, int):
+        return st.just(value)
+    lo, hi = value
+    if not 1 <= lo <= hi:
+        raise ValueError(f"{name}: need 1 <= lo <= hi, got {value!r}")
+    return st.integers(lo, hi)
+
+
+def _floats(lo: float, hi: float) -> st.SearchStrategy[float]:
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False, allow_subnormal=False)
+
+
+@st.composite
+def sinusoid_task_batches(
+    draw, num_tasks=(1, 3), k_support=(2, 5), k_query=(2, 5), x_range: float = 5.0
+) -> TaskBatch:
+    """Sinusoid regression tasks y = A sin(x - phase) (Finn et al. 2017), float64, shapes (T, k, 1).
+
+    Amplitude in [0.1, 5], phase in [0, pi], inputs in [-x_range, x_range].
+    ``num_tasks``, ``k_support``, ``k_query``: an int, an inclusive range or a
+    strategy.
+    """
+    t = draw(_sizes(num_tasks, "num_tasks"))
+    ks, kq = draw(_sizes(k_support, "k_support")), draw(_sizes(k_query, "k_query"))
+    amplitude = draw(hnp.arrays(np.float64, (t, 1, 1), elements=_floats(0.1, 5.0)))
+    phase = draw(hnp.arrays(np.float64, (t, 1, 1), elements=_floats(0.0, math.pi)))
+    inputs = _floats(-x_range, x_range)
+    xs = draw(hnp.arrays(np.float64, (t, ks, 1), elements=inputs))
+    xq = draw(hnp.arrays(np.float64, (t, kq, 1), elements=inputs))
+    ys, yq = (amplitude * np.sin(x - phase) for x in (xs, xq))
+    return TaskBatch(Tensor(xs), Tensor(ys), Tensor(xq), Tensor(yq))
+
+
+def episode_labels(n_way, k_shot) -> st.SearchStrategy[np.ndarray]:
+    """The labels of an N-way K-shot set: each class 0..N-1 exactly K times, shuffled (int64)."""
+
+    def layout(nk):
+        n, k = nk
+        return st.permutations(list(np.repeat(np.arange(n), k))).map(
+            lambda labels: np.asarray(labels, dtype=np.int64)
+        )
+
+    return st.tuples(_sizes(n_way, "n_way"), _sizes(k_shot, "k_shot")).flatmap(layout)
+
+
+@st.composite
+def classification_task_batches(
+    draw, num_tasks=(1, 3), n_way=(2, 3), k_shot=(1, 3), k_query=(1, 2), features: int = 3
+) -> TaskBatch:
+    """N-way K-shot episodes: xs (T, N*K, features) float64, ys (T, N*K) int64, labels shuffled.
+
+    Each task draws one mean per class (the classes are separable but close);
+    an example is its class mean plus noise. The query set has ``k_query``
+    examples per class, also shuffled. Every task has the same N and K.
+    """
+    t = draw(_sizes(num_tasks, "num_tasks"))
+    n, k, kq = (draw(_sizes(v, name)) for v, name in ((n_way, "n_way"), (k_shot, "k_shot"),
+                                                      (k_query, "k_query")))  # fmt: skip
+    means = draw(hnp.arrays(np.float64, (t, n, features), elements=_floats(-2.0, 2.0)))
+    noise = _floats(-0.5, 0.5)
+    sets = []
+    for shots in (k, kq):
+        labels = np.stack([draw(episode_labels(n, shots)) for _ in range(t)])
+        x = np.take_along_axis(means, labels[..., None], axis=1)
+        x = x + draw(hnp.arrays(np.float64, x.shape, elements=noise))
+        sets += [Tensor(x), Tensor(labels)]
+    return TaskBatch(*sets)
+
+
+def _weights(shape: tuple, fan_in: int) -> st.SearchStrategy[np.ndarray]:
+    """Float64 weights uniform-ish in +-1.5/sqrt(fan_in): a well-scaled tanh network."""
+    bound = 1.5 / math.sqrt(fan_in)
+    return hnp.arrays(np.float64, shape, elements=_floats(-bound, bound))
+
+
+def _leaves(arrays: dict) -> dict:
+    return {k: Tensor(v, requires_grad=True) for k, v in arrays.items()}
+
+
+@st.composite
+def mlp_params(draw, in_features: int = 1, out_features: int = 1, hidden=(2, 5), layers=(1, 2)):
+    """A float64 MLP's parameters, keyed like ``nn.Sequential(Linear, Tanh, Linear, ...)``:
+    ``{"0.weight": (h, in), "0.bias": (h,), "2.weight": ..., ...}``, leaves that require grad.
+
+    ``layers`` counts the hidden layers. ``mlp_forward`` runs the network.
+    """
+    widths = [draw(_sizes(hidden, "hidden")) for _ in range(draw(_sizes(layers, "layers")))]
+    sizes = [in_features, *widths, out_features]
+    arrays = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        arrays[f"{2 * i}.weight"] = draw(_weights((n_out, n_in), n_in))
+        arrays[f"{2 * i}.bias"] = draw(_weights((n_out,), n_in))
+    return _leaves(arrays)
+
+
+def mlp_forward(params: dict, x):
+    """The tanh MLP of ``mlp_params``; parameters may carry a leading task axis (``per_task``),
+    then ``x`` is (T, n, in)."""
+    from tinymeta import ops
+
+    layers = sorted({int(k.split(".")[0]) for k in params})
+    h = x
+    for j, i in enumerate(layers):
+        h = h @ ops.swapaxes(params[f"{i}.weight"], -1, -2) + ops.expand_dims(
+            params[f"{i}.bias"], -2
+        )
+        if j < len(layers) - 1:
+            h = ops.tanh(h)
+    return h
+
+
+@st.composite
+def conv_params(
+    draw, in_channels: int = 1, image_size: int = 4, channels=(1, 2), kernel_size=(2, 3),
+    num_classes: int = 2,
+):  # fmt: skip
+    """A float64 conv net's parameters, keyed like ``nn.Sequential(Conv2d, Tanh, Flatten,
+    Linear)``: ``{"0.weight": (c, in, k, k), "0.bias": (c,), "3.weight": (classes, c*m*m),
+    "3.bias": (classes,)}`` for ``image_size``-square inputs (m = image_size - k + 1).
+    ``conv_forward`` runs the network.
+    """
+    c = draw(_sizes(channels, "channels"))
+    k = draw(_sizes(kernel_size, "kernel_size"))
+    if k > image_size:
+        raise ValueError(f"conv_params: kernel_size {k} is larger than image_size {image_size}")
+    fan_in = in_channels * k * k
+    flat = c * (image_size - k + 1) ** 2
+    return _leaves(
+        {
+            "0.weight": draw(_weights((c, in_channels, k, k), fan_in)),
+            "0.bias": draw(_weights((c,), fan_in)),
+            "3.weight": draw(_weights((num_classes, flat), flat)),
+            "3.bias": draw(_weights((num_classes,), flat)),
+        }
+    )
+
+
+def conv_forward(params: dict, x):
+    """The conv net of ``conv_params``: x (N, C, H, W), or (T, N, C, H, W) with per-task params."""
+    from tinymeta import ops
+    from tinymeta.nn import functional as F
+
+    h = ops.tanh(F.conv2d(x, params["0.weight"], params["0.bias"]))
+    h = ops.reshape(h, h.shape[: h.ndim - 3] + (-1,))
+    return h @ ops.swapaxes(params["3.weight"], -1, -2) + ops.expand_dims(params["3.bias"], -2)
+
+
+@dataclass(frozen=True)
+class InnerLoopConfig:
+    """How to adapt: ``steps`` inner updates at rate ``lr``, first or second order."""
+
+    steps: int
+    lr: float
+    first_order: bool
+
+
+def inner_loop_configs(steps=(1, 2), lr=(0.05, 0.5), first_order=None):
+    """``InnerLoopConfig``s: ``steps`` an int, inclusive range or strategy; ``lr`` a
+    float or an inclusive (lo, hi) range; ``first_order`` a bool, or None for either."""
+    rates = st.just(float(lr)) if isinstance(lr, (int, float)) else _floats(*lr)
+    orders = st.booleans() if first_order is None else st.just(bool(first_order))
+    return st.builds(InnerLoopConfig, _sizes(steps, "steps"), rates, orders)
