@@ -7,6 +7,8 @@ importing NumPy directly, so the same forward code serves both devices.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 _cupy = None
@@ -92,6 +94,58 @@ def to_numpy(array) -> np.ndarray:
 def is_available() -> bool:
     """Whether CuPy and at least one CUDA device are usable."""
     return cupy_or_none() is not None
+
+
+# --- dtype promotion ---------------------------------------------------------------------
+
+# PyTorch's categories: a value of a higher category decides the kind of the result.
+_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
+# The dtype a Python number of each category brings when it outranks every tensor.
+_SCALAR_DEFAULT = {
+    0: np.dtype(np.bool_),
+    1: np.dtype(np.int64),
+    2: np.dtype(np.float32),
+    3: np.dtype(np.complex64),
+}
+
+
+def _scalar_category(value) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        return 0
+    if isinstance(value, numbers.Integral):
+        return 1
+    if isinstance(value, numbers.Real):
+        return 2
+    return 3
+
+
+def promoted_dtype(operands, true_divide: bool = False):
+    """The result dtype of an elementwise op on ``operands``, by PyTorch's rule.
+
+    Tensors and arrays decide by category (bool < integer < float < complex): the result takes
+    the dtype of the highest category present, NumPy's rule within it (float32 with float64
+    gives float64). A Python number (or NumPy scalar) counts only when its category is higher
+    than every tensor's, and then brings the default dtype of its category: a float with an
+    integer or bool tensor gives float32, an int with a bool tensor int64, an int with an int32
+    tensor stays int32. ``true_divide``: an integer or bool result becomes float32, as a / b does
+    in PyTorch. NumPy differs in both places (int64 * 2.5 and int64 / int64 give float64), so
+    the op wrappers cast their integer operands to this dtype first.
+
+    None when no operand has a numeric dtype (Python numbers only; lists are left to NumPy).
+    """
+    dtypes = [
+        o.dtype for o in operands if not isinstance(o, numbers.Number) and hasattr(o, "dtype")
+    ]
+    if not dtypes or any(d.kind not in _CATEGORY for d in dtypes):
+        return None  # strings, objects, datetimes: NumPy's error or rule, unchanged
+    top = max(_CATEGORY[d.kind] for d in dtypes)
+    dtype = np.result_type(*[d for d in dtypes if _CATEGORY[d.kind] == top])
+    scalars = [_scalar_category(o) for o in operands if isinstance(o, numbers.Number)]
+    if scalars and max(scalars) > top:
+        dtype = _SCALAR_DEFAULT[max(scalars)]
+    if true_divide and dtype.kind in "biu":
+        dtype = _SCALAR_DEFAULT[2]
+    return dtype
 
 
 def keep_freed_memory() -> bool:

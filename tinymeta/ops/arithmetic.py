@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tinymeta.backend import promoted_dtype
 from tinymeta.function import Function
 from tinymeta.ops.shape import sum_to
 from tinymeta.tensor import Tensor
@@ -161,11 +162,40 @@ class Pow(Function):
         return ga, gb
 
 
+def promote(a, b, true_divide: bool = False) -> tuple:
+    """``a`` and ``b`` with integer and bool tensors cast to the result dtype of PyTorch's rule
+    (``backend.promoted_dtype``); Python numbers then take that dtype in ``as_tensor_like``.
+
+    Only tensors of a lower category are cast: they cannot require grad, so the cast is a
+    constant. Float tensors of different widths are left to NumPy (which widens, as PyTorch).
+    """
+    if type(a) is Tensor:
+        kind = a.data.dtype.kind
+        if type(b) is Tensor:
+            if a.data.dtype == b.data.dtype and (kind in "fc" or not true_divide):
+                return a, b  # the common case, decided without calls
+        elif kind in "fc" and type(b) in (int, float):
+            return a, b
+    elif type(b) is Tensor and b.data.dtype.kind in "fc" and type(a) in (int, float):
+        return a, b
+    dtype = promoted_dtype((a, b), true_divide)
+    return _cast_lower(a, dtype), _cast_lower(b, dtype)
+
+
+def _cast_lower(x, dtype):
+    if isinstance(x, Tensor) and dtype is not None and x.dtype.kind != dtype.kind:
+        if x.dtype.kind in "biu":  # integers never carry a gradient: a constant cast
+            return Tensor._wrap(x.data.astype(dtype))
+    return x
+
+
 def add(a, b):
+    a, b = promote(a, b)
     return Add.apply(a, b)
 
 
 def sub(a, b):
+    a, b = promote(a, b)
     return Sub.apply(a, b)
 
 
@@ -177,8 +207,9 @@ def add_scaled(a, b, c):
 
 
 def mul(a, b):
-    if type(a) is Tensor and type(b) is Tensor:  # the common case, decided without calls
-        return Mul.apply(a, b)
+    if type(a) is Tensor and type(b) is Tensor and a.data.dtype == b.data.dtype:
+        return Mul.apply(a, b)  # the common case, decided without calls
+    a, b = promote(a, b)
     if _is_number(b) and _is_float_tensor(a):
         return Scale.apply(a, c=b)
     if _is_number(a) and _is_float_tensor(b):
@@ -196,6 +227,8 @@ def _is_float_tensor(x) -> bool:
 
 
 def div(a, b):
+    """a / b, true division: integer and bool operands give float32 (PyTorch's rule)."""
+    a, b = promote(a, b, true_divide=True)
     return Div.apply(a, b)
 
 
@@ -207,6 +240,7 @@ def power(a, b):
     """a ** b; a constant Python exponent uses the simpler rule of PowConst."""
     if isinstance(b, (np.integer, np.floating)):
         b = b.item()  # a NumPy scalar exponent acts as a Python one: it must not promote x
+    a, b = promote(a, b)
     if isinstance(b, (int, float)) and not isinstance(b, bool):
         return PowConst.apply(a, c=b)
     return Pow.apply(a, b)

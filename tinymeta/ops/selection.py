@@ -8,6 +8,7 @@ import numpy as np
 from tinymeta import backend
 from tinymeta.backend import get_array_module
 from tinymeta.function import Function
+from tinymeta.ops.arithmetic import promote
 from tinymeta.ops.shape import sum_to
 from tinymeta.tensor import Tensor, as_tensor_like, constant
 
@@ -42,6 +43,7 @@ def where(cond, a, b):
     """Elements of ``a`` where ``cond`` holds, else of ``b`` (broadcasting all three)."""
     cond = _array(cond)
     xp = get_array_module(cond)
+    a, b = promote(a, b)  # PyTorch's dtype rule (int tensor with 2.5 gives float32)
     return Where.apply(a, b, cond=xp.asarray(cond, dtype=bool))
 
 
@@ -78,11 +80,11 @@ class Minimum(Maximum):
 
 
 def maximum(a, b):
-    return Maximum.apply(a, b)
+    return Maximum.apply(*promote(a, b))
 
 
 def minimum(a, b):
-    return Minimum.apply(a, b)
+    return Minimum.apply(*promote(a, b))
 
 
 class Clip(Function):
