@@ -60,8 +60,28 @@ def parse_args(argv=None):
         "(the MAML reference code's: normal with std 0.01 truncated at 2 std, zero biases)",
     )
     p.add_argument("--eval-tasks", type=int, default=600)
+    p.add_argument(
+        "--eval-seed",
+        type=int,
+        default=10_000,
+        help="seed of the held-out evaluation tasks (independent of --seed, so runs with "
+        "different training seeds are scored on the same tasks)",
+    )
     p.add_argument("--eval-points", type=int, default=100, help="query points per eval task")
     p.add_argument("--no-baseline", action="store_true", help="skip the pretrained baseline")
+    p.add_argument(
+        "--baseline-steps",
+        type=int,
+        default=20_000,
+        help="Adam steps of the pretrained baseline (each on K+K points of --meta-batch tasks)",
+    )
+    p.add_argument(
+        "--baseline-init",
+        choices=("own", "maml"),
+        default="own",
+        help="the baseline starts from its own random weights, or from the same initial "
+        "weights as the meta-learned network",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", type=Path, default=Path("runs/sinusoid"))
@@ -152,20 +172,36 @@ def meta_train(model, rule, args, progress=True):
 
 
 def pretrain_baseline(model, args, progress=True):
-    """The paper's baseline: one network regressing all tasks' points jointly."""
+    """The paper's baseline: one network regressing all tasks' points jointly.
+
+    As the reference implementation: each step regresses the K + K points (support and
+    query) of a meta-batch of tasks."""
     params = list(model.parameters())
     tasks = SinusoidTasks(rng=args.seed + 1)
     opt = Adam(params, lr=args.meta_lr)
-    for _ in tqdm(range(args.iterations), desc="baseline", disable=not progress, mininterval=1):
-        xs, ys, _, _ = to_tensors(tasks.sample_batch(args.meta_batch, args.shots, 1), args.device)
+    steps = tqdm(range(args.baseline_steps), desc="baseline", disable=not progress, mininterval=1)
+    for _ in steps:
+        xs, ys, xq, yq = to_tensors(
+            tasks.sample_batch(args.meta_batch, args.shots, args.shots), args.device
+        )
         opt.zero_grad()
-        mse(model(xs), ys).backward()
+        (mse(model(xs), ys) + mse(model(xq), yq)).backward()
         opt.step()
 
 
-def evaluate(model, rule, args, keys=None, seed_offset=10_000):
-    """Mean query MSE over held-out tasks after 0..10 adaptation steps (all tasks at once)."""
-    tasks = SinusoidTasks(rng=args.seed + seed_offset)
+# A task whose query MSE after adaptation is above this counts as an outlier: the
+# distribution of per-task MSE has a heavy tail (large-amplitude tasks where repeated SGD
+# steps overshoot), so the mean is reported with the median and the outlier count.
+OUTLIER_MSE = 5.0
+
+
+def evaluate(model, rule, args, keys=None):
+    """Query MSE over held-out tasks after 0..10 adaptation steps (all tasks at once).
+
+    Returns a dict of per-step statistics: mean, 95% interval, median, the number of tasks
+    above ``OUTLIER_MSE``, the number that diverged (non-finite), and the amplitudes of the
+    five worst tasks."""
+    tasks = SinusoidTasks(rng=args.eval_seed)
     batch = tasks.sample_batch(args.eval_tasks, args.shots, args.eval_points)
     xs, ys, xq, yq = to_tensors(batch, args.device)
     params = dict(model.named_parameters())
@@ -179,20 +215,26 @@ def evaluate(model, rule, args, keys=None, seed_offset=10_000):
         meta.per_task(params, n, keys), rule, max(EVAL_STEPS), first_order=True, keys=keys,
         trajectory=True,
     )  # fmt: skip
-    result, ci95, diverged = {}, {}, {}
+    stats = {key: {} for key in ("mean", "ci95", "median", "outliers", "diverged", "worst")}
     with tm.no_grad():
         for s in EVAL_STEPS:
             per_task = ((forward(path[s], xq) - yq) ** 2).mean(axis=(1, 2)).numpy()
             finite = np.isfinite(per_task)
             # Rates learned for one step (Meta-SGD) can blow up when applied many times:
             # say so (None, and how many tasks diverged) rather than average infinities.
-            if finite.all():
-                result[str(s)] = float(per_task.mean())
-                ci95[str(s)] = float(1.96 * per_task.std(ddof=1) / np.sqrt(n))
-            else:
-                result[str(s)] = ci95[str(s)] = None
-                diverged[str(s)] = int((~finite).sum())
-    return result, ci95, diverged
+            mean = float(per_task.mean()) if finite.all() else None
+            ci95 = float(1.96 * per_task.std(ddof=1) / np.sqrt(n)) if finite.all() else None
+            ranked = np.argsort(np.where(finite, per_task, np.inf))[::-1]
+            for key, value in (
+                ("mean", mean),
+                ("ci95", ci95),
+                ("median", float(np.median(per_task))),
+                ("outliers", int((per_task[finite] > OUTLIER_MSE).sum())),
+                ("diverged", int((~finite).sum())),
+                ("worst", [round(float(a), 3) for a in batch.amplitudes[ranked[:5]]]),
+            ):
+                stats[key][str(s)] = value
+    return stats
 
 
 def plot(model, rule, baseline, args, figure_path: Path):
@@ -251,9 +293,8 @@ def main(argv=None):
     train_losses, skipped = meta_train(model, rule, args, progress=not args.quiet)
     seconds = time.perf_counter() - start
     keys = [k for k, _ in model.named_parameters() if k.startswith("4.")]
-    mse_after, ci95, diverged = evaluate(
-        model, rule, args, keys=keys if args.algo == "anil" else None
-    )
+    scores = evaluate(model, rule, args, keys=keys if args.algo == "anil" else None)
+    mse_after = scores["mean"]
 
     metrics = {
         "algo": args.algo,
@@ -263,18 +304,22 @@ def main(argv=None):
         "inner_lr": args.inner_lr,
         "init": args.init,
         "seconds": round(seconds, 2),
+        "eval_seed": args.eval_seed,
         "mse": mse_after,
-        "mse_ci95": ci95,
+        "mse_ci95": scores["ci95"],
+        "mse_median": scores["median"],
+        "tasks_above_5": scores["outliers"],
+        "diverged_tasks": scores["diverged"],
+        "worst_task_amplitudes": scores["worst"],
     }
-    if diverged:
-        metrics["diverged_tasks"] = diverged
     baseline = None
     if not args.no_baseline:
-        baseline = build_model(np.random.default_rng(args.seed + 1), args.init).to(args.device)
+        baseline_seed = args.seed if args.baseline_init == "maml" else args.seed + 1
+        baseline = build_model(np.random.default_rng(baseline_seed), args.init).to(args.device)
         pretrain_baseline(baseline, args, progress=not args.quiet)
-        metrics["baseline_mse"], metrics["baseline_mse_ci95"], _ = evaluate(
-            baseline, meta.InnerSGD(args.inner_lr), args
-        )
+        base = evaluate(baseline, meta.InnerSGD(args.inner_lr), args)
+        metrics["baseline_mse"], metrics["baseline_mse_ci95"] = base["mean"], base["ci95"]
+        metrics["baseline_mse_median"] = base["median"]
     if train_losses:
         metrics["final_train_loss"] = float(np.nanmean(train_losses[-100:]))
         metrics["skipped_steps"] = skipped
@@ -294,6 +339,8 @@ def main(argv=None):
     print("query MSE after   " + "  ".join(f"{s:>2} steps" for s in EVAL_STEPS))
     row = "  ".join(_cell(mse_after[str(s)]) for s in EVAL_STEPS)
     print(f"  {args.algo:<15} {row}")
+    row = "  ".join(_cell(scores["median"][str(s)]) for s in EVAL_STEPS)
+    print(f"  {'(median)':<15} {row}")
     if baseline is not None:
         row = "  ".join(_cell(metrics["baseline_mse"][str(s)]) for s in EVAL_STEPS)
         print(f"  {'pretrained':<15} {row}")

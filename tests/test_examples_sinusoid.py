@@ -22,11 +22,13 @@ def _example():
 
 def test_short_maml_run_adapts_and_beats_the_baseline(tmp_path):
     metrics = _example().main(
-        ["--iterations", "600", "--eval-tasks", "60", "--quiet", "--out", str(tmp_path)]
-    )
+        ["--iterations", "600", "--baseline-steps", "600", "--eval-tasks", "60", "--quiet",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["mse"] == metrics["mse"]
-    for key in ("algo", "shots", "iterations", "seconds", "mse", "mse_ci95", "baseline_mse"):
+    for key in ("algo", "shots", "iterations", "seconds", "mse", "mse_ci95", "mse_median",
+                "tasks_above_5", "diverged_tasks", "baseline_mse", "baseline_mse_median"):  # fmt: skip
         assert key in saved
     assert set(saved["mse"]) == {"0", "1", "5", "10"}
     mse, baseline = saved["mse"], saved["baseline_mse"]
@@ -89,3 +91,30 @@ def test_paper_init_is_small_truncated_normal_with_zero_biases():
     default = example.build_model(np.random.default_rng(0))
     assert np.abs(default.state_dict()["0.weight"]).max() > 0.1  # uniform +-1 for fan-in 1
     assert example.parse_args(["--init", "paper"]).init == "paper"
+
+
+def test_evaluation_statistics_are_those_of_the_per_task_errors():
+    """The held-out tasks come from --eval-seed alone (two training seeds are scored on the
+    same tasks), and the reported mean, median and outlier count are those of the per-task
+    query MSE, computed here by hand before any adaptation step."""
+    example = _example()
+    model = example.build_model(np.random.default_rng(3))
+    rule = example.make_rule("maml", dict(model.named_parameters()), example.parse_args([]))
+    runs = [
+        example.evaluate(model, rule, example.parse_args(
+            ["--seed", str(seed), "--eval-seed", "7", "--eval-tasks", "40", "--eval-points", "20"]
+        ))
+        for seed in (0, 1)
+    ]  # fmt: skip
+    assert runs[0] == runs[1]
+
+    batch = example.SinusoidTasks(rng=7).sample_batch(40, 10, 20)
+    with tm.no_grad():
+        per_task = ((model(tm.tensor(batch.xq)).numpy() - batch.yq) ** 2).mean(axis=(1, 2))
+    stats = runs[0]
+    assert stats["mean"]["0"] == pytest.approx(per_task.mean(), rel=1e-5)
+    assert stats["median"]["0"] == pytest.approx(np.median(per_task), rel=1e-5)
+    assert stats["outliers"]["0"] == int((per_task > example.OUTLIER_MSE).sum())
+    assert stats["diverged"]["0"] == 0
+    worst = batch.amplitudes[np.argsort(per_task)[::-1][:5]]
+    np.testing.assert_allclose(stats["worst"]["0"], worst, atol=1e-3)
