@@ -150,7 +150,15 @@ class GymTaskFamily(TaskFamily):
 
     def _make_env(self):
         with _mujoco_warnings_as_python_warnings():
-            env = self._gymnasium.make(self.env_id, disable_env_checker=True, **self._env_kwargs)
+            try:
+                env = self._gymnasium.make(
+                    self.env_id, disable_env_checker=True, **self._env_kwargs
+                )
+            except self._gymnasium.error.DependencyNotInstalled as exc:
+                raise ImportError(
+                    f"{self.name}: {self.env_id} needs a simulator that is not installed ({exc}): "
+                    f"{_INSTALL_HINT}"
+                ) from exc
         return env.unwrapped
 
     def close(self) -> None:
@@ -268,8 +276,13 @@ class HalfCheetahDirection(GymTaskFamily):
         )
         self.stepper = stepper
         if stepper == "mujoco":
-            import mujoco
-
+            try:
+                import mujoco
+            except ImportError as exc:
+                raise ImportError(
+                    f"cheetah-dir: stepper='mujoco' needs mujoco, which is not installed: "
+                    f"{_INSTALL_HINT}"
+                ) from exc
             self._mujoco = mujoco
             env = self._envs[0]
             self._model = env.model
