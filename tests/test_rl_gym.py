@@ -51,8 +51,9 @@ def test_deterministic_under_a_seed(cheetah):
     assert not np.allclose(a["obs"][0, 0, 0], a["obs"][0, 0, 1])
 
 
-def test_reward_matches_gymnasium_halfcheetah(cheetah, gymnasium):
+def test_reward_matches_gymnasium_halfcheetah(cheetah, gymnasium, tmp_path, monkeypatch):
     """Against plain ``gymnasium.make`` environments seeded as the family documents."""
+    monkeypatch.chdir(tmp_path)  # MuJoCo appends its warnings to ./MUJOCO_LOG.TXT
     tasks = np.array([[1.0], [-1.0]])
     rollouts, steps, seed = 2, 6, 3
     trace = _run(cheetah, tasks, rollouts, steps, seed)
