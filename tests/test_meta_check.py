@@ -94,9 +94,6 @@ def test_hand_written_second_order_maml_passes():
     for check in result.params.values():
         assert check.status == "ok"
         np.testing.assert_allclose(check.analytic, check.numerical, rtol=1e-6, atol=1e-9)
-        assert not np.allclose(check.first_order, check.numerical, rtol=1e-3, atol=1e-5) or (
-            check.name != "2.weight"
-        )
 
 
 @pytest.mark.parametrize("vectorized", [False, True], ids=["looped", "vectorized"])
