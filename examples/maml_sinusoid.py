@@ -12,6 +12,15 @@ the same way (the paper's baseline).
     python examples/maml_sinusoid.py --algo metasgd        # also: fomaml reptile anil learned-opt
 
 Writes metrics.json, a checkpoint and (with matplotlib) a figure to --out.
+
+Under MPI every meta-batch is spread over the processes (docs/distributed.md):
+
+    mpiexec -n 2 python examples/maml_sinusoid.py
+
+Every rank draws the same tasks from the same seed and computes the meta-gradient of its
+share of them (``tinymeta.distributed.shard``); one all-reduce sums the shares, so every rank
+takes the same outer step, and rank 0 alone writes the outputs. ``--dtype float64`` makes the
+result the same as one process's to rounding in the last bits.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 import tinymeta as tm
+from tinymeta import distributed as dist
 from tinymeta import meta, nn
 from tinymeta.data import SinusoidTasks
 from tinymeta.optim import Adam
@@ -84,6 +94,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--out", type=Path, default=Path("runs/sinusoid"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -126,14 +137,17 @@ def mse(pred, target):
     return ((pred - target) ** 2).mean()
 
 
-def to_tensors(batch, device):
-    return [tm.tensor(a, device=device) for a in (batch.xs, batch.ys, batch.xq, batch.yq)]
+def to_tensors(batch, device, dtype=None, tasks=slice(None)):
+    """The batch's (xs, ys, xq, yq) as tensors, of the ``tasks`` at those indices only."""
+    arrays = (batch.xs, batch.ys, batch.xq, batch.yq)
+    return [tm.tensor(a[tasks], dtype=dtype, device=device) for a in arrays]
 
 
 def meta_train(model, rule, args, progress=True):
     """Meta-train ``model`` (and the rule's own parameters) on sinusoid task batches.
 
-    Returns the meta-losses and how many steps were skipped for a non-finite meta-gradient."""
+    Returns the meta-losses and how many steps were skipped for a non-finite meta-gradient.
+    Under MPI each rank computes the meta-gradient of its share of every meta-batch."""
     params = dict(model.named_parameters())
     head = [k for k in params if k.startswith("4.")]
 
@@ -144,23 +158,28 @@ def meta_train(model, rule, args, progress=True):
     outer_params = list(params.values()) + rule.parameters()
     outer = Adam(outer_params, lr=args.meta_lr)
     losses, skipped = [], 0
+    # This rank's tasks of every meta-batch, and their share of it: each rank's meta-gradient
+    # (a mean over its tasks) times that share sums over the ranks to the meta-batch's mean,
+    # also when the shares are unequal (25 tasks on 2 ranks: 13 and 12).
+    share = dist.shard(args.meta_batch)
+    weight = len(share) / args.meta_batch
     for it in tqdm(range(args.iterations), desc=args.algo, disable=not progress, mininterval=1):
-        xs, ys, xq, yq = to_tensors(
-            tasks.sample_batch(args.meta_batch, args.shots, args.shots), args.device
-        )
+        batch = tasks.sample_batch(args.meta_batch, args.shots, args.shots)  # same on all ranks
+        xs, ys, xq, yq = to_tensors(batch, args.device, args.dtype, share)
         outer.zero_grad()
         if args.algo == "reptile":
             grads = meta.reptile_grads(forward, params, (xs, ys), mse, rule, args.inner_steps)
             for k, p in params.items():
-                p.grad = grads[k]
+                p.grad = grads[k] * weight
         else:
             first_order = args.algo == "fomaml" or it < args.first_order_iterations
             loss = meta.maml_loss(
                 forward, params, (xs, ys), (xq, yq), mse, rule, args.inner_steps,
                 first_order=first_order, keys=head if args.algo == "anil" else None,
             )  # fmt: skip
-            loss.backward()
-            losses.append(loss.item())
+            (loss * weight).backward()
+            losses.append(loss.item() * weight)
+        dist.all_reduce_grads_(outer_params, op="sum")  # one flat buffer
         norm = nn.utils.clip_grad_norm_(outer_params, args.clip_grad or float("inf"))
         if not np.isfinite(norm.item()):
             # An inner loop that blew up (a learned rate grown too large) would write NaN
@@ -168,6 +187,10 @@ def meta_train(model, rule, args, progress=True):
             skipped += 1
             continue
         outer.step()
+    if losses and dist.world_size() > 1:  # the ranks' shares of each meta-loss, summed
+        total = tm.tensor(losses, dtype=np.float64)
+        dist.all_reduce_(total, op="sum")
+        losses = total.numpy().tolist()
     return losses, skipped
 
 
@@ -175,17 +198,19 @@ def pretrain_baseline(model, args, progress=True):
     """The paper's baseline: one network regressing all tasks' points jointly.
 
     As the reference implementation: each step regresses the K + K points (support and
-    query) of a meta-batch of tasks."""
+    query) of a meta-batch of tasks. Under MPI, spread over the ranks as meta_train is."""
     params = list(model.parameters())
     tasks = SinusoidTasks(rng=args.seed + 1)
     opt = Adam(params, lr=args.meta_lr)
+    share = dist.shard(args.meta_batch)
+    weight = len(share) / args.meta_batch
     steps = tqdm(range(args.baseline_steps), desc="baseline", disable=not progress, mininterval=1)
     for _ in steps:
-        xs, ys, xq, yq = to_tensors(
-            tasks.sample_batch(args.meta_batch, args.shots, args.shots), args.device
-        )
+        batch = tasks.sample_batch(args.meta_batch, args.shots, args.shots)
+        xs, ys, xq, yq = to_tensors(batch, args.device, args.dtype, share)
         opt.zero_grad()
-        (mse(model(xs), ys) + mse(model(xq), yq)).backward()
+        ((mse(model(xs), ys) + mse(model(xq), yq)) * weight).backward()
+        dist.all_reduce_grads_(params, op="sum")
         opt.step()
 
 
@@ -203,7 +228,7 @@ def evaluate(model, rule, args, keys=None):
     five worst tasks."""
     tasks = SinusoidTasks(rng=args.eval_seed)
     batch = tasks.sample_batch(args.eval_tasks, args.shots, args.eval_points)
-    xs, ys, xq, yq = to_tensors(batch, args.device)
+    xs, ys, xq, yq = to_tensors(batch, args.device, args.dtype)
     params = dict(model.named_parameters())
 
     def forward(p, x):
@@ -284,13 +309,19 @@ def _cell(value) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    ranks = dist.init()[1]
+    if ranks > args.meta_batch:
+        raise SystemExit(f"{ranks} MPI ranks need --meta-batch >= {ranks}, not {args.meta_batch}")
+    root = dist.rank() == 0  # writes the outputs and shows progress
+    if root:
+        args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
 
-    model = build_model(rng, args.init).to(args.device)
+    model = build_model(rng, args.init).to(args.device, args.dtype)
     rule = make_rule(args.algo, dict(model.named_parameters()), args)
-    train_losses, skipped = meta_train(model, rule, args, progress=not args.quiet)
+    progress = not args.quiet and root
+    train_losses, skipped = meta_train(model, rule, args, progress=progress)
     seconds = time.perf_counter() - start
     keys = [k for k, _ in model.named_parameters() if k.startswith("4.")]
     scores = evaluate(model, rule, args, keys=keys if args.algo == "anil" else None)
@@ -304,6 +335,8 @@ def main(argv=None):
         "inner_lr": args.inner_lr,
         "init": args.init,
         "seconds": round(seconds, 2),
+        "ranks": ranks,
+        "dtype": args.dtype,
         "eval_seed": args.eval_seed,
         "mse": mse_after,
         "mse_ci95": scores["ci95"],
@@ -315,14 +348,17 @@ def main(argv=None):
     baseline = None
     if not args.no_baseline:
         baseline_seed = args.seed if args.baseline_init == "maml" else args.seed + 1
-        baseline = build_model(np.random.default_rng(baseline_seed), args.init).to(args.device)
-        pretrain_baseline(baseline, args, progress=not args.quiet)
+        baseline = build_model(np.random.default_rng(baseline_seed), args.init)
+        baseline.to(args.device, args.dtype)
+        pretrain_baseline(baseline, args, progress=progress)
         base = evaluate(baseline, meta.InnerSGD(args.inner_lr), args)
         metrics["baseline_mse"], metrics["baseline_mse_ci95"] = base["mean"], base["ci95"]
         metrics["baseline_mse_median"] = base["median"]
     if train_losses:
         metrics["final_train_loss"] = float(np.nanmean(train_losses[-100:]))
         metrics["skipped_steps"] = skipped
+    if not root:
+        return metrics
 
     checkpoint = {
         "model": model.state_dict(),
