@@ -32,6 +32,11 @@ implementations expect and dispatch:
   softmax_xent_backward(probs, labels, gloss) -> glogits
   relu_backward(gy, x) -> gx                                    any shape
   sgd_update_(param, grad, lr) -> param (updated in place)      any shape
+  lstm_pointwise_forward(gates, c) -> h, c_new                  gates: (M, 4H), c: (M, H)
+  lstm_pointwise_backward(gates, c, gh, gc) -> dgates, dc
+  gru_pointwise_forward(gi, gh, h) -> h_new                     gi, gh: (M, 3H), h: (M, H)
+  gru_pointwise_backward(gi, gh, h, gy) -> dgi, dgh, dh
+  erf(x) -> y                                                   any shape
 """
 
 from __future__ import annotations
@@ -344,3 +349,54 @@ def sgd_update_(param, grad, lr: float):
     """param -= lr * grad, in place (with lr in param's dtype); returns param."""
     _check_same_shape("sgd_update_", "param", param, "grad", grad)
     return _impl_for(param).sgd_update_(param, grad, lr)
+
+
+# --- recurrent cells ------------------------------------------------------------------------
+
+
+def _check_gates(op: str, k: int, gates, state, **others):
+    """gates (M, k * H) next to a state (M, H) and ``others`` of the shapes they must have."""
+    if gates.ndim != 2 or state.ndim != 2 or gates.shape != (state.shape[0], k * state.shape[1]):
+        raise ValueError(
+            f"{op}: expected gate pre-activations (M, {k} * H) and a state (M, H), got shapes "
+            f"{tuple(gates.shape)} and {tuple(state.shape)}"
+        )
+    for name, (a, shape) in others.items():
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(a.shape)}")
+
+
+def lstm_pointwise_forward(gates, c):
+    """One LSTM step after the matrix products: gates (M, 4H) in PyTorch's order i, f, g, o,
+    c (M, H); c' = sigmoid(f) c + sigmoid(i) tanh(g), h' = sigmoid(o) tanh(c'). Returns h', c'."""
+    _check_float("lstm_pointwise_forward", gates=gates, c=c)
+    _check_gates("lstm_pointwise_forward", 4, gates, c)
+    return _impl_for(gates).lstm_pointwise_forward(gates, c)
+
+
+def lstm_pointwise_backward(gates, c, gh, gc):
+    """The gradients (dgates (M, 4H), dc (M, H)) of ``lstm_pointwise_forward`` given gh, gc."""
+    _check_float("lstm_pointwise_backward", gates=gates, c=c, gh=gh, gc=gc)
+    _check_gates("lstm_pointwise_backward", 4, gates, c, gh=(gh, c.shape), gc=(gc, c.shape))
+    return _impl_for(gates).lstm_pointwise_backward(gates, c, gh, gc)
+
+
+def gru_pointwise_forward(gi, gh, h):
+    """One GRU step after the matrix products: gi = x W_ih^T + b_ih, gh = h W_hh^T + b_hh
+    (M, 3H) in PyTorch's order r, z, n, and h (M, H). Returns h' = (1 - z) n + z h."""
+    _check_float("gru_pointwise_forward", gi=gi, gh=gh, h=h)
+    _check_gates("gru_pointwise_forward", 3, gi, h, gh=(gh, gi.shape))
+    return _impl_for(gi).gru_pointwise_forward(gi, gh, h)
+
+
+def gru_pointwise_backward(gi, gh, h, gy):
+    """The gradients (dgi, dgh (M, 3H), dh (M, H)) of ``gru_pointwise_forward`` given gy."""
+    _check_float("gru_pointwise_backward", gi=gi, gh=gh, h=h, gy=gy)
+    _check_gates("gru_pointwise_backward", 3, gi, h, gh=(gh, gi.shape), gy=(gy, h.shape))
+    return _impl_for(gi).gru_pointwise_backward(gi, gh, h, gy)
+
+
+def erf(x):
+    """y = erf(x) elementwise, in x's dtype (float32 or float64)."""
+    _check_float("erf", x=x)
+    return _impl_for(x).erf(x)

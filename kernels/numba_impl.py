@@ -14,6 +14,8 @@ loops already run at memory speed). Sums are accumulated in float64 whatever the
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -564,3 +566,121 @@ def sgd_update_(param, grad, lr: float):
         return reference.sgd_update_(param, grad, lr)
     _sgd_update_flat(*flat, param.dtype.type(lr))
     return param
+
+
+# --- recurrent cells --------------------------------------------------------------------------
+# One pass over each row of gate pre-activations (M, k * H), C-contiguous, instead of the
+# reference's dozen full-size temporaries; the same formulas as reference.py, so float64
+# results agree to rounding.
+
+
+@numba.njit(cache=True, inline="always")
+def _sigmoid(x):
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)
+
+
+@numba.njit(cache=True)
+def _lstm_forward_rows(gates, c, h_out, c_out):
+    m_count, h_size = c.shape
+    for m in range(m_count):
+        for j in range(h_size):
+            i = _sigmoid(gates[m, j])
+            f = _sigmoid(gates[m, h_size + j])
+            g = np.tanh(gates[m, 2 * h_size + j])
+            o = _sigmoid(gates[m, 3 * h_size + j])
+            c_new = f * c[m, j] + i * g
+            c_out[m, j] = c_new
+            h_out[m, j] = o * np.tanh(c_new)
+
+
+@numba.njit(cache=True)
+def _lstm_backward_rows(gates, c, gh, gc, dgates, dc):
+    m_count, h_size = c.shape
+    for m in range(m_count):
+        for j in range(h_size):
+            i = _sigmoid(gates[m, j])
+            f = _sigmoid(gates[m, h_size + j])
+            g = np.tanh(gates[m, 2 * h_size + j])
+            o = _sigmoid(gates[m, 3 * h_size + j])
+            t = np.tanh(f * c[m, j] + i * g)
+            gct = gc[m, j] + gh[m, j] * o * (1.0 - t * t)
+            dgates[m, j] = gct * g * i * (1.0 - i)
+            dgates[m, h_size + j] = gct * c[m, j] * f * (1.0 - f)
+            dgates[m, 2 * h_size + j] = gct * i * (1.0 - g * g)
+            dgates[m, 3 * h_size + j] = gh[m, j] * t * o * (1.0 - o)
+            dc[m, j] = gct * f
+
+
+@numba.njit(cache=True)
+def _gru_forward_rows(gi, gh, h, h_out):
+    m_count, h_size = h.shape
+    for m in range(m_count):
+        for j in range(h_size):
+            r = _sigmoid(gi[m, j] + gh[m, j])
+            z = _sigmoid(gi[m, h_size + j] + gh[m, h_size + j])
+            n = np.tanh(gi[m, 2 * h_size + j] + r * gh[m, 2 * h_size + j])
+            h_out[m, j] = n + z * (h[m, j] - n)
+
+
+@numba.njit(cache=True)
+def _gru_backward_rows(gi, gh, h, gy, dgi, dgh, dh):
+    m_count, h_size = h.shape
+    for m in range(m_count):
+        for j in range(h_size):
+            hn = gh[m, 2 * h_size + j]
+            r = _sigmoid(gi[m, j] + gh[m, j])
+            z = _sigmoid(gi[m, h_size + j] + gh[m, h_size + j])
+            n = np.tanh(gi[m, 2 * h_size + j] + r * hn)
+            dn = gy[m, j] * (1.0 - z) * (1.0 - n * n)
+            dr = dn * hn * r * (1.0 - r)
+            dz = gy[m, j] * (h[m, j] - n) * z * (1.0 - z)
+            dgi[m, j] = dgh[m, j] = dr
+            dgi[m, h_size + j] = dgh[m, h_size + j] = dz
+            dgi[m, 2 * h_size + j] = dn
+            dgh[m, 2 * h_size + j] = dn * r
+            dh[m, j] = gy[m, j] * z
+
+
+def _c(a):
+    return np.ascontiguousarray(a)
+
+
+def lstm_pointwise_forward(gates, c):
+    """See ``reference.lstm_pointwise_forward``: h', c' (M, H)."""
+    h_out, c_out = np.empty(c.shape, c.dtype), np.empty(c.shape, c.dtype)
+    _lstm_forward_rows(_c(gates), _c(c), h_out, c_out)
+    return h_out, c_out
+
+
+def lstm_pointwise_backward(gates, c, gh, gc):
+    """See ``reference.lstm_pointwise_backward``: dgates (M, 4H), dc (M, H)."""
+    dgates, dc = np.empty(gates.shape, gates.dtype), np.empty(c.shape, c.dtype)
+    _lstm_backward_rows(_c(gates), _c(c), _c(gh), _c(gc), dgates, dc)
+    return dgates, dc
+
+
+def gru_pointwise_forward(gi, gh, h):
+    """See ``reference.gru_pointwise_forward``: h' (M, H)."""
+    h_out = np.empty(h.shape, h.dtype)
+    _gru_forward_rows(_c(gi), _c(gh), _c(h), h_out)
+    return h_out
+
+
+def gru_pointwise_backward(gi, gh, h, gy):
+    """See ``reference.gru_pointwise_backward``: dgi, dgh (M, 3H), dh (M, H)."""
+    dgi, dgh, dh = np.empty(gi.shape, gi.dtype), np.empty(gh.shape, gh.dtype), np.empty_like(h)
+    _gru_backward_rows(_c(gi), _c(gh), _c(h), _c(gy), dgi, dgh, dh)
+    return dgi, dgh, dh
+
+
+@numba.njit(cache=True)
+def _erf_flat(x, y):
+    for k in range(x.size):
+        y[k] = math.erf(x[k])
+
+
+def erf(x):
+    """See ``reference.erf``: math.erf per element, in x's dtype."""
+    out = np.empty(x.shape, x.dtype)
+    _erf_flat(_c(x).reshape(-1), out.reshape(-1))
+    return out

@@ -233,3 +233,91 @@ def sgd_update_(param, grad, lr: float):
     ``param -= lr * grad`` does for a Python float lr); returns param."""
     param -= param.dtype.type(lr) * grad
     return param
+
+
+# --- recurrent cells: the elementwise gate math of one time step ------------------------------
+# Rows are (M, k * H) gate pre-activations in PyTorch's order (LSTM i, f, g, o; GRU r, z, n).
+
+
+def _sigmoid(x, xp):
+    # tanh form: exp(-x) would overflow (and warn) for very negative x.
+    return 0.5 * (xp.tanh(0.5 * x) + 1.0)
+
+
+def lstm_pointwise_forward(gates, c):
+    """i, f, o = sigmoid(gates_i, _f, _o), g = tanh(gates_g); c' = f c + i g, h' = o tanh(c').
+
+    gates (M, 4H), c (M, H); returns h', c' (M, H)."""
+    xp = _array_module(gates)
+    h_size = c.shape[-1]
+    ai, af, ag, ao = (gates[:, k * h_size : (k + 1) * h_size] for k in range(4))
+    c_new = _sigmoid(af, xp) * c + _sigmoid(ai, xp) * xp.tanh(ag)
+    return _sigmoid(ao, xp) * xp.tanh(c_new), c_new
+
+
+def lstm_pointwise_backward(gates, c, gh, gc):
+    """The gradients of ``lstm_pointwise_forward`` for gh, gc (of h', c'): with t = tanh(c'),
+    gc' = gc + gh o (1 - t^2), the pre-activations get gc' g i(1-i), gc' c f(1-f),
+    gc' i (1-g^2), gh t o(1-o), and c gets gc' f. Returns dgates (M, 4H) and dc (M, H)."""
+    xp = _array_module(gates)
+    h_size = c.shape[-1]
+    ai, af, ag, ao = (gates[:, k * h_size : (k + 1) * h_size] for k in range(4))
+    i, f, o, g = _sigmoid(ai, xp), _sigmoid(af, xp), _sigmoid(ao, xp), xp.tanh(ag)
+    t = xp.tanh(f * c + i * g)
+    gct = gc + gh * o * (1.0 - t * t)
+    dgates = xp.concatenate(
+        [gct * g * i * (1.0 - i), gct * c * f * (1.0 - f), gct * i * (1.0 - g * g),
+         gh * t * o * (1.0 - o)],
+        axis=1,
+    )  # fmt: skip
+    return dgates, gct * f
+
+
+def gru_pointwise_forward(gi, gh, h):
+    """r, z = sigmoid(gi_r + gh_r, gi_z + gh_z), n = tanh(gi_n + r gh_n); h' = (1 - z) n + z h.
+
+    gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh, both (M, 3H); h (M, H); returns h'."""
+    xp = _array_module(gi)
+    h_size = h.shape[-1]
+    r = _sigmoid(gi[:, :h_size] + gh[:, :h_size], xp)
+    z = _sigmoid(gi[:, h_size : 2 * h_size] + gh[:, h_size : 2 * h_size], xp)
+    n = xp.tanh(gi[:, 2 * h_size :] + r * gh[:, 2 * h_size :])
+    return n + z * (h - n)
+
+
+def gru_pointwise_backward(gi, gh, h, gy):
+    """The gradients of ``gru_pointwise_forward`` for gy (of h'): with dn = gy (1 - z)(1 - n^2),
+    both gi and gh get gy (h - n) z(1-z) for z and dn gh_n r(1-r) for r; gi_n gets dn and
+    gh_n gets dn r; h gets gy z. Returns dgi, dgh (M, 3H) and dh (M, H)."""
+    xp = _array_module(gi)
+    h_size = h.shape[-1]
+    hn = gh[:, 2 * h_size :]
+    r = _sigmoid(gi[:, :h_size] + gh[:, :h_size], xp)
+    z = _sigmoid(gi[:, h_size : 2 * h_size] + gh[:, h_size : 2 * h_size], xp)
+    n = xp.tanh(gi[:, 2 * h_size :] + r * hn)
+    dn = gy * (1.0 - z) * (1.0 - n * n)
+    dr = dn * hn * r * (1.0 - r)
+    dz = gy * (h - n) * z * (1.0 - z)
+    return (
+        xp.concatenate([dr, dz, dn], axis=1),
+        xp.concatenate([dr, dz, dn * r], axis=1),
+        gy * z,
+    )
+
+
+# --- special functions ------------------------------------------------------------------------
+
+
+def erf(x):
+    """The error function 2/sqrt(pi) int_0^x exp(-t^2) dt, elementwise, in x's dtype."""
+    if type(x).__module__.startswith("cupy"):
+        import cupyx.scipy.special
+
+        return cupyx.scipy.special.erf(x)
+    try:
+        from scipy.special import erf as scipy_erf
+    except ImportError:  # SciPy is optional: math.erf element by element (slow, exact)
+        import math
+
+        return np.vectorize(math.erf, otypes=[x.dtype])(x).astype(x.dtype, copy=False)
+    return scipy_erf(x).astype(x.dtype, copy=False)
