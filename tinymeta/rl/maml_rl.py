@@ -1,0 +1,212 @@
+"""MAML for policies (Finn et al. 2017, section 5.3): a policy-gradient inner step,
+a TRPO (or clipped-surrogate Adam) outer step, all tasks at once.
+
+For each task i of a meta-batch, with meta-parameters theta:
+
+    theta_i' = theta - alpha grad L_i^PG(theta)          (inner: REINFORCE on D_i, sampled
+                                                          with theta; one or more steps)
+    L_i^surr(theta) = -E_{D_i'}[ pi_{theta_i'}(a|s) / pi_old(a|s) A ]
+                                                         (outer: D_i' sampled with theta_i')
+    KL_i(theta) = E_{D_i'}[ KL(pi_old(.|s) || pi_{theta_i'}(.|s)) ]
+
+and the outer step lowers mean_i L_i^surr within mean_i KL_i <= max_kl. The inner
+gradient is taken with ``create_graph=True``, so the meta-gradient and the
+Fisher-vector products differentiate through it (``first_order=True`` drops that).
+Parameters get a leading task axis (``per_task``) and every task's rollouts go
+through the policy in one batched forward; ``vectorized=False`` loops over tasks
+instead (the same numbers, as the tests check). With several inner steps, every step
+reuses the pre-update rollouts D_i.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinymeta.autograd import grad
+from tinymeta.meta.adaptation import adapt, per_task
+from tinymeta.ops import clip as tclip
+from tinymeta.ops import exp, minimum
+from tinymeta.ops import sum as tsum
+from tinymeta.rl.episodes import Episodes, compute_advantages, sample_episodes
+from tinymeta.rl.trpo import trpo_step
+from tinymeta.tensor import Tensor
+
+
+def _step_weights(mask: np.ndarray) -> np.ndarray:
+    """Weights that turn a sum over a task's steps into its mean over valid steps."""
+    flat = mask.reshape(mask.shape[0], -1)
+    return flat / np.maximum(flat.sum(axis=1, keepdims=True), 1.0)
+
+
+def reinforce_loss(policy, params: dict, episodes: Episodes, advantages: np.ndarray) -> Tensor:
+    """sum over tasks of -mean_{valid steps} log pi(a|s) A  (each task's own vanilla
+    policy-gradient loss; summed so that a per-task parameter gets its task's gradient)."""
+    dtype = next(iter(params.values())).dtype
+    obs, actions = episodes.flat(dtype)
+    weights = (_step_weights(episodes.mask) * advantages.reshape(len(obs), -1)).astype(dtype)
+    log_prob = policy(params, obs).log_prob(actions)
+    return -tsum(log_prob * weights)
+
+
+def adapt_policy(
+    policy,
+    params: dict,
+    episodes: Episodes,
+    advantages: np.ndarray,
+    lr: float,
+    steps: int = 1,
+    first_order: bool = False,
+) -> dict:
+    """Per-task parameters after ``steps`` policy-gradient steps of rate ``lr`` on each
+    task's ``episodes``; ``params`` are shared (they get a task axis here)."""
+    task_params = per_task(params, episodes.num_tasks)
+    if steps == 0:
+        return task_params
+    return adapt(
+        lambda p: reinforce_loss(policy, p, episodes, advantages),
+        task_params,
+        lr,
+        steps,
+        first_order=first_order,
+    )
+
+
+class MetaObjective:
+    """``(params, create_graph) -> (surrogate loss, mean KL)`` of a meta-batch, for
+    ``trpo_step``. The old policy is the one evaluated at the first call (the parameters
+    that sampled the post-update rollouts), kept as constants."""
+
+    def __init__(
+        self,
+        policy,
+        train: Episodes | None,
+        train_advantages: np.ndarray | None,
+        valid: Episodes,
+        valid_advantages: np.ndarray,
+        inner_lr: float,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        vectorized: bool = True,
+        clip: float | None = None,
+    ):
+        self.policy = policy
+        self.train, self.train_advantages = train, train_advantages
+        self.valid, self.valid_advantages = valid, valid_advantages
+        self.inner_lr, self.inner_steps = inner_lr, inner_steps
+        self.first_order = first_order
+        self.vectorized = vectorized
+        self.clip = clip
+        self._old = {}
+
+    def __call__(self, params: dict, create_graph: bool = True):
+        if self.vectorized:
+            return self._task_terms(params, None, create_graph)
+        losses, kls = zip(
+            *[self._task_terms(params, t, create_graph) for t in range(self.valid.num_tasks)]
+        )
+        return sum(losses[1:], losses[0]), sum(kls[1:], kls[0])
+
+    def _task_terms(self, params: dict, t: int | None, create_graph: bool):
+        """Mean over tasks (all, or task ``t``'s share of it) of the surrogate and the KL."""
+        valid = self.valid if t is None else self.valid.task(t)
+        adv = self.valid_advantages if t is None else self.valid_advantages[t : t + 1]
+        if self.inner_steps:
+            train = self.train if t is None else self.train.task(t)
+            train_adv = self.train_advantages if t is None else self.train_advantages[t : t + 1]
+            adapted = adapt_policy(
+                self.policy, params, train, train_adv, self.inner_lr, self.inner_steps,
+                first_order=self.first_order or not create_graph,
+            )  # fmt: skip
+        else:
+            adapted = per_task(params, valid.num_tasks)
+        dtype = next(iter(params.values())).dtype
+        obs, actions = valid.flat(dtype)
+        dist = self.policy(adapted, obs)
+        if t not in self._old:
+            self._old[t] = dist.detach()
+        old = self._old[t]
+        scale = 1.0 / self.valid.num_tasks  # a mean over all tasks
+        weights = (_step_weights(valid.mask) * scale).astype(dtype)
+        adv = adv.reshape(len(obs), -1).astype(dtype)
+        ratio = exp(dist.log_prob(actions) - old.log_prob(actions))
+        if self.clip is None:
+            gain = ratio * adv
+        else:  # PPO's pessimistic bound: min(r A, clip(r, 1 - eps, 1 + eps) A)
+            gain = minimum(ratio * adv, tclip(ratio, 1.0 - self.clip, 1.0 + self.clip) * adv)
+        loss = -tsum(gain * weights)
+        kl = tsum(old.kl(dist) * weights)
+        return loss, kl
+
+
+def sample_meta_batch(
+    family, policy, params: dict, tasks, rollouts: int, inner_lr: float, inner_steps: int, rng,
+    gamma: float = 0.99, lam: float = 1.0,
+):  # fmt: skip
+    """Pre-update rollouts, the adapted parameters' values, and post-update rollouts:
+    ``(train, train_adv, valid, valid_adv)`` (train is None with ``inner_steps=0``)."""
+    if inner_steps == 0:
+        valid = sample_episodes(family, policy, params, tasks, rollouts, rng)
+        return None, None, valid, compute_advantages(valid, gamma, lam)
+    train = sample_episodes(family, policy, params, tasks, rollouts, rng)
+    train_adv = compute_advantages(train, gamma, lam)
+    adapted = adapt_policy(policy, params, train, train_adv, inner_lr, inner_steps, True)
+    adapted = {k: Tensor(v.data) for k, v in adapted.items()}
+    valid = sample_episodes(family, policy, adapted, tasks, rollouts, rng)
+    return train, train_adv, valid, compute_advantages(valid, gamma, lam)
+
+
+def meta_trpo_iteration(
+    family,
+    policy,
+    params: dict,
+    tasks,
+    rollouts: int,
+    inner_lr: float,
+    inner_steps: int,
+    rng,
+    first_order: bool = False,
+    max_kl: float = 0.01,
+    cg_iters: int = 10,
+    damping: float = 1e-5,
+    gamma: float = 0.99,
+    lam: float = 1.0,
+) -> dict:
+    """Sample, adapt and take one TRPO step on ``params`` (in place); returns diagnostics
+    with the mean pre- and post-update returns."""
+    batch = sample_meta_batch(
+        family, policy, params, tasks, rollouts, inner_lr, inner_steps, rng, gamma, lam
+    )
+    objective = MetaObjective(policy, *batch, inner_lr, inner_steps, first_order)
+    info = trpo_step(params, objective, max_kl=max_kl, damping=damping, cg_iters=cg_iters)
+    train, _, valid, _ = batch
+    info["pre_return"] = float((train or valid).returns().mean())
+    info["post_return"] = float(valid.returns().mean())
+    return info
+
+
+def fine_tune_returns(
+    family, policy, params: dict, tasks, rollouts: int, lr: float, steps: int, rng,
+    gamma: float = 0.99, lam: float = 1.0,
+):  # fmt: skip
+    """Test-time adaptation: ``(returns (T, steps + 1), episodes)``, each task's mean return
+    after 0..steps policy-gradient steps (fresh rollouts after each step), and the episodes
+    sampled at each step."""
+    current = {
+        k: Tensor(np.ascontiguousarray(v.data), requires_grad=True)
+        for k, v in per_task({k: Tensor(v.data) for k, v in params.items()}, len(tasks)).items()
+    }
+    returns, history = [], []
+    for step in range(steps + 1):
+        episodes = sample_episodes(family, policy, current, tasks, rollouts, rng)
+        returns.append(episodes.returns().mean(axis=1))
+        history.append(episodes)
+        if step < steps:
+            adv = compute_advantages(episodes, gamma, lam)
+            loss = reinforce_loss(policy, current, episodes, adv)
+            keys = list(current)
+            grads = grad(loss, [current[k] for k in keys])
+            current = {
+                k: Tensor(current[k].data - lr * g.data, requires_grad=True)
+                for k, g in zip(keys, grads)
+            }
+    return np.stack(returns, axis=1), history
