@@ -1,33 +1,6 @@
-"""Drawing graphs: ``to_dot`` writes Graphviz DOT text, ``render`` turns it into a picture.
+"""Graphviz DOT text of a graph (``to_dot``) and pictures made from it with ``dot`` (``render``).
 
-The drawing has one node per tensor (boxes) and one per op (ellipses), with
-edges in data-flow order: input tensor -> op -> output tensor. Colours:
-
-* light blue   leaves that require grad (parameters, inputs you differentiate by)
-* grey text    leaves that do not (data, constants)
-* green        the tensors you asked to draw (a loss, a gradient)
-* yellow       ops; with ``forward=loss``, ops outside the loss's own graph are
-               orange: those a ``create_graph=True`` backward pass recorded
-* dashed       a node freed by a backward pass (it kept only where its edges led)
-
-An op with several inputs numbers its input edges (0, 1, ...) so that
-``a / b`` and ``b / a`` look different; hovering over an op in an SVG shows
-its formula. Leaves are labelled with their names: from ``params=`` (a
-Module or ``{name: tensor}``), else ``tensor.name``; other tensors are
-numbered ``t0, t1, ...`` in forward order, the same numbers
-``tm.autograd.explain`` uses.
-
-A gradient computed with ``create_graph=True`` is a tensor with a graph like
-any other: draw it to see the backward pass as ops (``TanhGrad``,
-``BroadcastTo``, ...) that reach back into the forward's tensors.
-
-    import tinymeta as tm
-    w = tm.randn(3, 2, requires_grad=True)
-    w.name = "w"
-    loss = (tm.randn(4, 3) @ w).tanh().sum()
-    print(tm.viz.to_dot(loss))                       # paste into any Graphviz viewer
-    (g,) = tm.grad(loss, w, create_graph=True)
-    tm.viz.render({"loss": loss, "dloss/dw": g}, "graph.svg", forward=loss)  # needs `dot`
+See the package docstring (``tinymeta.viz``) for what the drawing shows.
 """
 
 from __future__ import annotations
@@ -164,17 +137,34 @@ def render(tensors, path, **kwargs) -> Path:
 # --- node attributes ----------------------------------------------------------------------
 
 
-def _tensor_attrs(t, node_id: str, names: dict, root_ids: set, show_shapes: bool) -> str:
+def tensor_label(t, node_id: str, names: dict, show_shapes: bool = True) -> list[str]:
+    """The lines of a tensor's label: its name (or ``t<k>``), then shape and dtype."""
     name = names.get(id(t)) or t.name
     lines = [name if name else node_id]
     if show_shapes:
         lines.append(f"{_graph.describe_shape(t.shape)} {t.dtype}")
-    attrs = [f'label="{_join(lines)}"', "shape=box"]
+    return lines
+
+
+def tensor_role(t, root_ids: set) -> str:
+    """``"root"`` (a tensor asked for), ``"param"`` (a leaf that requires grad),
+    ``"data"`` (a leaf that does not) or ``"value"`` (made by an op)."""
     if id(t) in root_ids:
+        return "root"
+    if t.grad_fn is None:
+        return "param" if t.requires_grad else "data"
+    return "value"
+
+
+def _tensor_attrs(t, node_id: str, names: dict, root_ids: set, show_shapes: bool) -> str:
+    lines = tensor_label(t, node_id, names, show_shapes)
+    attrs = [f'label="{_join(lines)}"', "shape=box"]
+    role = tensor_role(t, root_ids)
+    if role == "root":
         attrs += ["style=filled", "fillcolor=palegreen"]
-    elif t.grad_fn is None and t.requires_grad:
+    elif role == "param":
         attrs += ["style=filled", "fillcolor=lightblue"]
-    elif t.grad_fn is None:
+    elif role == "data":
         attrs += ["color=gray50", "fontcolor=gray30"]
     return ", ".join(attrs)
 
