@@ -117,8 +117,9 @@ class LinearGradWeight(Function):
     def forward(self, x, gy):
         out, n_in = self.w_shape[-2:]
         if len(self.w_shape) == 2:  # one weight shared by every row: fold all leading axes
-            gy2 = gy.reshape(-1, out)  # into one GEMM (its result is laid out like w)
-            gw = _matmul(gy2.T, x.reshape(-1, n_in))
+            rows = int(np.prod(gy.shape[:-1]))  # not -1: that fails on an empty axis
+            gy2 = gy.reshape(rows, out)  # into one GEMM (its result is laid out like w)
+            gw = _matmul(gy2.T, x.reshape(rows, n_in))
             gb = gy2.sum(axis=0)
         else:  # per-batch-element weights: a batched GEMM, summed over broadcast axes
             xp = self.xp
@@ -513,6 +514,8 @@ class Softmax(Function):
         self.axis = axis
 
     def forward(self, x):
+        if x.shape[self.axis] == 0:
+            return x.copy()  # nothing to normalise (and max has no identity)
         # Shifting by the max changes nothing mathematically and keeps exp from overflowing.
         e = self.xp.exp(x - x.max(axis=self.axis, keepdims=True))
         e /= e.sum(axis=self.axis, keepdims=True)
@@ -533,6 +536,8 @@ class LogSoftmax(Function):
         self.axis = axis
 
     def forward(self, x):
+        if x.shape[self.axis] == 0:
+            return x.copy()  # nothing to normalise (and max has no identity)
         # logsumexp(x) = m + log sum exp(x - m) with m = max x: exp never overflows.
         shifted = x - x.max(axis=self.axis, keepdims=True)
         shifted -= self.xp.log(self.xp.exp(shifted).sum(axis=self.axis, keepdims=True))

@@ -146,7 +146,16 @@ class PowConst(Function):
 
 
 class Pow(Function):
-    """y = a ** b;  ga = gy * b * a ** (b - 1), gb = gy * y * log(a)."""
+    """y = a ** b;  ga = gy * b * a ** (b - 1), gb = gy * a ** b * log(a).
+
+    At a == 0 the formulas meet 0 * log(0) and 0 * 0 ** -1. PyTorch's convention, kept here:
+    gb = 0 where a == 0 and b >= 0 (a ** b is 0, or 1, for every such b), and ga = 0 where
+    a == b == 0. Both masks are built with the "double where": the masked positions compute
+    the formula at a safe a = 1 and the result is then replaced by 0, so no inf or nan enters
+    the graph and every higher derivative is finite too (0 there). Unlike PyTorch, ga is not
+    also zeroed where b == 0 and a != 0: the value is 0 anyway, and masking it would drop its
+    derivative in b (d2y/da db = 1 / a at b = 0), making the Hessian asymmetric.
+    """
 
     saves_output = True  # backward reads self.output
 
@@ -155,10 +164,26 @@ class Pow(Function):
 
     def backward(self, gy):
         from tinymeta.ops.elementwise import log
+        from tinymeta.ops.selection import where
 
         a, b = self.inputs
-        ga = sum_to(gy * b * a ** (b - 1), a.shape) if self.needs_input_grad[0] else None
-        gb = sum_to(gy * self.output * log(a), b.shape) if self.needs_input_grad[1] else None
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            at_zero = (a.data == 0) & (b.data == 0)
+            if at_zero.any():
+                a_safe = where(at_zero, 1.0, a)
+                ga = where(at_zero, 0.0, gy * b * a_safe ** (b - 1))
+            else:
+                ga = gy * b * a ** (b - 1)
+            ga = sum_to(ga, a.shape)
+        if self.needs_input_grad[1]:
+            at_zero = (a.data == 0) & (b.data >= 0)
+            if at_zero.any():
+                a_safe = where(at_zero, 1.0, a)
+                gb = where(at_zero, 0.0, gy * a_safe**b * log(a_safe))
+            else:
+                gb = gy * self.output * log(a)
+            gb = sum_to(gb, b.shape)
         return ga, gb
 
 

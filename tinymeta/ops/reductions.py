@@ -121,15 +121,24 @@ def _count(x, axis) -> int:
     return n
 
 
+def _reciprocal(n: int) -> float:
+    """1 / n, and inf for n <= 0: a mean over no values is 0 * inf = nan, as in NumPy and
+    PyTorch (the gradient, shaped like the empty input, is empty), not a ZeroDivisionError."""
+    return 1.0 / n if n > 0 else float("inf")
+
+
 def mean(x, axis=None, keepdims: bool = False):
-    """sum(x) / n."""
-    return sum(x, axis, keepdims) * (1.0 / _count(x, axis))
+    """sum(x) / n;  nan where n = 0 (an empty axis)."""
+    return sum(x, axis, keepdims) * _reciprocal(_count(x, axis))
 
 
 def var(x, axis=None, keepdims: bool = False, ddof: int = 0):
-    """mean((x - mean(x))**2), with n - ddof in the denominator (NumPy's default ddof=0)."""
+    """mean((x - mean(x))**2), with n - ddof in the denominator (NumPy's default ddof=0).
+
+    n - ddof <= 0 (one value with ddof=1, an empty axis) gives nan, as in NumPy and PyTorch.
+    """
     centred = x - mean(x, axis, keepdims=True)
-    return sum(centred * centred, axis, keepdims) * (1.0 / (_count(x, axis) - ddof))
+    return sum(centred * centred, axis, keepdims) * _reciprocal(_count(x, axis) - ddof)
 
 
 def logsumexp(x, axis=None, keepdims: bool = False):
@@ -142,8 +151,11 @@ def logsumexp(x, axis=None, keepdims: bool = False):
 
     axes = normalize_axis(axis, x.ndim)
     xp = get_array_module(x.data)
-    m = x.data.max(axis=axes, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)  # an all -inf slice must give -inf, not nan
+    if x.size == 0:  # max has no identity; an empty sum of exp is 0, so the result is -inf
+        m = xp.zeros(keepdims_shape(x.shape, axes), dtype=x.dtype)
+    else:
+        m = x.data.max(axis=axes, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, 0)  # an all -inf slice must give -inf, not nan
     out = log(sum(exp(x - constant(m)), axes, keepdims=True)) + constant(m)
     if keepdims:
         return out
