@@ -28,7 +28,7 @@ class.
 
     python examples/maml_omniglot.py --eval-runs all_runs.zip      # 60 minutes of meta-training
     # the README's best run (82.3% on the small2 proxy):
-    python examples/maml_omniglot.py --workers 2 --filters 64 --test-inner-steps 10 \
+    mpiexec -n 2 python examples/maml_omniglot.py --filters 64 --test-inner-steps 10 \
         --test-inner-lr 0.2
     python examples/maml_omniglot.py --algo metasgd --ways 5 --minutes 10
     python examples/maml_omniglot.py --resume --minutes 90   # 30 more minutes of the same run
@@ -52,9 +52,15 @@ tells malloc to keep freed memory (``keep_freed_memory``), and then vectorized i
 one: 552 vs 599 ms and 696 vs 769 ms.
 
 Run it with ``OPENBLAS_NUM_THREADS=1``: the matrices are small, and one BLAS thread per
-process was the fastest setting measured. ``--workers N`` splits every meta-batch over N
-processes (one per idle core), which add up their meta-gradients; each runs its share
-task-vectorized (or looped, with ``--looped``).
+process was the fastest setting measured.
+
+Under MPI (``mpiexec -n R python examples/maml_omniglot.py ...``, one rank per idle core or
+GPU; docs/distributed.md) every rank draws the same meta-batch from the same seed, computes
+the meta-gradient of its share of the episodes (``tinymeta.distributed.shard``; vectorized or
+looped), and one all-reduce of one flat buffer sums the shares, so every rank takes the same
+outer step. Validation and the final evaluation are spread over the ranks too. Rank 0 alone
+shows progress and writes metrics, figure and checkpoints (``--out`` must be on a filesystem
+every rank sees, for ``--resume``); a checkpoint resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ from tqdm import tqdm
 
 import tinymeta as tm
 import tinymeta.nn.functional as F
+from tinymeta import distributed as dist
 from tinymeta import meta, nn
 from tinymeta.backend import keep_freed_memory
 from tinymeta.data import (
@@ -145,7 +152,6 @@ def parse_args(argv=None):
         default=0,
         help="move each training image by up to this many pixels (random, per image and axis)",
     )
-    p.add_argument("--workers", type=int, default=1, help="processes sharing each meta-batch")
     p.add_argument(
         "--looped",
         action="store_true",
@@ -178,10 +184,6 @@ def parse_args(argv=None):
         p.error("--shift must be at least 0")
     if not args.minutes > 0:
         p.error("--minutes must be positive")
-    if not 1 <= args.workers <= args.meta_batch:
-        p.error("--workers must be between 1 and --meta-batch")
-    if args.workers > 1 and args.device != "cpu":
-        p.error("--workers > 1 is for CPUs; on a GPU use one process")
     return args
 
 
@@ -320,85 +322,36 @@ def looped_episode_gradients(model, rule, episodes, args, first_order, scale) ->
     return loss_sum, correct, count
 
 
-def _worker_main(conn, args) -> None:
-    """A helper process: receives meta-parameter values and episodes, sends gradients back."""
-    keep_freed_memory()  # the script's own process: as in __main__
-    model = build_model(args.filters, args.ways, np.random.default_rng(0))
-    rule = make_rule(args.algo, dict(model.named_parameters()), args)
-    tensors = meta_parameters(model, rule)
-    while True:
-        message = conn.recv()
-        if message is None:
-            break
-        values, episodes, first_order, scale = message
-        with tm.no_grad():
-            for k, v in values.items():
-                tensors[k].copy_(v)
-        for t in tensors.values():
-            t.grad = None
-        stats = episode_gradients(model, rule, episodes, args, first_order, scale)
-        grads = {k: t.grad.numpy() for k, t in tensors.items() if t.grad is not None}
-        conn.send((grads, stats))
-    conn.close()
+def share_gradients(model, rule, batch, args, first_order: bool) -> tuple:
+    """This rank's share of the meta-gradient of the mean query loss over the meta-batch, into
+    ``.grad``: its episodes' summed meta-gradients over the meta-batch's size, so that the
+    shares sum over the ranks to the whole meta-batch's (also when they are unequal).
+
+    Returns (summed query loss, correct, count) of this rank's episodes."""
+    for t in meta_parameters(model, rule).values():
+        t.grad = None
+    share = dist.shard(len(batch[0]))
+    episodes = [field[share] for field in batch]
+    return episode_gradients(model, rule, episodes, args, first_order, 1.0 / len(batch[0]))
 
 
-class Workers:
-    """``n - 1`` helper processes; the main process computes the first share of each batch.
+def sum_over_ranks(model, rule, numbers: list) -> list:
+    """Sum the ranks' meta-gradient shares, and ``numbers``, with one all-reduce.
 
-    The episodes are drawn in the main process, so the sequence of meta-batches (and, up to
-    floating-point summation order, every meta-gradient) is the same for any ``--workers``.
-    """
+    The numbers (statistics of the shares) ride in the same flat buffer as the gradient of
+    one more tensor, so a meta-iteration costs one all-reduce."""
+    tensors = list(meta_parameters(model, rule).values())
+    carrier = tm.zeros(len(numbers), dtype=tensors[0].dtype, device=tensors[0].device)
+    carrier.grad = tm.tensor(numbers, dtype=carrier.dtype, device=carrier.device)
+    dist.all_reduce_grads_([*tensors, carrier], op="sum")
+    return carrier.grad.numpy().tolist()
 
-    def __init__(self, n: int, args):
-        import multiprocessing as mp
 
-        self.n = n
-        self.conns, self.procs = [], []
-        if n == 1:
-            return
-        ctx = mp.get_context("spawn")  # no fork: a forked BLAS thread pool can deadlock
-        # One BLAS thread per process: n processes on n cores.
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        os.environ.setdefault("MKL_NUM_THREADS", "1")
-        for _ in range(n - 1):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, args), daemon=True)
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.procs.append(proc)
-
-    def gradients(self, model, rule, batch, args, first_order: bool) -> tuple:
-        """Meta-gradient of the mean query loss over the meta-batch, into ``.grad``."""
-        tensors = meta_parameters(model, rule)
-        for t in tensors.values():
-            t.grad = None
-        scale = 1.0 / len(batch[0])
-        shares = np.array_split(np.arange(len(batch[0])), self.n)
-        if self.conns:
-            values = {k: t.numpy() for k, t in tensors.items()}
-            for conn, share in zip(self.conns, shares[1:]):
-                conn.send((values, [field[share] for field in batch], first_order, scale))
-        loss, correct, count = episode_gradients(
-            model, rule, [field[shares[0]] for field in batch], args, first_order, scale
-        )
-        for conn in self.conns:
-            grads, (w_loss, w_correct, w_count) = conn.recv()
-            loss, correct, count = loss + w_loss, correct + w_correct, count + w_count
-            for k, g in grads.items():
-                t = tensors[k]
-                g = tm.tensor(g, device=args.device)
-                t.grad = g if t.grad is None else t.grad + g
-        return loss / len(batch[0]), correct / count
-
-    def close(self) -> None:
-        for conn in self.conns:
-            conn.send(None)
-            conn.close()
-        for proc in self.procs:
-            proc.join(timeout=10)
-        self.conns, self.procs = [], []
+def sum_shards(values: np.ndarray) -> np.ndarray:
+    """The sum over the ranks of arrays that each rank filled at its own shard's entries."""
+    total = tm.tensor(values, dtype=np.float64)
+    dist.all_reduce_(total, op="sum")
+    return total.numpy()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -463,34 +416,43 @@ def evaluate_episodes(model, rule, dataset, n: int, episodes: int, args, seed: i
     """Per-episode accuracy on ``n``-way ``--shots``-shot episodes of ``dataset``.
 
     Each episode's queries (``--eval-queries`` per class) are classified in batches of one
-    item per class, so that BatchNorm sees test batches like the official runs'.
+    item per class, so that BatchNorm sees test batches like the official runs'. Under MPI
+    each rank scores its share of the episodes (every rank draws all of them, so the
+    episodes are the same for any number of ranks).
     """
     eval_model, params, eval_rule = eval_setup(model, rule, n, args)
     sampler = EpisodeSampler(dataset, n, args.shots, args.eval_queries, rng=seed)
     q = args.eval_queries
-    accuracies = []
-    for _ in range(episodes):
+    mine = set(dist.shard(episodes).tolist())
+    accuracies = np.zeros(episodes)
+    for i in range(episodes):
         ep = sampler.sample()
+        if i not in mine:
+            continue
         # query_y is [0]*q + [1]*q + ...: the items j, j+q, j+2q, ... are one per class.
         batches = [ep.query_x[j::q] for j in range(q)]
         preds = adapt_and_classify(
             eval_model, params, eval_rule, (ep.support_x, ep.support_y), batches, args
         )
         truth = [ep.query_y[j::q] for j in range(q)]
-        accuracies.append(float(np.mean(np.concatenate(preds) == np.concatenate(truth))))
-    return accuracies
+        accuracies[i] = np.mean(np.concatenate(preds) == np.concatenate(truth))
+    return sum_shards(accuracies).tolist()
 
 
 def evaluate_runs(model, rule, runs, args) -> tuple:
     """Error rate on one-shot runs: adapt on each run's training images, classify its test
-    items (as one batch), score with ``tinymeta.data.error_rate``."""
-    predictions = []
-    for run in runs:
+    items (as one batch), score with ``tinymeta.data.error_rate``. Under MPI each rank
+    classifies its share of the runs."""
+    ends = np.cumsum([len(run.test_y) for run in runs])
+    table = np.zeros(ends[-1] if len(runs) else 0)
+    for r in dist.shard(len(runs)):
+        run = runs[r]
         eval_model, params, eval_rule = eval_setup(model, rule, run.ways, args)
         (pred,) = adapt_and_classify(
             eval_model, params, eval_rule, (run.train_x, run.train_y), [run.test_x], args
         )
-        predictions.append(pred)
+        table[ends[r] - len(pred) : ends[r]] = pred
+    predictions = np.split(sum_shards(table).astype(np.int64), ends[:-1])
     err = error_rate(predictions, runs)
     total = sum(len(run.test_y) for run in runs)
     return err, 1.96 * math.sqrt(err * (1 - err) / total), total
@@ -564,26 +526,33 @@ def meta_train(model, rule, outer, train_set, proxy, state: dict, args, checkpoi
         rng=np.random.default_rng([args.seed, start]), rotations=not args.no_rotations,
         flips=args.flips, max_shift=args.shift,
     )  # fmt: skip
-    workers = Workers(args.workers, args)
+    root = dist.rank() == 0
     bar = tqdm(
-        total=args.iterations, initial=start, desc=args.algo, disable=args.quiet, mininterval=1
-    )
-    last_save = time.perf_counter()
+        total=args.iterations, initial=start, desc=args.algo, disable=args.quiet or not root,
+        mininterval=1,
+    )  # fmt: skip
+    last_save = tick = time.perf_counter()
     try:
         for it in range(start, args.iterations):
+            # Every rank stops at the same iteration: state["seconds"] is rank 0's clock.
             if state["seconds"] >= budget:
                 break
-            tick = time.perf_counter()
-            batch = sampler.sample_batch(args.meta_batch)
+            batch = sampler.sample_batch(args.meta_batch)  # the same on every rank
             if args.schedule == "cosine":
                 progress = min(1.0, max(it / args.iterations, state["seconds"] / budget))
                 for group in outer.param_groups:
                     group["lr"] = args.meta_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-            outer.zero_grad()
             first_order = args.algo == "fomaml" or it < args.first_order_iterations
-            loss, accuracy = workers.gradients(model, rule, batch, args, first_order)
+            loss, correct, count = share_gradients(model, rule, batch, args, first_order)
+            # Rank 0's seconds since the last iteration's reduction travel with the gradients.
+            now = time.perf_counter()
+            seconds, tick = (now - tick if root else 0.0), now
+            loss, correct, count, seconds = sum_over_ranks(
+                model, rule, [loss, correct, count, seconds]
+            )
+            loss, accuracy = loss / args.meta_batch, correct / count
             outer.step()
-            state["seconds"] += time.perf_counter() - tick
+            state["seconds"] += seconds
             state["iteration"] = it + 1
             history["loss"].append(loss)
             history["accuracy"].append(accuracy)
@@ -591,20 +560,23 @@ def meta_train(model, rule, outer, train_set, proxy, state: dict, args, checkpoi
             if it % 20 == 0:
                 recent = history["accuracy"][-100:]
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{np.mean(recent):.3f}")
+            paused = time.perf_counter()  # validation and checkpoints are not meta-training
             if proxy is not None and args.val_every > 0 and (it + 1) % args.val_every == 0:
                 accs = evaluate_episodes(
                     model, rule, proxy, args.ways, args.val_episodes, args, seed=args.seed + 1
                 )
                 history["val_iteration"].append(it + 1)
                 history["val_accuracy"].append(float(np.mean(accs)))
-                bar.write(f"iteration {it + 1}: validation accuracy {np.mean(accs):.3f}")
-            if time.perf_counter() - last_save > args.checkpoint_minutes * 60:
+                if root:
+                    bar.write(f"iteration {it + 1}: validation accuracy {np.mean(accs):.3f}")
+            if root and time.perf_counter() - last_save > args.checkpoint_minutes * 60:
                 checkpoint(state)
                 last_save = time.perf_counter()
+            tick += time.perf_counter() - paused
     finally:
         bar.close()
-        workers.close()
-    checkpoint(state)
+    if root:
+        checkpoint(state)
     return state
 
 
@@ -644,14 +616,19 @@ def plot(history: dict, args, figure_path: Path):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    ranks = dist.init()[1]
+    if ranks > args.meta_batch:
+        raise SystemExit(f"{ranks} MPI ranks need --meta-batch >= {ranks}, not {args.meta_batch}")
+    root = dist.rank() == 0  # shows progress, writes metrics, figure and checkpoints
+    if root:
+        args.out.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
     rng = np.random.default_rng(args.seed)
 
     train_set = load_omniglot(args.background, root=args.data)
     proxy = load_proxy(args) if args.eval_episodes > 0 or args.val_every > 0 else None
     held_out = not set(PROXY_ALPHABETS) & set(train_set.alphabets)
-    if proxy is not None and not held_out:
+    if proxy is not None and not held_out and root:
         warnings.warn(
             f"the {args.background} background set contains the small2-proxy alphabets: "
             "the proxy accuracies are not held-out numbers",
@@ -665,8 +642,16 @@ def main(argv=None):
     state = {"iteration": 0, "seconds": 0.0, "history": new_history()}
     if args.resume and path.is_file():
         state = load_checkpoint(path, model, rule, outer, args)
-        print(f"resumed from {path} at iteration {state['iteration']}")
+        if root:
+            print(f"resumed from {path} at iteration {state['iteration']}")
     start_iteration = state["iteration"]
+    first = tm.tensor([start_iteration], dtype=np.float64)
+    dist.broadcast_(first)
+    if first.item() != start_iteration:
+        raise RuntimeError(
+            f"rank {dist.rank()} starts at iteration {start_iteration}, rank 0 at "
+            f"{int(first.item())}: --out must be on a filesystem that every rank sees"
+        )
 
     def checkpoint(s):
         save_checkpoint(path, model, rule, outer, s, args)
@@ -693,7 +678,7 @@ def main(argv=None):
         "rotations": not args.no_rotations,
         "flips": args.flips,
         "shift": args.shift,
-        "workers": args.workers,
+        "ranks": ranks,
         "vectorized": not args.looped,
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "iterations": state["iteration"],
@@ -736,6 +721,8 @@ def main(argv=None):
     metrics["wall_seconds"] = round(time.perf_counter() - wall, 2)
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
     metrics["checkpoint"] = str(path)
+    if not root:
+        return metrics
     figure = plot(history, args, args.out / "omniglot.png")
     if figure is not None:
         metrics["figure"] = str(figure)
