@@ -22,6 +22,7 @@ from tinymeta.meta import MAML, LearnedOptimizer, MetaSGD, PerStepLR, maml_loss
 from tinymeta.testing import (
     assert_meta_grads_close,
     check_meta_grads,
+    check_task_independence,
     first_order_inner_grads,
 )
 from tinymeta.testing.meta_check import FIRST_ORDER_DIAGNOSIS
@@ -404,6 +405,80 @@ def test_a_parameter_meta_loss_ignores_is_unused_not_a_failure():
         {k: v for k, v in p.items() if k != "extra"}), params)  # fmt: skip
     assert result.ok
     assert result.params["extra"].status == "unused"
+
+
+# --- tasks of a meta-batch must not see each other ---------------------------------------------
+
+
+def select(batch, tasks):
+    (xs, ys), (xq, yq) = batch
+    index = np.asarray(tasks)
+    return (tm.tensor(xs.data[index]), tm.tensor(ys.data[index])), (
+        tm.tensor(xq.data[index]),
+        tm.tensor(yq.data[index]),
+    )
+
+
+@pytest.mark.parametrize("vectorized", [False, True], ids=["looped", "vectorized"])
+def test_per_step_batch_norm_keeps_tasks_independent(vectorized):
+    model = per_step_bn_net(steps=1)
+    batch = image_tasks(num_tasks=3)
+
+    def cross_entropy(logits, labels):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    def meta_loss(params, tasks):
+        support, query = select(batch, tasks)
+        return maml_loss(
+            functional(model), params, support, query, cross_entropy, 0.5, 1,
+            vectorized=vectorized,
+        )  # fmt: skip
+
+    result = check_task_independence(meta_loss, dict(model.named_parameters()), num_tasks=3)
+    assert result.ok, result.diagnosis
+    assert len(result.task_losses) == 3 and len(set(result.task_losses)) == 3
+
+
+def normalised_net(over_tasks: bool):
+    """A tanh MLP with a hand-written normalisation of its hidden layer, over each task's
+    examples (right) or over the whole flattened meta-batch (the leak)."""
+    axes = (0, 1) if over_tasks else (-2,)
+
+    def forward(p, x):
+        h = x @ tm.swapaxes(p["w1"], -1, -2)
+        h = (h - h.mean(axis=axes, keepdims=True)) / tm.sqrt(h.var(axis=axes, keepdims=True) + 1e-5)
+        return tm.tanh(h) @ tm.swapaxes(p["w2"], -1, -2)
+
+    rng = np.random.default_rng(0)
+    params = {
+        "w1": tm.tensor(rng.normal(size=(4, 1)), requires_grad=True),
+        "w2": tm.tensor(rng.normal(size=(1, 4)), requires_grad=True),
+    }
+    return forward, params
+
+
+@pytest.mark.parametrize("over_tasks", [False, True], ids=["per-task", "leaking"])
+def test_statistics_over_the_meta_batch_are_caught_as_a_leak(over_tasks):
+    forward, params = normalised_net(over_tasks)
+    batch = sinusoids(num_tasks=3)
+
+    def meta_loss(params, tasks):
+        support, query = select(batch, tasks)
+        return maml_loss(forward, params, support, query, F.mse_loss, LR, 1, vectorized=True)
+
+    result = check_task_independence(meta_loss, params, num_tasks=3)
+    assert result.ok == (not over_tasks), result.diagnosis
+    if over_tasks:
+        assert "not independent" in result.diagnosis
+        assert set(result.gradient_errors) == {"w1", "w2"}
+    # The leak is invisible to finite differences: the gradient of what is computed is right.
+    assert check_meta_grads(lambda p: meta_loss(p, [0, 1, 2]), params).ok
+
+
+def test_task_independence_needs_two_tasks():
+    _, params = normalised_net(False)
+    with pytest.raises(ValueError, match="num_tasks must be an int >= 2, got 1"):
+        check_task_independence(lambda p, tasks: None, params, num_tasks=1)
 
 
 # --- first_order_inner_grads: the mode the diagnosis re-runs meta_loss in ---------------------

@@ -1,5 +1,6 @@
 """Gradient checking: ``gradcheck``, ``gradgradcheck``, ``check_grads``; meta-gradient
-checking: ``check_meta_grads``, ``assert_meta_grads_close`` (with
+checking: ``check_meta_grads``, ``assert_meta_grads_close``,
+``check_task_independence`` (with
 ``first_order_inner_grads``, the mode they use to tell a silently first-order
 meta-gradient); and Hypothesis ``strategies`` for property tests of your own code."""
 
@@ -8,16 +9,20 @@ from tinymeta.testing.gradcheck import check_grads, gradcheck, gradgradcheck
 from tinymeta.testing.meta_check import (
     MetaGradCheck,
     ParamCheck,
+    TaskIndependenceCheck,
     assert_meta_grads_close,
     check_meta_grads,
+    check_task_independence,
 )
 
 __all__ = [
     "MetaGradCheck",
     "ParamCheck",
+    "TaskIndependenceCheck",
     "assert_meta_grads_close",
     "check_grads",
     "check_meta_grads",
+    "check_task_independence",
     "first_order_inner_grads",
     "gradcheck",
     "gradgradcheck",

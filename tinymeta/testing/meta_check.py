@@ -34,7 +34,14 @@ from tinymeta.backend import get_array_module, to_numpy
 from tinymeta.grad_mode import enable_grad
 from tinymeta.tensor import Tensor
 
-__all__ = ["MetaGradCheck", "ParamCheck", "assert_meta_grads_close", "check_meta_grads"]
+__all__ = [
+    "MetaGradCheck",
+    "ParamCheck",
+    "TaskIndependenceCheck",
+    "assert_meta_grads_close",
+    "check_meta_grads",
+    "check_task_independence",
+]
 
 FIRST_ORDER_DIAGNOSIS = (
     "the meta-gradient equals the first-order approximation: an inner gradient was taken "
@@ -96,6 +103,8 @@ class ParamCheck:
         )
         if self.first_order is not None:
             line += f", first order {self.first_order[i]:.8g}"
+        if self.status not in ("ok", "unused"):
+            line += f", relative error {self.relative_error:.2g}"
         return line + f" [{self.status}]"
 
 
@@ -233,7 +242,7 @@ def assert_meta_grads_close(meta_loss: Callable, params, **options) -> MetaGradC
 # --- arguments ------------------------------------------------------------------------------
 
 
-def _named_params(params) -> dict:
+def _named_params(params, caller: str = "check_meta_grads") -> dict:
     if isinstance(params, dict):
         named = {str(k): v for k, v in params.items()}
         where = {str(k): f"params[{k!r}]" for k in params}
@@ -242,30 +251,30 @@ def _named_params(params) -> dict:
         where = {k: k for k in named}
     else:
         raise TypeError(
-            f"check_meta_grads: params must be a dict of tensors (name -> tensor) or a list/tuple "
+            f"{caller}: params must be a dict of tensors (name -> tensor) or a list/tuple "
             f"of tensors, got {type(params).__name__}"
         )
     if not named:
-        raise ValueError("check_meta_grads: params is empty; nothing to check")
+        raise ValueError(f"{caller}: params is empty; nothing to check")
     seen: dict = {}
     for k, p in named.items():
         label = where[k]
         if not isinstance(p, Tensor):
-            raise TypeError(f"check_meta_grads: {label} is a {type(p).__name__}, expected a Tensor")
+            raise TypeError(f"{caller}: {label} is a {type(p).__name__}, expected a Tensor")
         if p.dtype != np.float64:
             raise TypeError(
-                f"check_meta_grads: {label} has dtype {p.dtype} (shape {p.shape}, device "
+                f"{caller}: {label} has dtype {p.dtype} (shape {p.shape}, device "
                 f"{p.device}); finite differences need float64: build the model and rates "
                 "with dtype=tm.float64"
             )
         if not p.requires_grad or not p.is_leaf:
             raise ValueError(
-                f"check_meta_grads: {label} (shape {p.shape}) must be a leaf that requires grad "
+                f"{caller}: {label} (shape {p.shape}) must be a leaf that requires grad "
                 f"(requires_grad={p.requires_grad}, is_leaf={p.is_leaf}): pass the tensors that "
                 "meta_loss starts from"
             )
         if id(p) in seen:
-            raise ValueError(f"check_meta_grads: {label} is the same tensor as {seen[id(p)]}")
+            raise ValueError(f"{caller}: {label} is the same tensor as {seen[id(p)]}")
         seen[id(p)] = label
     return named
 
@@ -278,17 +287,16 @@ def _check_options(directions, eps, atol, rtol) -> None:
             raise ValueError(f"check_meta_grads: {label} must be positive, got {v!r}")
 
 
-def _scalar_loss(meta_loss, params) -> Tensor:
+def _scalar_loss(meta_loss, params, caller: str = "check_meta_grads") -> Tensor:
     with enable_grad():
         loss = meta_loss(params)
     if not isinstance(loss, Tensor):
         raise TypeError(
-            f"check_meta_grads: meta_loss returned a {type(loss).__name__}, "
-            "expected a scalar Tensor"
+            f"{caller}: meta_loss returned a {type(loss).__name__}, expected a scalar Tensor"
         )
     if loss.size != 1:
         raise ValueError(
-            f"check_meta_grads: meta_loss returned a tensor of shape {loss.shape}, expected a "
+            f"{caller}: meta_loss returned a tensor of shape {loss.shape}, expected a "
             "scalar (take the mean over tasks)"
         )
     return loss
@@ -409,3 +417,87 @@ def _diagnosis(result: MetaGradCheck) -> str:
     if result.first_order_error is not None:
         lines.append(f"(meta_loss could not be re-run first order: {result.first_order_error})")
     return "\n".join(lines)
+
+
+# --- tasks must not see each other ------------------------------------------------------------
+
+
+@dataclass
+class TaskIndependenceCheck:
+    """What ``check_task_independence`` found: the meta-batch's meta-loss and meta-gradient
+    against the means of the single-task ones."""
+
+    ok: bool
+    diagnosis: str
+    batch_loss: float
+    task_losses: list
+    gradient_errors: dict  # name -> max |batch gradient - mean of task gradients|
+
+    def __str__(self) -> str:
+        return self.diagnosis
+
+
+def check_task_independence(
+    meta_loss: Callable,
+    params: dict | Sequence[Tensor],
+    num_tasks: int,
+    rtol: float = 1e-9,
+    atol: float = 1e-12,
+) -> TaskIndependenceCheck:
+    """Check that the tasks of a meta-batch do not see each other.
+
+    ``meta_loss(params, tasks)`` is the mean over the tasks whose indices are
+    in the list ``tasks`` of their meta-losses. For a meta-learner whose tasks
+    are independent, the meta-batch's value and meta-gradient equal the means
+    of the single-task ones: batch statistics computed across tasks (a batch
+    norm over the flattened meta-batch), or an update rule whose state is
+    shared by the tasks, break that. Returns a ``TaskIndependenceCheck``.
+    """
+    named = _named_params(params, "check_task_independence")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 2:
+        raise ValueError(
+            f"check_task_independence: num_tasks must be an int >= 2, got {num_tasks!r}"
+        )
+    tensors = list(named.values())
+
+    def value_and_grads(tasks):
+        loss = _scalar_loss(lambda p: meta_loss(p, tasks), params, "check_task_independence")
+        return float(loss.item()), _gradients(loss, tensors)
+
+    batch_loss, batch_grads = value_and_grads(list(range(num_tasks)))
+    singles = [value_and_grads([t]) for t in range(num_tasks)]
+    task_losses = [v for v, _ in singles]
+    mean_loss = float(np.mean(task_losses))
+    errors = {}
+    for i, (name, g) in enumerate(zip(named, batch_grads)):
+        parts = [gs[i] for _, gs in singles]
+        if g is None and all(part is None for part in parts):
+            continue
+        mean = sum(np.zeros(named[name].shape) if part is None else part for part in parts)
+        mean = mean / num_tasks
+        batch = np.zeros(named[name].shape) if g is None else g
+        if not np.allclose(batch, mean, rtol=rtol, atol=atol):
+            errors[name] = float(np.max(np.abs(batch - mean)))
+    loss_ok = bool(np.isclose(batch_loss, mean_loss, rtol=rtol, atol=atol))
+    ok = loss_ok and not errors
+    if ok:
+        diagnosis = (
+            f"the {num_tasks} tasks are independent: the meta-batch's meta-loss and meta-gradient "
+            "equal the means of the single-task ones"
+        )
+    else:
+        diagnosis = (
+            f"the tasks of the meta-batch are not independent: its meta-loss is {batch_loss:.10g}, "
+            f"the mean of the single-task meta-losses {mean_loss:.10g}"
+        )
+        if errors:
+            diagnosis += f"; the meta-gradients of {_names_of(errors)} differ too"
+        diagnosis += (
+            ". Something is shared across tasks: batch statistics over the whole meta-batch "
+            "(normalise per task), or an update rule's state shared by the tasks"
+        )
+    return TaskIndependenceCheck(ok, diagnosis, batch_loss, task_losses, errors)
+
+
+def _names_of(errors: dict) -> str:
+    return ", ".join(f"{k!r} (by {v:.3g})" for k, v in errors.items())
