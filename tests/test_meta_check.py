@@ -11,6 +11,11 @@ mismatch naming the parameter), and a meta-loss that is not deterministic.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -27,6 +32,7 @@ from tinymeta.testing import (
 )
 from tinymeta.testing.meta_check import FIRST_ORDER_DIAGNOSIS
 
+ROOT = Path(__file__).resolve().parents[1]
 LR = 0.3  # large enough that the second-order terms are far above the tolerance
 
 
@@ -561,3 +567,26 @@ def test_meta_loss_must_return_a_scalar_tensor():
         check_meta_grads(lambda p: p["w"] * 2, {"w": w})
     with pytest.raises(TypeError, match="returned a float"):
         check_meta_grads(lambda p: 1.0, {"w": w})
+
+
+# --- the guide tells the truth ------------------------------------------------------------------
+
+
+def _rounded(text: str) -> str:
+    """``text`` with every decimal number to 4 significant digits (BLAS may move the last ones)."""
+    return re.sub(r"-?\d+\.\d+(?:e[-+]\d+)?", lambda m: f"{float(m.group()):.4g}", text)
+
+
+def test_the_guide_shows_the_example_script_and_its_real_output():
+    script = ROOT / "examples" / "check_meta_gradient.py"
+    code = script.read_text().split('"""', 2)[2].lstrip()  # the script after its docstring
+    guide = (ROOT / "docs" / "checking-meta-gradients.md").read_text()
+    assert code in re.findall(r"```python\n(.*?)```", guide, flags=re.S)
+
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    buggy, fixed = run.stdout.split("\n\n")
+    assert "FAILED" in buggy and FIRST_ORDER_DIAGNOSIS in buggy
+    assert fixed.startswith("meta-gradient check passed")
+    (pasted,) = re.findall(r"```text\n(.*?)```", guide, flags=re.S)
+    assert _rounded(pasted) == _rounded(run.stdout)
