@@ -8,6 +8,7 @@ recorded and differentiated (the engine decides, with grad mode).
 
 from __future__ import annotations
 
+import itertools
 import operator
 import weakref
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from tinymeta import grad_mode
 from tinymeta.backend import get_array_module
-from tinymeta.tensor import Tensor, as_tensor_like
+from tinymeta.tensor import Tensor, as_tensor_like, share_version, shares_memory
 
 
 class Function:
@@ -86,11 +87,14 @@ class Function:
         self.needs_input_grad = needs
         # map() with attrgetter instead of comprehensions: no Python frame per op
         self.generation = generation = max(map(_generation_of, tensors))
+        # The recording order: an in-place op that gives a tensor a new creator (x[i] = v)
+        # is younger than every node that used the tensor before (see engine._collect).
+        self.seq = _next_seq()
         # Versions are checked in backward only for what backward reads (see saves_inputs).
         if self.saves_inputs:
-            self.input_versions = tuple(map(_version_of, tensors))
+            self.input_versions = versions(tensors)
         if self.saves_output:
-            self.output_versions = tuple(map(_version_of, outputs))
+            self.output_versions = versions(outputs)
         for o in outputs:
             o.grad_fn = self
             o.requires_grad = True
@@ -122,6 +126,22 @@ class Function:
         return f"<{self.op_name()}>"
 
 
+class ViewFunction(Function):
+    """An op whose output may be a view of its input's memory (reshape, transpose, basic
+    indexing, broadcast_to, ...). When it is, the output shares the input's version counter,
+    so that an in-place change through either is seen by graphs that saved the other. A
+    copy (reshape of non-contiguous data, say) keeps a counter of its own."""
+
+    @classmethod
+    def apply(cls, *inputs, **params):
+        y = super().apply(*inputs, **params)
+        for x in inputs:
+            if isinstance(x, Tensor) and shares_memory(y.data, x.data):
+                share_version(x, y, view=True)
+                break
+        return y
+
+
 def _named_error(cls, error: Exception, arrays) -> Exception:
     """``error`` again, its message prefixed by the op and followed by the input shapes."""
     shapes = ", ".join(f"{tuple(a.shape)} {a.dtype}" for a in arrays)
@@ -134,10 +154,20 @@ def _named_error(cls, error: Exception, arrays) -> Exception:
 
 
 _generation_of = operator.attrgetter("generation")
-_version_of = operator.attrgetter("_version")
+_next_seq = itertools.count(1).__next__
+
+
+def versions(tensors) -> tuple:
+    """The version of each tensor's memory (None: a counter not made yet, version 0)."""
+    return tuple([0 if t._vc is None else t._vc[0] for t in tensors])
+
 
 # grad mode's switch, read once per op (grad_mode.is_grad_enabled without the extra call)
 _grad_enabled = grad_mode._enabled.get
+
+# Set once an in-place op has given a tensor a new creator (ops.shape.setitem): from then
+# on the engine checks that no node uses a tensor whose creator is younger than itself.
+inplace_recorded = False
 
 # Set by tinymeta.autograd.detect_anomaly() while it is active, None otherwise:
 # called as ``_forward_hook(fn, outputs)`` after every op's forward (recorded or not).

@@ -25,7 +25,7 @@ class Tensor:
         "grad_fn",
         "generation",
         "name",
-        "_version",
+        "_vc",
         "_hooks",
         "__weakref__",
     )
@@ -33,13 +33,16 @@ class Tensor:
     __array_priority__ = 1000
 
     def __init__(self, data, requires_grad: bool = False, name: str | None = None):
-        if isinstance(data, Tensor):
+        alias = data if isinstance(data, Tensor) else None
+        if alias is not None:
             data = data.data
         # np.asarray also turns NumPy scalars (np.float64(1.0), what 0-d
         # arithmetic returns) into 0-d arrays: a tensor always holds an array.
         if not isinstance(data, np.ndarray) and not _is_cupy(data):
             data = np.asarray(data)
         self._start(data, name)
+        if alias is not None:  # Tensor(t) holds t's array: one storage, one counter
+            share_version(alias, self, view=False)
         if requires_grad:
             self.requires_grad_(True)
 
@@ -52,8 +55,8 @@ class Tensor:
         t = object.__new__(cls)
         # _start(array, None), inlined: every op output passes here
         t.data = array
-        t.grad = t.grad_fn = t.name = t._hooks = None
-        t.generation = t._version = 0
+        t.grad = t.grad_fn = t.name = t._hooks = t._vc = None  # _vc: see _bump
+        t.generation = 0
         t.requires_grad = False
         return t
 
@@ -64,7 +67,7 @@ class Tensor:
         self.grad_fn = None
         self.generation = 0
         self.name = name
-        self._version = 0
+        self._vc = None
         self._hooks = None
         self.requires_grad = False
 
@@ -163,9 +166,16 @@ class Tensor:
         self.requires_grad = bool(flag)
         return self
 
+    @property
+    def _version(self) -> int:
+        """How many in-place changes this tensor's memory has seen, through any alias."""
+        return 0 if self._vc is None else self._vc[0]
+
     def detach(self) -> Tensor:
-        """A tensor sharing the data, cut from the graph."""
-        return Tensor._wrap(self.data)
+        """A tensor sharing the data (and its version counter), cut from the graph."""
+        t = Tensor._wrap(self.data)
+        share_version(self, t, view=False)
+        return t
 
     def register_hook(self, fn):
         """Call ``fn(grad)`` when the gradient w.r.t. this tensor is computed.
@@ -187,6 +197,11 @@ class Tensor:
         backward(self, gradient, retain_graph=retain_graph, create_graph=create_graph)
 
     # --- in-place updates (optimizers); they bump the version counter ------
+    # The counter ``_vc`` is a list [version, viewed] shared by every tensor over the same
+    # memory (views, detach(), from_numpy over one array): a change through any of them
+    # bumps the version that the graphs which saved any of them compare at backward.
+    # None stands for [0, False] not shared yet: op outputs, almost all never aliased nor
+    # changed in place, skip the allocation.
     def _check_inplace(self, op: str) -> None:
         if self.requires_grad and is_grad_enabled():
             raise RuntimeError(
@@ -195,7 +210,10 @@ class Tensor:
             )
 
     def _bump(self) -> Tensor:
-        self._version += 1
+        if self._vc is None:
+            self._vc = [1, False]
+        else:
+            self._vc[0] += 1
         return self
 
     def add_(self, other, alpha=1.0) -> Tensor:
@@ -233,10 +251,9 @@ class Tensor:
         return self._bump()
 
     def __setitem__(self, index, value) -> None:
-        self._check_inplace("__setitem__")
-        value = _on_device_of(self.data, value.data if isinstance(value, Tensor) else value)
-        self.data[_index_arrays(index)] = value
-        self._bump()
+        from tinymeta.ops.shape import setitem  # recorded when it has to be differentiated
+
+        setitem(self, index, value)
 
     # Arithmetic operators, methods (t.exp(), t.sum(), ...) and t.T are
     # attached by tinymeta.ops.methods, next to the op wrappers they call.
@@ -253,6 +270,30 @@ def _on_device_of(array, value):
     if isinstance(value, (np.ndarray, list, tuple)):
         return backend.move_array(np.asarray(value), "cuda")
     return value
+
+
+def share_version(base: Tensor, alias: Tensor, view: bool) -> None:
+    """Give ``alias`` (a tensor over ``base``'s memory) ``base``'s version counter.
+
+    ``view``: the alias is a view made by a differentiable op (indexing, reshape,
+    transpose, ...), which autograd does not link back to the base; an assignment
+    ``x[i] = v`` that has to be differentiated refuses such memory (see ops.shape.setitem).
+    """
+    counter = base._vc
+    if counter is None:
+        counter = base._vc = [0, False]
+    alias._vc = counter
+    if view:
+        counter[1] = True
+
+
+def shares_memory(a, b) -> bool:
+    """Whether array ``a`` is (a view of) memory that array ``b`` also uses.
+
+    NumPy and CuPy collapse chains of views: a view's ``.base`` is the array (or
+    buffer) that owns the memory, so two arrays share memory when their owners are one.
+    """
+    return (a if a.base is None else a.base) is (b if b.base is None else b.base)
 
 
 def _index_arrays(index):

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import operator
 import weakref
+from itertools import compress
 
 import numpy as np
 
-from tinymeta import grad_mode
+from tinymeta import function, grad_mode
 from tinymeta.autograd.first_order import is_first_order
 from tinymeta.backend import get_array_module
+from tinymeta.function import versions
 from tinymeta.tensor import Tensor
 
 FREED_MESSAGE = (
@@ -36,23 +38,49 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
     retain_graph = create_graph if retain_graph is None else retain_graph
     create_graph = create_graph and not is_first_order()  # first_order_inner_grads()
     grads = _run(roots, root_grads, None, retain_graph, create_graph)
-    # Optimizers and clip_grad_norm_ update .grad in place, so each leaf needs memory of
-    # its own: one gradient array can reach several leaves (x + y hands both the same
-    # one), and a broadcast view is read-only. Copy only in those cases.
-    owners = {id(_owner(g.data)) for g in root_grads}
-    for leaf, g in grads.values():
+    leaves = [leaf for leaf, _ in grads.values()]
+    fresh = _own_memory([g for _, g in grads.values()], root_grads, create_graph)
+    for leaf, g in zip(leaves, fresh):
         if leaf.grad is None:
-            if create_graph:
-                leaf.grad = g
-            else:
-                a = g.data
-                owner = _owner(a)
-                broadcast = 0 in a.strides and a.size > 1  # CuPy has no read-only flag
-                shared = id(owner) in owners or broadcast or not getattr(a.flags, "writeable", True)
-                leaf.grad = Tensor._wrap(a.copy() if shared else a)
-                owners.add(id(owner))
-        else:
+            leaf.grad = g
+        else:  # a sum is a new array
             leaf.grad = leaf.grad + g if create_graph else Tensor._wrap(leaf.grad.data + g.data)
+
+
+def _own_memory(grads: list, root_grads: list, create_graph: bool) -> list:
+    """``grads`` (None allowed), each writable and over memory that nothing else sees.
+
+    Optimizers, clip_grad_norm_ and users change gradients in place, so a gradient must
+    not be a read-only broadcast view (what the backward of a sum or mean gives), nor
+    share memory with another gradient handed out (x + y hands both the same array),
+    nor with a gradient passed in (``grad_outputs``). Only those are copied; with
+    ``create_graph`` the copy is a recorded op, so the gradient stays differentiable.
+    """
+    taken = {id(_owner(g.data)) for g in root_grads}
+    out = []
+    for g in grads:
+        if g is not None:
+            a = g.data
+            owner = id(_owner(a))
+            broadcast = 0 in a.strides and a.size > 1  # CuPy has no read-only flag
+            if owner in taken or broadcast or not getattr(a.flags, "writeable", True):
+                g = _copy(g, create_graph)
+                owner = id(g.data)
+            taken.add(owner)
+        out.append(g)
+    return out
+
+
+def _copy(g: Tensor, create_graph: bool) -> Tensor:
+    if create_graph and g.requires_grad:
+        from tinymeta.ops.shape import Copy
+
+        token = grad_mode._enabled.set(True)
+        try:
+            return Copy.apply(g)
+        finally:
+            grad_mode._enabled.reset(token)
+    return Tensor._wrap(g.data.copy())
 
 
 def _owner(array):
@@ -96,7 +124,7 @@ def grad(
             result.append(None)
         else:
             result.append(entry[1])
-    return tuple(result)
+    return tuple(_own_memory(result, root_grads, create_graph))
 
 
 # --- the engine -----------------------------------------------------------------
@@ -175,11 +203,15 @@ def _collect(roots, targets):
             continue
         seen.add(fn)
         order.append(fn)
+        if function.inplace_recorded and fn.inputs is not None:
+            _check_no_stale_inputs(fn)
         if fn.generation < min_target_generation:
             continue
-        # The creators of fn's inputs (_edges(fn) without the tensors: the walk needs only these)
+        # The creators of the inputs fn hands a gradient to (_edges(fn) without the tensors
+        # and without inputs that did not require grad when fn was recorded: an in-place
+        # assignment may have given one a creator since, which fn owes nothing)
         if fn.inputs is not None:
-            creators = map(_grad_fn_of, fn.inputs)
+            creators = map(_grad_fn_of, compress(fn.inputs, fn.needs_input_grad))
         else:
             creators = [creator for _, creator in fn.freed_edges]
         for creator in creators:
@@ -200,6 +232,21 @@ def _collect(roots, targets):
     return order
 
 
+def _check_no_stale_inputs(fn):
+    """Refuse a node that used a tensor which an in-place op (``x[i] = v``) has given a new
+    creator since: its gradient would reach the new creator instead of the old one."""
+    for i, (x, need) in enumerate(zip(fn.inputs, fn.needs_input_grad)):
+        creator = x.grad_fn
+        if need and creator is not None and creator.seq > fn.seq:
+            raise RuntimeError(
+                f"{fn.op_name()}: input {i} (shape {x.shape}, dtype {x.dtype}) was changed "
+                f"in place by a recorded {creator.op_name()} (x[...] = value) after "
+                f"{fn.op_name()} used it, and has a new creator since: its gradient "
+                "cannot be routed. Use the tensor after the assignment, or assign into a "
+                "copy (y = x * 1.0; y[i] = v)."
+            )
+
+
 def _leads_to_target(fn, needed, targets) -> bool:
     """Whether an input of ``fn`` is a target or was made by a node that leads to one."""
     if fn.inputs is None:  # freed by an earlier backward: only its edges are left
@@ -214,7 +261,6 @@ def _leads_to_target(fn, needed, targets) -> bool:
 
 _generation = operator.attrgetter("generation")
 _grad_fn_of = operator.attrgetter("grad_fn")
-_version_of = operator.attrgetter("_version")
 
 
 def _run(roots, root_grads, inputs, retain_graph, create_graph):
@@ -362,7 +408,7 @@ def _check_versions(fn):
     """Refuse to differentiate through inputs (or, for ops whose backward reads it, the
     output) that were changed in place after the forward."""
     # One tuple comparison in C first; the loop below finds which input changed.
-    if fn.input_versions is not None and tuple(map(_version_of, fn.inputs)) != fn.input_versions:
+    if fn.input_versions is not None and versions(fn.inputs) != fn.input_versions:
         for i, (x, v) in enumerate(zip(fn.inputs, fn.input_versions)):
             if x._version != v:
                 _version_error(fn, "input", i, x, v)

@@ -4,11 +4,13 @@ getitem/scatter-add, concatenate/slices."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
-from tinymeta import backend
-from tinymeta.function import Function
-from tinymeta.tensor import Tensor, _index_arrays
+from tinymeta import backend, function, grad_mode
+from tinymeta.function import Function, ViewFunction
+from tinymeta.tensor import Tensor, _index_arrays, _on_device_of
 
 
 def sum_to_array(xp, x, shape: tuple):
@@ -24,7 +26,7 @@ def sum_to_array(xp, x, shape: tuple):
     return y.reshape(shape) if lead else y
 
 
-class Reshape(Function):
+class Reshape(ViewFunction):
     """y = reshape(x);  gx = reshape(gy, x.shape)."""
 
     saves_inputs = False
@@ -48,7 +50,7 @@ def reshape(x, *shape):
     return Reshape.apply(x, shape=shape)
 
 
-class Transpose(Function):
+class Transpose(ViewFunction):
     """y = transpose(x, axes);  gx = transpose(gy, argsort(axes))."""
 
     saves_inputs = False
@@ -82,7 +84,7 @@ def swapaxes(x, axis1: int, axis2: int):
     return transpose(x, *axes)
 
 
-class BroadcastTo(Function):
+class BroadcastTo(ViewFunction):
     """y = broadcast_to(x, shape);  gx = sum_to(gy, x.shape)."""
 
     saves_inputs = False
@@ -184,7 +186,7 @@ def _is_basic(index) -> bool:
     return all(isinstance(i, (int, np.integer, slice)) or i is None or i is Ellipsis for i in items)
 
 
-class GetItem(Function):
+class GetItem(ViewFunction):
     """y = x[index];  gx = scatter_add(zeros(x.shape), index, gy)."""
 
     saves_inputs = False
@@ -239,6 +241,152 @@ def _index_on_device(index):
         return backend.move_array(i, "cuda") if isinstance(i, np.ndarray) and i.ndim else i
 
     return tuple(move(i) for i in index) if isinstance(index, tuple) else move(index)
+
+
+# --- item assignment ------------------------------------------------------------------
+
+
+class SetItem(Function):
+    """y = x with y[index] = v (v broadcast into the slot);  gx = gy with gy[index] = 0,
+    gv = gy[index] summed to v's shape.
+
+    Recorded by ``setitem`` only; the output is the tensor ``x`` itself (its memory
+    written in place), the input is a stand-in for ``x`` as it was before."""
+
+    saves_inputs = False
+
+    def __init__(self, index, value_shape):
+        self.index, self.value_shape = index, value_shape
+
+    def backward(self, gy):
+        gx = ZeroAt.apply(gy, index=self.index) if self.needs_input_grad[0] else None
+        gv = None
+        if self.needs_input_grad[1]:
+            slot = getitem(gy, self.index)
+            # NumPy assigns v of shape (1, 3) into a slot of shape (3,): leading 1s drop.
+            lead = max(len(self.value_shape) - slot.ndim, 0)
+            gv = reshape(sum_to(slot, self.value_shape[lead:]), self.value_shape)
+        return gx, gv
+
+
+class ZeroAt(Function):
+    """y = x with y[index] = 0;  gx = gy with gy[index] = 0 (the same projection)."""
+
+    saves_inputs = False
+
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, x):
+        y = x.copy()
+        y[self.index] = 0
+        return y
+
+    def backward(self, gy):
+        return ZeroAt.apply(gy, index=self.index)
+
+
+class Copy(Function):
+    """y = a copy of x (memory of its own);  gx = gy."""
+
+    saves_inputs = False
+
+    def forward(self, x):
+        return x.copy()
+
+    def backward(self, gy):
+        return gy
+
+
+def setitem(x: Tensor, index, value) -> None:
+    """``x[index] = value``, written into ``x``'s memory.
+
+    When it has to be differentiated (grad mode on, and ``value`` or ``x`` requires
+    grad) it is recorded as in PyTorch: ``x`` keeps its identity and gets a new creator,
+    a SetItem node whose input stands for ``x`` as it was. The version bump makes graphs
+    that saved the old ``x`` (or any alias of its memory) refuse their backward.
+    """
+    index = _index_arrays(index)
+    if type(x.data) is not np.ndarray:
+        index = _index_on_device(index)
+    v = value if isinstance(value, Tensor) else None
+    value_requires_grad = v is not None and v.requires_grad
+    if not (grad_mode.is_grad_enabled() and (x.requires_grad or value_requires_grad)):
+        try:
+            x.data[index] = _on_device_of(x.data, v.data if v is not None else value)
+        except (ValueError, IndexError, TypeError) as e:
+            raise type(e)(f"__setitem__: {e} (tensor of shape {x.shape}, {x.dtype})") from e
+        x._bump()
+        return
+    _check_recordable(x, index, v)
+    if v is None:  # a constant: it takes part in the node without requiring grad
+        v = Tensor._wrap(backend.get_array_module(x.data).asarray(_on_device_of(x.data, value)))
+    if v.device != x.device:
+        raise RuntimeError(
+            f"__setitem__: the value is on {v.device} (shape {v.shape}) and the tensor on "
+            f"{x.device} (shape {x.shape}); move one with .to(device)"
+        )
+    try:
+        x.data[index] = v.data
+    except (ValueError, IndexError, TypeError) as e:
+        raise type(e)(
+            f"__setitem__: {e} (tensor of shape {x.shape}, value of shape {v.shape})"
+        ) from e
+    before = _stand_in(x)
+    x._bump()  # before shares the counter: graphs that saved x (as it was) see the change
+    fn = SetItem(index, v.shape)
+    fn._record((before, v), (before.requires_grad, v.requires_grad), (x,))
+    function.inplace_recorded = True  # engine._collect now checks for stale uses of x
+    if function._forward_hook is not None:
+        function._forward_hook(fn, [x])
+
+
+def _check_recordable(x: Tensor, index, v) -> None:
+    """Refuse an assignment that would have to be differentiated but cannot be."""
+    where = f"__setitem__ into a tensor of shape {x.shape}"
+    if x.is_leaf and x.requires_grad:
+        raise RuntimeError(
+            f"__setitem__: in-place change of a tensor that requires grad while grad mode is "
+            f"on (a leaf of shape {x.shape}: no creator to record the change after). Change "
+            "its values under `with tm.no_grad():`, or assign into a copy (y = x * 1.0; "
+            "y[i] = v)"
+        )
+    if x.dtype.kind not in "fc":
+        raise TypeError(
+            f"{where}: the value requires grad but the tensor has dtype {x.dtype}; "
+            "only a floating-point tensor can take a differentiable assignment"
+        )
+    if x._vc is not None and x._vc[1]:
+        raise RuntimeError(
+            f"{where}: the tensor shares memory with a view (made by indexing, reshape, "
+            "transpose, ...; or it is one), which would not see the assignment's gradient. "
+            "Assign into a tensor with memory of its own (y = x * 1.0), or build the "
+            "result with tm.where / tm.stack / tm.concatenate"
+        )
+    if not _is_basic(index):
+        xp = backend.get_array_module(x.data)
+        positions = xp.arange(x.size).reshape(x.shape)[index]
+        if xp.unique(positions).size != positions.size:
+            raise RuntimeError(
+                f"{where}: the index names some elements more than once; which value lands "
+                "there is not defined, nor is its gradient. Use unique indices"
+            )
+
+
+def _stand_in(x: Tensor) -> Tensor:
+    """A new tensor that takes ``x``'s place in the graph as it was before an in-place op:
+    its creator (whose output it becomes), hooks and memory (with its version counter)."""
+    before = Tensor._wrap(x.data)
+    before._vc = x._vc if x._vc is not None else [0, False]
+    x._vc = before._vc
+    creator = x.grad_fn
+    if creator is not None:
+        before.grad_fn, before.requires_grad, before.generation = creator, True, x.generation
+        creator.outputs = tuple(
+            [weakref.ref(before) if ref() is x else ref for ref in creator.outputs]
+        )
+    before._hooks, x._hooks = x._hooks, None  # hooks see the gradient of x as it was
+    return before
 
 
 # --- joining ------------------------------------------------------------------------
