@@ -144,8 +144,9 @@ class MetaGradCheck:
         lines = [f"{head} (meta-loss {self.loss:.8g})", self.diagnosis]
         if self.worst is not None:
             lines.append(f"worst parameter: {self.worst.describe()}")
-        lines.append("every parameter:" if self.params else "")
-        lines += ["  " + p.describe() for p in self.params.values()]
+        if self.params:
+            lines.append("every parameter:")
+            lines += ["  " + p.describe() for p in self.params.values()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -173,6 +174,10 @@ def check_meta_grads(
     more elements than ``directions``). A probe passes when
     ``|analytic - numerical| <= atol + rtol * |numerical|``.
 
+    ``meta_loss`` runs about ``2 * directions`` times per parameter, and its
+    side effects happen every time (the running statistics of batch norm
+    layers in training mode are updated, say).
+
     Returns a ``MetaGradCheck``; raises nothing for a wrong gradient (see
     ``assert_meta_grads_close``), only for unusable arguments.
     """
@@ -184,29 +189,20 @@ def check_meta_grads(
     value = float(loss.item())
     analytic = _gradients(loss, tensors)
     again = _evaluate(meta_loss, params)
+    # Noise of this size moves a finite difference by (noise / eps) / 2 = atol / 20.
     if abs(again - value) > 0.1 * eps * atol:
-        return MetaGradCheck(
-            ok=False,
-            loss=value,
-            diagnosis=(
-                f"meta_loss is not deterministic: two calls at the same parameters gave "
-                f"{value!r} and {again!r}. Finite differences need the same value for the same "
-                "parameters: fix the random draws inside it (a seeded rng per call) and make sure "
-                "it does not read state that it changes (running statistics in eval mode)."
-            ),
-        )
+        return _not_deterministic(value, again)
     first_order, first_order_error = _first_order_gradients(meta_loss, params, tensors)
 
     rng = np.random.default_rng(seed)
     checks = {}
     for (name, p), g, g1 in zip(named.items(), analytic, first_order):
         probes, elements = _probes(p.shape, directions, full, rng)
-        numerical = np.array([_directional_fd(meta_loss, params, p, v, eps) for v in probes])
         check = ParamCheck(
             name=name,
             shape=tuple(p.shape),
             analytic=np.array([_dot(v, g) for v in probes]),
-            numerical=numerical,
+            numerical=np.array([_directional_fd(meta_loss, params, p, v, eps) for v in probes]),
             first_order=None if g1 is _FAILED else np.array([_dot(v, g1) for v in probes]),
             elements=elements,
             gradient_is_none=g is None,
@@ -237,6 +233,19 @@ def assert_meta_grads_close(meta_loss: Callable, params, **options) -> MetaGradC
     if not result.ok:
         raise AssertionError(result.report())
     return result
+
+
+def _not_deterministic(value: float, again: float) -> MetaGradCheck:
+    return MetaGradCheck(
+        ok=False,
+        loss=value,
+        diagnosis=(
+            f"meta_loss is not deterministic: two calls at the same parameters gave {value!r} "
+            f"and {again!r}. Finite differences need the same value for the same parameters: "
+            "fix the random draws inside it (a seeded rng per call) and make sure it does not "
+            "read state that it changes (running statistics in eval mode)."
+        ),
+    )
 
 
 # --- arguments ------------------------------------------------------------------------------
