@@ -158,18 +158,22 @@ def test_meta_sgd_passes_with_its_rates(vectorized):
     assert {"lr.0.weight", "lr.2.bias"} <= set(result.params)
 
 
-def test_per_step_lr_passes_with_its_rates():
+@pytest.mark.parametrize("vectorized", [False, True], ids=["looped", "vectorized"])
+def test_per_step_lr_passes_with_its_rates(vectorized):
     model = mlp()
     params = dict(model.named_parameters())
     rule = PerStepLR(params, steps=2, init_lr=LR)
     checked = {**params, **rule.named_parameters()}
-    result = assert_passes_and_is_second_order(rule_meta_loss(model, rule, False), checked)
+    result = assert_passes_and_is_second_order(rule_meta_loss(model, rule, vectorized), checked)
     # Each rate is a scalar: its one probe is the exact derivative.
     assert result.params["lr.1.0.bias"].elements == [()]
 
 
-@pytest.mark.parametrize("per_coordinate", [False, True], ids=["shared-rate", "per-coordinate"])
-def test_learned_optimizer_passes_with_its_weights(per_coordinate):
+@pytest.mark.parametrize(
+    "per_coordinate, vectorized", [(False, True), (True, True), (True, False)],
+    ids=["shared-rate", "per-coordinate", "per-coordinate-looped"],
+)  # fmt: skip
+def test_learned_optimizer_passes_with_its_weights(per_coordinate, vectorized):
     model = mlp()
     params = dict(model.named_parameters())
     rule = LearnedOptimizer(
@@ -177,7 +181,7 @@ def test_learned_optimizer_passes_with_its_weights(per_coordinate):
     )
     rule.weights["scale"].data = np.array(0.5)  # the MLP's correction on (0 at initialisation)
     checked = {**params, **rule.named_parameters()}
-    result = assert_passes_and_is_second_order(rule_meta_loss(model, rule, True), checked)
+    result = assert_passes_and_is_second_order(rule_meta_loss(model, rule, vectorized), checked)
     assert result.params["learned_opt.w1"].status == "ok"
     assert np.abs(result.params["learned_opt.w1"].numerical).max() > 1e-4
 

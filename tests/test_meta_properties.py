@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import tinymeta as tm
 import tinymeta.nn.functional as F
+from tinymeta import nn
 from tinymeta.meta import maml_loss
 from tinymeta.testing import check_meta_grads, first_order_inner_grads
 from tinymeta.testing import strategies as tms
@@ -176,3 +177,56 @@ def test_episode_labels_are_balanced_and_shuffled():
 
     collect()
     assert len(seen) > 1  # not always the sorted layout
+
+
+# --- the strategies give what they promise ----------------------------------------------------
+
+
+class Tanh(nn.Module):
+    def forward(self, x):
+        return tm.tanh(x)
+
+
+@given(tms.mlp_params(in_features=2, out_features=3), tms.arrays((4, 2)))
+def test_mlp_params_are_keyed_like_a_sequential_and_mlp_forward_runs_it(params, x):
+    layers = []
+    for i in range(0, max(int(k.split(".")[0]) for k in params) + 1, 2):
+        out_features, in_features = params[f"{i}.weight"].shape
+        layers += [nn.Linear(in_features, out_features, dtype=tm.float64), Tanh()]
+    model = nn.Sequential(*layers[:-1])
+    assert all(p.dtype == np.float64 and p.requires_grad and p.is_leaf for p in params.values())
+    expected = nn.functional_call(model, params, tm.tensor(x))
+    np.testing.assert_allclose(tms.mlp_forward(params, tm.tensor(x)).numpy(), expected.numpy())
+
+
+@given(tms.conv_params(in_channels=2, image_size=4), tms.arrays((3, 2, 4, 4)))
+def test_conv_params_are_keyed_like_a_sequential_and_conv_forward_runs_it(params, x):
+    c, c_in, k, _ = params["0.weight"].shape
+    classes, flat = params["3.weight"].shape
+    model = nn.Sequential(
+        nn.Conv2d(c_in, c, k, dtype=tm.float64), Tanh(), nn.Flatten(),
+        nn.Linear(flat, classes, dtype=tm.float64),
+    )  # fmt: skip
+    expected = nn.functional_call(model, params, tm.tensor(x))
+    np.testing.assert_allclose(tms.conv_forward(params, tm.tensor(x)).numpy(), expected.numpy())
+
+
+@given(tms.sinusoid_task_batches(num_tasks=(1, 4), k_support=3, k_query=(2, 6)))
+def test_sinusoid_task_batches_have_the_promised_layout(batch):
+    t = batch.num_tasks
+    assert 1 <= t <= 4
+    assert batch.xs.shape == batch.ys.shape == (t, 3, 1)
+    assert batch.xq.shape[0] == t and 2 <= batch.xq.shape[1] <= 6
+    assert all(a.dtype == np.float64 for a in (batch.xs, batch.ys, batch.xq, batch.yq))
+    assert np.abs(batch.ys.numpy()).max() <= 5.0 and np.abs(batch.xs.numpy()).max() <= 5.0
+    last = batch.task(t - 1)
+    np.testing.assert_array_equal(last.xq.numpy(), batch.xq.numpy()[t - 1 :])
+
+
+@given(tms.classification_task_batches(n_way=3, k_shot=2, k_query=1))
+def test_classification_task_batches_are_balanced_episodes(batch):
+    for labels, per_class in ((batch.ys, 2), (batch.yq, 1)):
+        assert labels.dtype == np.int64
+        for row in labels.numpy():
+            np.testing.assert_array_equal(np.bincount(row, minlength=3), [per_class] * 3)
+    assert batch.xs.shape == (batch.num_tasks, 6, 3)
