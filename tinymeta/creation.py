@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import numpy as np
 
 from tinymeta import backend
@@ -50,10 +53,44 @@ def tensor(data, dtype=None, device=None, requires_grad: bool = False) -> Tensor
 
 
 def from_numpy(array: np.ndarray) -> Tensor:
-    """A tensor sharing memory with ``array`` (changes to one show in the other)."""
+    """A tensor sharing memory with ``array`` (changes to one show in the other).
+
+    Tensors made by ``from_numpy`` over one NumPy array, or over views of one array
+    (``from_numpy(a)`` and ``from_numpy(a[1:])``), share one version counter: an in-place
+    change through either is seen by graphs that saved the other. Memory shared in ways
+    NumPy does not record in ``.base`` (and another tensor's ``.data``) is not tracked.
+    """
     if not isinstance(array, np.ndarray):
         raise TypeError(f"from_numpy: expected a numpy.ndarray, got {type(array).__name__}")
-    return Tensor(array)
+    t = Tensor(array)
+    t._vc = _numpy_counter(array)
+    return t
+
+
+# id(the object owning a NumPy array's memory) -> (weak reference to it, version counter)
+_numpy_counters: dict = {}
+
+
+def _numpy_counter(array: np.ndarray):
+    """The version counter of the memory ``array`` is a view of (or owns)."""
+    owner = array if array.base is None else array.base  # NumPy collapses chains of views
+    key = id(owner)
+    entry = _numpy_counters.get(key)
+    if entry is not None and entry[0]() is owner:
+        return entry[1]
+    try:  # the entry goes with the owner (whose id may then be reused)
+        ref = weakref.ref(owner, functools.partial(_forget, key))
+    except TypeError:  # an owner without weak references (bytes, say): not tracked
+        return None
+    counter = [0, False]
+    _numpy_counters[key] = (ref, counter)
+    return counter
+
+
+def _forget(key: int, ref) -> None:
+    entry = _numpy_counters.get(key)
+    if entry is not None and entry[0] is ref:  # not a newer owner that took the same id
+        del _numpy_counters[key]
 
 
 def _shape(shape) -> tuple:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 
-from tinymeta.function import Function
+from tinymeta.function import Function, ViewFunction
 from tinymeta.ops.shape import broadcast_to, reshape, sum_to, swapaxes
 from tinymeta.tensor import Tensor, constant
 
@@ -121,7 +121,7 @@ def _parse_einsum(subscripts: str, ndims: list) -> tuple:
     return terms, output
 
 
-class Einsum(Function):
+class Einsum(ViewFunction):  # one operand: the result may be a view ('ij->ji')
     """y = einsum(terms -> out, *xs);  gx_k = einsum(out, other terms -> term_k, gy, *other xs),
     then broadcast over the letters of term_k that only x_k has (they were summed away), and
     for a repeated letter (a diagonal, as in 'ii->') put back on the diagonal."""
