@@ -88,7 +88,10 @@ class MetaObjective:
         first_order: bool = False,
         vectorized: bool = True,
         clip: float | None = None,
+        fisher: str = "exact",
     ):
+        if fisher not in ("exact", "first-order"):
+            raise ValueError(f"fisher must be 'exact' or 'first-order', got {fisher!r}")
         self.policy = policy
         self.train, self.train_advantages = train, train_advantages
         self.valid, self.valid_advantages = valid, valid_advantages
@@ -96,6 +99,7 @@ class MetaObjective:
         self.first_order = first_order
         self.vectorized = vectorized
         self.clip = clip
+        self.fisher = fisher
         self._old = {}
 
     def __call__(self, params: dict, create_graph: bool = True):
@@ -122,6 +126,14 @@ class MetaObjective:
         dtype = next(iter(params.values())).dtype
         obs, actions = valid.flat(dtype)
         dist = self.policy(adapted, obs)
+        metric = dist
+        if self.inner_steps and create_graph and self.fisher == "first-order":
+            # The same adapted values, with the inner update held constant: the KL's Hessian
+            # is then the Fisher of the adapted policies, without the inner step's Jacobian
+            # (a cheaper trust-region metric; the meta-gradient itself stays exact).
+            base = per_task(params, valid.num_tasks)
+            held = {k: base[k] + Tensor(adapted[k].data - base[k].data) for k in base}
+            metric = self.policy(held, obs)
         if t not in self._old:
             self._old[t] = dist.detach()
         old = self._old[t]
@@ -134,7 +146,7 @@ class MetaObjective:
         else:  # PPO's pessimistic bound: min(r A, clip(r, 1 - eps, 1 + eps) A)
             gain = minimum(ratio * adv, tclip(ratio, 1.0 - self.clip, 1.0 + self.clip) * adv)
         loss = -tsum(gain * weights)
-        kl = tsum(old.kl(dist) * weights)
+        kl = tsum(old.kl(metric) * weights)
         return loss, kl
 
 
@@ -170,13 +182,14 @@ def meta_trpo_iteration(
     damping: float = 1e-5,
     gamma: float = 0.99,
     lam: float = 1.0,
+    fisher: str = "exact",
 ) -> dict:
     """Sample, adapt and take one TRPO step on ``params`` (in place); returns diagnostics
     with the mean pre- and post-update returns."""
     batch = sample_meta_batch(
         family, policy, params, tasks, rollouts, inner_lr, inner_steps, rng, gamma, lam
     )
-    objective = MetaObjective(policy, *batch, inner_lr, inner_steps, first_order)
+    objective = MetaObjective(policy, *batch, inner_lr, inner_steps, first_order, fisher=fisher)
     info = trpo_step(params, objective, max_kl=max_kl, damping=damping, cg_iters=cg_iters)
     train, _, valid, _ = batch
     info["pre_return"] = float((train or valid).returns().mean())
@@ -210,3 +223,42 @@ def fine_tune_returns(
                 for k, g in zip(keys, grads)
             }
     return np.stack(returns, axis=1), history
+
+
+def meta_adam_iteration(
+    family,
+    policy,
+    params: dict,
+    optimizer,
+    tasks,
+    rollouts: int,
+    inner_lr: float,
+    inner_steps: int,
+    rng,
+    first_order: bool = False,
+    epochs: int = 5,
+    clip: float = 0.2,
+    gamma: float = 0.99,
+    lam: float = 1.0,
+) -> dict:
+    """The simpler outer option: ``epochs`` steps of ``optimizer`` (Adam over ``params``)
+    on the clipped surrogate min(r A, clip(r, 1 - eps, 1 + eps) A) of one meta-batch."""
+    batch = sample_meta_batch(
+        family, policy, params, tasks, rollouts, inner_lr, inner_steps, rng, gamma, lam
+    )
+    objective = MetaObjective(policy, *batch, inner_lr, inner_steps, first_order, clip=clip)
+    losses, kl = [], None
+    for _ in range(epochs):
+        loss, kl = objective(params, create_graph=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.item()))
+    train, _, valid, _ = batch
+    return {
+        "loss_before": losses[0],
+        "loss_after": losses[-1],
+        "kl": float(kl.item()),
+        "pre_return": float((train or valid).returns().mean()),
+        "post_return": float(valid.returns().mean()),
+    }
