@@ -1,11 +1,14 @@
 """Backprop, step by step, on a two-layer network built from raw tensors.
 
     python examples/backprop_walkthrough.py              # prints everything (a few seconds)
-    python examples/backprop_walkthrough.py --out graphs # also writes .dot files (and .svg
-                                                         # pictures when Graphviz is installed)
+    python examples/backprop_walkthrough.py --out graphs # also writes the backprop viewer
+                                                         # (graphs/backprop.html: open it in a
+                                                         # browser), .dot files, and .svg
+                                                         # pictures when Graphviz is installed
 
 1. the forward pass and its graph (tm.viz.to_dot), and what the graph saves
-2. the backward pass, rule by rule (tm.autograd.explain)
+2. the backward pass, rule by rule (tm.autograd.explain; with --out, the same steps in the
+   browser: tm.viz.html)
 3. the same pass as data (tm.autograd.trace)
 4. the chain rule by hand in NumPy, compared with the engine
 5. the graph of a gradient (create_graph=True): the backward pass as ops
@@ -35,7 +38,11 @@ def show(a) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="folder for .dot files (and .svg with Graphviz)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder for the viewer pages (.html), .dot files (and .svg with Graphviz)",
+    )
     args = parser.parse_args(argv)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -51,6 +58,13 @@ def main(argv=None) -> None:
             tm.viz.render(tensors, args.out / f"{name}.svg", **kwargs)
             written.append(f"{name}.svg")
         print(f"(wrote {', '.join(str(args.out / w) for w in written)})")
+
+    def save_viewer(name: str, loss, **kwargs) -> None:
+        """Write the page that steps through the backward pass of ``loss`` under --out."""
+        if args.out is None:
+            return
+        path = tm.viz.html(loss, args.out / f"{name}.html", **kwargs)
+        print(f"(wrote {path}: open it in a browser and step with the arrow keys)")
 
     # --- the network: y = tanh(x W1 + b1) W2 + b2, loss = mean((y - t)^2) -----------------
     # float64, so that the hand computation and the finite differences agree to ~1e-12.
@@ -88,6 +102,7 @@ def main(argv=None) -> None:
     # --- 2 --------------------------------------------------------------------------------
     section("2. The backward pass, rule by rule")
     tm.autograd.explain(loss, params=params)  # keeps the graph; writes no .grad
+    save_viewer("backprop", loss, params=params)  # the same steps, in the browser
 
     # --- 3 --------------------------------------------------------------------------------
     section("3. The same pass, traced")
@@ -152,6 +167,8 @@ def main(argv=None) -> None:
     dot = tm.viz.to_dot(both, params=params, forward=loss)
     print(f"(its DOT text: {dot.count(' -> ')} edges; run with --out DIR to write it)")
     save("5_gradient_graph", both, params=params, forward=loss)
+    # The same pass in the browser: each rule's own ops appear (orange) as it records them.
+    save_viewer("backprop_double", loss, params=params, create_graph=True)
 
     # --- 6 --------------------------------------------------------------------------------
     section("6. A Hessian-vector product: backprop through the backward pass")

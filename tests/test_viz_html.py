@@ -240,3 +240,25 @@ def test_errors_name_the_argument(tmp_path):
         tm.viz.viewer_data(tm.tensor(np.ones(3)).sum())
     data = tm.viz.viewer_data(w * 2.0, grad_outputs=tm.tensor(np.array([1.0, 2.0, 3.0])))
     np.testing.assert_allclose(data["leaves"][0]["grad"]["values"], [2.0, 4.0, 6.0])
+
+
+def test_walkthrough_writes_both_viewer_pages(tmp_path, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "backprop_walkthrough.py"
+    argv, sys.argv = sys.argv, [str(script), "--out", str(tmp_path)]
+    try:
+        with np.errstate(all="ignore"):
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert f"wrote {tmp_path / 'backprop.html'}: open it in a browser" in capsys.readouterr().out
+    for name, create_graph in (("backprop.html", False), ("backprop_double.html", True)):
+        text = (tmp_path / name).read_text()
+        embedded = re.search(r'id="tm-data">(.*?)</script>', text, re.S).group(1)
+        data = json.loads(embedded.replace("<\\/", "</"))
+        assert data["create_graph"] is create_graph and len(data["steps"]) == 9
+        assert {leaf["label"] for leaf in data["leaves"]} == {"W1", "b1", "W2", "b2"}
+        assert any(n["role"] == "backward-op" for n in data["nodes"]) is create_graph
