@@ -21,6 +21,7 @@ from tinymeta.nn.layers import (
     Sequential,
 )
 from tinymeta.nn.module import Module, Parameter
+from tinymeta.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from tinymeta.nn.utils import clip_grad_norm_, functional_call
 
 __all__ = [
@@ -28,10 +29,16 @@ __all__ = [
     "BatchNorm2d",
     "Conv2d",
     "Flatten",
+    "GRU",
+    "GRUCell",
+    "LSTM",
+    "LSTMCell",
     "Linear",
     "MaxPool2d",
     "Module",
     "Parameter",
+    "RNN",
+    "RNNCell",
     "ReLU",
     "Sequential",
     "clip_grad_norm_",
