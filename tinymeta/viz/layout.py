@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LAYER_GAP = 26.0  # vertical space between the boxes of neighbouring layers
+LAYER_GAP = 20.0  # vertical space between the boxes of neighbouring layers
 NODE_GAP = 18.0  # horizontal space between neighbouring boxes in a layer
 DUMMY_WIDTH = 8.0  # room kept for an edge passing through a layer
 MARGIN = 16.0

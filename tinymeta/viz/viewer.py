@@ -34,9 +34,9 @@ from tinymeta.viz.dot import tensor_label, tensor_role
 from tinymeta.viz.layout import layered_layout
 
 CHAR_WIDTH = 7.0  # pixels per character of a 12px sans-serif label (a generous estimate)
-LINE_HEIGHT = 15.0
-TENSOR_HEIGHT = 2 * LINE_HEIGHT + 8
-OP_HEIGHT = LINE_HEIGHT + 12
+LINE_HEIGHT = 14.0
+TENSOR_HEIGHT = 2 * LINE_HEIGHT + 6
+OP_HEIGHT = LINE_HEIGHT + 11
 
 
 def html(
