@@ -16,6 +16,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from tinymeta._checks import check_int
+
 NATIVE_SIZE = 105
 RESAMPLE_NAME = "lanczos"
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow < 9.1 has no Resampling enum
@@ -23,11 +25,7 @@ _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS  # Pillow < 9.1 has no Re
 
 def check_image_size(image_size: int) -> int:
     """Validate and return ``image_size`` (a positive int)."""
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
-        raise TypeError(f"image_size must be an int, got {type(image_size).__name__}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    return int(image_size)
+    return check_int("image_size", image_size, "omniglot")
 
 
 def decode_image(data: bytes, image_size: int) -> np.ndarray:

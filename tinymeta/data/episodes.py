@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from tinymeta._checks import check_int
+
 from ._rng import RngLike, as_generator
 from .dataset import OmniglotDataset
 
@@ -49,12 +51,6 @@ class EpisodeIndices:
     support: np.ndarray  # int64 (ways, shots)
     query: np.ndarray  # int64 (ways, queries)
     flipped: np.ndarray | None = None  # bool (ways,); None: no flips
-
-
-def _positive_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class EpisodeSampler:
@@ -91,16 +87,16 @@ class EpisodeSampler:
         max_shift: int = 0,
     ) -> None:
         self.dataset = dataset
-        self.ways = _positive_int("ways", ways, 1)
-        self.shots = _positive_int("shots", shots, 1)
-        self.queries = _positive_int("queries", queries, 0)
+        self.ways = check_int("ways", ways, "EpisodeSampler", low=1)
+        self.shots = check_int("shots", shots, "EpisodeSampler", low=1)
+        self.queries = check_int("queries", queries, "EpisodeSampler", low=0)
         self.rotations = bool(rotations)
         self.same_alphabet = bool(same_alphabet)
         self.flips = bool(flips)
         # A class's "views": its quarter turns (with rotations), each also mirrored (with flips).
         self._turns = 4 if self.rotations else 1
         self._views = self._turns * (2 if self.flips else 1)
-        self.max_shift = _positive_int("max_shift", max_shift, 0)
+        self.max_shift = check_int("max_shift", max_shift, "EpisodeSampler", low=0)
         if self.max_shift >= dataset.images.shape[-1]:
             raise ValueError(
                 f"max_shift must be smaller than the image size {dataset.images.shape[-1]}, "
@@ -201,6 +197,6 @@ class EpisodeSampler:
 
     def sample_batch(self, num_episodes: int) -> Episode:
         """Draw ``num_episodes`` episodes stacked along a new leading axis."""
-        num_episodes = _positive_int("num_episodes", num_episodes, 1)
+        num_episodes = check_int("num_episodes", num_episodes, "EpisodeSampler.sample_batch")
         episodes = [self.sample() for _ in range(num_episodes)]
         return Episode(*(np.stack(field) for field in zip(*episodes, strict=True)))

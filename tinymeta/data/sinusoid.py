@@ -12,20 +12,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinymeta._checks import check_int, check_real
+
 from ._rng import RngLike, as_generator
 
 
 def _check_range(name: str, bounds: tuple[float, float]) -> tuple[float, float]:
-    lo, hi = (float(b) for b in bounds)
-    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
-        raise ValueError(f"{name} must be a finite (low, high) pair with low <= high, got {bounds}")
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(f"SinusoidTasks: {name} must be a (low, high) pair, got {bounds!r}")
+    lo, hi = (check_real(f"{name}[{i}]", b, "SinusoidTasks") for i, b in enumerate(bounds))
+    if not lo <= hi:
+        raise ValueError(f"SinusoidTasks: {name} must have low <= high, got {bounds}")
     return lo, hi
-
-
-def _check_count(name: str, value: int, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ class SinusoidTask:
 
     def sample(self, k: int, rng: RngLike = None) -> tuple[np.ndarray, np.ndarray]:
         """Draw ``k`` points: ``(x, y)``, each float32 of shape ``(k, 1)``."""
-        k = _check_count("k", k)
+        k = check_int("k", k, "SinusoidTask.sample", low=0)
         gen = self._rng if rng is None else as_generator(rng)
         # Round x first so that y is exactly ``self(x)`` of the x that is returned.
         x = gen.uniform(self.x_range[0], self.x_range[1], size=(k, 1)).astype(np.float32)
@@ -118,9 +116,9 @@ class SinusoidTasks:
 
     def sample_batch(self, num_tasks: int, k_support: int, k_query: int) -> SinusoidBatch:
         """Draw ``num_tasks`` tasks with ``k_support`` support and ``k_query`` query points."""
-        num_tasks = _check_count("num_tasks", num_tasks, minimum=1)
-        k_support = _check_count("k_support", k_support)
-        k_query = _check_count("k_query", k_query)
+        num_tasks = check_int("num_tasks", num_tasks, "SinusoidTasks.sample_batch", low=1)
+        k_support = check_int("k_support", k_support, "SinusoidTasks.sample_batch", low=0)
+        k_query = check_int("k_query", k_query, "SinusoidTasks.sample_batch", low=0)
         amplitudes = self.rng.uniform(*self.amplitude, size=num_tasks)
         phases = self.rng.uniform(*self.phase, size=num_tasks)
         x = self.rng.uniform(*self.x_range, size=(num_tasks, k_support + k_query, 1))

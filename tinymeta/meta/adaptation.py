@@ -13,6 +13,7 @@ the second-order terms (the Hessian-vector products of true MAML); with
 
 from __future__ import annotations
 
+from tinymeta._checks import check_int
 from tinymeta.autograd import grad
 from tinymeta.meta.inner_rules import as_update_rule
 from tinymeta.nn.inner_step import inner_step
@@ -37,6 +38,7 @@ def adapt(
     0, 1, ..., steps updates.
     """
     rule = as_update_rule(rule)
+    steps = check_int("steps", steps, "adapt", low=0)
     keys = list(params) if keys is None else list(keys)
     missing = [k for k in keys if k not in params]
     if missing:
@@ -61,6 +63,7 @@ def per_task(params: dict, num_tasks: int, keys=None) -> dict:
     Only ``keys`` get a task axis; the others stay shared, which matmul
     broadcasting handles (ANIL's frozen body, say).
     """
+    num_tasks = check_int("num_tasks", num_tasks, "per_task", low=1)
     keys = set(params if keys is None else keys)
     return {
         k: broadcast_to(p, (num_tasks,) + p.shape) if k in keys else p  # prepends the axis
@@ -121,8 +124,7 @@ def maml_loss(
 
 
 def _step_weights(step_weights, steps: int) -> list:
-    if steps < 1:
-        raise ValueError(f"maml_loss: steps must be >= 1, got {steps}")
+    steps = check_int("steps", steps, "maml_loss", low=1)
     if step_weights is None:
         return [0.0] * (steps - 1) + [1.0]
     weights = [float(w) for w in step_weights]
@@ -152,6 +154,11 @@ def annealed_step_weights(steps: int, iteration: int, anneal_iterations: int) ->
     Over ``anneal_iterations`` the weight of each earlier step decays linearly
     to a small floor and the last step takes the rest (the weights sum to 1).
     """
+    steps = check_int("steps", steps, "annealed_step_weights", low=1)
+    iteration = check_int("iteration", iteration, "annealed_step_weights", low=0)
+    anneal_iterations = check_int(
+        "anneal_iterations", anneal_iterations, "annealed_step_weights", low=0
+    )
     if steps == 1:
         return [1.0]
     progress = min(iteration / max(anneal_iterations, 1), 1.0)

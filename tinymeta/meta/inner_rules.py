@@ -16,8 +16,11 @@ rates broadcast over it), which is what task-vectorized meta-batches use.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
+from tinymeta._checks import check_int, check_positive
 from tinymeta.creation import tensor
 from tinymeta.ops.arithmetic import add_scaled
 
@@ -26,9 +29,7 @@ class InnerSGD:
     """p' = p - lr * g with a fixed learning rate (MAML's inner step)."""
 
     def __init__(self, lr: float):
-        if lr <= 0:
-            raise ValueError(f"InnerSGD: lr must be positive, got {lr}")
-        self.lr = float(lr)
+        self.lr = check_positive("lr", lr, "InnerSGD")
 
     def __call__(self, params: dict, grads: dict, step: int, state: dict) -> dict:
         return {k: add_scaled(params[k], grads[k], -self.lr) for k in grads}
@@ -44,6 +45,7 @@ class MetaSGD:
     """p' = p - alpha ⊙ g with one meta-learned rate per parameter entry (Li et al. 2017)."""
 
     def __init__(self, params: dict, init_lr: float = 0.01, dtype=None):
+        init_lr = check_positive("init_lr", init_lr, "MetaSGD")
         self.lrs = {
             k: tensor(
                 np.full(p.shape, init_lr),
@@ -71,7 +73,8 @@ class PerStepLR:
     (MAML++'s "LSLR", Antoniou et al. 2019)."""
 
     def __init__(self, params: dict, steps: int, init_lr: float = 0.01, dtype=None):
-        self.steps = steps
+        self.steps = check_int("steps", steps, "PerStepLR", low=1)
+        init_lr = check_positive("init_lr", init_lr, "PerStepLR")
         self.lrs = [
             {
                 k: tensor(init_lr, dtype=dtype or p.dtype, device=p.device, requires_grad=True)
@@ -94,9 +97,13 @@ class PerStepLR:
 
 
 def as_update_rule(rule) -> object:
-    """A float means plain SGD with that rate; anything else is used as given."""
-    if isinstance(rule, (int, float)):
-        return InnerSGD(rule)
+    """A number means plain SGD with that rate (positive and finite; a bool is not a rate);
+    anything else must be a callable rule and is used as given."""
+    if isinstance(rule, (bool, np.bool_)) or isinstance(rule, numbers.Number):
+        return InnerSGD(check_positive("learning rate", rule, "as_update_rule"))
     if not callable(rule):
-        raise TypeError(f"inner update rule must be a float or callable, got {type(rule).__name__}")
+        raise TypeError(
+            f"as_update_rule: the inner update rule must be a learning rate (a number) or a "
+            f"callable rule, got {rule!r} ({type(rule).__name__})"
+        )
     return rule

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinymeta import ops
+from tinymeta._checks import check_int, check_positive
 from tinymeta.creation import tensor
 
 
@@ -45,8 +46,8 @@ class LearnedOptimizer:
         device=None,
         params: dict | None = None,
     ):
-        if lr <= 0:
-            raise ValueError(f"LearnedOptimizer: lr must be positive, got {lr}")
+        lr = check_positive("lr", lr, "LearnedOptimizer")
+        hidden = check_int("hidden", hidden, "LearnedOptimizer", low=1)
         if params:  # live where, and in the precision of, the parameters it updates
             first = next(iter(params.values()))
             dtype = first.dtype if dtype is None else dtype

@@ -30,24 +30,20 @@ channels-last without anyone noticing.
 
 from __future__ import annotations
 
-import numpy as np
-
 from tinymeta import kernels
+from tinymeta._checks import check_int
 from tinymeta.function import Function
 from tinymeta.ops.reductions import sum as _sum
 
 
-def pair(value, name: str, op: str) -> tuple:
-    """``value`` as a pair of non-negative ints (an int stands for both axes)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        out = (int(value), int(value))
-    elif isinstance(value, (tuple, list)) and len(value) == 2:
-        out = tuple(int(v) for v in value)
-    else:
-        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-    if min(out) < 0:
-        raise ValueError(f"{op}: {name} must be non-negative, got {value!r}")
-    return out
+def pair(value, name: str, op: str, low: int = 0) -> tuple:
+    """``value`` as a pair of ints >= ``low`` (an int stands for both axes)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+        return tuple(check_int(name, v, op, low=low) for v in value)
+    v = check_int(name, value, op, low=low)
+    return (v, v)
 
 
 def output_size(size: int, kernel: int, stride: int, pad: int) -> int:

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from tinymeta import backend
+from tinymeta._checks import check_int, check_nonnegative, check_real
 from tinymeta.nn import functional as F
 from tinymeta.nn import init
 from tinymeta.nn.conv import pair
@@ -64,7 +65,8 @@ class Linear(Module):
         rng=None,
     ):
         super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = check_int("in_features", in_features, "Linear")
+        self.out_features = check_int("out_features", out_features, "Linear")
         self.weight = _empty((self.out_features, self.in_features), dtype, device)
         self.register_parameter(
             "bias", _empty((self.out_features,), dtype, device) if bias else None
@@ -106,9 +108,10 @@ class Conv2d(Module):
         rng=None,
     ):
         super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = pair(kernel_size, "kernel_size", "Conv2d")
-        self.stride = pair(stride, "stride", "Conv2d")
+        self.in_channels = check_int("in_channels", in_channels, "Conv2d")
+        self.out_channels = check_int("out_channels", out_channels, "Conv2d")
+        self.kernel_size = pair(kernel_size, "kernel_size", "Conv2d", low=1)
+        self.stride = pair(stride, "stride", "Conv2d", low=1)
         self.padding = pair(padding, "padding", "Conv2d")
         shape = (self.out_channels, self.in_channels) + self.kernel_size
         self.weight = _empty(shape, dtype, device)
@@ -143,6 +146,9 @@ class MaxPool2d(Module):
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
+        pair(kernel_size, "kernel_size", "MaxPool2d", low=1)  # checked now, used as given
+        if stride is not None:
+            pair(stride, "stride", "MaxPool2d", low=1)
         self.kernel_size = kernel_size
         self.stride = stride if stride is not None else kernel_size
 
@@ -187,7 +193,12 @@ class _BatchNorm(Module):
         device=None,
     ):
         super().__init__()
-        self.num_features, self.eps, self.momentum = int(num_features), eps, momentum
+        name = type(self).__name__
+        self.num_features = check_int("num_features", num_features, name)
+        self.eps = check_nonnegative("eps", eps, name)
+        if momentum is not None:  # None: a cumulative average, as in PyTorch
+            momentum = check_real("momentum", momentum, name, low=0.0, high=1.0)
+        self.momentum = momentum
         self.affine, self.track_running_stats = affine, track_running_stats
         if per_step is not None and (isinstance(per_step, bool) or int(per_step) < 1):
             raise ValueError(f"{type(self).__name__}: per_step must be >= 1, got {per_step!r}")
@@ -296,7 +307,8 @@ class Flatten(Module):
 
     def __init__(self, start_dim: int = 1, end_dim: int = -1):
         super().__init__()
-        self.start_dim, self.end_dim = start_dim, end_dim
+        self.start_dim = check_int("start_dim", start_dim, "Flatten", low=None)
+        self.end_dim = check_int("end_dim", end_dim, "Flatten", low=None)
 
     def forward(self, x: Tensor) -> Tensor:
         return flatten(x, self.start_dim, self.end_dim)

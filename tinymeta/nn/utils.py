@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from tinymeta._checks import check_nonnegative, check_positive
 from tinymeta.backend import get_array_module
 from tinymeta.grad_mode import no_grad
 from tinymeta.nn.module import _OVERRIDES, Module
@@ -125,6 +127,9 @@ def clip_grad_norm_(
         raise TypeError(
             f"clip_grad_norm_: expected tensors or an iterable of tensors, got {type(parameters)}"
         )
+    max_norm = check_nonnegative("max_norm", max_norm, "clip_grad_norm_")
+    if not (isinstance(norm_type, numbers.Real) and math.isinf(norm_type)):  # inf: max-norm
+        norm_type = check_positive("norm_type", norm_type, "clip_grad_norm_")
     grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
     if not grads:
@@ -138,7 +143,7 @@ def clip_grad_norm_(
             f"clip_grad_norm_: the total {norm_type}-norm of the gradients is {float(total)}; "
             "pass error_if_nonfinite=False to clip anyway"
         )
-    coef = min(float(max_norm) / (float(total) + 1e-6), 1.0)
+    coef = min(max_norm / (float(total) + 1e-6), 1.0)
     with no_grad():
         for g in grads:
             g.mul_(coef)

@@ -18,8 +18,8 @@ next ``step()``.
 from __future__ import annotations
 
 import math
-import numbers
 
+from tinymeta._checks import check_int, check_nonnegative, check_positive
 from tinymeta.optim.optimizer import Optimizer
 
 
@@ -80,15 +80,8 @@ class StepLR(LRScheduler):
     """lr = base_lr * gamma ** (epoch // step_size): times ``gamma`` every ``step_size`` epochs."""
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1, last_epoch=-1):
-        if (
-            isinstance(step_size, bool)
-            or not isinstance(step_size, numbers.Integral)
-            or step_size < 1
-        ):
-            raise ValueError(f"StepLR: step_size must be a positive integer, got {step_size!r}")
-        if not isinstance(gamma, numbers.Real) or not gamma > 0:
-            raise ValueError(f"StepLR: gamma must be a positive number, got {gamma!r}")
-        self.step_size, self.gamma = int(step_size), gamma
+        self.step_size = check_int("step_size", step_size, "StepLR", low=1)
+        self.gamma = check_positive("gamma", gamma, "StepLR")
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, base_lr: float, epoch: int) -> float:
@@ -103,11 +96,8 @@ class CosineAnnealingLR(LRScheduler):
     """
 
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0, last_epoch=-1):  # noqa: N803
-        if isinstance(T_max, bool) or not isinstance(T_max, numbers.Integral) or T_max < 1:
-            raise ValueError(f"CosineAnnealingLR: T_max must be a positive integer, got {T_max!r}")
-        if not isinstance(eta_min, numbers.Real) or not eta_min >= 0:
-            raise ValueError(f"CosineAnnealingLR: eta_min must be >= 0, got {eta_min!r}")
-        self.T_max, self.eta_min = int(T_max), eta_min
+        self.T_max = check_int("T_max", T_max, "CosineAnnealingLR", low=1)
+        self.eta_min = check_nonnegative("eta_min", eta_min, "CosineAnnealingLR")
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, base_lr: float, epoch: int) -> float:

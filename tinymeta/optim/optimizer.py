@@ -20,10 +20,10 @@ so that the state can be loaded into an optimizer built over *other* tensors
 from __future__ import annotations
 
 import copy
-import numbers
 from collections.abc import Callable, Iterable
 
 from tinymeta import backend
+from tinymeta._checks import check_real
 from tinymeta.grad_mode import enable_grad, no_grad
 from tinymeta.tensor import Tensor
 
@@ -232,15 +232,17 @@ def check_number(
     high: float | None = None,
     high_open: bool = False,
 ) -> None:
-    """Raise ValueError unless ``low <= value <= high`` (``< high`` with ``high_open``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{opt}: {where} {key} must be a real number, got {value!r}")
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if (low is not None and not value >= low) or too_high:  # `not >=` also catches nan
+    """Raise TypeError unless ``value`` is a real number (not a bool), ValueError unless it is
+    finite and ``low <= value <= high`` (``< high`` with ``high_open``): tinymeta._checks's
+    rule, with the optimizer's wording (which settings: the constructor's or a group's)."""
+    try:
+        check_real(key, value, opt, low=low, high=high, high_open=high_open)
+    except ValueError:
         bounds = f"[{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
         raise ValueError(
-            f"{opt}: invalid {what} {key}={value!r} in {where} settings: must be {bounds}"
-        )
+            f"{opt}: invalid {what} {key}={value!r} in {where} settings: must be finite and "
+            f"{bounds}"
+        ) from None
 
 
 def _check_param(p, where: str) -> None:

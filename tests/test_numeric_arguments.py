@@ -1,0 +1,286 @@
+"""Every public entry point that takes a number rejects what is not one (issue 11).
+
+Booleans (``True`` would be a learning rate of 1), strings, None, nan and inf, and values out
+of range raise a TypeError or ValueError naming the function and the argument. One shared
+helper (tinymeta._checks) makes the rule and the wording the same everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+
+import tinymeta as tm
+import tinymeta.nn as nn
+from tinymeta._checks import (
+    check_int,
+    check_nonnegative,
+    check_positive,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+from tinymeta.data import EpisodeSampler, SinusoidTasks
+from tinymeta.meta import (
+    MAML,
+    InnerSGD,
+    LearnedOptimizer,
+    MetaSGD,
+    PerStepLR,
+    adapt,
+    annealed_step_weights,
+    as_update_rule,
+    maml_loss,
+    per_task,
+)
+from tinymeta.nn.utils import clip_grad_norm_
+from tinymeta.optim import SGD, Adam
+from tinymeta.optim.lr_scheduler import CosineAnnealingLR, StepLR
+
+nan, inf = float("nan"), float("inf")
+
+
+def _w():
+    return tm.randn(3, requires_grad=True)
+
+
+def _params():
+    return {"w": _w()}
+
+
+def _opt():
+    return SGD([_w()], lr=0.1)
+
+
+def _mse(p):
+    return (p["w"] * p["w"]).sum()
+
+
+# (id, call with the bad value, bad value, exception, substring of the message)
+CASES = [
+    # the case of the issue: a bool is not a learning rate
+    (
+        "as_update_rule",
+        lambda v: as_update_rule(v),
+        True,
+        TypeError,
+        "as_update_rule: learning rate",
+    ),
+    ("as_update_rule", lambda v: as_update_rule(v), "0.1", TypeError, "as_update_rule"),
+    ("as_update_rule", lambda v: as_update_rule(v), nan, ValueError, "must be finite"),
+    ("as_update_rule", lambda v: as_update_rule(v), inf, ValueError, "must be finite"),
+    ("as_update_rule", lambda v: as_update_rule(v), -0.1, ValueError, "positive"),
+    ("MAML lr", lambda v: MAML(nn.Linear(2, 1), lr=v), True, TypeError, "learning rate"),
+    ("adapt rule", lambda v: adapt(_mse, _params(), v), np.bool_(True), TypeError, "learning"),
+    ("InnerSGD", lambda v: InnerSGD(v), False, TypeError, "InnerSGD: lr"),
+    ("MetaSGD", lambda v: MetaSGD(_params(), init_lr=v), True, TypeError, "MetaSGD: init_lr"),
+    ("MetaSGD", lambda v: MetaSGD(_params(), init_lr=v), -1.0, ValueError, "MetaSGD: init_lr"),
+    ("PerStepLR", lambda v: PerStepLR(_params(), steps=v), 0, ValueError, "PerStepLR: steps"),
+    ("PerStepLR", lambda v: PerStepLR(_params(), steps=v), 2.0, TypeError, "PerStepLR: steps"),
+    ("PerStepLR", lambda v: PerStepLR(_params(), 2, init_lr=v), nan, ValueError, "init_lr"),
+    ("LearnedOptimizer", lambda v: LearnedOptimizer(lr=v), inf, ValueError, "LearnedOptimizer: lr"),
+    ("LearnedOptimizer", lambda v: LearnedOptimizer(hidden=v), 0, ValueError, "hidden"),
+    ("adapt steps", lambda v: adapt(_mse, _params(), 0.1, steps=v), -1, ValueError, "adapt: steps"),
+    (
+        "adapt steps",
+        lambda v: adapt(_mse, _params(), 0.1, steps=v),
+        True,
+        TypeError,
+        "adapt: steps",
+    ),
+    (
+        "maml_loss steps",
+        lambda v: maml_loss(None, _params(), ([], []), ([], []), None, 0.1, steps=v),
+        0,
+        ValueError,
+        "maml_loss: steps",
+    ),
+    ("per_task", lambda v: per_task(_params(), v), 0, ValueError, "per_task: num_tasks"),
+    ("annealed_step_weights", lambda v: annealed_step_weights(v, 0, 10), 0, ValueError, "steps"),
+    # optimizers and schedulers
+    ("SGD lr", lambda v: SGD([_w()], lr=v), True, TypeError, "lr must be a real number"),
+    ("SGD lr", lambda v: SGD([_w()], lr=v), inf, ValueError, "invalid learning rate"),
+    ("SGD momentum", lambda v: SGD([_w()], lr=0.1, momentum=v), nan, ValueError, "momentum"),
+    ("Adam eps", lambda v: Adam([_w()], eps=v), inf, ValueError, "invalid epsilon"),
+    ("Adam betas", lambda v: Adam([_w()], betas=(v, 0.9)), True, TypeError, "betas[0]"),
+    ("Adam wd", lambda v: Adam([_w()], weight_decay=v), "0", TypeError, "weight_decay"),
+    ("StepLR step_size", lambda v: StepLR(_opt(), step_size=v), True, TypeError, "StepLR"),
+    ("StepLR gamma", lambda v: StepLR(_opt(), 2, gamma=v), nan, ValueError, "StepLR: gamma"),
+    ("StepLR gamma", lambda v: StepLR(_opt(), 2, gamma=v), True, TypeError, "StepLR: gamma"),
+    ("Cosine T_max", lambda v: CosineAnnealingLR(_opt(), T_max=v), 2.5, TypeError, "T_max"),
+    (
+        "Cosine eta_min",
+        lambda v: CosineAnnealingLR(_opt(), 5, eta_min=v),
+        inf,
+        ValueError,
+        "eta_min",
+    ),
+    (
+        "clip max_norm",
+        lambda v: clip_grad_norm_([_w()], v),
+        -1.0,
+        ValueError,
+        "clip_grad_norm_: max_norm",
+    ),
+    (
+        "clip max_norm",
+        lambda v: clip_grad_norm_([_w()], v),
+        nan,
+        ValueError,
+        "clip_grad_norm_: max_norm",
+    ),
+    (
+        "clip max_norm",
+        lambda v: clip_grad_norm_([_w()], v),
+        "1",
+        TypeError,
+        "clip_grad_norm_: max_norm",
+    ),
+    ("clip norm_type", lambda v: clip_grad_norm_([_w()], 1.0, v), 0.0, ValueError, "norm_type"),
+    # data samplers
+    (
+        "EpisodeSampler ways",
+        lambda v: EpisodeSampler(None, ways=v, shots=1, queries=1),
+        True,
+        TypeError,
+        "EpisodeSampler: ways",
+    ),
+    (
+        "EpisodeSampler shots",
+        lambda v: EpisodeSampler(None, ways=5, shots=v, queries=1),
+        0,
+        ValueError,
+        "EpisodeSampler: shots",
+    ),
+    (
+        "EpisodeSampler queries",
+        lambda v: EpisodeSampler(None, 5, 1, queries=v),
+        1.0,
+        TypeError,
+        "queries",
+    ),
+    (
+        "EpisodeSampler max_shift",
+        lambda v: EpisodeSampler(None, 5, 1, 1, max_shift=v),
+        -1,
+        ValueError,
+        "max_shift",
+    ),
+    (
+        "SinusoidTasks amplitude",
+        lambda v: SinusoidTasks(amplitude=(0.1, v)),
+        inf,
+        ValueError,
+        "amplitude[1]",
+    ),
+    (
+        "SinusoidTasks amplitude",
+        lambda v: SinusoidTasks(amplitude=(v, 5.0)),
+        True,
+        TypeError,
+        "amplitude[0]",
+    ),
+    ("SinusoidTasks phase", lambda v: SinusoidTasks(phase=(v, 1.0)), "0", TypeError, "phase[0]"),
+    (
+        "sample_batch num_tasks",
+        lambda v: SinusoidTasks(rng=0).sample_batch(v, 5, 5),
+        0,
+        ValueError,
+        "num_tasks",
+    ),
+    (
+        "sample_batch k_query",
+        lambda v: SinusoidTasks(rng=0).sample_batch(2, 5, v),
+        True,
+        TypeError,
+        "k_query",
+    ),
+    (
+        "SinusoidTask.sample k",
+        lambda v: SinusoidTasks(rng=0).sample_task().sample(v),
+        -1,
+        ValueError,
+        "k",
+    ),
+    # layers
+    ("Linear in_features", lambda v: nn.Linear(v, 2), 2.0, TypeError, "Linear: in_features"),
+    ("Linear out_features", lambda v: nn.Linear(2, v), -1, ValueError, "Linear: out_features"),
+    ("Conv2d in_channels", lambda v: nn.Conv2d(v, 2, 3), 0, ValueError, "Conv2d: in_channels"),
+    ("Conv2d kernel_size", lambda v: nn.Conv2d(1, 2, v), 0, ValueError, "Conv2d: kernel_size"),
+    ("Conv2d kernel_size", lambda v: nn.Conv2d(1, 2, (3, v)), True, TypeError, "kernel_size"),
+    ("Conv2d stride", lambda v: nn.Conv2d(1, 2, 3, stride=v), 0, ValueError, "Conv2d: stride"),
+    ("Conv2d padding", lambda v: nn.Conv2d(1, 2, 3, padding=v), -1, ValueError, "padding"),
+    ("MaxPool2d kernel_size", lambda v: nn.MaxPool2d(v), 0, ValueError, "MaxPool2d: kernel_size"),
+    ("MaxPool2d stride", lambda v: nn.MaxPool2d(2, stride=v), 1.5, TypeError, "MaxPool2d: stride"),
+    (
+        "BatchNorm num_features",
+        lambda v: nn.BatchNorm2d(v),
+        0,
+        ValueError,
+        "BatchNorm2d: num_features",
+    ),
+    ("BatchNorm eps", lambda v: nn.BatchNorm1d(3, eps=v), -1e-5, ValueError, "BatchNorm1d: eps"),
+    ("BatchNorm eps", lambda v: nn.BatchNorm1d(3, eps=v), nan, ValueError, "BatchNorm1d: eps"),
+    ("BatchNorm momentum", lambda v: nn.BatchNorm1d(3, momentum=v), 1.5, ValueError, "momentum"),
+    ("BatchNorm momentum", lambda v: nn.BatchNorm1d(3, momentum=v), True, TypeError, "momentum"),
+    ("Flatten start_dim", lambda v: nn.Flatten(v), 1.0, TypeError, "Flatten: start_dim"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "bad", "error", "message"),
+    [c[1:] for c in CASES],
+    ids=[f"{c[0]}={c[2]!r}" for c in CASES],
+)
+def test_bad_numbers_are_rejected(call, bad, error, message):
+    with pytest.raises(error) as info:
+        call(bad)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("call", "good", "stored"),
+    [
+        (lambda v: as_update_rule(v).lr, 0.5, 0.5),
+        (lambda v: as_update_rule(v).lr, np.float32(0.5), 0.5),
+        (lambda v: InnerSGD(v).lr, 2, 2.0),
+        (lambda v: nn.Linear(v, 2).in_features, np.int64(3), 3),
+        (lambda v: nn.BatchNorm1d(3, momentum=v).momentum, None, None),
+        (lambda v: StepLR(_opt(), step_size=v).step_size, 3, 3),
+        (lambda v: clip_grad_norm_([_w()], 1.0, v).shape, inf, ()),  # the max-norm
+    ],
+)
+def test_good_numbers_pass_through(call, good, stored):
+    assert call(good) == stored
+
+
+def test_the_helpers_return_plain_python_numbers():
+    assert type(check_positive("lr", np.float32(0.25), "f")) is float
+    assert type(check_nonnegative("wd", 0, "f")) is float
+    assert type(check_int("n", np.int32(4), "f")) is int
+    with pytest.raises(ValueError, match=r"^f: n must be an integer in \[1, 3\], got 4$"):
+        check_int("n", 4, "f", low=1, high=3)
+
+
+@pytest.mark.parametrize(
+    ("convert", "text", "ok"),
+    [
+        (positive_int, "3", 3),
+        (positive_int, "0", None),
+        (positive_int, "2.5", None),
+        (nonnegative_int, "0", 0),
+        (nonnegative_int, "-1", None),
+        (positive_float, "1e-3", 1e-3),
+        (positive_float, "nan", None),
+        (positive_float, "inf", None),
+        (positive_float, "0", None),
+    ],
+)
+def test_argparse_types(convert, text, ok):
+    if ok is None:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got '{text}'"):
+            convert(text)
+    else:
+        assert convert(text) == ok
