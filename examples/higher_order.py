@@ -17,6 +17,7 @@ import argparse
 import numpy as np
 
 import tinymeta as tm
+from tinymeta._checks import positive_int
 
 
 def rosenbrock(p):
@@ -87,7 +88,7 @@ def hessian_vector_product(seed: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="Newton steps")
+    parser.add_argument("--steps", type=positive_int, default=8, help="Newton steps")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     newton([-1.2, 1.0], args.steps)

@@ -82,6 +82,7 @@ import tinymeta as tm
 import tinymeta.nn.functional as F
 from tinymeta import distributed as dist
 from tinymeta import meta, nn
+from tinymeta._checks import nonnegative_float, nonnegative_int, positive_float, positive_int
 from tinymeta.backend import keep_freed_memory
 from tinymeta.data import (
     EpisodeSampler,
@@ -105,21 +106,29 @@ def parse_args(argv=None):
     p.add_argument("--algo", choices=ALGOS, default="maml")
     p.add_argument("--data", type=Path, default=None, help="folder of the Omniglot zips")
     p.add_argument("--background", choices=BACKGROUNDS, default="small1")
-    p.add_argument("--ways", type=int, default=20, help="classes per meta-training episode")
-    p.add_argument("--shots", type=int, default=1, help="support images per class")
-    p.add_argument("--queries", type=int, default=1, help="query images per class in training")
-    p.add_argument("--inner-steps", type=int, default=1, help="inner SGD steps in meta-training")
-    p.add_argument("--test-inner-steps", type=int, default=3, help="inner steps at test")
-    p.add_argument("--inner-lr", type=float, default=0.4)
+    p.add_argument(
+        "--ways", type=positive_int, default=20, help="classes per meta-training episode"
+    )
+    p.add_argument("--shots", type=positive_int, default=1, help="support images per class")
+    p.add_argument(
+        "--queries", type=positive_int, default=1, help="query images per class in training"
+    )
+    p.add_argument(
+        "--inner-steps", type=positive_int, default=1, help="inner SGD steps in meta-training"
+    )
+    p.add_argument("--test-inner-steps", type=positive_int, default=3, help="inner steps at test")
+    p.add_argument("--inner-lr", type=positive_float, default=0.4)
     p.add_argument(
         "--test-inner-lr",
-        type=float,
+        type=nonnegative_float,
         default=None,
         help="SGD rate of the test-time steps (default: --inner-lr; Meta-SGD uses its learned "
         "rates)",
     )
-    p.add_argument("--meta-batch", type=int, default=8, help="episodes per meta-iteration")
-    p.add_argument("--meta-lr", type=float, default=3e-3, help="Adam's rate for the outer step")
+    p.add_argument("--meta-batch", type=positive_int, default=8, help="episodes per meta-iteration")
+    p.add_argument(
+        "--meta-lr", type=positive_float, default=3e-3, help="Adam's rate for the outer step"
+    )
     p.add_argument(
         "--schedule",
         choices=("cosine", "constant"),
@@ -127,7 +136,9 @@ def parse_args(argv=None):
         help="cosine: the meta-lr decays to 0 over the run (--iterations or --minutes, "
         "whichever ends it first)",
     )
-    p.add_argument("--iterations", type=int, default=20000, help="meta-iterations (in total)")
+    p.add_argument(
+        "--iterations", type=positive_int, default=20000, help="meta-iterations (in total)"
+    )
     p.add_argument(
         "--minutes",
         type=float,
@@ -137,18 +148,18 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--first-order-iterations",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="derivative-order annealing: first-order for this many iterations",
     )
-    p.add_argument("--filters", type=int, default=32, help="channels of every conv layer")
+    p.add_argument("--filters", type=positive_int, default=32, help="channels of every conv layer")
     p.add_argument("--no-rotations", action="store_true", help="no rotated classes in training")
     p.add_argument(
         "--flips", action="store_true", help="mirror images as extra classes in training"
     )
     p.add_argument(
         "--shift",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="move each training image by up to this many pixels (random, per image and axis)",
     )
@@ -158,13 +169,22 @@ def parse_args(argv=None):
         help="run a meta-batch's episodes one at a time (default: all at once, task-vectorized)",
     )
     p.add_argument("--eval-runs", type=Path, default=None, help="official one-shot runs folder/zip")
-    p.add_argument("--eval-episodes", type=int, default=600, help="small2-proxy episodes per way")
     p.add_argument(
-        "--eval-queries", type=int, default=5, help="query images per class in proxy episodes"
+        "--eval-episodes", type=nonnegative_int, default=600, help="small2-proxy episodes per way"
     )
-    p.add_argument("--val-every", type=int, default=1000, help="validate every N iterations")
-    p.add_argument("--val-episodes", type=int, default=100, help="episodes per validation")
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval")
+    p.add_argument(
+        "--eval-queries",
+        type=positive_int,
+        default=5,
+        help="query images per class in proxy episodes",
+    )
+    p.add_argument(
+        "--val-every", type=nonnegative_int, default=1000, help="validate every N iterations"
+    )
+    p.add_argument("--val-episodes", type=positive_int, default=100, help="episodes per validation")
+    p.add_argument(
+        "--checkpoint-minutes", type=positive_float, default=5.0, help="checkpoint interval"
+    )
     p.add_argument(
         "--resume", action="store_true", help="continue from --out/checkpoint.npz if it exists"
     )

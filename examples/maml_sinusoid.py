@@ -36,6 +36,7 @@ from tqdm import tqdm
 import tinymeta as tm
 from tinymeta import distributed as dist
 from tinymeta import meta, nn
+from tinymeta._checks import nonnegative_float, nonnegative_int, positive_float, positive_int
 from tinymeta.data import SinusoidTasks
 from tinymeta.optim import Adam
 
@@ -46,19 +47,23 @@ EVAL_STEPS = (0, 1, 5, 10)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MAML and friends on sinusoid regression.")
     p.add_argument("--algo", choices=ALGOS, default="maml")
-    p.add_argument("--shots", type=int, default=10, help="K support points per task")
-    p.add_argument("--inner-steps", type=int, default=1, help="inner SGD steps in meta-training")
-    p.add_argument("--inner-lr", type=float, default=0.01)
-    p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-iteration")
-    p.add_argument("--meta-lr", type=float, default=1e-3, help="Adam's rate for the outer step")
-    p.add_argument("--iterations", type=int, default=15000)
+    p.add_argument("--shots", type=positive_int, default=10, help="K support points per task")
     p.add_argument(
-        "--clip-grad", type=float, default=0.0,
+        "--inner-steps", type=positive_int, default=1, help="inner SGD steps in meta-training"
+    )
+    p.add_argument("--inner-lr", type=positive_float, default=0.01)
+    p.add_argument("--meta-batch", type=positive_int, default=25, help="tasks per meta-iteration")
+    p.add_argument(
+        "--meta-lr", type=positive_float, default=1e-3, help="Adam's rate for the outer step"
+    )
+    p.add_argument("--iterations", type=positive_int, default=15000)
+    p.add_argument(
+        "--clip-grad", type=nonnegative_float, default=0.0,
         help="clip the meta-gradient's norm to this (0: no clipping)",
     )  # fmt: skip
     p.add_argument(
         "--first-order-iterations",
-        type=int,
+        type=nonnegative_int,
         default=0,
         help="derivative-order annealing: first-order for this many iterations",
     )
@@ -69,7 +74,7 @@ def parse_args(argv=None):
         help="initial weights: default (uniform, +-1/sqrt(fan_in), as nn.Linear) or paper "
         "(the MAML reference code's: normal with std 0.01 truncated at 2 std, zero biases)",
     )
-    p.add_argument("--eval-tasks", type=int, default=600)
+    p.add_argument("--eval-tasks", type=positive_int, default=600)
     p.add_argument(
         "--eval-seed",
         type=int,
@@ -77,11 +82,13 @@ def parse_args(argv=None):
         help="seed of the held-out evaluation tasks (independent of --seed, so runs with "
         "different training seeds are scored on the same tasks)",
     )
-    p.add_argument("--eval-points", type=int, default=100, help="query points per eval task")
+    p.add_argument(
+        "--eval-points", type=positive_int, default=100, help="query points per eval task"
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the pretrained baseline")
     p.add_argument(
         "--baseline-steps",
-        type=int,
+        type=nonnegative_int,
         default=20_000,
         help="Adam steps of the pretrained baseline (each on K+K points of --meta-batch tasks)",
     )

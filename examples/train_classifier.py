@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import tinymeta as tm
 from tinymeta import nn
+from tinymeta._checks import nonnegative_int, positive_float, positive_int
 from tinymeta.data import load_omniglot, split_by_drawer
 from tinymeta.nn import functional as F
 from tinymeta.optim import Adam
@@ -57,11 +58,13 @@ def parse_args(argv=None):
         help="alphabets of images_background_small1 to classify (default: Greek); "
         "'all' takes all five",
     )
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
-    p.add_argument("--channels", type=int, default=32, help="channels of the conv blocks")
-    p.add_argument("--shift", type=int, default=2, help="random shift in pixels (0: none)")
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="Adam's learning rate")
+    p.add_argument("--channels", type=positive_int, default=32, help="channels of the conv blocks")
+    p.add_argument(
+        "--shift", type=nonnegative_int, default=2, help="random shift in pixels (0: none)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--data", type=Path, default=None, help="folder holding the Omniglot zips")
