@@ -223,9 +223,8 @@ def main() -> None:
         print(f"{label}:")
         for name, xs in samples.items():
             ratio = "" if name == "torch" else f"   {median(xs) / base:.2f}x torch"
-            print(
-                f"  {name:13s} {median(xs) * 1e3:8.2f} ms  (IQR {spread([1e3 * v for v in xs])}){ratio}"
-            )
+            iqr = spread([1e3 * v for v in xs])
+            print(f"  {name:13s} {median(xs) * 1e3:8.2f} ms  (IQR {iqr}){ratio}")
         warning = noise_warning(samples)
         if warning:
             print("  " + warning)

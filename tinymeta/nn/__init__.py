@@ -9,6 +9,8 @@ y = nn.functional_call(model, params, x)     # the same as model(x), through par
 """
 
 from tinymeta.nn import functional, init, utils
+from tinymeta.nn.activation import GELU, Dropout, Sigmoid, Tanh
+from tinymeta.nn.attention import MultiheadAttention
 from tinymeta.nn.inner_step import current_inner_step, inner_step
 from tinymeta.nn.layers import (
     BatchNorm1d,
@@ -21,26 +23,35 @@ from tinymeta.nn.layers import (
     Sequential,
 )
 from tinymeta.nn.module import Module, Parameter
+from tinymeta.nn.normalization import LayerNorm
 from tinymeta.nn.recurrent import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from tinymeta.nn.sparse import Embedding
 from tinymeta.nn.utils import clip_grad_norm_, functional_call
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "Conv2d",
+    "Dropout",
+    "Embedding",
     "Flatten",
+    "GELU",
     "GRU",
     "GRUCell",
     "LSTM",
     "LSTMCell",
+    "LayerNorm",
     "Linear",
     "MaxPool2d",
     "Module",
+    "MultiheadAttention",
     "Parameter",
     "RNN",
     "RNNCell",
     "ReLU",
     "Sequential",
+    "Sigmoid",
+    "Tanh",
     "clip_grad_norm_",
     "current_inner_step",
     "functional",

@@ -660,3 +660,40 @@ def mse_loss(pred, target, reduction: str = "mean") -> Tensor:
         )
     diff = pred - target
     return _reduce(diff * diff, reduction, "mse_loss")
+
+
+# --- sequence and attention layers (their own modules; re-exported here as F.*) -------------
+# Imported at the end: those modules build on linear and softmax above.
+from tinymeta.nn.functional_activation import dropout, erf, gelu, sigmoid, tanh  # noqa: E402
+from tinymeta.nn.functional_attention import (  # noqa: E402
+    embedding,
+    layer_norm,
+    multi_head_attention,
+)
+from tinymeta.nn.functional_recurrent import (  # noqa: E402
+    gru,
+    gru_cell,
+    lstm,
+    lstm_cell,
+    rnn,
+    rnn_relu_cell,
+    rnn_tanh_cell,
+)
+
+__all__ += [
+    "dropout",
+    "embedding",
+    "erf",
+    "gelu",
+    "gru",
+    "gru_cell",
+    "layer_norm",
+    "lstm",
+    "lstm_cell",
+    "multi_head_attention",
+    "rnn",
+    "rnn_relu_cell",
+    "rnn_tanh_cell",
+    "sigmoid",
+    "tanh",
+]
