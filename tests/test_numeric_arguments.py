@@ -250,6 +250,7 @@ def test_bad_numbers_are_rejected(call, bad, error, message):
         (lambda v: nn.BatchNorm1d(3, momentum=v).momentum, None, None),
         (lambda v: StepLR(_opt(), step_size=v).step_size, 3, 3),
         (lambda v: clip_grad_norm_([_w()], 1.0, v).shape, inf, ()),  # the max-norm
+        (lambda v: clip_grad_norm_([_w()], v).shape, inf, ()),  # measures, clips nothing
     ],
 )
 def test_good_numbers_pass_through(call, good, stored):

@@ -127,8 +127,10 @@ def clip_grad_norm_(
         raise TypeError(
             f"clip_grad_norm_: expected tensors or an iterable of tensors, got {type(parameters)}"
         )
-    max_norm = check_nonnegative("max_norm", max_norm, "clip_grad_norm_")
-    if not (isinstance(norm_type, numbers.Real) and math.isinf(norm_type)):  # inf: max-norm
+    # inf is allowed for both: max_norm=inf only measures the norm, norm_type=inf is the max-norm
+    if not (_is_real(max_norm) and max_norm == math.inf):
+        max_norm = check_nonnegative("max_norm", max_norm, "clip_grad_norm_")
+    if not (_is_real(norm_type) and norm_type == math.inf):
         norm_type = check_positive("norm_type", norm_type, "clip_grad_norm_")
     grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
@@ -148,3 +150,7 @@ def clip_grad_norm_(
         for g in grads:
             g.mul_(coef)
     return Tensor(xp.asarray(total))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
