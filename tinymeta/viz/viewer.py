@@ -100,14 +100,15 @@ def viewer_data(
     """What the page shows, as JSON-ready data (see ``html`` for the arguments).
 
     ``nodes``   every tensor (``t<k>``) and op (``op<k>``) drawn, numbered as ``to_dot``
-                numbers them, with its label, role, box and the step that created it
-                (0 for the forward graph; with ``create_graph`` the backward ops' step)
+                numbers them, with its label, role, layer, box (centre ``x, y``, ``w, h``)
+                and ``step``: 0 for the forward graph, else the step that recorded it
     ``edges``   ``src``, ``dst``, the input index ``label`` and the SVG path ``d``
     ``roots``   the tensors the pass starts from, with their starting gradient ``seed``
     ``leaves``  the tensors differentiated by (``inputs``), with their final gradient
     ``steps``   one per backward rule, in the order the engine ran them: the op, its
-                formula, ``gy`` (per output) and ``gx`` (per input), and ``leaf_grads``,
-                the leaves' gradients accumulated so far that this step changed (by leaf key)
+                formula, ``gy`` (per output) and ``gx`` (per input), ``leaf_grads`` (the
+                leaves' gradients summed so far that this step changed, by leaf ``key``)
+                and ``new_ops`` (the ops this step recorded, with ``create_graph``)
 
     Each gradient is ``{"shape", "norm", "values" (nested lists, or None when it has
     more than max_values elements), "text"}``.
@@ -115,7 +116,6 @@ def viewer_data(
     roots, root_names = _graph.as_tensors(tensors)
     if not roots:
         raise ValueError("html: tensors is empty; pass a loss (or a dict of tensors)")
-    names = {**root_names, **_graph.param_names(params)}
     forward_nodes = _graph.functions(roots)
     if len(forward_nodes) > max_nodes:
         raise ValueError(
@@ -136,125 +136,82 @@ def viewer_data(
             roots, inputs, seeds, retain_graph=True, create_graph=create_graph, allow_unused=True
         )
 
-    # What is drawn: the given tensors' graph and, with create_graph, the gradients' graphs.
-    drawn = list(roots)
-    grad_roots = [g for g in grads if g is not None] if create_graph else []
-    drawn_roots = drawn + grad_roots
-    nodes = _graph.functions(drawn_roots)
-    numbers = _graph.number_tensors(nodes, drawn_roots)
-    op_key = {id(fn): f"op{k}" for k, fn in enumerate(nodes)}
-    forward_ids = {id(fn) for fn in forward_nodes}
-
-    def key(t) -> str:
-        return f"t{numbers[id(t)]}"
-
-    def label(t) -> str:
-        if id(t) not in numbers:
-            return "(tensor outside the graph)"
-        return names.get(id(t)) or t.name or key(t)
-
-    root_labels = [label(r) for r in roots]
-    for g, x in zip(grads, inputs):
-        if g is not None and create_graph:
-            names.setdefault(id(g), f"d{root_labels[0]}/d{label(x)}")
-    for s, rl in zip(seeds, root_labels):
-        if create_graph and id(s) in numbers:
-            names.setdefault(id(s), f"seed d{rl}/d{rl}")
-
-    # Which step recorded each backward op (create_graph): walk back from each step's gx,
-    # stopping at ops already known; what is new was recorded by this step's rule (or by the
-    # engine adding up two gradients for its input). Sums made after the last rule (two
-    # gradients of one leaf) count for the last step.
-    created: dict[int, int] = {}
+    # What is drawn: the tensors' graph and, with create_graph, the gradients' graphs.
+    drawn = roots + ([g for g in grads if g is not None] if create_graph else [])
+    nodes = _graph.functions(drawn)
+    names = _Names(nodes, drawn, {**root_names, **_graph.param_names(params)})
+    root_labels = [names.label(r) for r in roots]
     if create_graph:
-        known = set(forward_ids)
-        drawn_ids = set(op_key)
-        for s, (_, _, gxs) in enumerate(recorder.calls, start=1):
-            for fn in _graph.functions([g for g in gxs if isinstance(g, Tensor)]):
-                if id(fn) not in known and id(fn) in drawn_ids:
-                    created[id(fn)] = s
-                    known.add(id(fn))
-        for fn in nodes:
-            if id(fn) not in known:
-                created[id(fn)] = len(recorder.calls)
+        for g, x in zip(grads, inputs):
+            if g is not None:
+                names.name(g, f"d{root_labels[0]}/d{names.label(x)}")
+        for s, rl in zip(seeds, root_labels):
+            names.name(s, f"seed d{rl}/d{rl}")
+    forward_ids = {id(fn) for fn in forward_nodes}
+    recorded_at = _recorded_at(recorder.calls, nodes, forward_ids) if create_graph else {}
 
-    node_list, edge_list = _graph_data(nodes, drawn_roots, numbers, names, created, forward_ids)
-
-    # A leaf is known by its node id (or "input<i>" when it is not in the drawing).
-    leaf_keys = {id(x): key(x) if id(x) in numbers else f"input{i}" for i, x in enumerate(inputs)}
-    steps, accumulated = [], {}
-    for s, (fn, gys, gxs) in enumerate(recorder.calls, start=1):
-        outputs = _graph.output_tensors(fn)
-        gy = [
-            {"tensor": key(y) if y is not None and id(y) in numbers else None,
-             "label": label(y) if y is not None else "(freed)",
-             **_value(g, max_values)}
-            for y, g in zip(outputs, gys)
-        ]  # fmt: skip
-        gx, changed = [], {}
-        for i, (x, g) in enumerate(zip(fn.inputs, gxs)):
-            needed = g is not None and fn.needs_input_grad[i]
-            entry = {"tensor": key(x) if id(x) in numbers else None, "label": label(x)}
-            if needed:
-                entry.update(_value(g, max_values))
-                if id(x) in leaf_keys:
-                    a = to_numpy(g.data).astype(np.float64)
-                    accumulated[id(x)] = accumulated[id(x)] + a if id(x) in accumulated else a
-                    changed[leaf_keys[id(x)]] = _value(accumulated[id(x)], max_values)
-            gx.append({**entry, "needed": needed})
-        args = ", ".join(label(x) for x in fn.inputs)
-        outs = ", ".join(label(y) if y is not None else "(freed)" for y in outputs)
-        steps.append(
-            {
-                "index": s,
-                "op": fn.op_name(),
-                "node": op_key.get(id(fn)),
-                "call": f"{outs} = {fn.op_name()}({args})",
-                "formula": _graph.formula(type(fn)),
-                "generation": fn.generation,
-                "gy": gy,
-                "gx": gx,
-                "leaf_grads": changed,
-                "new_ops": sorted(
-                    (op_key[i] for i, st in created.items() if st == s), key=lambda k: int(k[2:])
-                ),
-            }
-        )
-
+    drawing = _drawing(nodes, drawn, names, recorded_at, forward_ids)
+    leaf_keys = {
+        id(x): names.key(x) if names.drawn(x) else f"input{i}" for i, x in enumerate(inputs)
+    }
     return {
         "create_graph": bool(create_graph),
-        "nodes": node_list,
-        "edges": edge_list,
-        "width": max((n["x"] + n["w"] / 2 for n in node_list), default=0) + 16,
-        "height": max((n["y"] + n["h"] / 2 for n in node_list), default=0) + 16,
+        **drawing,
         "roots": [
-            {"tensor": key(r), "label": rl, "seed": _value(s, max_values)}
+            {"tensor": names.key(r), "label": rl, "seed": _value(s, max_values)}
             for r, s, rl in zip(roots, seeds, root_labels)
         ],
         "leaves": [
             {
                 "key": leaf_keys[id(x)],
-                "tensor": key(x) if id(x) in numbers else None,
-                "label": label(x) if id(x) in numbers else f"input {i}",
+                "tensor": names.key(x) if names.drawn(x) else None,
+                "label": names.label(x) if names.drawn(x) else f"input {i}",
                 "shape": list(x.shape),
                 "grad": None if g is None else _value(g, max_values),
             }
             for i, (x, g) in enumerate(zip(inputs, grads))
         ],
-        "steps": steps,
+        "steps": _steps(recorder.calls, names, leaf_keys, recorded_at, max_values),
     }
 
 
 class _Recorder(Trace):
-    """A trace that also keeps each rule's node and gradient tensors (not only copies)."""
+    """A trace that also keeps each rule's node and gradient tensors (not only norms)."""
 
     def __init__(self):
         super().__init__(keep_grads=False)
-        self.calls: list[tuple] = []
+        self.calls: list[tuple] = []  # (fn, gys, gxs) for each rule, in the engine's order
 
     def _record(self, fn, gys, gxs, seconds: float) -> None:
         super()._record(fn, gys, gxs, seconds)
         self.calls.append((fn, tuple(gys), gxs if isinstance(gxs, tuple) else (gxs,)))
+
+
+class _Names:
+    """Keys (``t<k>``, numbered as ``to_dot`` numbers them) and labels of the drawn tensors."""
+
+    def __init__(self, nodes, roots, names: dict):
+        self.numbers = _graph.number_tensors(nodes, roots)
+        self.names = dict(names)
+        self.op_keys = {id(fn): f"op{k}" for k, fn in enumerate(nodes)}
+
+    def drawn(self, t) -> bool:
+        return t is not None and id(t) in self.numbers
+
+    def key(self, t) -> str | None:
+        return f"t{self.numbers[id(t)]}" if self.drawn(t) else None
+
+    def label(self, t) -> str:
+        if t is None:
+            return "(freed)"
+        if not self.drawn(t):
+            return "(tensor outside the graph)"
+        return self.names.get(id(t)) or t.name or self.key(t)
+
+    def name(self, t, name: str) -> None:
+        """Name ``t`` unless the user already did."""
+        if self.drawn(t):
+            self.names.setdefault(id(t), name)
 
 
 def _seeds(roots, grad_outputs) -> list:
@@ -275,40 +232,101 @@ def _seeds(roots, grad_outputs) -> list:
     return [s if isinstance(s, Tensor) else Tensor(np.asarray(s)) for s in seeds]
 
 
-# --- the graph: nodes, layers, layout -----------------------------------------------------
+def _recorded_at(calls, nodes, forward_ids) -> dict[int, int]:
+    """``{id(op): step}`` for the ops a ``create_graph=True`` pass recorded.
+
+    Walking back from a step's ``gx`` and stopping at the ops already known, what is
+    new was recorded by this step's rule (or by the engine adding two gradients of the
+    rule's output). Sums made after the last rule (two gradients of one leaf) count for
+    the last step.
+    """
+    drawn = {id(fn) for fn in nodes}
+    known = set(forward_ids)
+    step_of: dict[int, int] = {}
+    for step, (_, _, gxs) in enumerate(calls, start=1):
+        for fn in _graph.functions([g for g in gxs if isinstance(g, Tensor)]):
+            if id(fn) not in known and id(fn) in drawn:
+                step_of[id(fn)] = step
+                known.add(id(fn))
+    for fn in nodes:
+        if id(fn) not in known:
+            step_of[id(fn)] = len(calls)
+    return step_of
 
 
-def _graph_data(nodes, roots, numbers, names, created, forward_ids):
-    """The drawn nodes (with their boxes) and edges (with their SVG paths)."""
+def _steps(calls, names: _Names, leaf_keys: dict, recorded_at: dict, max_values: int) -> list:
+    """One record per backward rule, and the leaves' gradients summed as the steps go."""
+    new_ops: dict[int, list] = {}
+    for op_id, step in recorded_at.items():
+        new_ops.setdefault(step, []).append(names.op_keys[op_id])
+    steps, summed = [], {}
+    for step, (fn, gys, gxs) in enumerate(calls, start=1):
+        outputs = _graph.output_tensors(fn)
+        gy = [
+            {"tensor": names.key(y), "label": names.label(y), **_value(g, max_values)}
+            for y, g in zip(outputs, gys)
+        ]
+        gx, changed = [], {}
+        for i, (x, g) in enumerate(zip(fn.inputs, gxs)):
+            entry = {"tensor": names.key(x), "label": names.label(x)}
+            entry["needed"] = g is not None and bool(fn.needs_input_grad[i])
+            if entry["needed"]:
+                entry.update(_value(g, max_values))
+                if id(x) in leaf_keys:
+                    a = to_numpy(g.data).astype(np.float64)
+                    summed[id(x)] = summed[id(x)] + a if id(x) in summed else a
+                    changed[leaf_keys[id(x)]] = _value(summed[id(x)], max_values)
+            gx.append(entry)
+        args = ", ".join(names.label(x) for x in fn.inputs)
+        outs = ", ".join(names.label(y) for y in outputs)
+        steps.append(
+            {
+                "index": step,
+                "op": fn.op_name(),
+                "node": names.op_keys.get(id(fn)),
+                "call": f"{outs} = {fn.op_name()}({args})",
+                "formula": _graph.formula(type(fn)),
+                "generation": fn.generation,
+                "gy": gy,
+                "gx": gx,
+                "leaf_grads": changed,
+                "new_ops": sorted(new_ops.get(step, []), key=lambda k: int(k[2:])),
+            }
+        )
+    return steps
+
+
+# --- the drawing: nodes, layers, layout ---------------------------------------------------
+
+
+def _drawing(nodes, roots, names: _Names, recorded_at: dict, forward_ids: set) -> dict:
+    """The drawn nodes (with their boxes), edges (with their SVG paths) and the size."""
     root_ids = {id(t) for t in roots}
-    tensors: dict[str, object] = {}
-    info: dict[str, dict] = {}
+    info: dict[str, dict] = {}  # key -> the node's record
+    tensors: dict[str, object] = {}  # key -> tensor
     edges: list[tuple] = []  # (src key, dst key, input index or None)
 
     def tensor_node(t, step: int) -> str:
-        k = f"t{numbers[id(t)]}"
-        if k not in tensors:
+        k = names.key(t)
+        if k not in info:
             tensors[k] = t
-            lines = tensor_label(t, k, names)
-            info[k] = {"id": k, "kind": "tensor", "role": tensor_role(t, root_ids), "label": lines}
-            info[k]["step"] = step
+            label = tensor_label(t, k, names.names)
+            info[k] = {"id": k, "kind": "tensor", "role": tensor_role(t, root_ids)}
+            info[k].update(label=label, step=step)
         return k
 
-    layer: dict[str, int] = {}
-    for j, fn in enumerate(nodes):
-        k = f"op{j}"
-        step = created.get(id(fn), 0)
-        backward = id(fn) not in forward_ids
+    for fn in nodes:
+        k = names.op_keys[id(fn)]
+        step = recorded_at.get(id(fn), 0)
         info[k] = {
             "id": k,
             "kind": "op",
-            "role": "backward-op" if backward else "op",
+            "role": "op" if id(fn) in forward_ids else "backward-op",
             "label": [fn.op_name()],
             "formula": _graph.formula(type(fn)),
             "generation": fn.generation,
             "step": step,
         }
-        layer[k] = 2 * fn.generation + 1
         ins = _graph.input_edges(fn)
         for i, (x, _) in enumerate(ins):
             if x is None:
@@ -316,82 +334,91 @@ def _graph_data(nodes, roots, numbers, names, created, forward_ids):
                     f"html: {fn.op_name()}'s input {i} was freed by an earlier backward pass; "
                     "build the graph again (or pass retain_graph=True to that backward)"
                 )
-            src = tensor_node(x, step)
-            edges.append((src, k, i if len(ins) > 1 else None))
+            edges.append((tensor_node(x, step), k, i if len(ins) > 1 else None))
         for y in _graph.output_tensors(fn):
             if y is not None:
                 dst = tensor_node(y, step)
-                info[dst]["step"] = step
+                info[dst]["step"] = step  # a tensor appears with the op that made it
                 edges.append((k, dst, None))
     for t in roots:
         tensor_node(t, 0)
 
-    # Tensors made by an op sit one layer below it (2 * generation); a leaf sits just above
-    # its first consumer, so that parameters are drawn next to where they are used.
+    consumers: dict[str, list] = {k: [] for k in info}
+    for src, dst, _ in edges:
+        consumers[src].append(dst)
+    layer = _layers(nodes, names, tensors, consumers)
     for k, t in tensors.items():
-        if t.grad_fn is not None:
-            layer[k] = 2 * t.generation
-    for k, t in tensors.items():
-        if t.grad_fn is None:
-            consumers = [layer[dst] for src, dst, _ in edges if src == k]
-            layer[k] = min(consumers) - 1 if consumers else 0
-            # A leaf first used by a backward op of a later step appears with it.
-            steps = [info[dst]["step"] for src, dst, _ in edges if src == k]
-            info[k]["step"] = min(steps) if steps else 0
-    # Number the used layers consecutively (no empty rows).
-    rank = {lv: r for r, lv in enumerate(sorted(set(layer.values())))}
-    layer = {k: rank[lv] for k, lv in layer.items()}
+        if t.grad_fn is None and consumers[k]:  # a leaf appears with its first consumer
+            info[k]["step"] = min(info[c]["step"] for c in consumers[k])
 
     size = {}
     for k, n in info.items():
         width = max(len(s) for s in n["label"]) * CHAR_WIDTH
         size[k] = (width + 18, TENSOR_HEIGHT) if n["kind"] == "tensor" else (width + 30, OP_HEIGHT)
-    order = sorted(info, key=lambda k: (layer[k], _number(k)))
+    order = sorted(info, key=lambda k: (layer[k], k[0] == "t", int(k.lstrip("top"))))
     lay = layered_layout(order, [(s, d) for s, d, _ in edges], layer, size)
 
-    node_list = []
-    for k in order:
-        w, h = lay.size[k]
-        node_list.append(
-            {**info[k], "layer": layer[k], "x": lay.x[k], "y": lay.y[k], "w": w, "h": h}
-        )
-    # Edges leave a box spread along its bottom (in the order of where they go) and reach an
-    # op spread along its top in argument order, so that ``a - b`` shows which is which.
+    node_list = [
+        {**info[k], "layer": layer[k], "x": lay.x[k], "y": lay.y[k], "w": lay.size[k][0],
+         "h": lay.size[k][1]}
+        for k in order
+    ]  # fmt: skip
+    return {
+        "nodes": node_list,
+        "edges": _edges(edges, lay),
+        "width": lay.width,
+        "height": lay.height,
+    }
+
+
+def _layers(nodes, names: _Names, tensors: dict, consumers: dict) -> dict[str, int]:
+    """Rows by generation: an op of generation g in row 2g + 1, the tensors it makes in
+    2g + 2 (their generation is g + 1); a leaf just above its first consumer, so that a
+    parameter is drawn next to where it is used. Empty rows are dropped."""
+    layer = {names.op_keys[id(fn)]: 2 * fn.generation + 1 for fn in nodes}
+    for k, t in tensors.items():
+        if t.grad_fn is not None:
+            layer[k] = 2 * t.generation
+    for k, t in tensors.items():
+        if t.grad_fn is None:
+            layer[k] = min((layer[c] for c in consumers[k]), default=1) - 1
+    rank = {lv: r for r, lv in enumerate(sorted(set(layer.values())))}
+    return {k: rank[lv] for k, lv in layer.items()}
+
+
+def _edges(edges: list[tuple], lay) -> list[dict]:
+    """Each edge's SVG path. Edges leave a box spread along its bottom (in the order of
+    where they go) and reach an op spread along its top in argument order, so that
+    ``a - b`` shows which input is which."""
+    outgoing: dict = {}
+    incoming: dict = {}
+    for e, (src, dst, _) in enumerate(edges):
+        outgoing.setdefault(src, []).append(e)
+        incoming[dst] = incoming.get(dst, 0) + 1
     start_dx = {}
-    for k in order:
-        out = sorted(
-            (e for e in range(len(edges)) if edges[e][0] == k), key=lambda e: lay.routes[e][1][0]
-        )
-        spread = min(14.0, lay.size[k][0] * 0.6 / max(len(out), 1))
+    for src, out in outgoing.items():
+        out.sort(key=lambda e: lay.routes[e][1][0])  # by where the edge goes next
+        spread = min(14.0, lay.size[src][0] * 0.6 / len(out))
         for j, e in enumerate(out):
             start_dx[e] = (j - (len(out) - 1) / 2) * spread
-    edge_list = []
-    for e, ((src, dst, idx), route) in enumerate(zip(edges, lay.routes)):
-        n_in = sum(1 for _, d, _ in edges if d == dst)
-        end_dx = (
-            0.0
-            if idx is None
-            else (idx - (n_in - 1) / 2) * min(16.0, lay.size[dst][0] / (n_in + 1))
-        )
-        pts = (
-            [(route[0][0] + start_dx[e], route[0][1])]
-            + route[1:-1]
-            + [(route[-1][0] + end_dx, route[-1][1])]
-        )
-        edge_list.append(
+    result = []
+    for e, ((src, dst, index), route) in enumerate(zip(edges, lay.routes)):
+        n_in = incoming[dst]
+        end_dx = 0.0
+        if index is not None:
+            end_dx = (index - (n_in - 1) / 2) * min(16.0, lay.size[dst][0] / (n_in + 1))
+        (x0, y0), (x1, y1) = route[0], route[-1]
+        points = [(x0 + start_dx[e], y0), *route[1:-1], (x1 + end_dx, y1)]
+        result.append(
             {
                 "src": src,
                 "dst": dst,
-                "label": idx,
-                "d": _path(pts, lay.size[src], lay.size[dst]),
-                "end": [pts[-1][0], pts[-1][1] - lay.size[dst][1] / 2],
+                "label": index,
+                "d": _path(points, lay.size[src], lay.size[dst]),
+                "end": [x1 + end_dx, y1 - lay.size[dst][1] / 2],
             }
         )
-    return node_list, edge_list
-
-
-def _number(k: str) -> int:
-    return int(k.lstrip("top"))
+    return result
 
 
 def _path(points, src_size, dst_size) -> str:
