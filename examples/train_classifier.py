@@ -13,12 +13,12 @@ each epoch (15 drawings per character are few, and a shifted character is the sa
     python examples/train_classifier.py --epochs 10 --out runs/a         # 10 epochs, then
     python examples/train_classifier.py --resume runs/a/checkpoint.npz   # the other 20
 
-The data is read from ``../shared/data/omniglot`` next to the checkout, ``$TINYMETA_DATA``
-or ``--data DIR`` (the folder holding ``images_background_small1.zip``). ``--out`` receives
-``metrics.json`` and ``checkpoint.npz`` (model and optimizer state, epoch, history), written
-after every epoch, so an interrupted run can be resumed too. Shuffling and shifts come from a
-generator seeded by ``(seed, epoch)``, so a resumed run ends with exactly the weights of a run
-that was never stopped (on the same machine and BLAS thread count).
+The data is read from ``--data DIR`` or ``$TINYMETA_DATA`` (the folder holding
+``images_background_small1.zip``), else from the cache (``~/.cache/tinymeta/omniglot``).
+``--out`` receives ``metrics.json`` and ``checkpoint.npz`` (model and optimizer state, epoch,
+history), written after every epoch, so an interrupted run can be resumed too. Shuffling and
+shifts come from a generator seeded by ``(seed, epoch)``, so a resumed run ends with exactly the
+weights of a run that was never stopped (on the same machine and BLAS thread count).
 """
 
 from __future__ import annotations
