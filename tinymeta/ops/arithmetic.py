@@ -194,14 +194,16 @@ def promote(a, b, true_divide: bool = False) -> tuple:
     Only tensors of a lower category are cast: they cannot require grad, so the cast is a
     constant. Float tensors of different widths are left to NumPy (which widens, as PyTorch).
     """
+    # The common cases first, decided without calls: this runs before every binary op.
     if type(a) is Tensor:
-        kind = a.data.dtype.kind
         if type(b) is Tensor:
-            if a.data.dtype == b.data.dtype and (kind in "fc" or not true_divide):
-                return a, b  # the common case, decided without calls
-        elif kind in "fc" and type(b) in (int, float):
+            dtype = a.data.dtype
+            # `is`: NumPy's built-in dtypes are singletons (a mismatch takes the full path)
+            if dtype is b.data.dtype and (not true_divide or dtype.kind in "fc"):
+                return a, b
+        elif (type(b) is float or type(b) is int) and a.data.dtype.kind in "fc":
             return a, b
-    elif type(b) is Tensor and b.data.dtype.kind in "fc" and type(a) in (int, float):
+    elif (type(a) is float or type(a) is int) and type(b) is Tensor and b.data.dtype.kind in "fc":
         return a, b
     dtype = promoted_dtype((a, b), true_divide)
     return _cast_lower(a, dtype), _cast_lower(b, dtype)
