@@ -85,6 +85,16 @@ UNARY = [
         [-1.0, 1.0, -inf, inf],
         [[-1, 1, -1, 1], [1, 1, 0, 0], CONST],
     ),
+    # elementwise ties: each side takes half the gradient (PyTorch's maximum/minimum too)
+    ("maximum with a tie", lambda x: tm.maximum(x[0], x[1]), [1.0, 1.0], [1.0, [0.5, 0.5], CONST]),
+    ("minimum with a tie", lambda x: tm.minimum(x[0], x[1]), [2.0, 2.0], [2.0, [0.5, 0.5], CONST]),
+    # the branch not taken may hold inf: its gradient is a 0 from the mask, not 0 * inf
+    (
+        "where with inf in the branch not taken",
+        lambda x: tm.where(np.array([True, False]), x, 0.0),
+        [1.0, inf],
+        [[1.0, 0.0], [1.0, 0.0], CONST],
+    ),
     # ties split the gradient evenly (PyTorch's max()/amax do the same)
     ("max with ties", lambda x: x.max(), [1.0, 3.0, 3.0], [3.0, [0, 0.5, 0.5], CONST]),
     ("max with inf ties", lambda x: x.max(), [inf, 1.0, inf], [inf, [0.5, 0, 0.5], CONST]),
