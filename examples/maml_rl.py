@@ -204,9 +204,7 @@ def train(phase: str, family, policy, args, inner_steps: int, first_order: bool,
     return {"params": params, **state}
 
 
-def load_phase(path: Path, policy, dtype) -> dict:
-    if not path.exists():
-        raise SystemExit(f"--baselines: {path} does not exist (run with --algo pretrained first)")
+def load_phase(path: Path, dtype) -> dict:
     saved = tm.load(path)
     return {k: tm.tensor(np.asarray(v, dtype=dtype)) for k, v in saved["params"].items()}
 
@@ -288,6 +286,13 @@ def save_figures(args, family, history, curves) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.baselines is not None:  # fail before training, not after it
+        for name in ("pretrained", "oracle"):
+            if not (args.baselines / f"{name}.npz").exists():
+                raise SystemExit(
+                    f"--baselines: {args.baselines / f'{name}.npz'} does not exist "
+                    "(run with --algo pretrained --out DIR first)"
+                )
     args.out.mkdir(parents=True, exist_ok=True)
     family = make_task_family(args.env, horizon=args.horizon)
     oracle_family = make_task_family(args.env, horizon=args.horizon, oracle=True)
@@ -296,17 +301,17 @@ def main(argv=None):
     dtype = np.dtype(args.dtype)
 
     inner = 0 if args.algo == "pretrained" else args.inner_steps
+    phase = "pretrained" if args.algo == "pretrained" else "policy"
     main_run = train(
-        "policy", family, policy, args, inner, args.algo == "fomaml",
-        (args.iterations, args.minutes),
-    )  # fmt: skip
+        phase, family, policy, args, inner, args.algo == "fomaml", (args.iterations, args.minutes)
+    )
     curves = {args.algo: (main_run["pre"], main_run["post"])}
     baseline_limits = (args.baseline_iterations, args.baseline_minutes)
     if args.baselines is not None:
-        pretrained = load_phase(args.baselines / "pretrained.npz", policy, dtype)
+        pretrained = load_phase(args.baselines / "pretrained.npz", dtype)
         if args.algo == "pretrained":
             pretrained = main_run["params"]
-        oracle = load_phase(args.baselines / "oracle.npz", oracle_policy, dtype)
+        oracle = load_phase(args.baselines / "oracle.npz", dtype)
     else:
         if args.algo == "pretrained":
             pretrained = main_run["params"]

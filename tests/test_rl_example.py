@@ -1,0 +1,81 @@
+"""examples/maml_rl.py end to end on a tiny budget: metrics keys, checkpoint and --resume."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinymeta as tm
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "maml_rl.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("maml_rl_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = [
+    "--meta-batch", "2", "--rollouts", "2", "--horizon", "6", "--hidden", "4",
+    "--baseline-iterations", "1", "--eval-tasks", "3", "--quiet",
+]  # fmt: skip
+
+
+def test_help_lists_the_issue_options(capsys):
+    example = load_example()
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--env", "--algo", "--meta-batch", "--rollouts", "--horizon", "--inner-lr",
+        "--inner-steps", "--iterations", "--minutes", "--eval-tasks", "--seed", "--out",
+        "--resume",
+    ):  # fmt: skip
+        assert flag in text
+    assert "cheetah-dir" in text and "fomaml" in text and "pretrained" in text
+
+
+def test_metrics_and_resume(tmp_path):
+    example = load_example()
+    metrics = example.main(TINY + ["--iterations", "2", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for key in (
+        "env", "algo", "iterations", "seconds", "returns", "returns_ci95",
+        "pretrained_returns", "random_returns", "oracle_return",
+    ):  # fmt: skip
+        assert key in saved
+    assert saved["env"] == "navigation" and saved["algo"] == "maml"
+    assert saved["iterations"] == 2
+    for key in ("returns", "returns_ci95", "pretrained_returns", "random_returns"):
+        assert set(saved[key]) == {"0", "1", "2", "3"}
+    assert saved["returns"] == metrics["returns"]
+    assert all(np.isfinite(v) and v < 0 for v in saved["returns"].values())  # minus distances
+    checkpoint = tm.load(tmp_path / "policy.npz")
+    assert checkpoint["iteration"] == 2 and len(checkpoint["post"]) == 2
+    first = checkpoint["params"]["l0.weight"].copy()
+
+    resumed = example.main(TINY + ["--iterations", "3", "--out", str(tmp_path), "--resume"])
+    assert resumed["iterations"] == 3
+    checkpoint = tm.load(tmp_path / "policy.npz")
+    assert checkpoint["iteration"] == 3 and len(checkpoint["pre"]) == 3
+    assert not np.array_equal(checkpoint["params"]["l0.weight"], first)
+
+
+def test_pretrained_run_feeds_baselines(tmp_path):
+    example = load_example()
+    pre = tmp_path / "pre"
+    example.main(TINY + ["--algo", "pretrained", "--iterations", "1", "--out", str(pre)])
+    assert (pre / "pretrained.npz").exists() and (pre / "oracle.npz").exists()
+    assert not (pre / "policy.npz").exists()
+    out = tmp_path / "maml"
+    metrics = example.main(TINY + ["--iterations", "1", "--baselines", str(pre), "--out", str(out)])
+    assert not (out / "pretrained.npz").exists() and not (out / "oracle.npz").exists()
+    reused = json.loads((pre / "metrics.json").read_text())
+    assert metrics["oracle_return"] == reused["oracle_return"]  # same policy, same eval seed
+    with pytest.raises(SystemExit, match="pretrained.npz"):
+        example.main(TINY + ["--baselines", str(tmp_path / "none"), "--out", str(out)])
