@@ -233,6 +233,17 @@ def mpi_raise() -> dict:
     return {}
 
 
+def mpi_exit() -> dict:
+    """Rank 1 exits with status 3 (as argparse's errors do) while rank 0 waits for it."""
+    rank, _ = dist.init()
+    if rank == 1:
+        print(f"EXITING AT {time.time()}", flush=True)
+        sys.exit(3)
+    dist.barrier()
+    time.sleep(60)  # never reached: mpiexec ends this rank when rank 1 exits
+    return {}
+
+
 @needs_mpi
 def test_collectives_and_meta_gradients_under_mpiexec():
     found = findings(launch(2, __file__, "collectives"))
@@ -264,6 +275,16 @@ def test_a_rank_that_raises_ends_the_whole_job_with_its_error():
     assert "uncaught exception on rank 1" in run.stderr, output
     (raised,) = (float(line.split()[-1]) for line in run.stdout.splitlines() if "RAISING" in line)
     assert ended - raised < 10, output  # an abort, not the barrier's endless wait
+
+
+@needs_mpi
+def test_a_rank_that_exits_with_an_error_status_ends_the_whole_job():
+    run = launch(2, __file__, "exit", timeout=120)
+    ended = time.time()
+    output = run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 3, output
+    (exited,) = (float(line.split()[-1]) for line in run.stdout.splitlines() if "EXITING" in line)
+    assert ended - exited < 10, output
 
 
 def load_sinusoid_example():
@@ -338,7 +359,7 @@ def test_omniglot_checkpoint_of_two_ranks_resumes_with_one_and_with_two(tmp_path
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-CHECKS = {"collectives": mpi_collectives, "raise": mpi_raise}
+CHECKS = {"collectives": mpi_collectives, "raise": mpi_raise, "exit": mpi_exit}
 
 if __name__ == "__main__":
     result = CHECKS[sys.argv[1]]()
