@@ -286,6 +286,12 @@ def test_pow_rule_against_finite_differences(a, b):
     check_grads(lambda x, y: x**y, [np.array([a, 1.1]), np.array([b, 0.3])], order=2)
 
 
+def test_pow_at_zero_base_against_finite_differences():
+    # integer exponents: a ** b is defined on both sides of a = 0, so finite differences in a
+    # and b are too; they confirm the masked first derivatives (0 in b, b * a ** (b - 1) in a)
+    check_grads(lambda x, y: x**y, [np.array([0.0, 0.0, 0.5]), np.array([2.0, 3.0, 2.0])], order=1)
+
+
 def test_linear_with_no_input_features():
     # (N, 0) @ (0, out)^T = zeros; before, the weight gradient failed reshaping an empty array
     x = tm.tensor(np.zeros((2, 0)), requires_grad=True)
