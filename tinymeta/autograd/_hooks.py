@@ -15,7 +15,8 @@ that watching costs one ``is not None`` check when nobody watches:
 Several instruments can be active at once (and nested); this module keeps
 the list and sets the two hooks from it. ``refresh()`` runs on every enter
 and exit, so the hooks are None again as soon as the last instrument exits,
-exception or not.
+exception or not. The instruments import this module, never the reverse: an
+instrument hands in what the hooks should call when it is entered.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from tinymeta.autograd import engine as _engine
 
 # Active Trace objects (tinymeta.autograd.trace), outermost first.
 tracers: list = []
-# How many detect_anomaly() blocks are open.
-anomaly_depth = 0
+# One (check_forward, check_backward) pair per open detect_anomaly() block
+# (tinymeta.autograd.anomaly), innermost last.
+anomaly_checks: list = []
 # The Functions whose backward rule is running now, innermost last: an op
 # applied while this is not empty is part of a backward rule.
 rules_running: list = []
@@ -52,10 +54,8 @@ class _Watcher:
         # Record first, so that a trace also holds the step that anomaly mode rejects.
         for tr in tracers:
             tr._record(fn, gys, gxs, seconds)
-        if anomaly_depth:
-            from tinymeta.autograd import anomaly
-
-            anomaly.check_backward(fn, gys, gxs)
+        if anomaly_checks:
+            anomaly_checks[-1][1](fn, gys, gxs)
         return gxs
 
 
@@ -64,7 +64,5 @@ WATCHER = _Watcher()
 
 def refresh() -> None:
     """Set the engine's hooks from what is active now (None when nothing is)."""
-    from tinymeta.autograd import anomaly
-
-    _engine._backward_hook = WATCHER if (tracers or anomaly_depth) else None
-    _function._forward_hook = anomaly.check_forward if anomaly_depth else None
+    _engine._backward_hook = WATCHER if (tracers or anomaly_checks) else None
+    _function._forward_hook = anomaly_checks[-1][0] if anomaly_checks else None

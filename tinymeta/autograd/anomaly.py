@@ -75,12 +75,12 @@ class detect_anomaly:
     """
 
     def __enter__(self) -> detect_anomaly:
-        _hooks.anomaly_depth += 1
+        _hooks.anomaly_checks.append((check_forward, check_backward))
         _hooks.refresh()
         return self
 
     def __exit__(self, *exc) -> bool:
-        _hooks.anomaly_depth -= 1
+        _hooks.anomaly_checks.pop()
         _hooks.refresh()
         return False
 
