@@ -110,17 +110,20 @@ def worker(args) -> dict:
 
     rows = []
     for i in range(args.warmup + args.iterations):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         batch = sampler.sample_batch(ex.meta_batch)
         drawn = time.perf_counter()
         stats = mo.share_gradients(model, rule, batch, ex, first_order=False)
-        computed = time.perf_counter()
+        computed, cpu_computed = time.perf_counter(), time.process_time()
         mo.sum_over_ranks(model, rule, [*stats, 0.0])
-        reduced = time.perf_counter()
+        reduced, cpu_reduced = time.perf_counter(), time.process_time()
         outer.step()
-        stepped = time.perf_counter()
+        stepped, cpu_stepped = time.perf_counter(), time.process_time()
         if i >= args.warmup:
-            rows.append([stepped - start, drawn - start, computed - drawn, reduced - computed])
+            # The CPU time outside the all-reduce (a waiting rank polls: its CPU time there
+            # is not work).
+            cpu = (cpu_computed - cpu_start) + (cpu_stepped - cpu_reduced)
+            rows.append([stepped - start, drawn - start, computed - drawn, reduced - computed, cpu])
     # Every rank's rows, for the slowest rank's compute (a rank's all-reduce time includes
     # waiting for the others).
     everyone = MPI.COMM_WORLD.allgather(rows) if size > 1 else [rows]
@@ -134,6 +137,7 @@ def worker(args) -> dict:
         "draw": [r[1] for r in rows],
         "compute": [max(rs[i][2] for rs in everyone) for i in range(len(rows))],
         "reduce_and_wait": [r[3] for r in rows],
+        "cpu_outside_reduce": [max(rs[i][4] for rs in everyone) for i in range(len(rows))],
         "parameters": floats,
         "buffer_bytes": buffer_bytes,
         "header_bytes": 16,
@@ -213,15 +217,24 @@ def report(results: dict, args) -> dict:
             "draw": [statistics.median(x["draw"]) for x in launches],
             "reduce_and_wait": [statistics.median(x["reduce_and_wait"]) for x in launches],
             "iteration": [statistics.median(x["iteration"]) for x in launches],
+            "cpu_outside_reduce": [statistics.median(x["cpu_outside_reduce"]) for x in launches],
         }
         lines.append(f"R={ranks}: meta-iterations/s {median_and_range(its)}")
     summary = {"per_rank": per_rank}
     if 1 in per_rank:
         base = statistics.median(per_rank[1]["iterations_per_second"])
-        for ranks in per_rank:
+        for ranks in [r for r in per_rank if r != 1]:
             ratio = statistics.median(per_rank[ranks]["iterations_per_second"]) / base
             summary[f"speedup_{ranks}"] = ratio
             lines.append(f"speed-up R={ranks} over R=1 (medians): {ratio:.2f}x")
+            if len(per_rank[ranks]["iteration"]) == len(per_rank[1]["iteration"]):
+                # Each launch over the R=1 launch just before it: drifts in the load cancel.
+                paired = [
+                    one / many
+                    for one, many in zip(per_rank[1]["iteration"], per_rank[ranks]["iteration"])
+                ]
+                summary[f"paired_speedup_{ranks}"] = paired
+                lines.append(f"  paired ratios of launches: {median_and_range(paired)}")
     first = next(iter(results.values()))[0]
     n_bytes = first["buffer_bytes"]
     lines.append(
@@ -241,6 +254,19 @@ def report(results: dict, args) -> dict:
             summary[key + "_ms"] = ms
             lines.append(f"{label}, R={multi[0]['ranks']}: {median_and_range(ms)} ms")
     if 1 in per_rank and multi:
+        # On a loaded machine the elapsed-time ratio measures the scheduler's shares too; the
+        # CPU time a rank spends outside the all-reduce does not depend on the load (much).
+        ranks = multi[0]["ranks"]
+        cpu_one = statistics.median(per_rank[1]["cpu_outside_reduce"])
+        cpu_many = statistics.median(per_rank[ranks]["cpu_outside_reduce"])
+        reduce = statistics.median(x["all_reduce_grads"] for x in multi)
+        estimate = cpu_one / (cpu_many + reduce)
+        summary[f"cpu_time_speedup_{ranks}"] = estimate
+        lines.append(
+            f"CPU time per iteration outside the all-reduce: R=1 {1e3 * cpu_one:.0f} ms, "
+            f"R={ranks} {1e3 * cpu_many:.0f} ms (slowest rank); with one all_reduce_grads_ "
+            f"added, the speed-up on {ranks} otherwise idle cores would be {estimate:.2f}x"
+        )
         summary["projection"] = projection(per_rank, multi, n_bytes, lines, args)
     return summary, lines
 
