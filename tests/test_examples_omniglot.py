@@ -158,6 +158,12 @@ def test_other_algorithms(omniglot_example, algo, tmp_path):
     assert bool(ckpt["rule"]) == (algo == "metasgd")  # Meta-SGD's learned rates are saved
 
 
+def test_workers_flag_is_gone_mpiexec_replaces_it(omniglot_example):
+    with pytest.raises(SystemExit):
+        omniglot_example.parse_args(TINY + ["--workers", "2"])
+    assert not hasattr(omniglot_example, "Workers")
+
+
 @pytest.mark.parametrize("algo", ["maml", "anil", "metasgd", "reptile"])
 def test_vectorized_and_looped_meta_batches_give_the_same_meta_gradient(omniglot_example, algo):
     """The default task-vectorized meta-batch (batched convolutions, per-task BatchNorm) gives
