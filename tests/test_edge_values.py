@@ -302,3 +302,18 @@ def test_linear_with_no_input_features():
     gx, gw, gb = tm.grad(y.sum(), [x, w, b])
     assert gx.shape == (2, 0) and gw.shape == (3, 0)
     np.testing.assert_array_equal(gb.numpy(), [2.0, 2.0, 2.0])
+
+
+def test_gradcheck_fails_on_a_nan_gradient():
+    # a nan analytic gradient used to pass the directional check (nan > tol is False)
+    from tinymeta.function import Function
+
+    class NanGrad(Function):
+        def forward(self, x):
+            return x * 1.0
+
+        def backward(self, gy):
+            return gy * float("nan")
+
+    with pytest.raises(AssertionError):
+        check_grads(lambda x: NanGrad.apply(x), [np.array([1.0, 2.0])], order=1)

@@ -140,7 +140,8 @@ def gradcheck(
         minus = _project(fn, _shifted(inputs, i, -delta), vs)
         numeric_dir = (plus - minus) / (2 * eps)
         analytic_dir = float(np.sum(g * u))
-        if abs(analytic_dir - numeric_dir) > atol + rtol * abs(numeric_dir):
+        # `not <=`: a nan on either side must fail, and `nan > tol` is False
+        if not abs(analytic_dir - numeric_dir) <= atol + rtol * abs(numeric_dir):
             numeric = _elementwise_numeric(fn, inputs, i, vs, eps)
             if np.allclose(g, numeric, atol=atol, rtol=rtol):  # directional noise only
                 continue
