@@ -16,11 +16,12 @@ from tinymeta.function import Function
 from tinymeta.grad_mode import no_grad
 from tinymeta.nn.batchnorm import BatchNormLayout, batch_norm_train
 from tinymeta.nn.conv import Conv2d, pair
-from tinymeta.ops.elementwise import exp
+from tinymeta.nn.softmax_xent import softmax_cross_entropy
 from tinymeta.ops.elementwise import relu as _relu
 from tinymeta.ops.reductions import mean as _mean
 from tinymeta.ops.reductions import sum as _sum
 from tinymeta.ops.shape import broadcast_to, expand_dims, reshape, sum_to_array
+from tinymeta.ops.softmax import log_softmax, softmax
 from tinymeta.tensor import Tensor, constant
 
 __all__ = [
@@ -504,68 +505,6 @@ def relu(x) -> Tensor:
     return _relu(x)
 
 
-class Softmax(Function):
-    """y = exp(x - max x) / sum exp(x - max x);  gx = y * (gy - sum(gy * y))."""
-
-    saves_inputs = False
-    saves_output = True
-
-    def __init__(self, axis: int):
-        self.axis = axis
-
-    def forward(self, x):
-        if x.shape[self.axis] == 0:
-            return x.copy()  # nothing to normalise (and max has no identity)
-        # Shifting by the max changes nothing mathematically and keeps exp from overflowing.
-        e = self.xp.exp(x - x.max(axis=self.axis, keepdims=True))
-        e /= e.sum(axis=self.axis, keepdims=True)
-        return e
-
-    def backward(self, gy):
-        y = self.output  # a differentiable function of x: higher orders go through it
-        return y * (gy - _sum(gy * y, self.axis, keepdims=True))
-
-
-class LogSoftmax(Function):
-    """y = x - logsumexp(x);  gx = gy - exp(y) * sum(gy)."""
-
-    saves_inputs = False
-    saves_output = True
-
-    def __init__(self, axis: int):
-        self.axis = axis
-
-    def forward(self, x):
-        if x.shape[self.axis] == 0:
-            return x.copy()  # nothing to normalise (and max has no identity)
-        # logsumexp(x) = m + log sum exp(x - m) with m = max x: exp never overflows.
-        shifted = x - x.max(axis=self.axis, keepdims=True)
-        shifted -= self.xp.log(self.xp.exp(shifted).sum(axis=self.axis, keepdims=True))
-        return shifted
-
-    def backward(self, gy):
-        # softmax = exp(y): reading it from the output keeps the rule differentiable.
-        return gy - exp(self.output) * _sum(gy, self.axis, keepdims=True)
-
-
-def _axis(x: Tensor, axis: int, op: str) -> int:
-    if not -x.ndim <= axis < max(x.ndim, 1) or x.ndim == 0:
-        raise ValueError(f"{op}: axis {axis} is out of range for a tensor of shape {x.shape}")
-    return axis % x.ndim
-
-
-def softmax(x, axis: int = -1) -> Tensor:
-    """y = exp(x) / sum(exp(x)) along ``axis``, computed with the max-shift for stability."""
-    x = _tensor(x, "softmax", "x")
-    return Softmax.apply(x, axis=_axis(x, axis, "softmax"))
-
-
-def log_softmax(x, axis: int = -1) -> Tensor:
-    """y = x - logsumexp(x) along ``axis``, computed with the max-shift for stability."""
-    x = _tensor(x, "log_softmax", "x")
-    return LogSoftmax.apply(x, axis=_axis(x, axis, "log_softmax"))
-
-
 # --- losses ----------------------------------------------------------------------------------
 
 
@@ -634,9 +573,6 @@ def cross_entropy(logits, labels, reduction: str = "mean") -> Tensor:
     Float32/float64 logits take one fused op (tinymeta.nn.softmax_xent: a kernel forward and
     backward, exact at every order); other dtypes go through log_softmax.
     """
-    # Imported here: softmax_xent builds on this module's softmax.
-    from tinymeta.nn.softmax_xent import softmax_cross_entropy
-
     logits = _tensor(logits, "cross_entropy", "logits")
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: expected (N, C) logits, got shape {logits.shape}")

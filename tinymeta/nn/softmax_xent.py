@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from tinymeta import kernels
 from tinymeta.function import Function
-from tinymeta.nn.functional import softmax
 from tinymeta.ops.reductions import sum as _sum
 from tinymeta.ops.shape import reshape
+from tinymeta.ops.softmax import softmax
 from tinymeta.tensor import constant
 
 
