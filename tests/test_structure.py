@@ -1,0 +1,210 @@
+"""The package's structure: every module imports on its own, and the dependencies that should
+run one way do.
+
+Importing a module first (before anything else of tinymeta) is what a user's
+``import tinymeta.nn.softmax_xent`` or a spawned worker does; a module that only works when
+another was imported before it fails there. The import graph is read from the source with
+``ast``: every ``import`` statement counts, at module level or inside a function, because a
+lazy import that papers over a cycle still makes the two modules depend on each other.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import tinymeta
+from tinymeta import kernels
+
+
+def _package_modules() -> dict[str, str]:
+    """{module name: source path} for every module of tinymeta, tinymeta.kernels included
+    (shipped from the kernels/ folder: wherever it lies, its package says)."""
+    roots = [
+        ("tinymeta", os.path.dirname(tinymeta.__file__)),
+        ("tinymeta.kernels", os.path.dirname(kernels.__file__)),
+    ]
+    modules = {}
+    for prefix, root in roots:
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = [d for d in subfolders if d != "__pycache__" and d != "kernels"]
+            for f in files:
+                if not f.endswith(".py"):
+                    continue
+                parts = os.path.relpath(os.path.join(folder, f), root)[: -len(".py")].split(os.sep)
+                if parts[-1] == "__init__":
+                    parts = parts[:-1]
+                modules[".".join([prefix, *parts])] = os.path.join(folder, f)
+    return modules
+
+
+MODULES = _package_modules()
+
+
+def test_the_module_list_is_complete():
+    # The walk finds the modules that the other tests rely on, kernels included.
+    for name in (
+        "tinymeta",
+        "tinymeta.tensor",
+        "tinymeta.autograd.engine",
+        "tinymeta.kernels",
+        "tinymeta.kernels.reference",
+        "tinymeta.nn.functional",
+        "tinymeta.ops.softmax",
+    ):
+        assert name in MODULES, name  # fmt: skip
+    assert len(MODULES) > 50
+
+
+# --- every module imported first, in a fresh interpreter ------------------------------------
+
+_IMPORT_EACH_FIRST = textwrap.dedent(
+    """
+    import importlib, json, sys, traceback
+    failures, missing = {}, {}
+    for name in json.loads(sys.argv[1]):
+        for loaded in [m for m in sys.modules if m == "tinymeta" or m.startswith("tinymeta.")]:
+            del sys.modules[loaded]
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and not e.name.startswith("tinymeta"):
+                missing[name] = e.name  # an optional third-party dependency
+            else:
+                failures[name] = traceback.format_exc(limit=-3)
+        except Exception:
+            failures[name] = traceback.format_exc(limit=-3)
+    print(json.dumps({"failures": failures, "missing": missing}))
+    """
+)
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    names = sorted(MODULES)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH_FIRST, json.dumps(names)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["failures"] == {}, "\n".join(
+        f"{name}:\n{tb}" for name, tb in report["failures"].items()
+    )
+    # Only optional extras may be missing, and never for the core of the package.
+    core = [n for n in report["missing"] if n.startswith(("tinymeta.nn", "tinymeta.ops"))]
+    assert core == [], report["missing"]
+
+
+# --- the import graph -----------------------------------------------------------------------
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(name: str, path: str) -> set[str]:
+    """The tinymeta modules that ``name`` imports anywhere in its source (not under
+    ``if TYPE_CHECKING:``), each as the deepest module the statement names; the top package
+    ``tinymeta`` itself is left out (every submodule's import runs it first)."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    named = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            named.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x, from .reference import y
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            for alias in node.names:  # "from package import module" names the module
+                named.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    deps = set()
+    for target in named:
+        while target and target not in MODULES:
+            target = target.rpartition(".")[0]
+        if target and target not in (name, "tinymeta"):
+            deps.add(target)
+    return deps
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _reaches(start: str, goal: str) -> list[str] | None:
+    """An import chain from ``start`` to ``goal`` (module names), or None."""
+    parents, frontier = {start: None}, [start]
+    while frontier:
+        nxt = []
+        for m in frontier:
+            for dep in sorted(GRAPH[m]):
+                if dep not in parents:
+                    parents[dep] = m
+                    nxt.append(dep)
+        frontier = nxt
+    if goal not in parents:
+        return None
+    chain = [goal]
+    while chain[-1] != start:
+        chain.append(parents[chain[-1]])
+    return chain[::-1]
+
+
+def test_the_graph_reader_sees_imports_at_every_level(tmp_path):
+    # A lazy import inside a function and a relative import both count; TYPE_CHECKING not.
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from tinymeta.ops import shape\n"
+        "if TYPE_CHECKING:\n"
+        "    from tinymeta.nn import functional\n"
+        "def f():\n"
+        "    from tinymeta.autograd.engine import backward\n"
+        "    from . import reference\n"
+    )
+    deps = _imports("tinymeta.kernels.fake", str(source))
+    assert deps == {"tinymeta.ops.shape", "tinymeta.autograd.engine", "tinymeta.kernels.reference"}
+    assert _reaches("tinymeta.autograd.anomaly", "tinymeta.autograd._hooks") is not None
+
+
+# The pairs issue 16 names: each dependency must run one way (STYLE.md, "One-way
+# dependencies"): a chain of imports may lead from one to the other, never back.
+ONE_WAY_PAIRS = [
+    pytest.param(
+        "tinymeta.tensor",
+        "tinymeta.autograd.engine",
+        id="tensor-engine",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="Tensor.backward imports the engine lazily, and the engine imports Tensor: "
+            "being reworked with the engine (issue 16, item 5)",
+        ),
+    ),
+    pytest.param("tinymeta.autograd._hooks", "tinymeta.autograd.anomaly", id="hooks-anomaly"),
+    pytest.param("tinymeta.nn.functional", "tinymeta.nn.softmax_xent", id="functional-xent"),
+]
+
+
+@pytest.mark.parametrize("a, b", ONE_WAY_PAIRS)
+def test_no_import_cycle_between(a, b):
+    there, back = _reaches(a, b), _reaches(b, a)
+    assert there is None or back is None, (
+        f"import cycle: {' -> '.join(there)} and {' -> '.join(back)}"
+    )
