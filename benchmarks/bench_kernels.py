@@ -8,11 +8,11 @@ fresh process, with an empty Numba cache (the compile time) and again with it wa
 target is under 2 s); (b) batch norm forward + backward (and a double backward, as
 second-order MAML runs it) on W2 shapes, fused against the composed formula it replaced, and
 for the double backward also the fused forward/backward with the second derivatives from
-composed ops (their rule before the double-backward kernel, still used when a graph is
-recorded); (b2) cross-entropy, the fused op against log_softmax + nll_loss, on W2/W3 logits;
-(c) each kernel under Numba against its vectorized NumPy reference; with ``--w2``,
-(d) W2's second-order meta-iteration (bench_w2_cpu.py), looped and task-vectorized, with the
-batch-norm double backward fused and composed. Medians in ms.
+tinymeta ops (the kernel's rule run on tensors, as when a graph is recorded); (b2)
+cross-entropy, the fused op against log_softmax + nll_loss, on W2/W3 logits; (c) each kernel
+under Numba against its vectorized NumPy reference; with ``--w2``, (d) W2's second-order
+meta-iteration (bench_w2_cpu.py), looped and task-vectorized, with the batch-norm double
+backward fused and composed. Medians in ms.
 """
 
 from __future__ import annotations
@@ -134,21 +134,19 @@ def composed_batch_norm(x, w, b, eps=1e-5):
 
 
 class ComposedSecondDerivatives:
-    """Within this context the batch-norm gradient nodes differentiate themselves with their
-    composed-op rule even with grad mode off (what they did before the double-backward kernel).
+    """Within this context the batch-norm gradient nodes take their second derivatives from
+    tinymeta ops (the rule they record when a graph is being recorded) even with grad mode off,
+    instead of from the double-backward kernel.
     """
 
     def __enter__(self):
         from tinymeta.nn import batchnorm
 
-        self.saved = {}
-        for node in (batchnorm.BatchNormGradInput, batchnorm.BatchNormGradWeight):
-            self.saved[node] = node.backward
-            node.backward = node.composed_backward
+        self.module, self.saved = batchnorm, batchnorm.is_grad_enabled
+        batchnorm.is_grad_enabled = lambda: True  # what _second_derivatives asks; ops still see off
 
     def __exit__(self, *exc):
-        for node, backward in self.saved.items():
-            node.backward = backward
+        self.module.is_grad_enabled = self.saved
         return False
 
 

@@ -21,7 +21,7 @@ def _array_module(a):
 
 def _per_channel(a):
     """A (T, C) array as (T, 1, C, 1), to broadcast against a (T, N, C, S) array."""
-    return a[:, None, :, None]
+    return a.reshape(a.shape[0], 1, a.shape[1], 1)
 
 
 # --- batch normalisation over (T, N, C, S): statistics per (task t, channel c) ---------------
@@ -74,29 +74,47 @@ def bn_double_backward(gy, x, mean, inv_std, weight, ggx, ggw, ggb, need_gy=True
         g_x  = -w s^2 (m_B P(A) + m_A P(B) + c xhat) + s ggw P(B)
         g_w  = s n c
 
-    ``ggx`` may be None (zero); ``weight``, ``ggw``, ``ggb`` are (T, C). Returns g_gy and g_x
-    (T, N, C, S), each None unless needed, and g_w (T, C).
+    ``ggx``, ``ggw`` and ``ggb`` may be None (zero); ``weight``, ``ggw``, ``ggb``, ``mean`` and
+    ``inv_std`` are (T, C). Returns g_gy and g_x (T, N, C, S), each None unless needed, and
+    g_w (T, C).
+
+    This is the one place the rule is written. Besides arrays it runs on tinymeta tensors
+    (it uses only operators and the ``mean`` and ``reshape`` methods): tinymeta/nn/batchnorm.py
+    records it from differentiable ops when the second derivatives must be differentiated
+    again. The Numba kernel is tested against it.
     """
     n = x.shape[1] * x.shape[3]
-    s, w = _per_channel(inv_std), _per_channel(weight)
+    s = _per_channel(inv_std)
     xhat = (x - _per_channel(mean)) * s
 
     def project(v):
-        m_v = _per_channel((v * xhat).mean(axis=(1, 3)))
-        return v - _per_channel(v.mean(axis=(1, 3))) - xhat * m_v, m_v
+        m_v = (v * xhat).mean(axis=(1, 3), keepdims=True)
+        return v - v.mean(axis=(1, 3), keepdims=True) - xhat * m_v, m_v
 
     p_b, m_b = project(gy)
-    g_gy = _per_channel(ggw) * xhat + _per_channel(ggb) if need_gy else None
-    g_x = s * _per_channel(ggw) * p_b if need_x else None
-    if ggx is None:
-        return g_gy, g_x, _array_module(x).zeros_like(inv_std)
-    p_a, m_a = project(ggx)
-    c = (ggx * p_b).mean(axis=(1, 3))
-    if need_gy:
-        g_gy = g_gy + w * s * p_a
-    if need_x:
-        g_x = g_x - w * s * s * (m_b * p_a + m_a * p_b + _per_channel(c) * xhat)
-    return g_gy, g_x, inv_std * n * c
+    g_gy = g_x = None
+    g_w = 0.0 * inv_std
+    if ggx is not None:
+        p_a, m_a = project(ggx)
+        c = (ggx * p_b).mean(axis=(1, 3), keepdims=True)
+        ws = _per_channel(weight) * s
+        g_gy = ws * p_a if need_gy else None
+        g_x = -ws * s * (m_b * p_a + m_a * p_b + c * xhat) if need_x else None
+        g_w = inv_std * n * c.reshape(inv_std.shape)
+    if ggw is not None:
+        ggw = _per_channel(ggw)
+        if need_gy:
+            g_gy = ggw * xhat if g_gy is None else g_gy + ggw * xhat
+        if need_x:
+            g_x = s * ggw * p_b if g_x is None else g_x + s * ggw * p_b
+    if ggb is not None and need_gy:
+        ggb = _per_channel(ggb)
+        g_gy = ggb + 0.0 * xhat if g_gy is None else g_gy + ggb
+    if need_gy and g_gy is None:
+        g_gy = 0.0 * xhat
+    if need_x and g_x is None:
+        g_x = 0.0 * xhat
+    return g_gy, g_x, g_w
 
 
 # --- max-pooling with the arg-max of every window ---------------------------------------------

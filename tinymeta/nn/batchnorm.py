@@ -13,11 +13,12 @@ reference on a GPU) instead of the dozen small ops the formula takes when compos
 backward is one more kernel call that computes gx, gw and gb together. Each of the three
 gradients is then recorded as its own single-output node (BatchNormGradInput, ...Weight,
 ...Bias) holding the kernel's value: the engine can free any one of them that nobody uses.
-Their backward rules (the second derivatives) take one more kernel call when nobody will
-differentiate them again (grad mode off, as in the outer backward of second-order MAML); when a
-graph is being recorded (create_graph=True: third order and beyond) they are written with
-differentiable tinymeta ops around Standardize(x) = xhat and InvStd(x) = inv_std, two more
-fused ops whose backward rules use each other, so every higher derivative is exact too.
+Their backward rules (the second derivatives) are written once, as the kernel reference
+``bn_double_backward``: one kernel call when nobody will differentiate them again (grad mode
+off, as in the outer backward of second-order MAML); when a graph is being recorded
+(create_graph=True: third order and beyond) the same function runs on tensors, with the
+statistics from differentiable ops (the mean, and InvStd(x) = inv_std, a fused op whose
+backward uses Standardize(x) = xhat and vice versa), so every higher derivative is exact too.
 
 The second derivatives, with P(v) = v - mean(v) - xhat * mean(v * xhat) (self-adjoint; the
 Jacobian of xhat is inv_std * P), so that gx = w * inv_std * P(gy), and for incoming
@@ -39,7 +40,6 @@ from tinymeta.function import Function
 from tinymeta.grad_mode import is_grad_enabled
 from tinymeta.ops.reductions import keepdims_shape
 from tinymeta.ops.reductions import mean as _mean
-from tinymeta.ops.reductions import sum as _sum
 from tinymeta.ops.shape import broadcast_to, reshape, sum_to
 from tinymeta.tensor import Tensor
 
@@ -194,26 +194,53 @@ class BatchNormTrain(Function):
 # that nobody uses, and it cannot build the zero gradient of a freed output.
 
 
-def _fused_second_derivatives(node, gy, x, w, ggx=None, ggw=None):
-    """The double-backward kernel on the node's arrays: (ggy, gx', gw') tensors, gw' (T, C).
+def _second_derivatives(node, gy, x, w, ggx=None, ggw=None):
+    """(ggy, gx', gw') of <ggx, gx> + <ggw, gw>: ggy and gx' in x's shape (None unless needed),
+    gw' summed to w's shape (None without w or unless needed). The rule is written once, as
+    ``kernels.reference.bn_double_backward``.
 
-    Only for grad mode off: its results are constants, so nothing may differentiate them.
+    With grad mode off (the outer backward of second-order MAML) it is one kernel call on the
+    arrays (Numba on the CPU), whose results are constants; benchmarks/PROFILE.md (Kernels)
+    measures what the fused kernel saves. When a graph is recorded (third order and beyond) the
+    same rule runs on tensors, with the statistics of x from differentiable ops (its mean and
+    InvStd), so every higher derivative is exact.
     """
     layout = node.layout
     need_gy, need_x = node.needs_input_grad[:2]
-    g_gy, g_x, g_w = kernels.bn_double_backward(
-        layout.to_kernel(gy.data),
-        layout.to_kernel(x.data),
-        *node.stats,
-        weight=None if w is None else w.data,
-        ggx=None if ggx is None else layout.to_kernel(ggx.data),
-        ggw=None if ggw is None else ggw.data,
-        need_gy=need_gy,
-        need_x=need_x,
-    )
-    g_gy = Tensor._wrap(layout.from_kernel(g_gy)) if need_gy else None
-    g_x = Tensor._wrap(layout.from_kernel(g_x)) if need_x else None
-    return g_gy, g_x, Tensor._wrap(g_w)
+    t, c = layout.kernel_shape[0], layout.kernel_shape[2]
+    if is_grad_enabled():
+        x4 = reshape(x, layout.kernel_shape)
+        g_gy, g_x, g_w = kernels.reference.bn_double_backward(
+            reshape(gy, layout.kernel_shape),
+            x4,
+            _mean(x4, (1, 3)),
+            reshape(inv_std_of(x, layout, node.eps), (t, c)),
+            None if w is None else broadcast_to(reshape(w, (-1, c)), (t, c)),
+            ggx=None if ggx is None else reshape(ggx, layout.kernel_shape),
+            ggw=ggw,
+            ggb=None,
+            need_gy=need_gy,
+            need_x=need_x,
+        )
+        g_gy = reshape(g_gy, layout.shape) if need_gy else None
+        g_x = reshape(g_x, layout.shape) if need_x else None
+    else:
+        g_gy, g_x, g_w = kernels.bn_double_backward(
+            layout.to_kernel(gy.data),
+            layout.to_kernel(x.data),
+            *node.stats,
+            weight=None if w is None else w.data,
+            ggx=None if ggx is None else layout.to_kernel(ggx.data),
+            ggw=None if ggw is None else ggw.data,
+            need_gy=need_gy,
+            need_x=need_x,
+        )
+        g_gy = Tensor._wrap(layout.from_kernel(g_gy)) if need_gy else None
+        g_x = Tensor._wrap(layout.from_kernel(g_x)) if need_x else None
+        g_w = Tensor._wrap(g_w)
+    if w is None or not node.needs_input_grad[2]:
+        return g_gy, g_x, None
+    return g_gy, g_x, sum_to(g_w, w.shape)  # per (task, channel): a shared weight sums the tasks
 
 
 class BatchNormGradInput(Function):
@@ -225,8 +252,7 @@ class BatchNormGradInput(Function):
         gx' = through xhat and inv_std, with
               g_xhat = -w * inv_std * (ggx * mean(gy * xhat) + gy * mean(ggx * xhat))
               g_inv_std = w * q
-    (the module docstring has them expanded): one kernel call with grad mode off, composed
-    differentiable ops when the graph is recorded.
+    (the module docstring has them expanded; ``_second_derivatives`` computes them).
     """
 
     def __init__(self, layout: BatchNormLayout, eps: float, stats, value):
@@ -237,34 +263,7 @@ class BatchNormGradInput(Function):
 
     def backward(self, ggx):
         gy, x, w = self.inputs
-        if not is_grad_enabled():
-            g_gy, g_x, g_w = _fused_second_derivatives(self, gy, x, w, ggx=ggx)
-            if self.needs_input_grad[2]:  # (T, C) per task; a weight shared by the tasks sums
-                g_w = Tensor._wrap(g_w.data.sum(axis=0) if w.ndim == 1 else g_w.data)
-            return g_gy, g_x, g_w if self.needs_input_grad[2] else None
-        return self.composed_backward(ggx)
-
-    def composed_backward(self, ggx):
-        """The same derivatives from differentiable ops (exact at every higher order)."""
-        gy, x, w = self.inputs
-        layout, axes = self.layout, self.layout.axes
-        xhat, inv_std = standardize(x, layout, self.eps), inv_std_of(x, layout, self.eps)
-        w_b = reshape(w, layout.param_shape(w.shape))
-        need_gy, need_x, need_w = self.needs_input_grad
-        g_gy = g_x = g_w = None
-        if need_gy:
-            g_gy = w_b * inv_std * _project(ggx, xhat, axes)
-        if need_x or need_w:
-            q = _sum(ggx * _project(gy, xhat, axes), axes, keepdims=True)
-        if need_x:
-            g_xhat = (-w_b * inv_std) * (
-                ggx * _mean(gy * xhat, axes, keepdims=True)
-                + gy * _mean(ggx * xhat, axes, keepdims=True)
-            )
-            g_x = _xhat_vjp(xhat, inv_std, g_xhat, w_b * q, layout)
-        if need_w:
-            g_w = reshape(sum_to(inv_std * q, w_b.shape), w.shape)
-        return g_gy, g_x, g_w
+        return _second_derivatives(self, gy, x, w, ggx=ggx)
 
 
 class BatchNormGradWeight(Function):
@@ -278,22 +277,8 @@ class BatchNormGradWeight(Function):
         return self.value
 
     def backward(self, ggw):
-        if not is_grad_enabled():
-            gy, x = self.inputs
-            return _fused_second_derivatives(self, gy, x, None, ggw=ggw)[:2]
-        return self.composed_backward(ggw)
-
-    def composed_backward(self, ggw):
-        """The same derivatives from differentiable ops (exact at every higher order)."""
         gy, x = self.inputs
-        ggw = reshape(ggw, self.layout.stat_shape)
-        need_gy, need_x = self.needs_input_grad
-        xhat = standardize(x, self.layout, self.eps)
-        g_gy = ggw * xhat if need_gy else None
-        g_x = None
-        if need_x:
-            g_x = _xhat_vjp(xhat, inv_std_of(x, self.layout, self.eps), ggw * gy, None, self.layout)
-        return g_gy, g_x
+        return _second_derivatives(self, gy, x, None, ggw=ggw)[:2]
 
 
 class BatchNormGradBias(Function):
