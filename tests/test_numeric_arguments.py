@@ -8,6 +8,7 @@ helper (tinymeta._checks) makes the rule and the wording the same everywhere.
 from __future__ import annotations
 
 import argparse
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from tinymeta._checks import (
     positive_float,
     positive_int,
 )
-from tinymeta.data import EpisodeSampler, SinusoidTasks
+from tinymeta.data import EpisodeSampler, SinusoidTasks, split_by_character
 from tinymeta.meta import (
     MAML,
     InnerSGD,
@@ -203,6 +204,20 @@ CASES = [
         -1,
         ValueError,
         "k",
+    ),
+    (
+        "split_by_character",
+        lambda v: split_by_character(SimpleNamespace(num_classes=5), v),
+        True,
+        TypeError,
+        "split_by_character: num_train",
+    ),
+    (
+        "split_by_character",
+        lambda v: split_by_character(SimpleNamespace(num_classes=5), v),
+        6,
+        ValueError,
+        "num_train must be an integer in [0, 5]",
     ),
     # layers
     ("Linear in_features", lambda v: nn.Linear(v, 2), 2.0, TypeError, "Linear: in_features"),

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinymeta._checks import check_int
+
 from ._rng import RngLike, as_generator
 
 CharacterKey = int | tuple[str, str]
@@ -202,8 +204,7 @@ def split_by_character(
     This is the split of the MAML / prototypical-network papers (e.g. 1200 training characters
     of the full set); alphabets may then appear on both sides.
     """
-    if not 0 <= num_train <= dataset.num_classes:
-        raise ValueError(f"num_train must be in 0..{dataset.num_classes}, got {num_train}")
+    num_train = check_int("num_train", num_train, "split_by_character", 0, dataset.num_classes)
     perm = as_generator(rng).permutation(dataset.num_classes)
     train, test = np.sort(perm[:num_train]), np.sort(perm[num_train:])
     return dataset.subset(characters=train.tolist()), dataset.subset(characters=test.tolist())
