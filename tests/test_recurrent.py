@@ -280,18 +280,20 @@ def test_layer_gradients_to_second_order(kind):
     assert check_grads(fn, [x, h0, c0, *weights[0], *weights[1]], order=2)
 
 
-def test_fused_graph_has_two_nodes_per_lstm_step():
-    layer = nn.LSTM(3, 4)
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_layer_is_one_node_and_its_backward_is_differentiable(kind):
+    layer = LAYERS[kind](3, 4)
     x = tm.tensor(np.random.default_rng(8).standard_normal((20, 2, 3)).astype(np.float32))
     out, _ = layer(x)
     from tinymeta.autograd import graph
 
     names = [type(fn).__name__ for fn in graph.functions(out)]
-    assert names.count("LSTMPointwise") == 20 and names.count("GateProduct") == 20
-    assert len(names) <= 2 * 20 + 6  # the projection, split, stack and a few adds
+    assert names.count("LSTMLayer" if kind == "lstm" else "GRULayer") == 1
+    assert len(names) <= 5  # the input projection, the layer, the split of its output
     (g,) = tm.grad(out.sum(), layer.weight_hh_l0, create_graph=True)
-    backward_names = {type(fn).__name__ for fn in graph.functions(g)}
-    assert "LSTMPointwiseGrad" in backward_names  # the fused backward, itself differentiable
+    fused = "LSTMPointwiseGrad" if kind == "lstm" else "GRUPointwiseGrad"
+    step_names = [type(fn).__name__ for fn in graph.functions(g)]
+    assert step_names.count(fused) == 20  # backprop through time: one fused node per step
 
 
 # --- task axis and functional_call -------------------------------------------------------------
@@ -375,34 +377,46 @@ def test_second_order_maml_meta_gradient_through_an_lstm_matches_finite_differen
 # --- memory ----------------------------------------------------------------------------------
 
 
-def test_200_step_backward_frees_the_graph():
+def _node_and_array_refs(roots):
+    from tinymeta.autograd import graph
+
+    nodes = graph.functions(roots)
+    arrays = [t.data for fn in nodes for t in fn.inputs if not t.is_leaf]
+    arrays += [fn.gates for fn in nodes if hasattr(fn, "gates")]  # LSTMLayer's gate buffer
+    return [weakref.ref(fn) for fn in nodes], [weakref.ref(a) for a in arrays]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_200_step_backward_frees_the_graph(order):
+    """After backward nothing of the graph survives (no reference cycles: gc is off), at first
+    order (one LSTMLayer node holding its gates) and at second order (the per-step backward
+    graph of create_graph)."""
     layer = nn.LSTM(4, 8, rng=np.random.default_rng(13))
     x = tm.tensor(np.random.default_rng(14).standard_normal((200, 3, 4)).astype(np.float32))
     gc.collect()
     gc.disable()
     try:
         out = layer(x)[0]  # (h_n, c_n) not kept: they would keep the graph's nodes alive
-        loss = out.sum()
-        from tinymeta.autograd import graph
-
-        nodes = graph.functions(loss)
-        saved = graph_memory(loss)
-        # At least the gates of every step (200 x 3 x 32 float32) are held for backward.
-        assert saved.total_bytes >= 200 * 3 * 32 * 4
-        node_refs = [weakref.ref(fn) for fn in nodes]
-        array_refs = [weakref.ref(t.data) for fn in nodes for t in fn.inputs if not t.is_leaf]
-        del nodes, out
+        loss = (out * out).sum()
+        if order == 2:
+            (g,) = tm.grad(loss, layer.weight_hh_l0, create_graph=True)
+            loss = (g * g).sum()
+        # At least the 200 steps' gates (3 x 32 float32 each) are kept for backward.
+        assert graph_memory(loss).total_bytes >= 200 * 3 * 32 * 4
+        node_refs, array_refs = _node_and_array_refs(loss)
+        del out
         loss.backward()
         del loss
+        if order == 2:
+            del g
         alive_nodes = sum(r() is not None for r in node_refs)
         alive_arrays = sum(r() is not None for r in array_refs)
     finally:
         gc.enable()
-    assert len(node_refs) > 400
+    assert len(node_refs) > (1000 if order == 2 else 3)
     assert alive_nodes == 0 and alive_arrays == 0
-    assert (
-        layer.weight_hh_l0.grad is not None and np.isfinite(layer.weight_hh_l0.grad.numpy()).all()
-    )
+    grad = layer.weight_hh_l0.grad.numpy()
+    assert np.isfinite(grad).all() and np.abs(grad).max() > 0
 
 
 # --- errors ----------------------------------------------------------------------------------

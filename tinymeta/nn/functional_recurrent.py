@@ -21,9 +21,17 @@ import numpy as np
 
 from tinymeta.backend import get_array_module
 from tinymeta.nn.functional import linear
-from tinymeta.nn.recurrent_ops import GateProduct, GRUPointwise, LSTMPointwise, stack, unbind
+from tinymeta.nn.recurrent_ops import (
+    GateProduct,
+    GRULayer,
+    GRUPointwise,
+    LSTMLayer,
+    LSTMPointwise,
+    stack,
+    unbind,
+)
 from tinymeta.ops.elementwise import relu, tanh
-from tinymeta.ops.shape import broadcast_to, expand_dims, reshape
+from tinymeta.ops.shape import broadcast_to, expand_dims, getitem, reshape, swapaxes
 from tinymeta.tensor import Tensor, constant
 
 __all__ = [
@@ -244,6 +252,12 @@ def _layer_states(op: str, name: str, h, num_layers: int, x: Tensor, hidden: int
     return list(unbind(h, axis))
 
 
+def _time_first(x: Tensor) -> Tensor:
+    """(T, L, ...) <-> (L, T, ...) for an input with a task axis (4-D); others as they are.
+    The layer ops run time-major with any batch axes after the time axis."""
+    return swapaxes(x, 0, 1) if x.ndim == 4 else x
+
+
 def lstm(x, hx, weights, batch_first: bool = False) -> tuple:
     """A multi-layer LSTM over a sequence: returns (output, (h_n, c_n)).
 
@@ -263,18 +277,14 @@ def lstm(x, hx, weights, batch_first: bool = False) -> tuple:
     for k, layer in enumerate(layers):
         if k:
             layer.check_input(f"{op} (layer {k})", x, 2)
-        steps = unbind(layer.input_part(x, layer.summed_bias()), x.ndim - 3)
-        shape = steps[0].shape[:-1] + (layer.hidden,)
+        gi = _time_first(layer.input_part(x, layer.summed_bias()))
+        shape = gi.shape[1:-1] + (layer.hidden,)
         h = _state(op, "h_0", hs0[k], shape, x)
         c = _state(op, "c_0", cs0[k], shape, x)
-        w_hh = layer.w_hh
-        outputs = []
-        for gi in steps:
-            h, c = LSTMPointwise.apply(GateProduct.apply(gi, h, w_hh), c)
-            outputs.append(h)
-        x = stack(outputs, x.ndim - 3)
-        h_n.append(h)
-        c_n.append(c)
+        hs, cs = unbind(LSTMLayer.apply(gi, h, c, layer.w_hh), 0)
+        h_n.append(getitem(hs, -1))
+        c_n.append(getitem(cs, -1))
+        x = _time_first(hs)  # back to x's layout (the swap is its own inverse)
     output = x.swapaxes(-3, -2) if batch_first else x
     axis = h_n[0].ndim - 2
     return output, (stack(h_n, axis), stack(c_n, axis))
@@ -291,14 +301,14 @@ def gru(x, hx, weights, batch_first: bool = False) -> tuple:
     for k, layer in enumerate(layers):
         if k:
             layer.check_input(f"{op} (layer {k})", x, 2)
-        steps = unbind(layer.input_part(x, layer.b_ih), x.ndim - 3)
-        h = _state(op, "h_0", hs0[k], steps[0].shape[:-1] + (layer.hidden,), x)
-        outputs = []
-        for gi in steps:
-            h = _gru_step(gi, h, layer)
-            outputs.append(h)
-        x = stack(outputs, x.ndim - 3)
-        h_n.append(h)
+        gi = _time_first(layer.input_part(x, layer.b_ih))
+        h = _state(op, "h_0", hs0[k], gi.shape[1:-1] + (layer.hidden,), x)
+        w, b = layer.w_hh, layer.b_hh
+        if layer.tasks is not None:
+            w, b = _matched(w, b, layer.tasks)
+        hs = GRULayer.apply(gi, h, w) if b is None else GRULayer.apply(gi, h, w, b)
+        h_n.append(getitem(hs, -1))
+        x = _time_first(hs)
     output = x.swapaxes(-3, -2) if batch_first else x
     return output, stack(h_n, h_n[0].ndim - 2)
 

@@ -14,11 +14,12 @@ GRU r, z, n), states (..., H); any leading axes (batch, task).
 
 from __future__ import annotations
 
-from tinymeta import kernels
+from tinymeta import grad_mode, kernels
 from tinymeta.function import Function
-from tinymeta.nn.functional import LinearGradInput, LinearGradWeight, _matmul
+from tinymeta.nn.functional import Linear, LinearGradInput, LinearGradWeight, _matmul
 from tinymeta.ops.elementwise import sigmoid, tanh
 from tinymeta.ops.shape import concatenate, getitem, sum_to
+from tinymeta.tensor import constant
 
 
 def _rows(a, width: int):
@@ -247,3 +248,132 @@ def stack(tensors, axis: int = 0):
     if len(shapes) != 1:
         raise ValueError(f"stack: expected tensors of one shape, got {sorted(shapes)}")
     return Stack.apply(*tensors, axis=axis % (tensors[0].ndim + 1))
+
+
+# --- whole layers -----------------------------------------------------------------------------
+
+
+def _grad_enabled() -> bool:
+    return grad_mode.is_grad_enabled()
+
+
+class LSTMLayer(Function):
+    """All L steps of one LSTM layer as one node: for t = 0..L-1,
+    (h_t, c_t) = LSTMPointwise(gi_t + h_{t-1} W^T, c_{t-1}); output y = (h, c) stacked,
+    shape (2, L, *B, H).
+
+    gi (L, *B, 4H) is the input part of the gates (x W_ih^T + b_ih + b_hh for the whole
+    sequence), h0, c0 (*B, H), W = w_hh (4H, H) or per task (T, 4H, H) with B = (T, N).
+
+    The forward runs the loop on arrays (one matrix product into a preallocated gate buffer
+    and one kernel per step) and keeps the gate pre-activations for the backward. The backward
+    is backpropagation through time written with the per-step ops (LSTMPointwiseGrad, Linear's
+    gradient ops) on tensors, so it is itself differentiable; the weight gradient is one
+    matrix product over all steps. Under ``create_graph`` the gates are recomputed as
+    GateProduct(gi_t, h_{t-1}, W), a function of the inputs; otherwise the kept ones are used
+    as constants (nothing is recorded then, and it saves L matrix products).
+    """
+
+    saves_output = True  # backward reads h and c from self.output
+
+    def forward(self, gi, h0, c0, w):
+        xp = self.xp
+        steps, h_size = gi.shape[0], h0.shape[-1]
+        width = gi.shape[-1]
+        # W^T laid out for row-major reads: BLAS is faster on it than on a transposed view.
+        wt = xp.ascontiguousarray(xp.swapaxes(w, -1, -2))
+        self.gates = gates = xp.empty(gi.shape, dtype=gi.dtype)
+        y = xp.empty((2,) + gi.shape[:-1] + (h_size,), dtype=gi.dtype)
+        h, c = h0, c0
+        for t in range(steps):
+            g = gates[t]
+            xp.matmul(h, wt, out=g)
+            g += gi[t]
+            h_new, c_new = kernels.lstm_pointwise_forward(
+                g.reshape(-1, width), c.reshape(-1, h_size)
+            )
+            y[0, t] = h_new.reshape(h0.shape)
+            y[1, t] = c_new.reshape(h0.shape)
+            h, c = y[0, t], y[1, t]
+        return y
+
+    def backward(self, gy):
+        gi, h0, c0, w = self.inputs
+        steps = gi.shape[0]
+        hs, cs = unbind(self.output, 0)
+        h_prev = [h0, *unbind(hs, 0)[:-1]]
+        c_prev = [c0, *unbind(cs, 0)[:-1]]
+        g_h, g_c = (unbind(g, 0) for g in unbind(gy, 0))
+        if _grad_enabled():  # a differentiable backward: the gates as functions of the inputs
+            gis = unbind(gi, 0)
+            gates = [GateProduct.apply(gis[t], h_prev[t], w) for t in range(steps)]
+        else:
+            gates = [constant(a) for a in self.gates]
+        dgates = [None] * steps
+        dh = dc = None
+        for t in reversed(range(steps)):
+            gh = g_h[t] if dh is None else g_h[t] + dh
+            gc = g_c[t] if dc is None else g_c[t] + dc
+            dgates[t], dc = LSTMPointwiseGrad.apply(gates[t], c_prev[t], gh, gc)
+            dh = LinearGradInput.apply(dgates[t], w, x_shape=h_prev[t].shape)
+        dg = stack(dgates, 0)
+        g_w = None
+        if self.needs_input_grad[3]:
+            g_w = LinearGradWeight.apply(stack(h_prev, 0), dg, w_shape=w.shape, with_bias=False)
+        return dg, dh, dc, g_w
+
+
+class GRULayer(Function):
+    """All L steps of one GRU layer as one node: h_t = GRUPointwise(gi_t, h_{t-1} W^T + b,
+    h_{t-1}); output the h_t stacked, (L, *B, H).
+
+    gi (L, *B, 3H) = x W_ih^T + b_ih for the whole sequence, h0 (*B, H), W = w_hh (3H, H) and
+    b = b_hh (3H,) (optional), or both per task. Forward and backward as LSTMLayer's: the
+    hidden products h_{t-1} W^T + b are kept for a first-order backward and recomputed with
+    Linear under ``create_graph``.
+    """
+
+    saves_output = True
+
+    def forward(self, gi, h0, w, b=None):
+        xp = self.xp
+        steps, width, h_size = gi.shape[0], gi.shape[-1], h0.shape[-1]
+        wt = xp.ascontiguousarray(xp.swapaxes(w, -1, -2))
+        self.hidden = hidden = xp.empty(gi.shape, dtype=gi.dtype)
+        y = xp.empty(gi.shape[:-1] + (h_size,), dtype=gi.dtype)
+        h = h0
+        for t in range(steps):
+            g = hidden[t]
+            xp.matmul(h, wt, out=g)
+            if b is not None:
+                g += b if b.ndim == 1 else b[..., None, :]
+            h_new = kernels.gru_pointwise_forward(
+                gi[t].reshape(-1, width), g.reshape(-1, width), h.reshape(-1, h_size)
+            )
+            y[t] = h_new.reshape(h0.shape)
+            h = y[t]
+        return y
+
+    def backward(self, gy):
+        gi, h0, w = self.inputs[:3]
+        b = self.inputs[3] if len(self.inputs) == 4 else None
+        steps = gi.shape[0]
+        h_prev = [h0, *unbind(self.output, 0)[:-1]]
+        gis, g_h = unbind(gi, 0), unbind(gy, 0)
+        if _grad_enabled():
+            hidden = [Linear.apply(h, w) if b is None else Linear.apply(h, w, b) for h in h_prev]
+        else:
+            hidden = [constant(a) for a in self.hidden]
+        dgi, dgh = [None] * steps, [None] * steps
+        dh = None
+        for t in reversed(range(steps)):
+            g = g_h[t] if dh is None else g_h[t] + dh
+            dgi[t], dgh[t], dh_direct = GRUPointwiseGrad.apply(gis[t], hidden[t], h_prev[t], g)
+            dh = dh_direct + LinearGradInput.apply(dgh[t], w, x_shape=h_prev[t].shape)
+        grads = [stack(dgi, 0), dh, None, None][: len(self.inputs)]
+        if any(self.needs_input_grad[2:]):
+            g_wb = LinearGradWeight.apply(
+                stack(h_prev, 0), stack(dgh, 0), w_shape=w.shape, with_bias=b is not None
+            )
+            grads[2:] = g_wb if b is not None else (g_wb,)
+        return tuple(grads)
