@@ -13,6 +13,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from tinymeta._checks import check_int
+
 __all__ = ["current_inner_step", "inner_step"]
 
 _STEP: ContextVar = ContextVar("tinymeta_inner_step", default=None)
@@ -21,8 +23,7 @@ _STEP: ContextVar = ContextVar("tinymeta_inner_step", default=None)
 @contextmanager
 def inner_step(step: int):
     """Run the body as inner step ``step`` (0 = the forward on the initial parameters)."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"inner_step: step must be a non-negative int, got {step!r}")
+    step = check_int("step", step, "inner_step", low=0)
     token = _STEP.set(step)
     try:
         yield

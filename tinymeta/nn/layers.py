@@ -200,9 +200,7 @@ class _BatchNorm(Module):
             momentum = check_real("momentum", momentum, name, low=0.0, high=1.0)
         self.momentum = momentum
         self.affine, self.track_running_stats = affine, track_running_stats
-        if per_step is not None and (isinstance(per_step, bool) or int(per_step) < 1):
-            raise ValueError(f"{type(self).__name__}: per_step must be >= 1, got {per_step!r}")
-        self.per_step = None if per_step is None else int(per_step)
+        self.per_step = None if per_step is None else check_int("per_step", per_step, name)
         rows = () if per_step is None else (self.per_step,)
         c = self.num_features
         if affine:
