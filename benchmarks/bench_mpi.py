@@ -17,12 +17,13 @@ the meta-gradient (packing, the layout check, the MPI call, unpacking), the bare
 
 The projection: a meta-iteration of B tasks on R ranks takes B d + s + ceil(B/R) c + A(R):
 every rank draws all B episodes (d each), s does not shrink with R (Adam's step), c is the
-compute per task (d, s, c measured with R = 1), and A(R) is a ring all-reduce of n bytes in
-the alpha-beta model, A(R) = 2 (R - 1) alpha + 2 (R - 1) / R * n * beta. It is evaluated with
-one task per rank (B = R), the speed-up being over one process running the same B tasks,
-for this machine's alpha and beta (shared memory, measured) and two stated networks; and
-again with each rank drawing only its own episodes (ceil(B/R) d: per-episode seeds, which the
-examples do not do yet), where the draws stop limiting the speed-up.
+compute per task (d, s and c are CPU times measured with R = 1: what an unshared core takes),
+and A(R) is a ring all-reduce of n bytes in the alpha-beta model,
+A(R) = 2 (R - 1) alpha + 2 (R - 1) / R * n * beta. It is evaluated with one task per rank
+(B = R), the speed-up being over one process running the same B tasks, for this machine's
+alpha and beta (shared memory, measured) and two stated networks; and again with each rank
+drawing only its own episodes (ceil(B/R) d: per-episode seeds, which the examples do not do
+yet), where the draws stop limiting the speed-up.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def worker(args) -> dict:
     for i in range(args.warmup + args.iterations):
         start, cpu_start = time.perf_counter(), time.process_time()
         batch = sampler.sample_batch(ex.meta_batch)
-        drawn = time.perf_counter()
+        drawn, cpu_drawn = time.perf_counter(), time.process_time()
         stats = mo.share_gradients(model, rule, batch, ex, first_order=False)
         computed, cpu_computed = time.perf_counter(), time.process_time()
         mo.sum_over_ranks(model, rule, [*stats, 0.0])
@@ -123,7 +124,10 @@ def worker(args) -> dict:
             # The CPU time outside the all-reduce (a waiting rank polls: its CPU time there
             # is not work).
             cpu = (cpu_computed - cpu_start) + (cpu_stepped - cpu_reduced)
-            rows.append([stepped - start, drawn - start, computed - drawn, reduced - computed, cpu])
+            rows.append(
+                [stepped - start, drawn - start, computed - drawn, reduced - computed, cpu]
+                + [cpu_drawn - cpu_start, cpu_computed - cpu_drawn]
+            )
     # Every rank's rows, for the slowest rank's compute (a rank's all-reduce time includes
     # waiting for the others).
     everyone = MPI.COMM_WORLD.allgather(rows) if size > 1 else [rows]
@@ -138,6 +142,8 @@ def worker(args) -> dict:
         "compute": [max(rs[i][2] for rs in everyone) for i in range(len(rows))],
         "reduce_and_wait": [r[3] for r in rows],
         "cpu_outside_reduce": [max(rs[i][4] for rs in everyone) for i in range(len(rows))],
+        "cpu_draw": [r[5] for r in rows],
+        "cpu_compute": [r[6] for r in rows],
         "parameters": floats,
         "buffer_bytes": buffer_bytes,
         "header_bytes": 16,
@@ -218,6 +224,8 @@ def report(results: dict, args) -> dict:
             "reduce_and_wait": [statistics.median(x["reduce_and_wait"]) for x in launches],
             "iteration": [statistics.median(x["iteration"]) for x in launches],
             "cpu_outside_reduce": [statistics.median(x["cpu_outside_reduce"]) for x in launches],
+            "cpu_draw": [statistics.median(x["cpu_draw"]) for x in launches],
+            "cpu_compute": [statistics.median(x["cpu_compute"]) for x in launches],
         }
         lines.append(f"R={ranks}: meta-iterations/s {median_and_range(its)}")
     summary = {"per_rank": per_rank}
@@ -272,14 +280,11 @@ def report(results: dict, args) -> dict:
 
 
 def projection(per_rank, multi, n_bytes, lines, args) -> dict:
+    # CPU times (R=1): what a dedicated core would take, whatever the machine's load.
     one = per_rank[1]
-    c = statistics.median(one["compute"]) / args.meta_batch
-    d = statistics.median(one["draw"]) / args.meta_batch
-    s = (
-        statistics.median(one["iteration"])
-        - statistics.median(one["compute"])
-        - d * args.meta_batch
-    )
+    c = statistics.median(one["cpu_compute"]) / args.meta_batch
+    d = statistics.median(one["cpu_draw"]) / args.meta_batch
+    s = statistics.median(one["cpu_outside_reduce"]) - (c + d) * args.meta_batch
     ranks = multi[0]["ranks"]
     alpha = statistics.median(x["mpi_allreduce_8_bytes"] for x in multi) / (2 * (ranks - 1))
     total = statistics.median(x["mpi_allreduce"] for x in multi)
@@ -290,9 +295,9 @@ def projection(per_rank, multi, n_bytes, lines, args) -> dict:
         **NETWORKS,
     }
     lines.append(
-        f"projection, one task per rank (B = R); measured with R=1: c = {1e3 * c:.1f} ms of "
-        f"compute per task, d = {1e3 * d:.2f} ms to draw an episode, s = {1e3 * s:.1f} ms for "
-        "the rest of an iteration:"
+        f"projection, one task per rank (B = R); CPU times measured with R=1: c = {1e3 * c:.1f} "
+        f"ms of compute per task, d = {1e3 * d:.2f} ms to draw an episode, s = {1e3 * s:.1f} "
+        "ms for the rest of an iteration:"
     )
     out = {"compute_per_task": c, "draw_per_task": d, "fixed_per_iteration": s, "networks": {}}
     for own_draws in (False, True):
