@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import tinymeta as tm
+import tinymeta.nn as nn
 from tinymeta.data import SinusoidTasks
 from tinymeta.meta import (
     MAML,
@@ -36,25 +37,6 @@ SIZES = (1, 5, 5, 1)
 LR = 0.1  # large enough that the second-order terms are far above the FD tolerance
 EPS = 1e-6
 RTOL, ATOL = 1e-5, 1e-8
-
-try:
-    from tinymeta import nn as _nn
-
-    HAVE_NN = all(
-        hasattr(_nn, name)
-        for name in (
-            "Linear",
-            "Conv2d",
-            "BatchNorm2d",
-            "ReLU",
-            "Flatten",
-            "Sequential",
-            "functional_call",
-        )
-    )
-except ImportError:  # pragma: no cover - depends on the state of tinymeta.nn
-    HAVE_NN = False
-needs_nn = pytest.mark.skipif(not HAVE_NN, reason="tinymeta.nn (modules, functional_call) missing")
 
 
 # --- a functional MLP, in tinymeta and in plain NumPy ---------------------------------------------
@@ -471,6 +453,42 @@ def test_multi_step_loss_is_the_weighted_sum_of_per_step_losses():
     assert_grads_close(meta_grads(got, params), fd_grad(reference, theta))
 
 
+@pytest.mark.parametrize("case", ["1-step", "multi-step-loss", "last-step-unweighted", "anil"])
+def test_maml_loss_returns_the_query_predictions_of_the_adapted_parameters(case):
+    steps = 1 if case == "1-step" else 3
+    weights = {"multi-step-loss": [0.2, 0.3, 0.5], "last-step-unweighted": [0.5, 0.5, 0.0]}
+    weights = weights.get(case)
+    keys = HEAD if case == "anil" else None
+    theta = init_mlp(seed=4)
+    (xs, ys), (xq, yq) = support, query = as_tensors(sinusoid_batch(num_tasks=3, seed=5))
+    forward = make_forward("relu")
+    results = {}
+    for vectorized in (True, False):
+        params = leaves(theta)
+        loss, predictions = maml_loss(
+            forward, params, support, query, mse, LR, steps, keys=keys, vectorized=vectorized,
+            step_weights=weights, return_predictions=True,
+        )  # fmt: skip
+        plain = maml_loss(
+            forward, params, support, query, mse, LR, steps, keys=keys, vectorized=vectorized,
+            step_weights=weights,
+        )  # fmt: skip
+        assert float(loss) == float(plain)  # asking for the predictions changes nothing
+        assert predictions.shape == yq.shape and predictions.requires_grad
+        results[vectorized] = predictions.numpy()
+        # The predictions are those of the parameters after the last inner step, task by task.
+        for t in range(len(xs)):
+            adapted = adapt(
+                lambda p, t=t: mse(forward(p, xs[t]), ys[t]), params, LR, steps, keys=keys
+            )
+            want = forward(adapted, xq[t]).numpy()
+            np.testing.assert_allclose(results[vectorized][t], want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(results[True], results[False], rtol=1e-10, atol=1e-12)
+    # ... and not those of the initial parameters.
+    before = np.stack([forward(leaves(theta), xq[t]).numpy() for t in range(len(xs))])
+    assert np.abs(results[True] - before).max() > 1e-3
+
+
 # --- 5. ANIL: only the head adapts; the body still gets a second-order meta-gradient --------------
 
 
@@ -594,12 +612,12 @@ def test_per_task_broadcasts_and_sums_gradients_back():
 
 def nn_mlp(seed=0, hidden=8):
     rng = np.random.default_rng(seed)
-    return _nn.Sequential(
-        _nn.Linear(1, hidden, dtype=tm.float64, rng=rng),
-        _nn.ReLU(),
-        _nn.Linear(hidden, hidden, dtype=tm.float64, rng=rng),
-        _nn.ReLU(),
-        _nn.Linear(hidden, 1, dtype=tm.float64, rng=rng),
+    return nn.Sequential(
+        nn.Linear(1, hidden, dtype=tm.float64, rng=rng),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden, dtype=tm.float64, rng=rng),
+        nn.ReLU(),
+        nn.Linear(hidden, 1, dtype=tm.float64, rng=rng),
     )
 
 
@@ -608,7 +626,6 @@ def one_task(seed=4, k_support=10, k_query=20):
     return tuple(tm.tensor(a[0]) for a in (xs, ys, xq, yq))
 
 
-@needs_nn
 def test_clone_equals_original():
     model = nn_mlp()
     maml = MAML(model, lr=0.01)
@@ -622,16 +639,15 @@ def test_clone_equals_original():
         np.testing.assert_array_equal(learner.params[k].numpy(), p.numpy())
     # A clone of an adapted learner carries its adapted parameters, independently.
     xs, ys, _, _ = one_task()
-    learner.adapt(_nn.functional.mse_loss(learner(xs), ys))
+    learner.adapt(nn.functional.mse_loss(learner(xs), ys))
     twin = learner.clone()
     np.testing.assert_array_equal(twin(x).numpy(), learner(x).numpy())
     assert not np.allclose(twin(x).numpy(), model(x).numpy())
-    twin.adapt(_nn.functional.mse_loss(twin(xs), ys))
+    twin.adapt(nn.functional.mse_loss(twin(xs), ys))
     assert learner.steps_taken == 1 and twin.steps_taken == 2
     assert not np.allclose(twin(x).numpy(), learner(x).numpy())
 
 
-@needs_nn
 @pytest.mark.parametrize("rule", ["sgd", "metasgd"])
 def test_every_initial_parameter_receives_gradient(rule):
     model = nn_mlp()
@@ -640,8 +656,8 @@ def test_every_initial_parameter_receives_gradient(rule):
     xs, ys, xq, yq = one_task()
     learner = maml.clone()
     for _ in range(2):
-        learner.adapt(_nn.functional.mse_loss(learner(xs), ys))
-    _nn.functional.mse_loss(learner(xq), yq).backward()
+        learner.adapt(nn.functional.mse_loss(learner(xs), ys))
+    nn.functional.mse_loss(learner(xq), yq).backward()
     meta_params = maml.parameters()
     assert len(meta_params) == len(list(model.parameters())) + (6 if rule == "metasgd" else 0)
     for p in meta_params:
@@ -649,22 +665,20 @@ def test_every_initial_parameter_receives_gradient(rule):
         assert np.abs(p.grad.numpy()).max() > 0, p.name
 
 
-@needs_nn
 def test_query_loss_drops_after_adaptation():
     drops = []
     for seed in range(5):
         maml = MAML(nn_mlp(seed=seed), lr=0.01)
         xs, ys, xq, yq = one_task(seed=10 + seed)
         learner = maml.clone()
-        before = float(_nn.functional.mse_loss(learner(xq), yq))
+        before = float(nn.functional.mse_loss(learner(xq), yq))
         for _ in range(5):
-            learner.adapt(_nn.functional.mse_loss(learner(xs), ys))
-        after = float(_nn.functional.mse_loss(learner(xq), yq))
+            learner.adapt(nn.functional.mse_loss(learner(xs), ys))
+        after = float(nn.functional.mse_loss(learner(xq), yq))
         drops.append(before - after)
     assert all(d > 0 for d in drops), drops
 
 
-@needs_nn
 def test_adapt_leaves_the_model_untouched():
     model = nn_mlp()
     before = {k: (p, p.numpy().copy()) for k, p in model.named_parameters()}
@@ -672,9 +686,9 @@ def test_adapt_leaves_the_model_untouched():
     xs, ys, xq, yq = one_task()
     learner = maml.clone()
     for _ in range(3):
-        learner.adapt(_nn.functional.mse_loss(learner(xs), ys))
-    assert float(_nn.functional.mse_loss(learner(xq), yq)) != float(
-        _nn.functional.mse_loss(model(xq), yq)
+        learner.adapt(nn.functional.mse_loss(learner(xs), ys))
+    assert float(nn.functional.mse_loss(learner(xq), yq)) != float(
+        nn.functional.mse_loss(model(xq), yq)
     )
     after = dict(model.named_parameters())
     assert set(after) == set(before)
@@ -685,13 +699,12 @@ def test_adapt_leaves_the_model_untouched():
         assert learner.params[k] is not p
 
 
-@needs_nn
 def test_learner_first_order_equals_fomaml_closed_form():
     lr, steps = 0.05, 2
     model = nn_mlp()
     names = [k for k, _ in model.named_parameters()]
     xs, ys, xq, yq = one_task()
-    mse_loss = _nn.functional.mse_loss
+    mse_loss = nn.functional.mse_loss
 
     learner = MAML(model, lr=lr, first_order=True).clone()
     for _ in range(steps):
@@ -701,10 +714,10 @@ def test_learner_first_order_equals_fomaml_closed_form():
     p = {k: v.numpy().copy() for k, v in model.named_parameters()}
     for _ in range(steps):
         t = leaves(p)
-        g = meta_grads(mse_loss(_nn.functional_call(model, t, xs), ys), t)
+        g = meta_grads(mse_loss(nn.functional_call(model, t, xs), ys), t)
         p = {k: p[k] - lr * g[k] for k in p}
     adapted = leaves(p)
-    expected = meta_grads(mse_loss(_nn.functional_call(model, adapted, xq), yq), adapted)
+    expected = meta_grads(mse_loss(nn.functional_call(model, adapted, xq), yq), adapted)
     assert_grads_close(dict(zip(names, (g.numpy() for g in got))), expected, rtol=1e-10, atol=1e-13)
 
     # Second order (the default) differs.
@@ -715,11 +728,10 @@ def test_learner_first_order_equals_fomaml_closed_form():
     assert max_diff(dict(zip(names, (g.numpy() for g in second))), expected) > 1e-6
 
 
-@needs_nn
 @pytest.mark.parametrize("rule", ["sgd", "metasgd", "anil"])
 def test_learner_meta_gradient_equals_functional_maml_loss(rule):
     """The wrapper and the functional core agree (the latter is checked against FD above)."""
-    steps, mse_loss = 3, _nn.functional.mse_loss
+    steps, mse_loss = 3, nn.functional.mse_loss
     model = nn_mlp()
     named = dict(model.named_parameters())
     keys = ["4.weight", "4.bias"] if rule == "anil" else None
@@ -740,7 +752,7 @@ def test_learner_meta_gradient_equals_functional_maml_loss(rule):
     got = tm.grad(total, meta)
 
     loss = maml_loss(
-        lambda p, x: _nn.functional_call(model, p, x), named, (xs, ys), (xq, yq), mse_loss,
+        lambda p, x: nn.functional_call(model, p, x), named, (xs, ys), (xq, yq), mse_loss,
         maml.rule, steps, keys=keys, vectorized=False,
     )  # fmt: skip
     expected = tm.grad(loss, meta)
@@ -749,23 +761,21 @@ def test_learner_meta_gradient_equals_functional_maml_loss(rule):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-13)
 
 
-@needs_nn
 def test_learner_adapt_raises_when_loss_does_not_depend_on_params():
     model = nn_mlp()
     maml = MAML(model, lr=0.05)
     xs, ys, _, _ = one_task()
     learner = maml.clone()
-    learner.adapt(_nn.functional.mse_loss(learner(xs), ys))
+    learner.adapt(nn.functional.mse_loss(learner(xs), ys))
     # Computed with the model, not the (adapted) learner: the learner's params are not used.
     with pytest.raises(RuntimeError, match="does not depend on parameters"):
-        learner.adapt(_nn.functional.mse_loss(model(xs), ys))
+        learner.adapt(nn.functional.mse_loss(model(xs), ys))
     # A loss that depends on nothing at all that requires grad.
     with pytest.raises(RuntimeError, match="require"):
-        maml.clone().adapt(_nn.functional.mse_loss(ys, ys))
+        maml.clone().adapt(nn.functional.mse_loss(ys, ys))
     assert learner.steps_taken == 1  # the failed calls changed nothing
 
 
-@needs_nn
 def test_learned_optimizer_memory_is_per_learner():
     """A learner's updates must not depend on what other learners (other tasks) did meanwhile.
 
@@ -776,7 +786,7 @@ def test_learned_optimizer_memory_is_per_learner():
     opt = LearnedOptimizer(lr=0.05, hidden=4, rng=0, dtype=np.float64)
     opt.weights["scale"].data[...] = 0.5  # make the memory feature matter
     maml = MAML(nn_mlp(), lr=opt)
-    mse_loss = _nn.functional.mse_loss
+    mse_loss = nn.functional.mse_loss
     xa, ya, _, _ = one_task(seed=1)
     xb, yb, _, _ = one_task(seed=2)
 
@@ -797,12 +807,12 @@ def test_learned_optimizer_memory_is_per_learner():
 
 def conv_bn_net(seed=0):
     rng = np.random.default_rng(seed)
-    return _nn.Sequential(
-        _nn.Conv2d(1, 2, 3, dtype=tm.float64, rng=rng),
-        _nn.BatchNorm2d(2, dtype=tm.float64),
-        _nn.ReLU(),
-        _nn.Flatten(),
-        _nn.Linear(2 * 3 * 3, 2, dtype=tm.float64, rng=rng),
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, dtype=tm.float64, rng=rng),
+        nn.BatchNorm2d(2, dtype=tm.float64),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, 2, dtype=tm.float64, rng=rng),
     )
 
 
@@ -815,25 +825,24 @@ def conv_tasks(num_tasks=2, n=4, seed=0):
     return (x[:, :n], y[:, :n]), (x[:, n:], y[:, n:])
 
 
-@needs_nn
 @pytest.mark.parametrize("steps", [1, 3])
 def test_conv_batchnorm_maml_meta_gradient_matches_finite_differences(steps):
     lr = 0.5
     model = conv_bn_net()
-    cross_entropy = _nn.functional.cross_entropy
+    cross_entropy = nn.functional.cross_entropy
     theta = {k: v.numpy().copy() for k, v in model.named_parameters()}
     (xs, ys), (xq, yq) = conv_tasks()
     support = (tm.tensor(xs), tm.tensor(ys))
     query = (tm.tensor(xq), tm.tensor(yq))
 
     def forward(p, x):
-        return _nn.functional_call(model, p, x)
+        return nn.functional_call(model, p, x)
 
     def forward_to_relu(p, x):
         """The pre-activations (conv -> batch norm) that the ReLU sees."""
         with tm.no_grad():
-            h = _nn.functional.conv2d(tm.tensor(x), p["0.weight"], p["0.bias"])
-            h = _nn.functional.batch_norm(h, None, None, p["1.weight"], p["1.bias"], training=True)
+            h = nn.functional.conv2d(tm.tensor(x), p["0.weight"], p["0.bias"])
+            h = nn.functional.batch_norm(h, None, None, p["1.weight"], p["1.bias"], training=True)
         return h.numpy()
 
     def reference(th, check_kinks=False):

@@ -17,7 +17,7 @@ from tinymeta._checks import check_int
 from tinymeta.autograd import grad
 from tinymeta.meta.inner_rules import as_update_rule
 from tinymeta.nn.inner_step import inner_step
-from tinymeta.ops import broadcast_to
+from tinymeta.ops import broadcast_to, stack
 from tinymeta.tensor import Tensor
 
 
@@ -83,6 +83,7 @@ def maml_loss(
     keys=None,
     vectorized: bool = True,
     step_weights=None,
+    return_predictions: bool = False,
 ):
     """The MAML meta-objective of a meta-batch: the mean over tasks of each task's
     query loss after ``steps`` inner updates on its support set.
@@ -100,6 +101,10 @@ def maml_loss(
 
     ``step_weights`` (one weight per inner step) gives MAML++'s multi-step
     loss: the weighted sum of the query losses after every inner step.
+
+    ``return_predictions=True`` returns ``(loss, predictions)``: the query predictions
+    ``forward(adapted, xq)`` after the last inner step, stacked by task (leading axis T) in
+    both modes, and part of the same graph as the loss.
     """
     xs, ys = support
     xq, yq = query
@@ -111,16 +116,21 @@ def maml_loss(
             lambda p: loss_fn(forward(p, xs), ys) * num_tasks,
             task_params, rule, steps, first_order, keys, trajectory=True,
         )  # fmt: skip
-        return _weighted(lambda p: loss_fn(forward(p, xq), yq), path, weights)
-    total = None
+        loss, predictions = _query_loss(forward, loss_fn, xq, yq, path, weights, return_predictions)
+        return (loss, predictions) if return_predictions else loss
+    total, predictions = None, []
     for t in range(num_tasks):
         path = adapt(
             lambda p, t=t: loss_fn(forward(p, xs[t]), ys[t]),
             params, rule, steps, first_order, keys, trajectory=True,
         )  # fmt: skip
-        loss = _weighted(lambda p, t=t: loss_fn(forward(p, xq[t]), yq[t]), path, weights)
+        loss, task_predictions = _query_loss(
+            forward, loss_fn, xq[t], yq[t], path, weights, return_predictions
+        )
         total = loss if total is None else total + loss
-    return total * (1.0 / num_tasks)
+        predictions.append(task_predictions)
+    loss = total * (1.0 / num_tasks)
+    return (loss, stack(predictions)) if return_predictions else loss
 
 
 def _step_weights(step_weights, steps: int) -> list:
@@ -137,15 +147,21 @@ def _step_weights(step_weights, steps: int) -> list:
     return weights
 
 
-def _weighted(query_loss, path: list, weights: list):
-    total = None
+def _query_loss(forward, loss_fn, x, y, path: list, weights: list, predict: bool) -> tuple:
+    """(the weighted sum of the query losses after each inner step, the predictions after the
+    last one, or None unless ``predict``): each forward runs as its inner step, as the support
+    forwards do; a step of weight 0 runs none unless it is the last and ``predict``."""
+    total = predictions = None
+    last = len(path) - 1
     for step, (p, w) in enumerate(zip(path[1:], weights), start=1):
-        if w == 0.0:
+        if w == 0.0 and not (predict and step == last):
             continue
         with inner_step(step):
-            loss = query_loss(p) * w
-        total = loss if total is None else total + loss
-    return total
+            predictions = forward(p, x)
+            if w != 0.0:
+                loss = loss_fn(predictions, y) * w
+                total = loss if total is None else total + loss
+    return total, predictions
 
 
 def annealed_step_weights(steps: int, iteration: int, anneal_iterations: int) -> list:
