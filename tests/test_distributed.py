@@ -119,6 +119,16 @@ def test_launched_by_mpiexec_without_mpi4py_says_what_to_install(monkeypatch):
     assert not dist.is_initialized()
 
 
+@needs_mpi
+def test_a_launcher_whose_world_mpi_does_not_see_is_an_error():
+    """mpiexec of one MPI with mpi4py bound to another: each process is a world of one."""
+    env = {**os.environ, "PMI_SIZE": "2", "PMI_RANK": "0"}  # as if launched, but not
+    code = "from tinymeta import distributed; distributed.init()"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode != 0
+    assert "the launcher started 2 processes but MPI sees a world of 1" in run.stderr
+
+
 # ----------------------------------------------------------------------------- under mpiexec
 
 

@@ -83,6 +83,15 @@ def init() -> tuple[int, int]:
                 f"{size or 'unknown'}) but mpi4py is not installed; install the extra: "
                 "pip install 'tinymeta[mpi]'"
             ) from exc
+        if size > 1 and MPI.COMM_WORLD.Get_size() != size:
+            # The classic mismatch: mpiexec of one MPI, mpi4py bound to another; every
+            # process would otherwise run the whole job, each believing it is alone.
+            raise RuntimeError(
+                f"tinymeta.distributed: the launcher started {size} processes but MPI sees a "
+                f"world of {MPI.COMM_WORLD.Get_size()}: mpiexec and mpi4py use different MPI "
+                f"libraries (mpi4py has {MPI.Get_library_version().splitlines()[0]!r}); use "
+                "the mpiexec that comes with the mpich package of the same environment"
+            )
         if MPI.COMM_WORLD.Get_size() > 1:
             _comm = MPI.COMM_WORLD
             _install_abort_hook(_comm)
