@@ -10,6 +10,9 @@ nn.LSTM(32, 128), sequence 50, batch 32, float32:
             tinymeta also runs the tasks as one batched computation (a leading task axis,
             ``maml2-vec``), which PyTorch's nn.LSTM has no equivalent of.
 
+``numpy-floor`` is the fwd+bwd written by hand on arrays with the same kernels (no graph, no
+tensors): how much of tinymeta's time is the framework's.
+
 Before timing, the script checks in float64 that the two libraries compute the same output,
 parameter gradients and meta-gradient from the same weights and data. Ratios are
 tinymeta / PyTorch of the medians, both run with the same thread count.
@@ -113,6 +116,44 @@ class Tinymeta:
         return [g.numpy() for g in meta]
 
 
+# --- the NumPy floor: the same math with no framework ------------------------------------------
+
+
+class NumpyFloor:
+    """fwd+bwd of the summed output written by hand on arrays with tinymeta's kernels: what
+    tinymeta's layer costs without its graph, tensors and ops (the framework's floor)."""
+
+    def __init__(self, np, params, x):
+        from tinymeta import kernels
+
+        self.np, self.kernels, self.x = np, kernels, x
+        self.w_ih, self.w_hh = params["weight_ih_l0"], params["weight_hh_l0"]
+        self.b = params["bias_ih_l0"] + params["bias_hh_l0"]
+
+    def fwd_bwd(self):
+        np, k, x = self.np, self.kernels, self.x
+        gi = (x.reshape(-1, I) @ self.w_ih.T + self.b).reshape(L, N, 4 * H)
+        wt = np.ascontiguousarray(self.w_hh.T)
+        h = c = np.zeros((N, H), x.dtype)
+        gates, hs, cs = np.empty_like(gi), [h], [c]
+        for t in range(L):
+            np.matmul(h, wt, out=gates[t])
+            gates[t] += gi[t]
+            h, c = k.lstm_pointwise_forward(gates[t], c)
+            hs.append(h)
+            cs.append(c)
+        dh, dc = np.zeros_like(h), np.zeros_like(c)
+        dgates = np.empty_like(gates)
+        for t in reversed(range(L)):
+            dgates[t], dc = k.lstm_pointwise_backward(gates[t], cs[t], 1.0 + dh, dc)
+            dh = dgates[t] @ self.w_hh
+        dg = dgates.reshape(-1, 4 * H)
+        g_ih = dg.T @ x.reshape(-1, I)
+        g_hh = dg.T @ np.stack(hs[:-1]).reshape(-1, H)
+        g_b = dg.sum(axis=0)
+        return [g_ih, g_hh, g_b, g_b], np.stack(hs[1:])
+
+
 # --- PyTorch --------------------------------------------------------------------------------
 
 
@@ -159,9 +200,12 @@ def check(np, tm, torch) -> None:
     params, x, tasks = make_data(np, np.float64)
     ours, theirs = Tinymeta(tm, params, x, tasks), Torch(torch, params, x, tasks)
     (g_ours, out_ours), (g_theirs, out_theirs) = ours.fwd_bwd(), theirs.fwd_bwd()
-    np.testing.assert_allclose(out_ours, out_theirs, rtol=1e-10, atol=1e-12)
-    for a, b in zip(g_ours, g_theirs):
+    g_floor, out_floor = NumpyFloor(np, params, x).fwd_bwd()
+    for out in (out_ours, out_floor):
+        np.testing.assert_allclose(out, out_theirs, rtol=1e-10, atol=1e-12)
+    for a, b, c in zip(g_ours, g_theirs, g_floor):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(c, b, rtol=1e-9, atol=1e-11)
     m_theirs = theirs.maml2()
     for name, m_ours in (("looped", ours.maml2()), ("vectorized", ours.maml2_vec())):
         for a, b in zip(m_ours, m_theirs):
@@ -210,7 +254,15 @@ def main() -> None:
     params, x, tasks = make_data(np, np.float32)
     ours, theirs = Tinymeta(tm, params, x, tasks), Torch(torch, params, x, tasks)
     groups = [
-        ("fwd+bwd", {"tinymeta": ours.fwd_bwd, "torch": theirs.fwd_bwd}, args.repeats),
+        (
+            "fwd+bwd",
+            {
+                "tinymeta": ours.fwd_bwd,
+                "numpy-floor": NumpyFloor(np, params, x).fwd_bwd,
+                "torch": theirs.fwd_bwd,
+            },
+            args.repeats,
+        ),
         (
             "maml2",
             {"tinymeta": ours.maml2, "tinymeta-vec": ours.maml2_vec, "torch": theirs.maml2},

@@ -10,9 +10,10 @@ Task axis (task-vectorized MAML, ``functional_call`` with per-task parameters): 
 (T, L, N, I) for a layer; states then carry it too ((T, N, H)). A shared weight next to a
 per-task one broadcasts over the tasks.
 
-A layer computes the input part of every gate for the whole sequence with one matrix product,
-then runs one ``GateProduct`` (the hidden part, one matrix product for all gates) and one fused
-pointwise op per step (see ``tinymeta.nn.recurrent_ops``).
+A layer computes the input part of every gate for the whole sequence with one matrix product;
+an LSTM or GRU layer then is one node (``LSTMLayer``, ``GRULayer``: one matrix product for all
+gates and one kernel per step, see ``tinymeta.nn.recurrent_ops``); an Elman RNN layer is two
+nodes per step (``GateProduct`` and tanh or relu).
 """
 
 from __future__ import annotations

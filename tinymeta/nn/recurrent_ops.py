@@ -1,13 +1,17 @@
-"""The fused ops of the recurrent cells, and the one-node split and join of a sequence.
+"""The fused ops of the recurrent cells and layers, and the one-node split and join of a
+sequence.
 
-An LSTM step is two nodes: ``GateProduct`` (gi + h @ W_hh^T: all four gates from one matrix
-product, the input part gi = x @ W_ih^T + b computed for the whole sequence beforehand) and
-``LSTMPointwise`` (the gate math, one kernel). A GRU step is a Linear (h @ W_hh^T + b_hh,
-which must stay apart because the reset gate multiplies its n-part) and ``GRUPointwise``.
+A cell step (``F.lstm_cell``) is two nodes: ``GateProduct`` (gi + h @ W_hh^T: all four gates
+from one matrix product, gi = x @ W_ih^T + b the input part) and ``LSTMPointwise`` (the gate
+math, one kernel). A GRU step is a Linear (h @ W_hh^T + b_hh, apart because the reset gate
+scales its n-part) and ``GRUPointwise``. A whole layer over a sequence is one node,
+``LSTMLayer`` / ``GRULayer``: the input part of every step comes from one matrix product
+beforehand, the forward loops over arrays, and the backward is backpropagation through time
+written with the per-step ops, so it is differentiable again.
 
-Their backward passes are ``LSTMPointwiseGrad`` and ``GRUPointwiseGrad``: a kernel forward
-(the first-order gradient in one pass) and a backward composed of differentiable ops (the
-second derivatives written out below), so every order is available, as ``Tanh`` and
+The pointwise backward passes are ``LSTMPointwiseGrad`` and ``GRUPointwiseGrad``: a kernel
+forward (the first-order gradient in one pass) and a backward composed of differentiable ops
+(the second derivatives written out below), so every order is available, as ``Tanh`` and
 ``TanhGrad`` do. Shapes: gate pre-activations (..., kH) in PyTorch's order (LSTM i, f, g, o;
 GRU r, z, n), states (..., H); any leading axes (batch, task).
 """
@@ -42,9 +46,17 @@ class GateProduct(Function):
 
     h (..., N, H) and w (kH, H) or per task (T, kH, H); gi (..., N, kH) is the input part of
     the gates. The two gradients of the product are Linear's own fused ops.
+
+    ``cached``: the value of gi + h @ w^T, already computed from these same inputs (a layer's
+    forward kept it), returned instead of a second matrix product.
     """
 
+    def __init__(self, cached=None):
+        self.cached = cached
+
     def forward(self, gi, h, w):
+        if self.cached is not None:
+            return self.cached
         y = _matmul(h, self.xp.swapaxes(w, -1, -2))
         if y.shape == gi.shape and y.dtype == gi.dtype:
             y += gi  # y is fresh: no second full-size temporary
@@ -269,9 +281,9 @@ class LSTMLayer(Function):
     and one kernel per step) and keeps the gate pre-activations for the backward. The backward
     is backpropagation through time written with the per-step ops (LSTMPointwiseGrad, Linear's
     gradient ops) on tensors, so it is itself differentiable; the weight gradient is one
-    matrix product over all steps. Under ``create_graph`` the gates are recomputed as
-    GateProduct(gi_t, h_{t-1}, W), a function of the inputs; otherwise the kept ones are used
-    as constants (nothing is recorded then, and it saves L matrix products).
+    matrix product over all steps. The kept gates enter it as GateProduct(gi_t, h_{t-1}, W)
+    nodes (with the kept values: no second product) under ``create_graph``, so that they are
+    functions of the inputs; otherwise as constants (nothing is recorded then).
     """
 
     saves_output = True  # backward reads h and c from self.output
@@ -306,7 +318,9 @@ class LSTMLayer(Function):
         g_h, g_c = (unbind(g, 0) for g in unbind(gy, 0))
         if _grad_enabled():  # a differentiable backward: the gates as functions of the inputs
             gis = unbind(gi, 0)
-            gates = [GateProduct.apply(gis[t], h_prev[t], w) for t in range(steps)]
+            gates = [
+                GateProduct.apply(gis[t], h_prev[t], w, cached=self.gates[t]) for t in range(steps)
+            ]
         else:
             gates = [constant(a) for a in self.gates]
         dgates = [None] * steps
