@@ -758,3 +758,86 @@ def test_square_backward_is_one_product_for_both_inputs():
     (h,) = tm.grad((g * g).sum(), x)
     np.testing.assert_allclose(h.numpy(), 8 * x.numpy())
     assert check_grads(lambda t: t * t, [x], order=3)
+
+
+# --- in-place changes through an alias after the forward --------------------------------------
+
+# Ways to reach a tensor's memory (composed up to twice); each shares the version counter
+# when it is a view, and is a copy otherwise. ``from_numpy`` reaches an input through
+# the NumPy array it was made from (the inputs below are made by from_numpy).
+_ALIASES = {
+    "itself": lambda t, arrays: t,
+    "t[...]": lambda t, arrays: t[...],
+    "t[1:]": lambda t, arrays: t[1:] if t.ndim else t[()],
+    "t[None, ..., ::-1]": lambda t, arrays: t[None, ..., ::-1] if t.ndim else t[None],
+    "detach": lambda t, arrays: t.detach(),
+    "reshape(-1)": lambda t, arrays: t.reshape(-1),
+    "flatten": lambda t, arrays: t.flatten(),
+    "squeeze": lambda t, arrays: t.squeeze(),
+    "unsqueeze(0)": lambda t, arrays: t.unsqueeze(0),
+    "expand_dims(-1)": lambda t, arrays: tm.expand_dims(t, -1),
+    "T": lambda t, arrays: t.T,
+    "swapaxes(0, -1)": lambda t, arrays: t.swapaxes(0, -1) if t.ndim else t,
+    "from_numpy": lambda t, arrays: next(
+        (tm.from_numpy(a) for a in arrays if a is t.data), t.detach()
+    ),
+}
+_CHANGES = {
+    "add_": lambda t: t.add_(0.5),
+    "sub_": lambda t: t.sub_(0.25),
+    "mul_": lambda t: t.mul_(1.5),
+    "copy_": lambda t: t.copy_(np.full(t.shape, 0.3)),
+    "zero_": lambda t: t.zero_(),
+    "fill_": lambda t: t.fill_(0.7),
+    "__setitem__": lambda t: t.__setitem__(..., 0.9),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@settings(max_examples=FEW)
+@given(data=st.data())
+def test_inplace_change_through_an_alias_raises_or_changes_no_gradient(case, data):
+    """After the forward (and, at order 2, the first backward with create_graph), change
+    an input or the output in place through an alias: the next backward either raises
+    the version error or gives the gradients of the unchanged computation."""
+    arrays, extra = _draw(data, case)
+    order = data.draw(st.sampled_from([1, 2]), label="order")
+    target = data.draw(st.integers(0, len(arrays)), label="target (len: the output)")
+    kinds = data.draw(st.lists(st.sampled_from(sorted(_ALIASES)), min_size=1, max_size=2))
+    change = data.draw(st.sampled_from(sorted(_CHANGES)), label="change")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    gy = rng.standard_normal(np.shape(case.ref(*arrays, **extra)))
+    rs = [rng.standard_normal(a.shape) for a in arrays]  # order 2: differentiate sum <g, r>
+
+    def gradients(modify: bool):
+        own = [np.array(a) for a in arrays]  # copies (a 0-d draw may be a NumPy scalar)
+        xs = [tm.from_numpy(a).requires_grad_() for a in own]
+        y = case.fn(*xs, **extra)
+        root, seed = y, tm.tensor(gy)
+        if order == 2:
+            gs = tm.grad(y, xs, grad_outputs=seed, create_graph=True, allow_unused=True)
+            terms = [(g * tm.tensor(r)).sum() for g, r in zip(gs, rs) if g is not None]
+            root, seed = tm.stack(terms).sum(), None
+            if not root.requires_grad:
+                return None
+        if modify:
+            t = y if target == len(xs) else xs[target]
+            for kind in kinds:
+                t = _ALIASES[kind](t, own)
+            if t.data.flags.writeable:  # broadcast views are read-only
+                with tm.no_grad():
+                    _CHANGES[change](t)
+        try:
+            return tm.grad(root, xs, grad_outputs=seed, allow_unused=True)
+        except RuntimeError as e:
+            assert "modified in place after the forward" in str(e), str(e)
+            return "raised"
+
+    expected = gradients(modify=False)
+    got = gradients(modify=True)
+    if got == "raised" or expected is None:
+        return
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if g is not None:
+            np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-12, atol=1e-12)
