@@ -32,6 +32,8 @@ class Function:
                         reference would make a cycle output -> node -> output)
       needs_input_grad  one bool per input: does it require grad?
       generation        max generation of the inputs; orders the backward pass
+      seq               the recording order (tells a node from a younger creator
+                        that an in-place op gave one of its inputs since)
     """
 
     # Does backward read the *values* of the inputs? Ops whose backward only

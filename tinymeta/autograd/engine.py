@@ -38,13 +38,15 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
     retain_graph = create_graph if retain_graph is None else retain_graph
     create_graph = create_graph and not is_first_order()  # first_order_inner_grads()
     grads = _run(roots, root_grads, None, retain_graph, create_graph)
-    leaves = [leaf for leaf, _ in grads.values()]
-    fresh = _own_memory([g for _, g in grads.values()], root_grads, create_graph)
-    for leaf, g in zip(leaves, fresh):
+    first = []  # leaves without a gradient yet: they take theirs as it is, if it is theirs
+    for leaf, g in grads.values():
         if leaf.grad is None:
-            leaf.grad = g
-        else:  # a sum is a new array
+            first.append((leaf, g))
+        else:  # a sum: a new array
             leaf.grad = leaf.grad + g if create_graph else Tensor._wrap(leaf.grad.data + g.data)
+    owned = _own_memory([g for _, g in first], root_grads, create_graph)
+    for (leaf, _), g in zip(first, owned):
+        leaf.grad = g
 
 
 def _own_memory(grads: list, root_grads: list, create_graph: bool) -> list:
