@@ -43,16 +43,14 @@ Each meta-batch runs task-vectorized: the parameters get a leading task axis
 (batched convolutions, per-task BatchNorm) handles all tasks in one op and one backward pass
 serves the whole meta-batch. ``--looped`` runs the episodes one after the other instead: the
 same meta-gradient, with one episode's graph alive at a time (about half the peak memory).
-Measured on 2 busy CPU cores (CPU time per meta-iteration, meta-batch 8, one BLAS thread):
-vectorizing alone did not pay (20-way, 32 filters: 645 ms vectorized vs 577 looped; 5-way,
-5 queries, 64 filters: 964 vs 910). The convolutions are already large matrix products, so it
-saves little Python overhead, while arrays T times larger spill out of the cache and glibc
-gives them fresh pages (page faults) on every iteration. Run as a script, the example first
-tells malloc to keep freed memory (``keep_freed_memory``), and then vectorized is the faster
-one: 552 vs 599 ms and 696 vs 769 ms.
+The convolutions are already large matrix products, so vectorizing saves little Python
+overhead, while arrays T times larger spill out of the cache and glibc would give them fresh
+pages (page faults) on every iteration: run as a script, the example first tells malloc to
+keep freed memory (``keep_freed_memory``), with which vectorized is the faster of the two
+(docs/performance.md).
 
 Run it with ``OPENBLAS_NUM_THREADS=1``: the matrices are small, and one BLAS thread per
-process was the fastest setting measured.
+process is the fastest setting.
 
 Under MPI (``mpiexec -n R python examples/maml_omniglot.py ...``, one rank per idle core or
 GPU; docs/distributed.md) every rank draws the same meta-batch from the same seed, computes

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 # The matrix products here are small (a batch of 32 images) and OpenBLAS's worker threads buy
-# nothing: on 2 idle cores one thread ran this example as fast as two (13 s vs 12 s) for half
-# the CPU time, and on a busy 2-core machine, where the threads wait for each other, 5x faster
-# (35 s vs 3 min). Set the variable yourself to override; it only acts before NumPy is imported.
+# nothing: one thread runs this example as fast as two for half the CPU time, and much faster
+# when the cores are busy and the threads wait for each other (docs/performance.md). Set the
+# variable yourself to override; it only acts before NumPy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
