@@ -374,11 +374,21 @@ def lstm_pointwise_forward(gates, c):
     return _impl_for(gates).lstm_pointwise_forward(gates, c)
 
 
-def lstm_pointwise_backward(gates, c, gh, gc):
-    """The gradients (dgates (M, 4H), dc (M, H)) of ``lstm_pointwise_forward`` given gh, gc."""
+def lstm_pointwise_backward(gates, c, gh, gc, out=None):
+    """The gradients (dgates (M, 4H), dc (M, H)) of ``lstm_pointwise_forward`` given gh, gc.
+
+    ``out``: a C-contiguous array (M, 4H) of gates' dtype that receives dgates (a time step's
+    rows of a layer's gradient buffer), instead of a new one."""
     _check_float("lstm_pointwise_backward", gates=gates, c=c, gh=gh, gc=gc)
     _check_gates("lstm_pointwise_backward", 4, gates, c, gh=(gh, c.shape), gc=(gc, c.shape))
-    return _impl_for(gates).lstm_pointwise_backward(gates, c, gh, gc)
+    if out is not None and (
+        out.shape != gates.shape or out.dtype != gates.dtype or not out.flags.c_contiguous
+    ):
+        raise ValueError(
+            f"lstm_pointwise_backward: out must be a C-contiguous {gates.dtype} array of shape "
+            f"{tuple(gates.shape)}, got {out.dtype} {tuple(out.shape)}"
+        )
+    return _impl_for(gates).lstm_pointwise_backward(gates, c, gh, gc, out)
 
 
 def gru_pointwise_forward(gi, gh, h):

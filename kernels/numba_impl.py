@@ -640,14 +640,16 @@ def lstm_pointwise_forward(gates, c):
     return t, c_out
 
 
-def lstm_pointwise_backward(gates, c, gh, gc):
-    """See ``reference.lstm_pointwise_backward``: dgates (M, 4H), dc (M, H)."""
+def lstm_pointwise_backward(gates, c, gh, gc, out=None):
+    """See ``reference.lstm_pointwise_backward``: dgates (M, 4H) (into ``out`` if given),
+    dc (M, H)."""
     c = np.ascontiguousarray(c)
     act = _lstm_activations(gates, c.shape[1])
     t = np.empty(c.shape, c.dtype)
     _lstm_cell_rows(act, c, t)
     np.tanh(t, out=t)
-    dgates, dc = np.empty(gates.shape, gates.dtype), np.empty(c.shape, c.dtype)
+    dgates = np.empty(gates.shape, gates.dtype) if out is None else out
+    dc = np.empty(c.shape, c.dtype)
     _lstm_backward_rows(act, c, t, _c(gh), _c(gc), dgates, dc)
     return dgates, dc
 

@@ -273,10 +273,11 @@ def lstm_pointwise_forward(gates, c):
     return _sigmoid(ao, xp) * xp.tanh(c_new), c_new
 
 
-def lstm_pointwise_backward(gates, c, gh, gc):
+def lstm_pointwise_backward(gates, c, gh, gc, out=None):
     """The gradients of ``lstm_pointwise_forward`` for gh, gc (of h', c'): with t = tanh(c'),
     gc' = gc + gh o (1 - t^2), the pre-activations get gc' g i(1-i), gc' c f(1-f),
-    gc' i (1-g^2), gh t o(1-o), and c gets gc' f. Returns dgates (M, 4H) and dc (M, H)."""
+    gc' i (1-g^2), gh t o(1-o), and c gets gc' f. Returns dgates (M, 4H) (written into ``out``
+    if given) and dc (M, H)."""
     xp = _array_module(gates)
     h_size = c.shape[-1]
     ai, af, ag, ao = (gates[:, k * h_size : (k + 1) * h_size] for k in range(4))
@@ -288,6 +289,9 @@ def lstm_pointwise_backward(gates, c, gh, gc):
          gh * t * o * (1.0 - o)],
         axis=1,
     )  # fmt: skip
+    if out is not None:
+        out[...] = dgates
+        dgates = out
     return dgates, gct * f
 
 

@@ -131,3 +131,18 @@ def test_kernel_wrappers_check_their_arguments():
         )
     with pytest.raises(TypeError, match="erf: expected float32 or float64"):
         kernels.erf(np.zeros(3, dtype=np.int64))
+
+
+@pytest.mark.parametrize("impl", ["reference", "numba"])
+def test_lstm_backward_writes_into_out(impl):
+    rng = np.random.default_rng(1)
+    gates, c, gh, gc = (rng.standard_normal(s) for s in ((3, 8), (3, 2), (3, 2), (3, 2)))
+    buffer = np.full((2, 3, 8), np.nan)
+    module = reference if impl == "reference" else numba_impl
+    dgates, dc = module.lstm_pointwise_backward(gates, c, gh, gc, out=buffer[1])
+    assert np.shares_memory(dgates, buffer) and np.isnan(buffer[0]).all()
+    want, want_dc = reference.lstm_pointwise_backward(gates, c, gh, gc)
+    np.testing.assert_allclose(buffer[1], want, rtol=1e-13)
+    np.testing.assert_allclose(dc, want_dc, rtol=1e-13)
+    with pytest.raises(ValueError, match="out must be a C-contiguous float64 array of shape"):
+        kernels.lstm_pointwise_backward(gates, c, gh, gc, out=np.empty((3, 8), np.float32))

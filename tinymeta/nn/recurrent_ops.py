@@ -107,13 +107,18 @@ class LSTMPointwiseGrad(Function):
         dS/da_g = g' (M i + G (U_i i' - 2 U_g i g))
         dS/da_o = o' gh (K (1 - t^2) + U_o t (1 - 2o))
 
-    built from differentiable ops, so higher orders follow.
+    built from differentiable ops, so higher orders follow. ``out``: an array of gates' shape
+    (a time step's rows of a layer's gradient buffer) that receives da.
     """
+
+    def __init__(self, out=None):
+        self.out = out
 
     def forward(self, gates, c, gh, gc):
         width, h_size = gates.shape[-1], c.shape[-1]
+        out = None if self.out is None else _rows(self.out, width)
         da, dc = kernels.lstm_pointwise_backward(
-            _rows(gates, width), _rows(c, h_size), _rows(gh, h_size), _rows(gc, h_size)
+            _rows(gates, width), _rows(c, h_size), _rows(gh, h_size), _rows(gc, h_size), out
         )
         return da.reshape(gates.shape), dc.reshape(c.shape)
 
@@ -316,24 +321,37 @@ class LSTMLayer(Function):
         h_prev = [h0, *unbind(hs, 0)[:-1]]
         c_prev = [c0, *unbind(cs, 0)[:-1]]
         g_h, g_c = (unbind(g, 0) for g in unbind(gy, 0))
-        if _grad_enabled():  # a differentiable backward: the gates as functions of the inputs
+        differentiable = _grad_enabled()
+        if differentiable:  # the gates as functions of the inputs
             gis = unbind(gi, 0)
             gates = [
                 GateProduct.apply(gis[t], h_prev[t], w, cached=self.gates[t]) for t in range(steps)
             ]
-        else:
+            buffer = None
+        else:  # constants, and the steps' gradients written straight into one buffer
             gates = [constant(a) for a in self.gates]
+            buffer = self.xp.empty(gi.shape, dtype=gi.dtype)
         dgates = [None] * steps
         dh = dc = None
         for t in reversed(range(steps)):
             gh = g_h[t] if dh is None else g_h[t] + dh
             gc = g_c[t] if dc is None else g_c[t] + dc
-            dgates[t], dc = LSTMPointwiseGrad.apply(gates[t], c_prev[t], gh, gc)
+            out = None if buffer is None else buffer[t]
+            dgates[t], dc = LSTMPointwiseGrad.apply(gates[t], c_prev[t], gh, gc, out=out)
             dh = LinearGradInput.apply(dgates[t], w, x_shape=h_prev[t].shape)
-        dg = stack(dgates, 0)
+        dg = stack(dgates, 0) if buffer is None else constant(buffer)
         g_w = None
         if self.needs_input_grad[3]:
-            g_w = LinearGradWeight.apply(stack(h_prev, 0), dg, w_shape=w.shape, with_bias=False)
+            # sum_t dg_t^T h_{t-1} as two products over views: the first step's (h0) and the
+            # rest's (h_1..h_{L-1} are rows of the output), no copy of the states.
+            g_w = LinearGradWeight.apply(h0, dgates[0], w_shape=w.shape, with_bias=False)
+            if steps > 1:
+                g_w = g_w + LinearGradWeight.apply(
+                    getitem(hs, slice(0, steps - 1)),
+                    getitem(dg, slice(1, steps)),
+                    w_shape=w.shape,
+                    with_bias=False,
+                )
         return dg, dh, dc, g_w
 
 
