@@ -56,16 +56,6 @@ def raises(exc, match: str):
         raise AssertionError(f"expected {exc.__name__} matching {match!r}")
 
 
-def known_issue(reason: str):
-    """An expected failure (pytest's non-strict xfail; the script runner reports it as such)."""
-
-    def mark(fn):
-        fn.known_issue = reason
-        return pytest.mark.xfail(reason=reason, strict=False)(fn) if pytest else fn
-
-    return mark
-
-
 def close(a, b, rtol=1e-10, atol=1e-12):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
 
@@ -450,7 +440,7 @@ def test_cross_entropy_labels_on_cuda():
 
 
 def _run_as_script() -> int:
-    """Run every test_* function here; returns the number of unexpected failures."""
+    """Run every test_* function here; returns the number of failures."""
     if not HAVE_CUDA:
         print("tests/test_cuda.py: skipped (needs CuPy and a CUDA GPU)")
         return 0
@@ -458,18 +448,14 @@ def _run_as_script() -> int:
     for name, fn in list(globals().items()):
         if not (name.startswith("test_") and callable(fn)):
             continue
-        known = getattr(fn, "known_issue", None)
         try:
             fn()
         except Exception:
-            if known:
-                print(f"XFAIL {name} ({known})")
-                continue
             failures += 1
             print(f"FAIL  {name}")
             traceback.print_exc()
         else:
-            print(f"{'XPASS' if known else 'PASS '} {name}")
+            print(f"PASS  {name}")
     print(f"tests/test_cuda.py: {failures} failure(s)")
     return failures
 
