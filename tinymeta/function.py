@@ -71,7 +71,10 @@ class Function:
             if type(arrays[0]) is not np.ndarray:
                 fn.xp = get_array_module(arrays[0])
         try:
-            ys = fn.forward(*arrays)
+            if _capture_hook is None:
+                ys = fn.forward(*arrays)
+            else:  # tinymeta.capture is recording a step: it runs the forward itself
+                ys = _capture_hook(fn, tensors, arrays)
         except (ValueError, IndexError, TypeError) as e:
             raise _named_error(cls, e, arrays) from e
         # _wrap turns NumPy scalars (0-d results) into 0-d arrays: a tensor holds arrays.
@@ -170,6 +173,10 @@ _grad_enabled = grad_mode._enabled.get
 # Set once an in-place op has given a tensor a new creator (ops.shape.setitem): from then
 # on the engine checks that no node uses a tensor whose creator is younger than itself.
 inplace_recorded = False
+
+# Set by tinymeta.capture while it records a step, None otherwise: called as
+# ``_capture_hook(fn, input_tensors, input_arrays)`` in place of ``fn.forward(*input_arrays)``.
+_capture_hook = None
 
 # Set by tinymeta.autograd.detect_anomaly() while it is active, None otherwise:
 # called as ``_forward_hook(fn, outputs)`` after every op's forward (recorded or not).
