@@ -33,6 +33,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    OUTER_LR,
+    W1_LR,
+    W1_TASKS,
+    W2_SHOTS,
+    W2_TASKS,
+    W2_WAYS,
+    Tinymeta,
+    Torch,
+    agreement,
+    as_float64,
     base_parser,
     describe_machine,
     matmul_gflops,
@@ -40,6 +50,11 @@ from common import (  # noqa: E402
     noise_warning,
     setup_threads,
     time_interleaved,
+    w1_data,
+    w1_weights,
+    w2_data,
+    w2_matmul_flops,
+    w2_weights,
 )
 
 WORKLOADS = ("w1", "w2", "w3", "w4")
@@ -72,10 +87,10 @@ class Libraries:
 
     np: object
     tm: object
-    tinymeta: object  # maml_workloads.Tinymeta
+    tinymeta: object  # common.Tinymeta
     torch: object = None  # the torch module
-    torch_maml: object = None  # maml_workloads.Torch
-    hips: object = None  # the hips_peers module
+    torch_maml: object = None  # common.Torch
+    hips: object = None  # a HipsAutograd
 
 
 def parse_args(argv=None):
@@ -108,7 +123,6 @@ def parse_args(argv=None):
 
 def import_libraries(args, threads: int) -> Libraries:
     import numpy as np
-    from maml_workloads import Tinymeta
 
     import tinymeta as tm
 
@@ -119,17 +133,13 @@ def import_libraries(args, threads: int) -> Libraries:
         except ImportError:
             print("PyTorch is not installed: skipped (optional peer; see benchmarks/README.md)")
         else:
-            from maml_workloads import Torch
-
             torch.set_num_threads(threads)
             libs.torch, libs.torch_maml = torch, Torch(torch, "cpu")
     if not args.no_hips:
         try:
-            import hips_peers
+            libs.hips = HipsAutograd()
         except ImportError:
             print("HIPS autograd is not installed: skipped (optional peer)")
-        else:
-            libs.hips = hips_peers
     return libs
 
 
@@ -143,8 +153,6 @@ def check_gradients(label: str, build, mismatches: list) -> dict:
     or float64. A float32 gap above the tolerance is rechecked in float64,
     where rounding no longer hides a real difference.
     """
-    from maml_workloads import agreement
-
     print(f"\n{label}", flush=True)
     impls = build(False)
     grads = {name: gradient() for name, (_, gradient) in impls.items()}
@@ -169,8 +177,6 @@ def check_gradients(label: str, build, mismatches: list) -> dict:
 
 
 def w1_comparisons(args, libs: Libraries, mismatches: list) -> list:
-    from maml_workloads import W1_TASKS, as_float64, w1_data, w1_weights
-
     np = libs.np
     comparisons = []
     for steps, first_order in ((1, False), (5, False), (1, True)):
@@ -195,19 +201,8 @@ def w1_comparisons(args, libs: Libraries, mismatches: list) -> list:
 
 
 def w2_comparisons(args, libs: Libraries, mismatches: list) -> list:
-    from maml_workloads import (
-        W2_SHOTS,
-        W2_TASKS,
-        W2_WAYS,
-        as_float64,
-        w2_data,
-        w2_matmul_flops,
-        w2_weights,
-    )
-
     np = libs.np
     gflops = matmul_gflops(clock=args.clock)
-    vectorized = tinymeta_vectorized_conv(libs)
     comparisons = []
     for first_order in (False, True):
 
@@ -216,8 +211,7 @@ def w2_comparisons(args, libs: Libraries, mismatches: list) -> list:
             if wide:
                 weights, data = as_float64(np, weights, data)
             impls = {"tinymeta": libs.tinymeta.w2(weights, data, first_order)}
-            if vectorized is None:
-                impls["tinymeta vec"] = libs.tinymeta.w2(weights, data, first_order, True)
+            impls["tinymeta vec"] = libs.tinymeta.w2(weights, data, first_order, True)
             if libs.torch_maml is not None:
                 impls["torch"] = libs.torch_maml.w2_loop(weights, data, first_order)
                 impls["torch.func"] = libs.torch_maml.w2_vmap(weights, data, first_order)
@@ -232,24 +226,8 @@ def w2_comparisons(args, libs: Libraries, mismatches: list) -> list:
             f"  FLOP floor: {flops / 1e9:.2f} GFLOP in products / {gflops:.0f} GFLOP/s "
             f"(NumPy float32 1024^3 matmul) = {floor_ms:.0f} ms"
         )
-        if vectorized is not None:
-            print(f"  tinymeta vec: skipped, {vectorized}")
         comparisons.append(Comparison(label, stepper, args.w2_repeats, floor_ms=floor_ms))
     return comparisons
-
-
-def tinymeta_vectorized_conv(libs: Libraries) -> str | None:
-    """None when maml_loss(vectorized=True) runs the conv net; else why it does not (yet)."""
-    np = libs.np
-    from maml_workloads import w2_data, w2_weights
-
-    data = [a[:2, :2] for a in w2_data(np)]  # 2 tasks of 2 images: just the question
-    try:
-        _, gradient = libs.tinymeta.w2(w2_weights(np), data, first_order=True, vectorized=True)
-        gradient()
-    except Exception as e:  # whatever stops it, the looped path stays the measurement
-        return f"maml_loss(vectorized=True) fails on the conv net ({type(e).__name__}: {e})"
-    return None
 
 
 def w3_comparisons(args, libs: Libraries, mismatches: list) -> list:
@@ -258,20 +236,18 @@ def w3_comparisons(args, libs: Libraries, mismatches: list) -> list:
     np, tm = libs.np, libs.tm
     params = w3.init_params(np)
     x, y = w3.make_batch(np)
-    no_functional = w3.functional_available(tm)
 
     def fresh_models():
         models = {"tinymeta": w3.TinymetaMLP(tm, params)}
         batches = {"tinymeta": (tm.tensor(x), y)}
-        if no_functional is None:
-            models["tinymeta-F"] = w3.TinymetaFunctionalMLP(tm, params)
-            batches["tinymeta-F"] = (tm.tensor(x), y)
+        models["tinymeta-F"] = w3.TinymetaFunctionalMLP(tm, params)
+        batches["tinymeta-F"] = (tm.tensor(x), y)
         models["numpy"], batches["numpy"] = w3.NumpyMLP(np, params), (x, y)
         if libs.torch is not None:
             models["torch"] = w3.TorchMLP(libs.torch, params)
             batches["torch"] = (libs.torch.from_numpy(x), libs.torch.from_numpy(y))
         if libs.hips is not None:
-            models["hips"] = libs.hips.HipsMLP(params, w3.LR)
+            models["hips"] = libs.hips.w3(params, w3.LR)
             batches["hips"] = (x, y)
         return models, batches
 
@@ -283,33 +259,240 @@ def w3_comparisons(args, libs: Libraries, mismatches: list) -> list:
     except AssertionError as e:
         print(f"  MISMATCH: {e}")
         mismatches.append(f"{label}: {e}")
-    if no_functional is not None:
-        print(f"  tinymeta-F: skipped, {no_functional}")
     models, batches = fresh_models()
     steps = {name: (lambda m=m, b=batches[name]: m.step(*b)) for name, m in models.items()}
     return [Comparison(label, steps, args.repeats, inner=5)]
 
 
 def w4_comparisons(args, libs: Libraries, mismatches: list) -> list:
-    import double_backward as w4
-
     np = libs.np
 
     def build(wide):
-        arrays = w4.w4_data(np)
+        arrays = w4_data(np)
         if wide:
             arrays = {k: v.astype(np.float64) for k, v in arrays.items()}
-        impls = {"tinymeta": w4.build_tinymeta(libs.tm, arrays)}
-        impls["numpy"] = w4.build_numpy(np, arrays)
+        impls = {"tinymeta": w4_tinymeta(libs.tm, arrays)}
+        impls["numpy"] = w4_numpy(np, arrays)
         if libs.torch is not None:
-            impls["torch"] = w4.build_torch(libs.torch, arrays)
+            impls["torch"] = w4_torch(libs.torch, arrays)
         if libs.hips is not None:
-            impls["hips"] = w4.build_hips(arrays)
+            impls["hips"] = libs.hips.w4(arrays)
         return impls
 
-    label = f"W4 double backward, x {w4.BATCH}x{w4.FEATURES}, W1 {w4.FEATURES}x{w4.HIDDEN}"
+    label = f"W4 double backward, x {W4_BATCH}x{W4_FEATURES}, W1 {W4_FEATURES}x{W4_HIDDEN}"
     stepper = check_gradients(label, build, mismatches)
     return [Comparison(label, stepper, args.repeats, inner=20)]
+
+
+# --- W4: the double backward alone, in each framework and by hand in NumPy --------------------
+#
+# f = sum(tanh(x @ W1) @ W2) with x 64x100, W1 100x100, W2 100x1 (float32);
+# g = df/dW1 with a graph (create_graph=True); then h = d sum(g * g) / dW1.
+# Each builder returns (step, gradient): ``step()`` computes h once, ``gradient()``
+# returns {"W1": h} as a NumPy array for the agreement check.
+#
+# The NumPy version is the no-framework floor, derived by hand (T = tanh(x W1),
+# w = W2 as a row, 1 - T^2 = tanh'):
+#     g = x^T D,            D = (1 - T^2) * w
+#     dL/dD = x (2 g)       (L = sum(g^2), and g is linear in D)
+#     dL/dA = dL/dD * (-2 T (1 - T^2)) * w      (dD/dA, A = x W1)
+#     h = x^T dL/dA
+# Four matrix products: the forward's, g's, and the two of the backward.
+
+W4_BATCH, W4_FEATURES, W4_HIDDEN = 64, 100, 100
+
+
+def w4_data(np) -> dict:
+    rng = np.random.default_rng(4)
+    return {
+        "x": rng.standard_normal((W4_BATCH, W4_FEATURES)).astype("float32"),
+        "W1": (rng.standard_normal((W4_FEATURES, W4_HIDDEN)) / np.sqrt(W4_FEATURES)).astype(
+            "float32"
+        ),
+        "W2": (rng.standard_normal((W4_HIDDEN, 1)) / np.sqrt(W4_HIDDEN)).astype("float32"),
+    }
+
+
+def w4_numpy(np, arrays: dict):
+    x, W1, W2 = arrays["x"], arrays["W1"], arrays["W2"]
+    w = W2[:, 0]
+
+    def second_derivative():
+        t = np.tanh(x @ W1)
+        dtanh = 1.0 - t * t
+        g = x.T @ (dtanh * w)
+        grad_d = x @ (2.0 * g)
+        grad_a = grad_d * (-2.0 * t * dtanh) * w
+        return x.T @ grad_a
+
+    return second_derivative, lambda: {"W1": second_derivative()}
+
+
+def w4_tinymeta(tm, arrays: dict):
+    x, W2 = tm.tensor(arrays["x"]), tm.tensor(arrays["W2"])
+    W1 = tm.tensor(arrays["W1"], requires_grad=True)
+
+    def second_derivative():
+        f = (tm.tanh(x @ W1) @ W2).sum()
+        (g,) = tm.grad(f, W1, create_graph=True)
+        (h,) = tm.grad((g * g).sum(), W1)
+        return h
+
+    return second_derivative, lambda: {"W1": second_derivative().numpy()}
+
+
+def w4_torch(torch, arrays: dict):
+    x, W2 = torch.tensor(arrays["x"]), torch.tensor(arrays["W2"])
+    W1 = torch.tensor(arrays["W1"]).requires_grad_(True)
+
+    def second_derivative():
+        f = (torch.tanh(x @ W1) @ W2).sum()
+        (g,) = torch.autograd.grad(f, W1, create_graph=True)
+        (h,) = torch.autograd.grad((g * g).sum(), W1)
+        return h
+
+    return second_derivative, lambda: {"W1": second_derivative().numpy()}
+
+
+# --- HIPS autograd as a peer on W1, W3 and W4 ------------------------------------------------
+
+
+class NumpyAdam:
+    """Adam on a dict of NumPy arrays, with PyTorch's update rule (in place)."""
+
+    def __init__(self, params: dict, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        import numpy as np
+
+        self.np, self.params, self.lr, self.betas, self.eps = np, params, lr, betas, eps
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+        self.t = 0
+
+    def step(self, grads: dict) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        step_size = self.lr / (1 - b1**self.t)
+        root_correction = self.np.sqrt(1 - b2**self.t)
+        for k, p in self.params.items():
+            g = grads[k]
+            self.m[k] *= b1
+            self.m[k] += (1 - b1) * g
+            self.v[k] *= b2
+            self.v[k] += (1 - b2) * g * g
+            p -= step_size * self.m[k] / (self.np.sqrt(self.v[k]) / root_correction + self.eps)
+
+
+class HipsAutograd:
+    """HIPS autograd (``pip install autograd``) on W1 (sinusoid MAML), W3 (MLP step) and W4.
+
+    HIPS autograd differentiates plain NumPy code by tracing it: ``grad(f)(x)`` returns a
+    function's gradient, and a ``grad`` inside the function being differentiated gives second
+    order for free. It has no ``vmap``, so W1 loops over tasks as learn2learn does. Its outer
+    optimizer is ``NumpyAdam`` (PyTorch's update rule), so that a step does the same work as
+    the others'. Constructing one imports autograd (ImportError when it is not installed);
+    NumPy must already be set up (threads).
+    """
+
+    def __init__(self):
+        import autograd.numpy as anp
+        from autograd import grad, value_and_grad
+        from autograd.tracer import getval
+
+        self.anp, self.grad, self.value_and_grad, self.getval = anp, grad, value_and_grad, getval
+
+    def mlp(self, p: dict, x):
+        anp = self.anp
+        h = anp.maximum(x @ p["w1"].T + p["b1"], 0.0)
+        h = anp.maximum(h @ p["w2"].T + p["b2"], 0.0)
+        return h @ p["w3"].T + p["b3"]
+
+    def logsumexp(self, z, axis: int):
+        """log sum exp z along axis, shifted by the (constant) max for stability.
+
+        The shift m cancels in the value, so its gradient cancels too: taking it
+        as a constant (getval) gives the same derivative with less tracing.
+        """
+        anp = self.anp
+        m = self.getval(z).max(axis=axis, keepdims=True)
+        return anp.log(anp.sum(anp.exp(z - m), axis=axis)) + anp.squeeze(m, axis=axis)
+
+    def mse(self, prediction, target):
+        return self.anp.mean((prediction - target) ** 2)
+
+    def w1(self, weights: dict, data: list, steps: int, first_order: bool = False):
+        """W1 meta-iteration: (step, gradient) like common's builders."""
+        import numpy as np
+
+        grad, getval, mse, mlp = self.grad, self.getval, self.mse, self.mlp
+        params = {k: v.copy() for k, v in weights.items()}
+        opt = NumpyAdam(params, OUTER_LR)
+        xs, ys, xq, yq = data
+
+        def meta_loss(p0: dict):
+            total = 0.0
+            for t in range(len(xs)):
+                p = p0
+                for _ in range(steps):
+                    g = grad(lambda p_, t=t: mse(mlp(p_, xs[t]), ys[t]))(p)
+                    if first_order:  # getval strips the trace: the inner gradient is a constant
+                        g = {k: getval(v) for k, v in g.items()}
+                    p = {k: p[k] - W1_LR * g[k] for k in p}
+                total = total + mse(mlp(p, xq[t]), yq[t])
+            return total / len(xs)
+
+        meta_gradient = grad(meta_loss)
+
+        def step():
+            opt.step(meta_gradient(params))
+
+        def gradient() -> dict:
+            return {k: np.asarray(v) for k, v in meta_gradient(params).items()}
+
+        return step, gradient
+
+    def w3(self, params: list, lr: float):
+        """W3: same net, loss and SGD as bench_w3_mlp's implementations; an object with
+        ``step(x, y) -> loss`` and ``arrays()``."""
+        return _HipsMLP(self, params, lr)
+
+    def w4(self, arrays: dict):
+        anp, grad = self.anp, self.grad
+        x, W1, W2 = arrays["x"], arrays["W1"], arrays["W2"]
+
+        def f(w1):
+            return anp.sum(anp.tanh(x @ w1) @ W2)
+
+        g = grad(f)
+        second = grad(lambda w1: anp.sum(g(w1) ** 2))
+
+        def second_derivative():
+            return second(W1)
+
+        return second_derivative, lambda: {"W1": second_derivative()}
+
+
+class _HipsMLP:
+    def __init__(self, hips: HipsAutograd, params: list, lr: float):
+        self.hips, self.params, self.lr = hips, [p.copy() for p in params], lr
+
+    def _loss(self, params, x, y):
+        import numpy as np
+
+        anp = self.hips.anp
+        w1, b1, w2, b2, w3, b3 = params
+        h1 = anp.maximum(x @ w1.T + b1, 0.0)
+        h2 = anp.maximum(h1 @ w2.T + b2, 0.0)
+        logits = h2 @ w3.T + b3
+        return anp.mean(self.hips.logsumexp(logits, axis=1) - logits[np.arange(len(y)), y])
+
+    def step(self, x, y) -> float:
+        loss, grads = self.hips.value_and_grad(self._loss)(self.params, x, y)
+        for p, g in zip(self.params, grads):
+            p -= self.lr * g
+        return float(loss)
+
+    def arrays(self) -> list:
+        return self.params
 
 
 BUILDERS = {"w1": w1_comparisons, "w2": w2_comparisons, "w3": w3_comparisons, "w4": w4_comparisons}
@@ -375,12 +558,9 @@ def profile(args, libs: Libraries) -> None:
     import cProfile
     import pstats
 
-    import double_backward as w4
-    from maml_workloads import w1_data, w1_weights
-
     np = libs.np
     if args.profile == "w4":
-        step, _ = w4.build_tinymeta(libs.tm, w4.w4_data(np))
+        step, _ = w4_tinymeta(libs.tm, w4_data(np))
         iterations = 20 * args.repeats
     else:
         steps = 5 if args.profile == "w1-5" else 1

@@ -11,8 +11,8 @@ W2, Omniglot-size MAML: 4 blocks of [conv 3x3, 64 filters, padding 1 -> batch
 norm (batch statistics, learnable affine) -> ReLU -> max-pool 2x2] on 1x28x28,
 then linear to 5 classes; 5-way 1-shot, 5 query images per class, meta-batch
 8, 1 inner step (lr 0.4), cross-entropy, Adam outer step; second and first
-order. Both frameworks loop over tasks (tinymeta's conv2d takes no per-task
-weights), on random images (the data does not change the work).
+order. Both frameworks loop over tasks, on random images (the data does not
+change the work).
 
 Both frameworks run in this process, on the same device, from the same initial
 weights and data; before timing, one meta-gradient of each implementation is
@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from maml_workloads import (  # noqa: E402  (the models, data and checks shared with bench_cpu)
+from common import (  # noqa: E402  (the models, data and checks shared with bench_cpu)
     W1_TASKS,
     W2_SHOTS,
     W2_TASKS,

@@ -28,6 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    OUTER_LR,
+    W1_LR,
+    W1_TASKS,
     base_parser,
     describe_machine,
     median,
@@ -35,8 +38,9 @@ from common import (  # noqa: E402
     setup_threads,
     spread,
     time_interleaved,
+    w1_data,
+    w1_weights,
 )
-from maml_workloads import OUTER_LR, W1_LR, W1_TASKS, w1_data, w1_weights  # noqa: E402
 
 # name -> (inner steps, first order)
 VARIANTS = {"2nd-1": (1, False), "2nd-5": (5, False), "1st-1": (1, True)}

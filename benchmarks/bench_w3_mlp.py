@@ -180,16 +180,6 @@ class TinymetaFunctionalMLP(TinymetaMLP):
         return loss.item()
 
 
-def functional_available(tm) -> str | None:
-    """None when tinymeta.nn.functional has linear, relu and cross_entropy; else why not."""
-    try:
-        import tinymeta.nn.functional as F
-    except Exception as e:  # an optional variant: any import failure just skips it
-        return f"tinymeta.nn.functional does not import ({type(e).__name__}: {e})"
-    missing = [n for n in ("linear", "relu", "cross_entropy") if not hasattr(F, n)]
-    return f"tinymeta.nn.functional lacks {', '.join(missing)}" if missing else None
-
-
 class TorchMLP:
     """PyTorch, same net and init (only when torch imports)."""
 
@@ -324,14 +314,11 @@ def main() -> None:
         profile_tinymeta(tm, np, params, (tm.tensor(x), y), args.profile, args.functional)
         return
 
-    no_functional = functional_available(tm)
-
     def fresh_models():
         models = {"numpy": NumpyMLP(np, params), "tinymeta": TinymetaMLP(tm, params)}
         batches = {"numpy": (x, y), "tinymeta": (tm.tensor(x), y)}
-        if no_functional is None:
-            models["tinymeta-F"] = TinymetaFunctionalMLP(tm, params)
-            batches["tinymeta-F"] = (tm.tensor(x), y)
+        models["tinymeta-F"] = TinymetaFunctionalMLP(tm, params)
+        batches["tinymeta-F"] = (tm.tensor(x), y)
         if torch is not None:
             models["torch"] = TorchMLP(torch, params)
             batches["torch"] = (torch.from_numpy(x), torch.from_numpy(y))
@@ -339,8 +326,6 @@ def main() -> None:
 
     models, batches = fresh_models()
     check_trajectories(np, models, batches, args.check_steps)
-    if no_functional is not None:
-        print(f"  tinymeta-F: skipped, {no_functional}")
     if torch is None:
         print("  torch: not installed, skipped (optional peer)")
 
