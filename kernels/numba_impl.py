@@ -7,9 +7,9 @@ arrays with the channel axis innermost: tinymeta's NCHW arrays are channels-last
 contiguous memory, which LLVM vectorizes. Other layouts are copied into it once.
 
 Compiled once per dtype (``cache=True`` keeps the machine code on disk between runs); no
-fastmath, so results follow IEEE arithmetic like the reference; no ``parallel=True`` (not
-measured to help yet: the 2-core machines this project targets are shared, and the single-thread
-loops already run at memory speed). Sums are accumulated in float64 whatever the input dtype.
+fastmath, so results follow IEEE arithmetic like the reference; no ``parallel=True``: the
+single-thread loops run at memory speed, and the cores are left to BLAS and to the processes
+of a distributed run. Sums are accumulated in float64 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -393,16 +393,16 @@ def maxpool2d_gather(x, argmax, kh: int, kw: int, sh: int, sw: int):
 
 # --- convolution windows: im2col and its adjoint col2im ---------------------------------------
 
-# im2col is the reference's strided copy: a Numba loop copying the same windows was measured no
-# faster (both move the im2col matrix at memory speed: 9-10 ms for (200, 64, 14, 14) windows
-# of 3x3, float32) and NumPy's copy also wins for few channels.
+# im2col is the reference's strided copy: a Numba loop copying the same windows is no faster
+# (both move the im2col matrix at memory speed; benchmarks/PROFILE.md) and NumPy's copy also
+# wins for few channels.
 im2col = reference.im2col
 
 # col2im: the innermost loop adds one pixel's C channels through 1-D views (gx[n, r, s],
 # cols[n, i, j, p, q]); indices from range() are known non-negative, so LLVM vectorizes it
 # (2-3x faster than the same loop on computed flat indices). The views cost a little per
-# pixel: for a single channel the reference's offset-by-offset slice additions are faster
-# ((200, 1, 28, 28) with 3x3 windows: 2.2 vs 4.8 ms; with 4 channels the loop wins, 4.6 vs 34).
+# pixel: for a single channel the reference's offset-by-offset slice additions are faster;
+# from a few channels on the loop wins (docs/performance.md, Kernels).
 
 
 @numba.njit(cache=True)
@@ -571,7 +571,7 @@ def sgd_update_(param, grad, lr: float):
 # --- recurrent cells --------------------------------------------------------------------------
 # The transcendental functions run as NumPy's tanh over whole arrays: without Intel's SVML,
 # Numba calls the scalar libm tanh per element, about 10x slower than NumPy's SIMD float32
-# tanh (measured on the W5 shapes: 3.4 ms against 0.38 ms for the reference's dozen passes).
+# tanh on the W5 shapes (docs/performance.md, Kernels).
 # The arithmetic between them is one fused Numba loop per stage. Sigmoids come from the same
 # tanh pass as the reference's: sigmoid(x) = (tanh(x / 2) + 1) / 2.
 
