@@ -17,10 +17,12 @@ from tinymeta.meta.adaptation import (
 from tinymeta.meta.inner_rules import InnerSGD, MetaSGD, PerStepLR, as_update_rule
 from tinymeta.meta.learned_optimizer import LearnedOptimizer
 from tinymeta.meta.learner import MAML, Learner
+from tinymeta.meta.lstm_optimizer import LSTMOptimizer
 
 __all__ = [
     "MAML",
     "InnerSGD",
+    "LSTMOptimizer",
     "LearnedOptimizer",
     "Learner",
     "MetaSGD",
