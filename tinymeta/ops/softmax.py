@@ -19,6 +19,20 @@ from tinymeta.ops.reductions import sum as _sum
 from tinymeta.tensor import Tensor
 
 
+def _tensor(x, op: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
+        return Tensor(x)
+    raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
+
+
+def _axis(x: Tensor, axis: int, op: str) -> int:
+    if not -x.ndim <= axis < max(x.ndim, 1) or x.ndim == 0:
+        raise ValueError(f"{op}: axis {axis} is out of range for a tensor of shape {x.shape}")
+    return axis % x.ndim
+
+
 class Softmax(Function):
     """y = exp(x - max x) / sum exp(x - max x);  gx = y * (gy - sum(gy * y))."""
 
@@ -41,6 +55,12 @@ class Softmax(Function):
         return y * (gy - _sum(gy * y, self.axis, keepdims=True))
 
 
+def softmax(x, axis: int = -1) -> Tensor:
+    """y = exp(x) / sum(exp(x)) along ``axis``, computed with the max-shift for stability."""
+    x = _tensor(x, "softmax")
+    return Softmax.apply(x, axis=_axis(x, axis, "softmax"))
+
+
 class LogSoftmax(Function):
     """y = x - logsumexp(x);  gx = gy - exp(y) * sum(gy)."""
 
@@ -61,26 +81,6 @@ class LogSoftmax(Function):
     def backward(self, gy):
         # softmax = exp(y): reading it from the output keeps the rule differentiable.
         return gy - exp(self.output) * _sum(gy, self.axis, keepdims=True)
-
-
-def _tensor(x, op: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
-        return Tensor(x)
-    raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
-
-
-def _axis(x: Tensor, axis: int, op: str) -> int:
-    if not -x.ndim <= axis < max(x.ndim, 1) or x.ndim == 0:
-        raise ValueError(f"{op}: axis {axis} is out of range for a tensor of shape {x.shape}")
-    return axis % x.ndim
-
-
-def softmax(x, axis: int = -1) -> Tensor:
-    """y = exp(x) / sum(exp(x)) along ``axis``, computed with the max-shift for stability."""
-    x = _tensor(x, "softmax")
-    return Softmax.apply(x, axis=_axis(x, axis, "softmax"))
 
 
 def log_softmax(x, axis: int = -1) -> Tensor:
