@@ -20,6 +20,7 @@ import pytest
 
 import tinymeta as tm
 from tinymeta import function as function_module
+from tinymeta import nn
 from tinymeta.autograd import engine as engine_module
 from tinymeta.function import Function
 from tinymeta.tensor import Tensor
@@ -252,7 +253,6 @@ def test_dot_labels_leaves_from_params_and_roots_from_dict_keys():
 
 
 def test_dot_labels_module_parameters():
-    nn = pytest.importorskip("tinymeta.nn")
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     loss = model(tm.randn(2, 3)).sum()
     nodes, _ = check_dot_structure(tm.viz.to_dot(loss, params=model), [loss])
