@@ -47,6 +47,7 @@ _register_kernels()
 from tinymeta import autograd, cuda, testing  # noqa: E402
 from tinymeta import ops as _ops
 from tinymeta.autograd import backward, grad
+from tinymeta.capture import CaptureError, capture
 from tinymeta.creation import (
     arange,
     eye,

@@ -1,0 +1,870 @@
+"""Capture and replay: a training step whose shapes do not change, run as a flat list of calls.
+
+``step = tm.capture(step_fn)``; the first ``step(*inputs)`` runs ``step_fn`` eagerly and
+records every array-level call it makes; later calls with inputs of the same shapes and
+dtypes run only those calls on the new arrays: no tensors, no graph nodes, no engine.
+
+What is recorded, and how it is found:
+
+* every op's ``forward`` (``Function.apply`` hands it to :func:`_on_apply` through
+  ``function._capture_hook``), including the ops that backward rules are built from, with
+  the arrays the forward stores on the node for its backward (a mask, an arg-max);
+* every NumPy call on an array that the step computed or read from a tensor. Those arrays
+  are :class:`_Traced` views while the step is captured: a ufunc, a NumPy function, indexing,
+  ``reshape``, ``astype``, ``copy`` ... on one is recorded wherever it happens (gradient sums
+  in the engine, masks in backward rules, in-place updates). A view made any other way
+  raises, so that no computed array can become a silent constant;
+* calls of ``tinymeta.kernels`` made outside a forward;
+* ``Optimizer.step()`` as one call, replayed by calling it again (its Python-side state, such
+  as Adam's step count, changes from call to call), after the parameters' ``.grad`` are set
+  to the replayed gradients.
+
+What cannot be replayed is refused while capturing, with the op and the line of user code:
+a value read back into Python (``.item()``, ``float(t)``, ``bool(t)`` and so a Python branch
+on a tensor's values, ``.numpy()``, ``.tolist()``), random numbers from tinymeta's generator
+(``tm.randn``, ``tm.rand``, layer initialisation), ``tm.tensor(t)`` of a captured array, a
+step that reads a ``.grad`` left over from before it, or assigns a tensor's ``.data``. The
+limits (documented in docs/capture.md): a ``numpy.random.Generator`` passed in by the user,
+``np.asarray``/``np.array`` of a captured array (NumPy offers no hook for them) and state
+kept outside tensors, their ``.grad`` and the optimizers.
+
+The replay keeps everything else fixed: arrays that the step only read (constants, the
+parameters, which optimizers change in place) are used by reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import os
+import sys
+import weakref
+
+import numpy as np
+
+from tinymeta import function as _function
+from tinymeta.tensor import Tensor
+
+
+class CaptureError(RuntimeError):
+    """The step does something that a replay could not repeat faithfully."""
+
+
+# The capture being recorded now (a _Recorder), or None.
+_active = None
+
+
+def capture(step_fn=None, *, on_change: str = "recapture"):
+    """Wrap ``step_fn`` so that its first call is captured and later calls replay it.
+
+    Usable as ``tm.capture(fn)`` or as the decorator ``@tm.capture``. Inputs may be tensors
+    or arrays (arrays reach ``step_fn`` as tensors); other arguments (numbers, strings) are
+    part of the signature. When a call's inputs differ in shape, dtype or device, or a
+    tensor the step read has new ``.data``, the step is captured again
+    (``on_change="recapture"``) or a ``CaptureError`` is raised (``on_change="raise"``).
+    The replay returns what the step returned with every tensor replaced by a new tensor
+    over the replayed array (no ``grad_fn``).
+    """
+    if on_change not in ("recapture", "raise"):
+        raise ValueError(f"capture: on_change must be 'recapture' or 'raise', got {on_change!r}")
+    if step_fn is None:
+        return functools.partial(capture, on_change=on_change)
+    return Captured(step_fn, on_change)
+
+
+class Captured:
+    """A captured step: ``__call__`` captures on the first call and replays afterwards."""
+
+    def __init__(self, step_fn, on_change: str):
+        self.step_fn = step_fn
+        self.on_change = on_change
+        self.program = None  # a _Program once captured
+        self.captures = 0  # how many times the step was captured (tests and users look)
+        functools.update_wrapper(self, step_fn)
+
+    def __call__(self, *args):
+        key = _signature(args)
+        program = self.program
+        if program is not None and program.key == key and program.state_unchanged():
+            return program.replay(args)
+        if program is not None and self.on_change == "raise":
+            raise CaptureError(
+                f"capture: {_name(self.step_fn)} was captured for inputs {program.key} but is "
+                f"called with {key} (or a tensor it read has new .data); pass "
+                "on_change='recapture' to capture it again"
+            )
+        self.program = None
+        result, self.program = _record(self.step_fn, args, key)
+        self.captures += 1
+        return result
+
+    def reset(self) -> None:
+        """Forget the captured program: the next call captures again."""
+        self.program = None
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", repr(fn))
+
+
+def _signature(args) -> tuple:
+    """What a replay must match: each input's kind, shape, dtype and device, other values."""
+    key = []
+    for a in args:
+        if isinstance(a, Tensor):
+            key.append(("tensor", a.shape, a.dtype.str, type(a.data), a.requires_grad))
+        elif isinstance(a, np.ndarray):
+            key.append(("array", a.shape, a.dtype.str, type(a)))
+        elif hasattr(a, "__cuda_array_interface__"):
+            raise CaptureError("capture: device arrays are not supported yet (CPU only)")
+        else:
+            key.append(("value", type(a), a))
+    return tuple(key)
+
+
+# --- the traced array -------------------------------------------------------------------------
+
+
+class _Traced(np.ndarray):
+    """A view of an array the captured step computed or read: NumPy calls on it are recorded.
+
+    Outside a capture, or inside an op's forward (recorded as a whole), it computes as a
+    plain array and returns plain arrays.
+    """
+
+    def __array_finalize__(self, obj):
+        rec = _active
+        if rec is not None and not rec.depth and not rec.making:
+            raise CaptureError(
+                "capture: an array operation that the capture does not record "
+                f"(a view or copy made outside NumPy's ufuncs and functions) {_where()}"
+            )
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        call = getattr(ufunc, method)
+        return _call(call, f"numpy.{ufunc.__name__}.{method}", inputs, kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return _call(func, f"numpy.{func.__name__}", args, kwargs)
+
+    # Read back into Python: the value would be frozen into the replay.
+    def item(self, *args):
+        return _read_back(self, "item", args)
+
+    def tolist(self):
+        return _read_back(self, "tolist", ())
+
+    def tobytes(self, *args, **kwargs):
+        return _read_back(self, "tobytes", args)
+
+    def __float__(self):
+        return _read_back(self, "__float__", ())
+
+    def __int__(self):
+        return _read_back(self, "__int__", ())
+
+    def __index__(self):
+        return _read_back(self, "__index__", ())
+
+    def __bool__(self):
+        return _read_back(self, "__bool__", ())
+
+    def __complex__(self):
+        return _read_back(self, "__complex__", ())
+
+    @property
+    def T(self):
+        return _call(np.ndarray.transpose, "ndarray.T", (self,), {})
+
+
+def _method(name):
+    base = getattr(np.ndarray, name)
+
+    def method(self, *args, **kwargs):
+        return _call(base, f"ndarray.{name}", (self, *args), kwargs)
+
+    method.__name__ = name
+    return method
+
+
+# ndarray methods that C code runs without NumPy's override protocols; the reductions
+# (sum, mean, max, ...) and operators go through ufuncs and need nothing here.
+for _m in (
+    "__getitem__", "__setitem__", "reshape", "transpose", "ravel", "flatten", "squeeze",
+    "swapaxes", "astype", "copy", "view", "fill", "repeat", "take", "put", "argmax", "argmin",
+    "dot", "cumsum", "cumprod", "nonzero", "diagonal", "sort", "argsort", "round", "conj",
+    "clip", "__copy__", "__deepcopy__", "__iter__",
+):  # fmt: skip
+    setattr(_Traced, _m, _method(_m))
+
+
+def _read_back(array, what: str, args):
+    rec = _active
+    if rec is None or rec.depth:
+        return getattr(np.ndarray, what)(_plain(array), *args)
+    raise CaptureError(
+        f"capture: {what}() reads a computed value back into Python {_where()}; a replay "
+        "would repeat the value of the capturing call (a Python branch on a tensor's value, "
+        "float(t), t.item() and t.numpy() cannot be captured): compute it with tensor ops, "
+        "or leave it out of the captured step"
+    )
+
+
+def _plain(a):
+    return np.ndarray.view(a, np.ndarray)
+
+
+def _unwrap(x):
+    """``x`` with every traced array replaced by a plain view (in lists, tuples, dicts)."""
+    if isinstance(x, _Traced):
+        return _plain(x)
+    if type(x) in (list, tuple):
+        return type(x)(_unwrap(v) for v in x)
+    if type(x) is dict:
+        return {k: _unwrap(v) for k, v in x.items()}
+    return x
+
+
+def _call(call, name: str, args, kwargs):
+    """Run ``call`` on plain arrays; while a capture records, record it."""
+    result = call(*_unwrap(args), **_unwrap(kwargs))
+    rec = _active
+    if rec is None or rec.depth:
+        return result
+    return rec.record(call, name, args, kwargs, result)
+
+
+# --- recording --------------------------------------------------------------------------------
+
+
+class _Ref:
+    """A placeholder in a recorded call's arguments: slot ``i`` of the replay's values."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __repr__(self):
+        return f"%{self.i}"
+
+
+class _Recorder:
+    def __init__(self):
+        self.depth = 0  # > 0 inside an op's forward or an optimizer step: not recorded
+        self.making = False  # True while the recorder itself makes a traced view
+        self.objects = []  # slot -> the traced array of the capturing call (kept alive)
+        self.slot_of = {}  # id(traced array) -> slot
+        self.fixed = {}  # slot -> the array a replay reads by reference (a parameter's)
+        self.forbidden = {}  # slot -> why a replay may not read it
+        self.calls = []  # the program: (kind, ...) tuples, see _Program
+        self.swapped = []  # (tensor, its own array, the traced view it holds while capturing)
+        self.swapped_ids = set()
+        self.final_grads = {}  # id(tensor) -> slot of its .grad after the step, or None
+        self.grad_tensor_slot = {}  # id(a .grad tensor handed to an optimizer) -> its slot
+
+    # slots
+    def new_slot(self, array) -> int:
+        """A slot for ``array`` (a plain array or NumPy scalar); returns its slot."""
+        self.making = True
+        try:
+            traced = np.asarray(array).view(_Traced)
+        finally:
+            self.making = False
+        slot = len(self.objects)
+        self.objects.append(traced)
+        self.slot_of[id(traced)] = slot
+        return slot
+
+    def traced(self, slot: int):
+        return self.objects[slot]
+
+    def template(self, x):
+        """``x`` with traced arrays replaced by _Ref placeholders (in lists, tuples, dicts)."""
+        if isinstance(x, _Traced):
+            slot = self.slot_of.get(id(x))
+            if slot is None:
+                raise CaptureError(
+                    f"capture: an array of unknown origin reached a recorded call {_where()}"
+                )
+            if slot in self.forbidden:
+                raise CaptureError(f"capture: {self.forbidden[slot]} {_where()}")
+            return _Ref(slot)
+        if type(x) in (list, tuple):
+            return type(x)(self.template(v) for v in x)
+        if type(x) is dict:
+            return {k: self.template(v) for k, v in x.items()}
+        return x
+
+    def outputs(self, result):
+        """Slots for a call's result; returns (the traced result, the slots)."""
+        if isinstance(result, (np.ndarray, np.generic)):
+            slot = self.new_slot(result)
+            return self.objects[slot], slot
+        if type(result) in (tuple, list) and all(isinstance(r, np.ndarray) for r in result):
+            slots = tuple(self.new_slot(r) for r in result)
+            return type(result)(self.objects[s] for s in slots), slots
+        if result is None:
+            return None, None
+        return result, None
+
+    def record(self, call, name: str, args, kwargs, result):
+        """Record a NumPy call made on traced arrays; returns its result as traced arrays."""
+        args_t, kwargs_t = self.template(args), self.template(kwargs)
+        out = kwargs.get("out")
+        if out is not None:  # in place: the result is the out= array(s) the caller passed
+            self.calls.append(("call", call, name, args_t, kwargs_t, None))
+            return out[0] if type(out) is tuple and len(out) == 1 else out
+        if name in ("ndarray.__setitem__", "ndarray.fill", "ndarray.put", "ndarray.sort"):
+            self.calls.append(("call", call, name, args_t, kwargs_t, None))
+            return result
+        if not isinstance(result, (np.ndarray, np.generic, tuple, list)) and result is not None:
+            if name in _STRUCTURAL:
+                return result
+            raise CaptureError(
+                f"capture: {name} returns a Python {type(result).__name__} computed from "
+                f"captured arrays {_where()}; a replay would repeat the capturing call's value"
+            )
+        traced, slots = self.outputs(result)
+        self.calls.append(("call", call, name, args_t, kwargs_t, slots))
+        return traced
+
+    # tensors the step reads: parameters, inputs, constants
+    def swap_in(self, t: Tensor) -> None:
+        """Let ``t`` hold a traced view of its array while capturing (a replay reads its own
+        array by reference); once per tensor. A ``.grad`` it already has may not be read."""
+        if id(t) in self.swapped_ids or isinstance(t.data, _Traced):
+            return
+        own = t.data
+        if type(own) is not np.ndarray:
+            raise CaptureError(
+                f"capture: a tensor of type {type(own).__name__} (shape {t.shape}) is read "
+                f"{_where()}; only CPU (NumPy) tensors can be captured now"
+            )
+        slot = self.new_slot(own)
+        self.fixed[slot] = own
+        self.swapped.append((t, own, self.objects[slot]))
+        self.swapped_ids.add(id(t))
+        t.data = self.objects[slot]
+        g = t.grad
+        if g is not None and type(g.data) is np.ndarray:
+            gslot = self.new_slot(g.data)
+            self.forbidden[gslot] = (
+                f"the step reads the .grad (shape {t.shape}) that a tensor had before the "
+                "step started; a replay would read that same stale .grad: call "
+                "opt.zero_grad() in the step, before the backward"
+            )
+            self.swapped.append((g, g.data, self.objects[gslot]))
+            self.swapped_ids.add(id(g))
+            g.data = self.objects[gslot]
+
+    def restore(self) -> None:
+        """Give every swapped tensor its own array back; note where each .grad ended."""
+        assigned = None
+        for t, own, traced in reversed(self.swapped):
+            if t.data is traced:
+                t.data = own
+            else:  # the step assigned .data: keep what it assigned, as a plain array
+                t.data = _plain(t.data) if isinstance(t.data, _Traced) else t.data
+                assigned = t
+        if assigned is not None:
+            raise CaptureError(
+                f"capture: the step assigned .data of a tensor of shape {assigned.shape}; a "
+                "replay cannot repeat that: change it in place (copy_, add_) instead"
+            )
+        for t, _, _ in self.swapped:
+            g = t.grad
+            if g is None:
+                self.final_grads[id(t)] = None
+            elif isinstance(g.data, _Traced):
+                self.final_grads[id(t)] = self.template(g.data).i
+                g.data = _plain(g.data)
+            elif id(g) in self.grad_tensor_slot:  # handed to an optimizer step
+                self.final_grads[id(t)] = self.grad_tensor_slot[id(g)]
+
+
+# NumPy functions whose Python results depend on shapes and memory only, not on values.
+_STRUCTURAL = {
+    "numpy.shape", "numpy.ndim", "numpy.size", "numpy.result_type", "numpy.shares_memory",
+    "numpy.may_share_memory", "numpy.iscomplexobj", "numpy.isrealobj", "numpy.can_cast",
+}  # fmt: skip
+
+
+def _on_apply(fn, tensors, arrays):
+    """``function._capture_hook``: run ``fn``'s forward and record it as one call."""
+    rec = _active
+    if rec.depth:
+        return fn.forward(*[_plain(a) if isinstance(a, _Traced) else a for a in arrays])
+    for t in tensors:
+        if not isinstance(t.data, _Traced):
+            rec.swap_in(t)
+    traced_in = [t.data for t in tensors]
+    refs = rec.template(traced_in)
+    before = dict(fn.__dict__)
+    # Arrays among the op's parameters (an index array, say) are replay inputs too.
+    params = {k: rec.template(v) for k, v in before.items() if _holds_traced(v)}
+    rec.depth += 1
+    try:
+        ys = fn.forward(*[_plain(a) for a in traced_in])
+    finally:
+        rec.depth -= 1
+    single = type(ys) is not tuple
+    traced_out, slots = rec.outputs(ys if single else tuple(ys))
+    # Arrays the forward kept on the node for its backward (masks, arg-max): their traced
+    # views replace them, and a replay reads them back after the forward.
+    kept = []
+    for k, v in list(fn.__dict__.items()):
+        if before.get(k) is v:
+            continue
+        if isinstance(v, (np.ndarray, np.generic)):
+            slot = rec.new_slot(v)
+            setattr(fn, k, rec.objects[slot])
+            kept.append((k, slot))
+        elif type(v) in (tuple, list) and any(isinstance(x, np.ndarray) for x in v):
+            if not all(isinstance(x, (np.ndarray, np.generic)) for x in v):
+                raise CaptureError(
+                    f"capture: {fn.op_name()}.forward keeps {k!r} mixing arrays and other "
+                    f"values {_where()}; the capture cannot follow it"
+                )
+            slots = [rec.new_slot(x) for x in v]
+            setattr(fn, k, type(v)(rec.objects[i] for i in slots))
+            kept.append((k, tuple(slots)))
+        elif isinstance(v, float):
+            raise CaptureError(
+                f"capture: {fn.op_name()}.forward keeps a Python number {k!r} for its "
+                f"backward {_where()}; it may depend on the values, which a replay would "
+                "repeat: keep a 0-d array instead"
+            )
+    replica = copy.copy(fn)  # the node is not recorded yet: no inputs, no outputs
+    rec.calls.append(("forward", replica, fn.op_name(), refs, params, slots, single, kept))
+    return traced_out
+
+
+def _holds_traced(v) -> bool:
+    if isinstance(v, _Traced):
+        return True
+    return type(v) in (tuple, list) and any(isinstance(x, _Traced) for x in v)
+
+
+def _where() -> str:
+    """'in <op or function> (file:line), from <user file>:<line>' for the current stack."""
+    frame = sys._getframe(1)
+    here = os.path.dirname(os.path.abspath(__file__))
+    numpy_dir = os.path.dirname(np.__file__)
+    inner = None
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if path == os.path.abspath(__file__) or path.startswith(numpy_dir):
+            frame = frame.f_back
+            continue
+        if path.startswith(here) or "/kernels/" in path:
+            if inner is None:
+                owner = frame.f_locals.get("self")
+                name = frame.f_code.co_name
+                if owner is not None and not isinstance(owner, np.ndarray):
+                    name = f"{type(owner).__name__}.{name}"
+                inner = f"{name} ({os.path.relpath(path, os.path.dirname(here))}:{frame.f_lineno})"
+            frame = frame.f_back
+            continue
+        user = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        return f"in {inner}, called from {user}" if inner else f"at {user}"
+    return f"in {inner}" if inner else "(no user frame)"
+
+
+# --- what capturing changes while it runs ------------------------------------------------------
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise CaptureError(
+            f"capture: {what} {_where()}; a replay would repeat the capturing call's numbers: "
+            "draw them outside the step and pass them in as inputs"
+        )
+
+    return refuse
+
+
+class _RefusingRng:
+    """Stands in for tinymeta's default generator while capturing: any use is refused."""
+
+    def __getattr__(self, name):
+        return _refuse(f"the default random generator's {name}() is used")
+
+
+def _tensor_read_back(what: str):
+    def read_back(self, *args, **kwargs):
+        rec = _active
+        if rec is None or rec.depth:
+            return _ORIGINAL_TENSOR[what](self, *args, **kwargs)
+        raise CaptureError(
+            f"capture: Tensor.{what}() reads a tensor's value into Python (a host transfer) "
+            f"{_where()}; a replay would repeat the capturing call's value"
+        )
+
+    return read_back
+
+
+_ORIGINAL_TENSOR = {}
+
+
+def _copying_tensor(original):
+    def tensor(data, *args, **kwargs):
+        inner = data.data if isinstance(data, Tensor) else data
+        if isinstance(inner, _Traced) and not _active.depth:
+            raise CaptureError(
+                f"capture: tm.tensor() copies a captured array through NumPy, which a replay "
+                f"cannot follow {_where()}; use the tensor itself (or t * 1.0 for a copy)"
+            )
+        return original(data, *args, **kwargs)
+
+    return tensor
+
+
+def _optimizer_step(original):
+    def step(self, closure=None):
+        rec = _active
+        if rec.depth:
+            return original(self, closure)
+        if closure is not None:
+            raise CaptureError(f"capture: {type(self).__name__}.step(closure) {_where()}")
+        bindings = []
+        # The step runs on the parameters' own arrays (updated in place) and plain gradients.
+        for t, own, _ in rec.swapped:
+            t.data = own
+        try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    g = p.grad
+                    if g is None:
+                        bindings.append((p, None))
+                    elif isinstance(g.data, _Traced):
+                        slot = rec.template(g.data).i
+                        bindings.append((p, slot))
+                        rec.grad_tensor_slot[id(g)] = slot
+                        g.data = _plain(g.data)
+                    elif id(g) in rec.grad_tensor_slot:
+                        bindings.append((p, rec.grad_tensor_slot[id(g)]))
+                    else:
+                        raise CaptureError(
+                            f"capture: {type(self).__name__}.step() updates a parameter (shape "
+                            f"{p.shape}) with a .grad that the step did not compute {_where()}"
+                        )
+            rec.depth += 1
+            try:
+                original(self)
+            finally:
+                rec.depth -= 1
+        finally:
+            for t, _, traced in rec.swapped:
+                t.data = traced
+        rec.calls.append(("step", self, type(self).__name__, bindings))
+
+    return step
+
+
+def _kernel(name, original):
+    def kernel(*args, **kwargs):
+        rec = _active
+        if rec is None or rec.depth:
+            return original(*args, **kwargs)
+        args = [a.data if isinstance(a, Tensor) else a for a in args]
+        return _call(original, f"{original.__module__}.{name}", args, kwargs)
+
+    return kernel
+
+
+# The kernels of tinymeta.kernels (arrays in, arrays out; sgd_update_ in place).
+_KERNELS = (
+    "bn_stats", "bn_forward", "bn_backward", "bn_double_backward", "maxpool2d_argmax",
+    "maxpool2d_scatter", "maxpool2d_gather", "im2col", "col2im", "softmax_xent_forward",
+    "softmax_xent_backward", "relu_backward", "sgd_update_", "lstm_pointwise_forward",
+    "lstm_pointwise_backward", "gru_pointwise_forward", "gru_pointwise_backward", "erf",
+)  # fmt: skip
+
+
+# Functions that read values back only to check them (label ranges, say): recorded and
+# replayed whole, so that a replay checks the new values too.
+_CHECKED = {
+    "tinymeta.nn.functional": ("_labels",),
+}
+
+
+class _Patches:
+    """Everything capturing swaps in for the time of one captured call, and back."""
+
+    def __enter__(self):
+        import tinymeta
+        from tinymeta import creation, kernels
+        from tinymeta.optim.optimizer import Optimizer
+
+        self.saved = []
+
+        def patch(obj, name, value):
+            self.saved.append(
+                (obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name))
+            )
+            setattr(obj, name, value)
+
+        for what in ("item", "numpy", "tolist", "__array__", "__float__", "__int__", "__bool__"):
+            if what in Tensor.__dict__:
+                _ORIGINAL_TENSOR[what] = Tensor.__dict__[what]
+                patch(Tensor, what, _tensor_read_back(what))
+        for module in (tinymeta, creation):
+            for name in ("randn", "rand"):
+                if hasattr(module, name):
+                    patch(module, name, _refuse(f"tm.{name}() draws random numbers"))
+            if hasattr(module, "tensor"):
+                patch(module, "tensor", _copying_tensor(creation.__dict__["tensor"]))
+        patch(creation, "_global_rng", _RefusingRng())
+        patch(Optimizer, "step", _optimizer_step(Optimizer.__dict__["step"]))
+        for name in _KERNELS:
+            patch(kernels, name, _kernel(name, getattr(kernels, name)))
+        for module_name, names in _CHECKED.items():
+            module = importlib.import_module(module_name)
+            for name in names:
+                patch(module, name, _kernel(name, getattr(module, name)))
+        _function._capture_hook = _on_apply
+        return self
+
+    def __exit__(self, *exc):
+        _function._capture_hook = None
+        for obj, name, value in reversed(self.saved):
+            setattr(obj, name, value)
+        return False
+
+
+# --- capture and replay ---------------------------------------------------------------------
+
+
+def _record(step_fn, args, key):
+    """Run ``step_fn(*args)`` eagerly while recording; returns (its result, the program)."""
+    global _active
+    if _active is not None:
+        raise CaptureError("capture: a captured step called inside another captured step")
+    rec = _Recorder()
+    inputs = []  # (position, slot)
+    call_args = []
+    _active = rec
+    try:
+        with _Patches():
+            for i, a in enumerate(args):
+                if isinstance(a, Tensor):
+                    rec.swap_in(a)
+                    slot = rec.slot_of[id(a.data)]
+                    rec.fixed.pop(slot, None)
+                    inputs.append((i, slot))
+                    call_args.append(a)
+                elif isinstance(a, np.ndarray):
+                    slot = rec.new_slot(a)
+                    inputs.append((i, slot))
+                    call_args.append(Tensor._wrap(rec.objects[slot]))
+                else:
+                    call_args.append(a)
+            try:
+                result = step_fn(*call_args)
+                outputs = _output_template(result, rec)
+            finally:
+                rec.restore()
+    finally:
+        _active = None
+    program = _Program(rec, key, args, inputs, outputs)
+    return program.build_result(result, rec), program
+
+
+def _output_template(result, rec):
+    if isinstance(result, Tensor):
+        if not isinstance(result.data, _Traced):
+            rec.swap_in(result)
+        return ("tensor", rec.template(result.data).i)
+    if type(result) in (tuple, list):
+        return (type(result), [_output_template(r, rec) for r in result])
+    if type(result) is dict:
+        return (dict, {k: _output_template(v, rec) for k, v in result.items()})
+    if isinstance(result, np.ndarray):
+        raise CaptureError("capture: the step returns a NumPy array; return tensors")
+    return ("value", result)
+
+
+class _Program:
+    """The recorded calls, ready to replay."""
+
+    def __init__(self, rec: _Recorder, key, args, inputs, outputs):
+        self.key = key
+        self.inputs = inputs
+        self.outputs = outputs
+        self.size = len(rec.objects)
+        self.fixed = dict(rec.fixed)
+        input_ids = {id(args[i]) for i, _ in inputs}
+        # Tensors whose array the replay reads by reference: it must still be theirs.
+        self.watched = [
+            (weakref.ref(t), own) for t, own, _ in rec.swapped if id(t) not in input_ids
+        ]
+        # Where each .grad ended (a slot, or None); the inputs' by position.
+        self.grads = [
+            (weakref.ref(t), rec.final_grads[id(t)])
+            for t, _, _ in rec.swapped
+            if id(t) in rec.final_grads and id(t) not in input_ids
+        ]
+        self.input_grads = [
+            (i, rec.final_grads[id(args[i])]) for i, _ in inputs if id(args[i]) in rec.final_grads
+        ]
+        self.calls = [_compile(c) for c in rec.calls]
+        self.names = [c[2] for c in rec.calls]
+
+    def state_unchanged(self) -> bool:
+        for ref, own in self.watched:
+            t = ref()
+            if t is not None and t.data is not own:
+                return False
+        return True
+
+    def replay(self, args):
+        values = [None] * self.size
+        for slot, array in self.fixed.items():
+            values[slot] = array
+        for i, slot in self.inputs:
+            a = args[i]
+            values[slot] = a.data if isinstance(a, Tensor) else a
+        for run in self.calls:
+            run(values)
+        for ref, slot in self.grads:
+            t = ref()
+            if t is not None:
+                t.grad = None if slot is None else Tensor._wrap(values[slot])
+        for i, slot in self.input_grads:
+            if isinstance(args[i], Tensor):
+                args[i].grad = None if slot is None else Tensor._wrap(values[slot])
+        return _build(self.outputs, values)
+
+    def build_result(self, result, rec):
+        values = [_plain(o) for o in rec.objects]
+        return _build(self.outputs, values)
+
+    def __len__(self):
+        return len(self.calls)
+
+
+def _build(template, values):
+    kind, body = template
+    if kind == "tensor":
+        return Tensor._wrap(values[body])
+    if kind == "value":
+        return body
+    if kind is dict:
+        return {k: _build(v, values) for k, v in body.items()}
+    return kind(_build(v, values) for v in body)
+
+
+def _resolver(template):
+    """A function values -> ``template`` with its _Ref placeholders filled in."""
+    if isinstance(template, _Ref):
+        i = template.i
+        return lambda values: values[i]
+    if type(template) in (list, tuple):
+        if not _has_ref(template):
+            return lambda values: template
+        parts = [_resolver(t) for t in template]
+        kind = type(template)
+        return lambda values: kind([p(values) for p in parts])
+    if type(template) is dict:
+        if not _has_ref(template):
+            return lambda values: template
+        parts = {k: _resolver(v) for k, v in template.items()}
+        return lambda values: {k: p(values) for k, p in parts.items()}
+    return lambda values: template
+
+
+def _has_ref(template) -> bool:
+    if isinstance(template, _Ref):
+        return True
+    if type(template) in (list, tuple):
+        return any(_has_ref(t) for t in template)
+    if type(template) is dict:
+        return any(_has_ref(t) for t in template.values())
+    return False
+
+
+def _positional(template):
+    """For a flat tuple of arguments: (slots or None per position, constants), else None."""
+    if any(type(t) in (list, tuple, dict) and _has_ref(t) for t in template):
+        return None
+    return tuple(t.i if isinstance(t, _Ref) else None for t in template), template
+
+
+def _compile(call):
+    """One recorded call as a function of the replay's values."""
+    kind = call[0]
+    if kind == "call":
+        _, fn, _, args_t, kwargs_t, slots = call
+        flat = _positional(args_t)
+        kwargs_of = _resolver(kwargs_t) if kwargs_t else None
+        if flat is not None:
+            picks, consts = flat
+            if all(p is not None for p in picks):
+
+                def args_of(values, picks=picks):
+                    return [values[p] for p in picks]
+            else:
+
+                def args_of(values, picks=picks, consts=consts):
+                    return [c if p is None else values[p] for p, c in zip(picks, consts)]
+        else:
+            args_of = _resolver(args_t)
+        store = _storer(slots)
+        if kwargs_of is None:
+            return lambda values: store(values, fn(*args_of(values)))
+        return lambda values: store(values, fn(*args_of(values), **kwargs_of(values)))
+    if kind == "forward":
+        _, node, _, refs, params, slots, single, kept = call
+        picks = [r.i for r in refs]
+        param_of = {k: _resolver(v) for k, v in params.items()}
+        store = _storer(slots)
+        forward = node.forward
+
+        def run(values):
+            for k, p in param_of.items():
+                setattr(node, k, p(values))
+            ys = forward(*[values[p] for p in picks])
+            store(values, ys)
+            for k, slot in kept:
+                v = getattr(node, k)
+                if type(slot) is int:
+                    values[slot] = v if type(v) is np.ndarray else np.asarray(v)
+                else:
+                    for i, x in zip(slot, v):
+                        values[i] = x
+
+        return run
+    if kind == "step":
+        _, opt, _, bindings = call
+        bindings = [(weakref.ref(p), slot) for p, slot in bindings]
+        step = type(opt).step
+
+        def run(values):
+            for ref, slot in bindings:
+                p = ref()
+                if p is not None:
+                    p.grad = None if slot is None else Tensor._wrap(values[slot])
+            step(opt)
+
+        return run
+    raise AssertionError(kind)
+
+
+def _storer(slots):
+    """A function (values, result) that puts a call's result into its slots."""
+    if slots is None:
+        return lambda values, result: None
+    if type(slots) is int:
+
+        def store(values, result, slot=slots):
+            values[slot] = result if type(result) is np.ndarray else np.asarray(result)
+
+        return store
+
+    def store_many(values, result, slots=slots):
+        for slot, r in zip(slots, result):
+            values[slot] = r if type(r) is np.ndarray else np.asarray(r)
+
+    return store_many
