@@ -311,6 +311,8 @@ class _Recorder:
 
     def record(self, call, name: str, args, kwargs, result):
         """Record a NumPy call made on traced arrays; returns its result as traced arrays."""
+        if name in _STRUCTURAL:  # shapes and memory only: nothing to replay
+            return result
         args_t, kwargs_t = self.template(args), self.template(kwargs)
         out = kwargs.get("out")
         if out is not None:  # in place: the result is the out= array(s) the caller passed
@@ -319,9 +321,7 @@ class _Recorder:
         if name in ("ndarray.__setitem__", "ndarray.fill", "ndarray.put", "ndarray.sort"):
             self.calls.append(("call", call, name, args_t, kwargs_t, None))
             return result
-        if not isinstance(result, (np.ndarray, np.generic, tuple, list)) and result is not None:
-            if name in _STRUCTURAL:
-                return result
+        if result is not None and not _all_arrays(result):
             raise CaptureError(
                 f"capture: {name} returns a Python {type(result).__name__} computed from "
                 f"captured arrays {_where()}; a replay would repeat the capturing call's value"
@@ -382,6 +382,12 @@ class _Recorder:
                 g.data = _plain(g.data)
             elif id(g) in self.grad_tensor_slot:  # handed to an optimizer step
                 self.final_grads[id(t)] = self.grad_tensor_slot[id(g)]
+
+
+def _all_arrays(result) -> bool:
+    if isinstance(result, (np.ndarray, np.generic)):
+        return True
+    return type(result) in (tuple, list) and all(isinstance(r, np.ndarray) for r in result)
 
 
 # NumPy functions whose Python results depend on shapes and memory only, not on values.
