@@ -90,6 +90,12 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=0.2, help="surrogate clipping (--outer adam)")
     p.add_argument("--hidden", type=int, nargs="+", default=[100, 100])
     p.add_argument("--activation", choices=("relu", "tanh"), default="relu")
+    p.add_argument(
+        "--init-std",
+        type=float,
+        default=1.0,
+        help="initial standard deviation of the Gaussian policy (MAML's code: 1)",
+    )
     p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--gae-lambda", type=float, default=1.0)
     p.add_argument(
@@ -125,8 +131,9 @@ def parse_args(argv=None):
 
 def make_policy(family, args) -> GaussianMLPPolicy:
     return GaussianMLPPolicy(
-        family.observation_dim, family.action_dim, tuple(args.hidden), args.activation
-    )
+        family.observation_dim, family.action_dim, tuple(args.hidden), args.activation,
+        init_std=args.init_std,
+    )  # fmt: skip
 
 
 def init_params(policy, seed: int, dtype) -> dict:
