@@ -296,7 +296,12 @@ def _by_dtype(tensors: list) -> list:
 
 
 def _pack(arrays: list) -> np.ndarray:
-    """One contiguous host buffer holding the arrays one after the other."""
+    """One contiguous host buffer holding the arrays one after the other. Device arrays are
+    joined on their device first, so that the buffer crosses to the host in one copy."""
+    device = next((a for a in arrays if backend.is_cupy_array(a)), None)
+    if device is not None:
+        xp = backend.get_array_module(device)
+        return backend.to_numpy(xp.concatenate([xp.asarray(a).reshape(-1) for a in arrays]))
     flat = np.empty(sum(a.size for a in arrays), arrays[0].dtype)
     offset = 0
     for a in arrays:
