@@ -589,6 +589,17 @@ _KERNELS = (
 )  # fmt: skip
 
 
+def _same(index):
+    return index
+
+
+def _host_value(array, value):
+    """tensor._on_device_of for a host array (traced or not): a write takes the value as is."""
+    if isinstance(value, Tensor):
+        value = value.data
+    return value
+
+
 # Functions that read values back only to check them (label ranges, say): recorded and
 # replayed whole, so that a replay checks the new values too.
 _CHECKED = {
@@ -626,6 +637,12 @@ class _Patches:
         patch(Optimizer, "step", _optimizer_step(Optimizer.__dict__["step"]))
         for name in _KERNELS:
             patch(kernels, name, _kernel(name, getattr(kernels, name)))
+        # These read "not exactly a NumPy array" as "a CuPy array"; a capture runs on the CPU.
+        from tinymeta.ops import shape
+
+        patch(shape, "_index_on_device", _same)
+        for module in (sys.modules["tinymeta.tensor"], shape):
+            patch(module, "_on_device_of", _host_value)
         for module_name, names in _CHECKED.items():
             module = importlib.import_module(module_name)
             for name in names:

@@ -1,0 +1,276 @@
+"""tinymeta eager vs captured (tm.capture) vs PyTorch on W1, W3 and W4, side by side.
+
+Implementations of one workload compute the same thing from the same data and initial
+weights; before timing, the captured step is checked to give bit for bit what the eager
+step gives over three iterations. Two ways to time:
+
+* in one process (default): the implementations take turns, round after round
+  (``common.time_interleaved``'s rotation), each sample timed with both the wall clock and
+  this process's CPU time;
+* ``--separate``: every implementation runs in a process of its own that imports only its
+  own library (as an outside user's script would), the processes taking turns, round after
+  round; each reports the median of its samples, on both clocks.
+
+Ratios are medians over rounds of each round's ratio; below 1 the first is faster.
+
+    python benchmarks/bench_capture.py --threads 1                 # all, one process
+    python benchmarks/bench_capture.py --threads 1 --separate       # one process each
+    python benchmarks/bench_capture.py --threads 1 --only w4 --rounds 5 --repeats 30
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import base_parser, describe_machine, setup_threads  # noqa: E402
+
+# workload -> (description, implementations, calls per timed sample)
+W1_PEERS = ("eager", "captured", "torch", "torch.func")
+WORKLOADS = {
+    "w1": ("W1 sinusoid MAML, 1 inner step, second order", W1_PEERS, 2),
+    "w1-5": ("W1 sinusoid MAML, 5 inner steps, second order", W1_PEERS, 1),
+    "w3": ("W3 MLP 784-256-256-10 SGD step, batch 128", ("eager", "captured", "torch"), 2),
+    "w4": ("W4 double backward, x 64x100, W1 100x100", ("eager", "captured", "torch"), 10),
+}
+
+
+# --- the implementations: each builder returns (step, state) with ``state()`` -> arrays ------
+
+
+def build(workload: str, impl: str):
+    """``(step, state)``: one iteration without arguments, and the arrays to compare."""
+    import numpy as np
+
+    if impl in ("eager", "captured"):
+        import tinymeta as tm
+
+        step, state = _tinymeta(tm, np, workload)
+        return (tm.capture(step) if impl == "captured" else step), state
+    import torch
+
+    torch.set_num_threads(int(_threads()))
+    return _torch(torch, np, workload, vmap=impl == "torch.func")
+
+
+def _threads() -> str:
+    import os
+
+    return os.environ.get("OMP_NUM_THREADS", "1")
+
+
+def _tinymeta(tm, np, workload: str):
+    from bench_cpu import w4_data, w4_tinymeta
+    from common import Tinymeta, w1_data, w1_weights
+
+    if workload.startswith("w1"):
+        steps = 5 if workload == "w1-5" else 1
+        step, gradient = Tinymeta("cpu").w1(w1_weights(np), w1_data(np), steps)
+        return step, lambda: gradient()
+    if workload == "w3":
+        return _TinymetaW3(tm, np).pair()
+    step, _ = w4_tinymeta(tm, w4_data(np))
+    return step, lambda: {"h": step().numpy()}
+
+
+def _torch(torch, np, workload: str, vmap: bool):
+    from bench_cpu import w4_data, w4_torch
+    from common import Torch, w1_data, w1_weights
+
+    if workload.startswith("w1"):
+        steps = 5 if workload == "w1-5" else 1
+        peer = Torch(torch, "cpu")
+        build_ = peer.w1_vmap if vmap else peer.w1_loop
+        return build_(w1_weights(np), w1_data(np), steps)
+    if workload == "w3":
+        return _TorchW3(torch, np).pair()
+    step, _ = w4_torch(torch, w4_data(np))
+    return step, lambda: {"h": step().numpy()}
+
+
+class _TinymetaW3:
+    """bench_w3_mlp's raw-op MLP step, returning the loss tensor (no .item() in the step)."""
+
+    def __init__(self, tm, np):
+        import bench_w3_mlp as w3
+
+        self.tm, self.w3 = tm, w3
+        self.params = [tm.tensor(p, requires_grad=True) for p in w3.init_params(np)]
+        self.opt = tm.optim.SGD(self.params, lr=w3.LR)
+        x, y = w3.make_batch(np)
+        self.x, self.y, self.rows = tm.tensor(x), tm.tensor(y), np.arange(w3.N)
+
+    def step(self):
+        tm = self.tm
+        w1, b1, w2, b2, w3, b3 = self.params
+        h1 = tm.relu(self.x @ w1.T + b1)
+        h2 = tm.relu(h1 @ w2.T + b2)
+        loss = self.w3.cross_entropy_tm(tm, h2 @ w3.T + b3, self.y, self.rows)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def pair(self):
+        return self.step, lambda: {f"p{i}": p.numpy().copy() for i, p in enumerate(self.params)}
+
+
+class _TorchW3:
+    def __init__(self, torch, np):
+        import bench_w3_mlp as w3
+
+        self.torch = torch
+        self.params = [torch.tensor(p, requires_grad=True) for p in w3.init_params(np)]
+        self.opt = torch.optim.SGD(self.params, lr=w3.LR)
+        x, y = w3.make_batch(np)
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step(self):
+        F = self.torch.nn.functional
+        w1, b1, w2, b2, w3, b3 = self.params
+        h1 = self.torch.relu(self.x @ w1.T + b1)
+        h2 = self.torch.relu(h1 @ w2.T + b2)
+        loss = F.cross_entropy(h2 @ w3.T + b3, self.y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def pair(self):
+        return self.step, lambda: {}
+
+
+def check_identical(workload: str) -> str:
+    """Three eager and three captured iterations from equal states give equal arrays."""
+    import numpy as np
+
+    (eager, eager_state), (captured, captured_state) = (
+        build(workload, "eager"),
+        build(workload, "captured"),
+    )
+    for _ in range(3):
+        eager()
+        captured()
+    a, b = eager_state(), captured_state()
+    same = all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    return "bit-identical" if same else "DIFFERENT"
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def sample(step, calls: int) -> tuple[float, float]:
+    """(wall, CPU) seconds per call over ``calls`` calls."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        step()
+    return (time.perf_counter() - w0) / calls, (time.process_time() - c0) / calls
+
+
+def time_in_process(workload: str, impls, args) -> dict:
+    """impl -> per round (wall median, CPU median), all in this process, taking turns."""
+    calls = WORKLOADS[workload][2]
+    steps = {impl: build(workload, impl)[0] for impl in impls}
+    for step in steps.values():
+        for _ in range(args.warmup * calls):
+            step()
+    rounds = {impl: [] for impl in impls}
+    for r in range(args.rounds):
+        samples = {impl: [] for impl in impls}
+        for k in range(args.repeats):
+            shift = (r * args.repeats + k) % len(impls)
+            for impl in impls[shift:] + impls[:shift]:
+                samples[impl].append(sample(steps[impl], calls))
+        for impl, xs in samples.items():
+            rounds[impl].append(tuple(statistics.median(c) for c in zip(*xs)))
+    return rounds
+
+
+def worker(spec: str, args) -> None:
+    """--worker WORKLOAD:IMPL: time one implementation alone; print its medians as JSON."""
+    workload, impl = spec.split(":")
+    step, _ = build(workload, impl)
+    calls = WORKLOADS[workload][2]
+    for _ in range(args.warmup * calls):
+        step()
+    xs = [sample(step, calls) for _ in range(args.repeats)]
+    print(json.dumps([statistics.median(c) for c in zip(*xs)]))
+
+
+def time_separately(workload: str, impls, args) -> dict:
+    """impl -> per round (wall median, CPU median), each implementation in its own process."""
+    rounds = {impl: [] for impl in impls}
+    for r in range(args.rounds):
+        order = impls[r % len(impls) :] + impls[: r % len(impls)]
+        for impl in order:
+            command = [sys.executable, __file__, "--worker", f"{workload}:{impl}"]
+            command += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+            command += ["--warmup", str(args.warmup)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            rounds[impl].append(tuple(json.loads(out.strip().splitlines()[-1])))
+    return rounds
+
+
+def report(workload: str, rounds: dict) -> list:
+    label = WORKLOADS[workload][0]
+    impls = list(rounds)
+    print(f"\n{label}")
+    for impl in impls:
+        wall = statistics.median(w for w, _ in rounds[impl])
+        cpu = statistics.median(c for _, c in rounds[impl])
+        print(f"  {impl:<11} wall {wall * 1e3:8.3f} ms   CPU {cpu * 1e3:8.3f} ms")
+    rows = []
+    for mine in ("eager", "captured"):
+        for peer in impls:
+            if peer in ("eager", "captured") and (mine == "eager" or peer == "captured"):
+                continue
+            cells = []
+            for clock in (0, 1):
+                per_round = [a[clock] / b[clock] for a, b in zip(rounds[mine], rounds[peer])]
+                cells.append(statistics.median(per_round))
+            rows.append((label, mine, peer, *cells))
+            print(f"  {mine} / {peer}: wall {cells[0]:.2f}x, CPU {cells[1]:.2f}x")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = base_parser(__doc__.splitlines()[0], repeats=20, warmup=3)
+    parser.add_argument("--only", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of taking turns")
+    parser.add_argument("--separate", action="store_true", help="one process per implementation")
+    parser.add_argument("--no-torch", action="store_true", help="tinymeta only")
+    parser.add_argument("--worker", help=argparse_suppress())
+    args = parser.parse_args(argv)
+    args.threads = setup_threads(args.threads)
+    if args.worker:
+        worker(args.worker, args)
+        return 0
+    print(describe_machine(args.threads, "wall and CPU"))
+    mode = "one process per implementation" if args.separate else "one process, taking turns"
+    print(f"{mode}; {args.rounds} rounds x {args.repeats} samples; ratios: median of rounds")
+    table = []
+    for workload in args.only:
+        impls = [i for i in WORKLOADS[workload][1] if not (args.no_torch and "torch" in i)]
+        print(f"\n{WORKLOADS[workload][0]}: captured vs eager: {check_identical(workload)}")
+        timer = time_separately if args.separate else time_in_process
+        table += report(workload, timer(workload, impls, args))
+    print("\n| workload | tinymeta | peer | wall ratio | CPU ratio |\n|---|---|---|---:|---:|")
+    for label, mine, peer, wall, cpu in table:
+        print(f"| {label} | {mine} | {peer} | {wall:.2f} | {cpu:.2f} |")
+    return 0
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
