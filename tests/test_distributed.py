@@ -232,6 +232,25 @@ def mpi_collectives() -> dict:
     return found
 
 
+def mpi_cuda() -> dict:
+    """CuPy tensors (both ranks on the same GPU): reduced through the host, back on the GPU."""
+    rank, _ = dist.init()
+    a = tm.tensor(np.arange(3.0) + 10 * rank, device="cuda")
+    dist.all_reduce_([a], op="mean")
+    params = [tm.tensor(np.zeros(2), device="cuda", requires_grad=True) for _ in range(2)]
+    params[0].grad = tm.tensor(np.array([rank + 1.0, 2.0]), device="cuda")
+    dist.all_reduce_grads_(params, op="sum")
+    b = tm.tensor([float(rank)], device="cuda")
+    dist.broadcast_([b], root=1)
+    return {
+        "mean": a.numpy().tolist(),
+        "grad": params[0].grad.numpy().tolist(),
+        "none": params[1].grad is None,
+        "broadcast": b.numpy().tolist(),
+        "devices": [a.device, params[0].grad.device, b.device],
+    }
+
+
 def mpi_raise() -> dict:
     """Rank 1 raises while rank 0 waits for it in a barrier."""
     rank, _ = dist.init()
@@ -273,6 +292,18 @@ def test_collectives_and_meta_gradients_under_mpiexec():
     for name, (gap, scale) in found["meta_gradient"].items():
         assert scale > 1e-3, name  # not a comparison of zeros
         assert gap <= 1e-12 * scale, (name, gap, scale)
+
+
+@needs_mpi
+@pytest.mark.gpu
+def test_cuda_tensors_are_reduced_through_the_host():
+    if not tm.cuda.is_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    found = findings(launch(2, __file__, "cuda"))
+    assert found["mean"] == [5.0, 6.0, 7.0]
+    assert found["grad"] == [3.0, 4.0] and found["none"] is True
+    assert found["broadcast"] == [1.0]
+    assert found["devices"] == ["cuda"] * 3
 
 
 @needs_mpi
@@ -369,7 +400,12 @@ def test_omniglot_checkpoint_of_two_ranks_resumes_with_one_and_with_two(tmp_path
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-CHECKS = {"collectives": mpi_collectives, "raise": mpi_raise, "exit": mpi_exit}
+CHECKS = {
+    "collectives": mpi_collectives,
+    "cuda": mpi_cuda,
+    "raise": mpi_raise,
+    "exit": mpi_exit,
+}
 
 if __name__ == "__main__":
     result = CHECKS[sys.argv[1]]()
