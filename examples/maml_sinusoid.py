@@ -102,6 +102,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument(
+        "--capture",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture the meta-gradient's first iteration and replay its array calls after "
+        "(tm.capture, docs/capture.md): the same numbers, bit for bit; default: on the CPU",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/sinusoid"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -170,6 +177,19 @@ def meta_train(model, rule, args, progress=True):
     # also when the shares are unequal (25 tasks on 2 ranks: 13 and 12).
     share = dist.shard(args.meta_batch)
     weight = len(share) / args.meta_batch
+
+    def meta_gradient(xs, ys, xq, yq, first_order: bool):
+        loss = meta.maml_loss(
+            forward, params, (xs, ys), (xq, yq), mse, rule, args.inner_steps,
+            first_order=first_order, keys=head if args.algo == "anil" else None,
+        )  # fmt: skip
+        (loss * weight).backward()
+        return loss
+
+    # The shapes never change from one meta-iteration to the next: after the first one (and
+    # the first second-order one), replay its array calls instead of running the graph.
+    if args.capture if args.capture is not None else args.device == "cpu":
+        meta_gradient = tm.capture(meta_gradient)
     for it in tqdm(range(args.iterations), desc=args.algo, disable=not progress, mininterval=1):
         batch = tasks.sample_batch(args.meta_batch, args.shots, args.shots)  # same on all ranks
         xs, ys, xq, yq = to_tensors(batch, args.device, args.dtype, share)
@@ -180,11 +200,7 @@ def meta_train(model, rule, args, progress=True):
                 p.grad = grads[k] * weight
         else:
             first_order = args.algo == "fomaml" or it < args.first_order_iterations
-            loss = meta.maml_loss(
-                forward, params, (xs, ys), (xq, yq), mse, rule, args.inner_steps,
-                first_order=first_order, keys=head if args.algo == "anil" else None,
-            )  # fmt: skip
-            (loss * weight).backward()
+            loss = meta_gradient(xs, ys, xq, yq, first_order)
             losses.append(loss.item() * weight)
         dist.all_reduce_grads_(outer_params, op="sum")  # one flat buffer
         norm = nn.utils.clip_grad_norm_(outer_params, args.clip_grad or float("inf"))

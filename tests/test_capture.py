@@ -419,3 +419,34 @@ def test_traced_arrays_do_not_leak():
     loss, g = tm.capture(step)(np.ones((4, 3), np.float32))
     for t in (w, w.grad, loss, g):
         assert not isinstance(t.data, _Traced)
+
+
+# --- the sinusoid example: --capture gives what --no-capture gives ------------------------------
+
+
+@pytest.mark.parametrize(
+    "algo, extra",
+    [("maml", ["--first-order-iterations", "3"]), ("fomaml", []), ("metasgd", []),
+     ("anil", []), ("learned-opt", [])],
+)  # fmt: skip
+def test_sinusoid_example_same_with_and_without_capture(algo, extra, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "maml_sinusoid.py"
+    spec = importlib.util.spec_from_file_location("maml_sinusoid", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    runs = {}
+    for flag in ("--capture", "--no-capture"):
+        out = tmp_path / flag
+        argv = ["--algo", algo, "--iterations", "8", "--meta-batch", "5", "--eval-tasks", "4",
+                "--no-baseline", "--quiet", "--out", str(out), flag, *extra]  # fmt: skip
+        metrics = example.main(argv)
+        runs[flag] = (metrics["mse"], tm.load(out / "checkpoint.npz"))
+    (mse_c, saved_c), (mse_e, saved_e) = runs["--capture"], runs["--no-capture"]
+    assert mse_c == mse_e
+    for part in ("model", "rule"):
+        assert set(saved_c[part]) == set(saved_e[part])
+        for k in saved_c[part]:
+            assert np.array_equal(saved_c[part][k], saved_e[part][k]), f"{part} {k}"
