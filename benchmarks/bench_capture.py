@@ -35,7 +35,7 @@ from common import base_parser, describe_machine, setup_threads  # noqa: E402
 W1_PEERS = ("eager", "captured", "torch", "torch.func")
 WORKLOADS = {
     "w1": ("W1 sinusoid MAML, 1 inner step, second order", W1_PEERS, 2),
-    "w1-5": ("W1 sinusoid MAML, 5 inner steps, second order", W1_PEERS, 1),
+    "w1-5": ("W1 sinusoid MAML, 5 inner steps, second order", W1_PEERS, 2),
     "w3": ("W3 MLP 784-256-256-10 SGD step, batch 128", ("eager", "captured", "torch"), 2),
     "w4": ("W4 double backward, x 64x100, W1 100x100", ("eager", "captured", "torch"), 10),
 }
@@ -239,6 +239,34 @@ def report(workload: str, rounds: dict) -> list:
     return rows
 
 
+def profile_replay(workload: str, iterations: int) -> None:
+    """CPU time of the captured step's replay by recorded call (op forward, NumPy call,
+    kernel, optimizer step), summed over ``iterations`` replays."""
+    import collections
+
+    step, _ = build(workload, "captured")
+    step()
+    program = step.program
+    spent = collections.Counter()
+    for _ in range(iterations):
+        values = [None] * program.size
+        for slot, array in program.fixed.items():
+            values[slot] = array
+        for name, run in zip(program.names, program.calls):
+            start = time.thread_time()
+            run(values)
+            spent[name] += time.thread_time() - start
+    counts = collections.Counter(program.names)
+    total = sum(spent.values())
+    print(f"\n{WORKLOADS[workload][0]}: replay of {len(program)} calls, "
+          f"{total / iterations * 1e3:.3f} ms CPU per iteration")  # fmt: skip
+    for name, seconds in spent.most_common(15):
+        print(
+            f"  {name:<28} {counts[name]:4d} calls {seconds / iterations * 1e6:9.1f} us "
+            f"({seconds / total:5.1%})"
+        )
+
+
 def main(argv=None) -> int:
     parser = base_parser(__doc__.splitlines()[0], repeats=20, warmup=3)
     parser.add_argument("--only", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
@@ -246,10 +274,17 @@ def main(argv=None) -> int:
     parser.add_argument("--separate", action="store_true", help="one process per implementation")
     parser.add_argument("--no-torch", action="store_true", help="tinymeta only")
     parser.add_argument("--worker", help=argparse_suppress())
+    parser.add_argument(
+        "--profile", action="store_true", help="where the replay's time goes, by recorded call"
+    )
     args = parser.parse_args(argv)
     args.threads = setup_threads(args.threads)
     if args.worker:
         worker(args.worker, args)
+        return 0
+    if args.profile:
+        for workload in args.only:
+            profile_replay(workload, args.repeats)
         return 0
     print(describe_machine(args.threads, "wall and CPU"))
     mode = "one process per implementation" if args.separate else "one process, taking turns"
