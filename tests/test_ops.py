@@ -841,3 +841,29 @@ def test_inplace_change_through_an_alias_raises_or_changes_no_gradient(case, dat
         assert (g is None) == (e is None)
         if g is not None:
             np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@settings(max_examples=FEW)
+@given(data=st.data())
+def test_gradients_are_writable_and_share_memory_with_nothing(case, data):
+    """What ``grad`` hands out can be changed in place without changing another gradient,
+    an input, the output gradient passed in or the values a graph saved."""
+    arrays, extra = _draw(data, case)
+    create_graph = data.draw(st.booleans(), label="create_graph")
+    xs = [tm.tensor(a, requires_grad=True) for a in arrays]
+    y = case.fn(*xs, **extra)
+    gy = _cotangent(np.random.default_rng(0), y)
+    gs = tm.grad(y, xs + xs[:1], grad_outputs=gy, create_graph=create_graph, retain_graph=True)
+    others = [x.data for x in xs] + [gy.data, y.data]
+    for i, g in enumerate(gs):
+        assert g.data.flags.writeable, i
+        for other in [h.data for h in gs[:i]] + others:
+            assert not np.may_share_memory(g.data, other), i
+    before = [g.numpy().copy() for g in gs]
+    with tm.no_grad():
+        for g in gs:
+            g.add_(1.0)
+    again = tm.grad(y, xs + xs[:1], grad_outputs=gy)  # from the values the graph saved
+    for b, a in zip(before, again):
+        np.testing.assert_array_equal(b, a.numpy())
