@@ -450,3 +450,50 @@ def test_sinusoid_example_same_with_and_without_capture(algo, extra, tmp_path):
         assert set(saved_c[part]) == set(saved_e[part])
         for k in saved_c[part]:
             assert np.array_equal(saved_c[part][k], saved_e[part][k]), f"{part} {k}"
+
+
+def test_in_place_updates_and_item_assignment_replay_bit_identical():
+    """A hand-written SGD update (in place, under no_grad) and x[i] = v inside the step."""
+
+    def make_state():
+        return {"params": _params({"w": (4, 3), "b": (3,)}, seed=8)}
+
+    def make_step(state):
+        w, b = state["params"]["w"], state["params"]["b"]
+
+        def step(x):
+            h = x @ w + b
+            h[:, 0] = (x @ w)[:, 1] * 2.0  # recorded: h is not a leaf
+            loss = (tm.tanh(h) ** 2).sum()
+            gw, gb = tm.grad(loss, [w, b])
+            with tm.no_grad():
+                w.sub_(gw * 0.1)
+                b.add_(gb, alpha=-0.1)
+            return loss
+
+        return step
+
+    rng = np.random.default_rng(9)
+    batches = [(rng.standard_normal((5, 4)).astype(np.float32),) for _ in range(ITERATIONS)]
+    captured = _twins(make_state, make_step, batches)
+    assert "version bump" in captured.program.names
+
+
+def test_a_failing_step_leaves_nothing_behind():
+    w = tm.tensor(np.ones(3, np.float32), requires_grad=True)
+
+    def fails(x):
+        (x * w).sum().backward()
+        raise KeyError("planted")
+
+    with pytest.raises(KeyError, match="planted"):
+        tm.capture(fails)(np.ones(3, np.float32))
+    assert function._capture_hook is None
+    assert type(w.data) is np.ndarray and type(w.grad.data) is np.ndarray
+    assert (w * 2.0).data.tolist() == [2.0, 2.0, 2.0]  # eager again
+
+
+def test_capture_inside_capture_is_refused():
+    inner = tm.capture(lambda x: x * 2.0)
+    with pytest.raises(CaptureError, match="inside another captured step"):
+        tm.capture(lambda x: inner(x) + 1.0)(np.ones(3, np.float32))

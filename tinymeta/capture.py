@@ -39,6 +39,7 @@ import functools
 import importlib
 import os
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -253,6 +254,7 @@ class _Ref:
 class _Recorder:
     def __init__(self):
         self.depth = 0  # > 0 inside an op's forward or an optimizer step: not recorded
+        self.thread = threading.get_ident()  # ops of other threads are not the step's
         self.making = False  # True while the recorder itself makes a traced view
         self.objects = []  # slot -> the traced array of the capturing call (kept alive)
         self.slot_of = {}  # id(traced array) -> slot
@@ -400,7 +402,7 @@ _STRUCTURAL = {
 def _on_apply(fn, tensors, arrays):
     """``function._capture_hook``: run ``fn``'s forward and record it as one call."""
     rec = _active
-    if rec.depth:
+    if rec.depth or threading.get_ident() != rec.thread:  # inside a forward, another thread
         return fn.forward(*[_plain(a) if isinstance(a, _Traced) else a for a in arrays])
     for t in tensors:
         if not isinstance(t.data, _Traced):
@@ -569,6 +571,19 @@ def _optimizer_step(original):
     return step
 
 
+def _bump(original):
+    """Tensor._bump: an in-place change made by the step (not by an optimizer's step, which
+    is replayed whole) bumps the version counter again on every replay."""
+
+    def bump(self):
+        rec = _active
+        if rec is not None and not rec.depth and threading.get_ident() == rec.thread:
+            rec.calls.append(("bump", weakref.ref(self), "version bump", None))
+        return original(self)
+
+    return bump
+
+
 def _kernel(name, original):
     def kernel(*args, **kwargs):
         rec = _active
@@ -635,6 +650,7 @@ class _Patches:
                 patch(module, "tensor", _copying_tensor(creation.__dict__["tensor"]))
         patch(creation, "_global_rng", _RefusingRng())
         patch(Optimizer, "step", _optimizer_step(Optimizer.__dict__["step"]))
+        patch(Tensor, "_bump", _bump(Tensor.__dict__["_bump"]))
         for name in _KERNELS:
             patch(kernels, name, _kernel(name, getattr(kernels, name)))
         # These read "not exactly a NumPy array" as "a CuPy array"; a capture runs on the CPU.
@@ -859,6 +875,15 @@ def _compile(call):
                         values[i] = x
 
         return run
+    if kind == "bump":
+        ref = call[1]
+
+        def bump(values):
+            t = ref()
+            if t is not None:
+                t._bump()
+
+        return bump
     if kind == "step":
         _, opt, _, bindings = call
         bindings = [(weakref.ref(p), slot) for p, slot in bindings]
