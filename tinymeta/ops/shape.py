@@ -1,6 +1,10 @@
 """Shape ops. Each has a differentiable partner that undoes it in backward:
 reshape/reshape, transpose/inverse transpose, broadcast_to/sum_to,
-getitem/scatter-add, concatenate/slices."""
+getitem/scatter-add, concatenate/slices; and item assignment ``x[i] = v``
+(setitem: its backward zeroes the slot for x and gathers it for v).
+
+Reshape, transpose, broadcast_to and basic indexing return views where NumPy
+does: those outputs share their input's version counter (function.ViewFunction)."""
 
 from __future__ import annotations
 
