@@ -18,12 +18,15 @@ GRU r, z, n), states (..., H); any leading axes (batch, task).
 
 from __future__ import annotations
 
+import numpy as np
+
 from tinymeta import grad_mode, kernels
+from tinymeta.backend import get_array_module
 from tinymeta.function import Function
 from tinymeta.nn.functional import Linear, LinearGradInput, LinearGradWeight, _matmul
 from tinymeta.ops.elementwise import sigmoid, tanh
 from tinymeta.ops.shape import concatenate, getitem, sum_to
-from tinymeta.tensor import constant
+from tinymeta.tensor import Tensor, constant
 
 
 def _rows(a, width: int):
@@ -286,9 +289,9 @@ class LSTMLayer(Function):
     and one kernel per step) and keeps the gate pre-activations for the backward. The backward
     is backpropagation through time written with the per-step ops (LSTMPointwiseGrad, Linear's
     gradient ops) on tensors, so it is itself differentiable; the weight gradient is one
-    matrix product over all steps. The kept gates enter it as GateProduct(gi_t, h_{t-1}, W)
-    nodes (with the kept values: no second product) under ``create_graph``, so that they are
-    functions of the inputs; otherwise as constants (nothing is recorded then).
+    matrix product over all steps; the kept gates enter it as GateProduct(gi_t, h_{t-1}, W)
+    nodes (with the kept values: no second product), functions of the inputs. A backward that
+    records nothing (no ``create_graph``) runs the same ops' forwards on arrays instead.
     """
 
     saves_output = True  # backward reads h and c from self.output
@@ -315,44 +318,65 @@ class LSTMLayer(Function):
         return y
 
     def backward(self, gy):
+        if not _grad_enabled():
+            return self._first_order_backward(gy)
         gi, h0, c0, w = self.inputs
         steps = gi.shape[0]
         hs, cs = unbind(self.output, 0)
         h_prev = [h0, *unbind(hs, 0)[:-1]]
         c_prev = [c0, *unbind(cs, 0)[:-1]]
         g_h, g_c = (unbind(g, 0) for g in unbind(gy, 0))
-        differentiable = _grad_enabled()
-        if differentiable:  # the gates as functions of the inputs
-            gis = unbind(gi, 0)
-            gates = [
-                GateProduct.apply(gis[t], h_prev[t], w, cached=self.gates[t]) for t in range(steps)
-            ]
-            buffer = None
-        else:  # constants, and the steps' gradients written straight into one buffer
-            gates = [constant(a) for a in self.gates]
-            buffer = self.xp.empty(gi.shape, dtype=gi.dtype)
+        gis = unbind(gi, 0)
+        # The kept gates as functions of the inputs (no second product: see GateProduct).
+        gates = [
+            GateProduct.apply(gis[t], h_prev[t], w, cached=self.gates[t]) for t in range(steps)
+        ]
         dgates = [None] * steps
         dh = dc = None
         for t in reversed(range(steps)):
             gh = g_h[t] if dh is None else g_h[t] + dh
             gc = g_c[t] if dc is None else g_c[t] + dc
-            out = None if buffer is None else buffer[t]
-            dgates[t], dc = LSTMPointwiseGrad.apply(gates[t], c_prev[t], gh, gc, out=out)
+            dgates[t], dc = LSTMPointwiseGrad.apply(gates[t], c_prev[t], gh, gc)
             dh = LinearGradInput.apply(dgates[t], w, x_shape=h_prev[t].shape)
-        dg = stack(dgates, 0) if buffer is None else constant(buffer)
+        dg = stack(dgates, 0)
         g_w = None
         if self.needs_input_grad[3]:
-            # sum_t dg_t^T h_{t-1} as two products over views: the first step's (h0) and the
-            # rest's (h_1..h_{L-1} are rows of the output), no copy of the states.
-            g_w = LinearGradWeight.apply(h0, dgates[0], w_shape=w.shape, with_bias=False)
-            if steps > 1:
-                g_w = g_w + LinearGradWeight.apply(
-                    getitem(hs, slice(0, steps - 1)),
-                    getitem(dg, slice(1, steps)),
-                    w_shape=w.shape,
-                    with_bias=False,
-                )
+            h_all = stack(h_prev, 0)
+            g_w = LinearGradWeight.apply(h_all, dg, w_shape=w.shape, with_bias=False)
         return dg, dh, dc, g_w
+
+    def _first_order_backward(self, gy):
+        """The same steps on arrays, for a backward that records nothing: the ops' own
+        forwards (LSTMPointwiseGrad's kernel, Linear's gradient products) called directly, the
+        step gradients written into one buffer. Per step that skips four Function.apply calls
+        and their tensors, about 15% of W5's fwd+bwd (docs/sequence-models.md)."""
+        gi, h0, c0, w = (t.data for t in self.inputs)
+        y, gy = self.output.data, gy.data
+        steps = gi.shape[0]
+        dg = self.xp.empty(gi.shape, dtype=gi.dtype)
+        dh = dc = None
+        for t in reversed(range(steps)):
+            h_prev, c_prev = (h0, c0) if t == 0 else (y[0, t - 1], y[1, t - 1])
+            gh = gy[0, t] if dh is None else gy[0, t] + dh
+            gc = gy[1, t] if dc is None else gy[1, t] + dc
+            _, dc = _run(LSTMPointwiseGrad(out=dg[t]), self.gates[t], c_prev, gh, gc)
+            dh = _run(LinearGradInput(x_shape=h_prev.shape), dg[t], w)
+        g_w = None
+        if self.needs_input_grad[3]:
+            # sum_t dg_t^T h_{t-1} over views: the first step's (h0) and the others' (rows of
+            # the output), no copy of the states.
+            grad_weight = LinearGradWeight(w_shape=w.shape, with_bias=False)
+            g_w = _run(grad_weight, h0, dg[0])
+            if steps > 1:
+                g_w = g_w + _run(grad_weight, y[0, : steps - 1], dg[1:])
+        return tuple(None if a is None else Tensor._wrap(a) for a in (dg, dh, dc, g_w))
+
+
+def _run(fn: Function, *arrays):
+    """An op's forward on arrays, outside the graph (its array module taken from them)."""
+    if type(arrays[0]) is not np.ndarray:
+        fn.xp = get_array_module(arrays[0])
+    return fn.forward(*arrays)
 
 
 class GRULayer(Function):
