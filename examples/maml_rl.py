@@ -211,9 +211,11 @@ def train(phase: str, family, policy, args, inner_steps: int, first_order: bool,
     return {"params": params, **state}
 
 
-def load_phase(path: Path, dtype) -> dict:
+def load_phase(path: Path, dtype) -> tuple[dict, tuple]:
+    """A saved policy's parameters and its learning curve (pre, post)."""
     saved = tm.load(path)
-    return {k: tm.tensor(np.asarray(v, dtype=dtype)) for k, v in saved["params"].items()}
+    params = {k: tm.tensor(np.asarray(v, dtype=dtype)) for k, v in saved["params"].items()}
+    return params, (list(saved["pre"]), list(saved["post"]))
 
 
 def summarize(per_task: np.ndarray) -> tuple[dict, dict]:
@@ -315,10 +317,11 @@ def main(argv=None):
     curves = {args.algo: (main_run["pre"], main_run["post"])}
     baseline_limits = (args.baseline_iterations, args.baseline_minutes)
     if args.baselines is not None:
-        pretrained = load_phase(args.baselines / "pretrained.npz", dtype)
+        pretrained, curves["pretrained"] = load_phase(args.baselines / "pretrained.npz", dtype)
         if args.algo == "pretrained":
             pretrained = main_run["params"]
-        oracle = load_phase(args.baselines / "oracle.npz", dtype)
+            del curves["pretrained"]
+        oracle, curves["oracle"] = load_phase(args.baselines / "oracle.npz", dtype)
     else:
         if args.algo == "pretrained":
             pretrained = main_run["params"]

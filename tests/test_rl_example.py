@@ -55,6 +55,9 @@ def test_metrics_and_resume(tmp_path):
         assert set(saved[key]) == {"0", "1", "2", "3"}
     assert saved["returns"] == metrics["returns"]
     assert all(np.isfinite(v) and v < 0 for v in saved["returns"].values())  # minus distances
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "trajectories.png").exists()
+        assert (tmp_path / "learning_curve.png").exists()
     checkpoint = tm.load(tmp_path / "policy.npz")
     assert checkpoint["iteration"] == 2 and len(checkpoint["post"]) == 2
     first = checkpoint["params"]["l0.weight"].copy()
