@@ -91,6 +91,13 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, nargs="+", default=[100, 100])
     p.add_argument("--activation", choices=("relu", "tanh"), default="relu")
     p.add_argument(
+        "--actions",
+        choices=("normalized", "raw"),
+        default="normalized",
+        help="normalized: the policy acts in [-1, 1], mapped onto the action bounds (MAML's "
+        "code: rllab's normalize wrapper); raw: the policy's actions are clipped to the bounds",
+    )
+    p.add_argument(
         "--init-std",
         type=float,
         default=1.0,
@@ -303,8 +310,9 @@ def main(argv=None):
                     "(run with --algo pretrained --out DIR first)"
                 )
     args.out.mkdir(parents=True, exist_ok=True)
-    family = make_task_family(args.env, horizon=args.horizon)
-    oracle_family = make_task_family(args.env, horizon=args.horizon, oracle=True)
+    normalized = args.actions == "normalized"
+    family = make_task_family(args.env, normalized, horizon=args.horizon)
+    oracle_family = make_task_family(args.env, normalized, horizon=args.horizon, oracle=True)
     policy = make_policy(family, args)
     oracle_policy = make_policy(oracle_family, args)
     dtype = np.dtype(args.dtype)

@@ -150,3 +150,16 @@ def test_environments_import_nothing_from_the_engine():
         }
         engine = {m for m in imported if m and m.startswith("tinymeta") and ".rl." not in m}
         assert not engine, f"{module.__name__} imports {engine}"
+
+
+def test_normalized_actions_map_minus_one_one_onto_the_bounds():
+    raw = make_task_family("navigation")
+    scaled = make_task_family("navigation", normalized_actions=True)
+    goals = np.array([[0.3, 0.3]])
+    raw.reset(goals, 1)
+    scaled.reset(goals, 1)
+    action = np.array([[[0.5, -2.0]]])
+    obs, *_ = scaled.step(action)
+    np.testing.assert_allclose(obs, [[[0.05, -0.1]]])  # 0.1 * a, then clipped
+    obs_raw, *_ = raw.step(action * 0.1)
+    np.testing.assert_allclose(obs, obs_raw)

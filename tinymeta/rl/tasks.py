@@ -38,6 +38,11 @@ Conventions (Gymnasium's, lifted to a batch of episodes):
   therefore keeps ``alive = ~(terminated | truncated)`` from the *previous* step as
   the mask of valid transitions. After ``horizon`` steps every episode is done; a
   further ``step`` raises ``RuntimeError`` (call ``reset``).
+- ``normalized_actions`` (``make_task_family(..., normalized_actions=True)``): the policy
+  acts in [-1, 1] and the family maps each coordinate linearly onto
+  ``[action_low, action_high]`` before clipping, as rllab's ``normalize`` wrapper does in
+  MAML's code (navigation: velocity = 0.1 * action; identity where the bounds are
+  [-1, 1]). Then a unit-variance Gaussian policy explores at the scale of the actions.
 - ``oracle=True`` appends the task parameter to every observation
   (``observation_dim = base_observation_dim + task_dim``): the oracle baseline's
   policy sees its goal / direction.
@@ -81,6 +86,7 @@ class TaskFamily:
     action_low: float = -np.inf
     action_high: float = np.inf
     default_horizon: int = 0
+    normalized_actions: bool = False
 
     def __init__(self, horizon: int | None = None, oracle: bool = False):
         horizon = self.default_horizon if horizon is None else horizon
@@ -156,6 +162,8 @@ class TaskFamily:
             )
         actions = self._check_actions(actions)
         done_before = self._terminated | self._truncated
+        if self.normalized_actions:  # [-1, 1] -> [low, high]
+            actions = self.action_low + (actions + 1.0) * 0.5 * (self.action_high - self.action_low)
         base_obs, reward, terminated, info = self._step(
             np.clip(actions, self.action_low, self.action_high)
         )
@@ -212,12 +220,15 @@ def task_family_names() -> list[str]:
     return sorted(_FAMILIES)
 
 
-def make_task_family(name: str, **kwargs) -> TaskFamily:
+def make_task_family(name: str, normalized_actions: bool = False, **kwargs) -> TaskFamily:
     """The task family called ``name`` (``"navigation"``, ``"cheetah-dir"``), built with
-    ``kwargs`` (``horizon=``, ``oracle=``, and the family's own). A family that needs an
-    optional extra raises ``ImportError`` saying which ``pip install`` provides it."""
+    ``kwargs`` (``horizon=``, ``oracle=``, and the family's own), acting in [-1, 1] with
+    ``normalized_actions=True``. A family that needs an optional extra raises
+    ``ImportError`` saying which ``pip install`` provides it."""
     if name not in _FAMILIES:
         raise ValueError(f"unknown task family {name!r}; known: {task_family_names()}")
     module_name, class_name = _FAMILIES[name]
     module = importlib.import_module(module_name)
-    return getattr(module, class_name)(**kwargs)
+    family = getattr(module, class_name)(**kwargs)
+    family.normalized_actions = bool(normalized_actions)
+    return family
