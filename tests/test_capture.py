@@ -497,3 +497,33 @@ def test_capture_inside_capture_is_refused():
     inner = tm.capture(lambda x: x * 2.0)
     with pytest.raises(CaptureError, match="inside another captured step"):
         tm.capture(lambda x: inner(x) + 1.0)(np.ones(3, np.float32))
+
+
+def test_batch_norm_running_statistics_replay_bit_identical():
+    """Buffers read outside ops (running mean and variance, the batch counter) follow the
+    replay: every tensor's array is traced while capturing."""
+    from tinymeta import nn
+
+    def make_state():
+        tm.manual_seed(10)
+        model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
+        params = dict(model.named_parameters())
+        state = {"model": model, "opt": SGD(list(params.values()), lr=0.1, momentum=0.5)}
+        state["params"] = {**params, **{k: b for k, b in model.named_buffers()}}
+        return state
+
+    def make_step(state):
+        model, opt = state["model"], state["opt"]
+
+        def step(x):
+            opt.zero_grad()
+            loss = (model(x) ** 2).mean()
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    rng = np.random.default_rng(11)
+    batches = [(rng.standard_normal((4, 1, 5, 5)).astype(np.float32),) for _ in range(ITERATIONS)]
+    _twins(make_state, make_step, batches)

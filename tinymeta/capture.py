@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import importlib
 import os
 import sys
@@ -135,8 +136,8 @@ class _Traced(np.ndarray):
     """
 
     def __array_finalize__(self, obj):
-        rec = _active
-        if rec is not None and not rec.depth and not rec.making:
+        rec = _recording()
+        if rec is not None and not rec.making:
             raise CaptureError(
                 "capture: an array operation that the capture does not record "
                 f"(a view or copy made outside NumPy's ufuncs and functions) {_where()}"
@@ -200,9 +201,16 @@ for _m in (
     setattr(_Traced, _m, _method(_m))
 
 
-def _read_back(array, what: str, args):
+def _recording():
+    """The active recorder when this thread's array calls are the step's to record now."""
     rec = _active
-    if rec is None or rec.depth:
+    if rec is None or rec.depth or threading.get_ident() != rec.thread:
+        return None
+    return rec
+
+
+def _read_back(array, what: str, args):
+    if _recording() is None:
         return getattr(np.ndarray, what)(_plain(array), *args)
     raise CaptureError(
         f"capture: {what}() reads a computed value back into Python {_where()}; a replay "
@@ -230,8 +238,8 @@ def _unwrap(x):
 def _call(call, name: str, args, kwargs):
     """Run ``call`` on plain arrays; while a capture records, record it."""
     result = call(*_unwrap(args), **_unwrap(kwargs))
-    rec = _active
-    if rec is None or rec.depth:
+    rec = _recording()
+    if rec is None:
         return result
     return rec.record(call, name, args, kwargs, result)
 
@@ -264,6 +272,7 @@ class _Recorder:
         self.swapped = []  # (tensor, its own array, the traced view it holds while capturing)
         self.swapped_ids = set()
         self.final_grads = {}  # id(tensor) -> slot of its .grad after the step, or None
+        self.grad_before = {}  # id(tensor) -> its .grad when it was swapped in
         self.grad_tensor_slot = {}  # id(a .grad tensor handed to an optimizer) -> its slot
 
     # slots
@@ -348,6 +357,7 @@ class _Recorder:
         self.fixed[slot] = own
         self.swapped.append((t, own, self.objects[slot]))
         self.swapped_ids.add(id(t))
+        self.grad_before[id(t)] = t.grad
         t.data = self.objects[slot]
         g = t.grad
         if g is not None and type(g.data) is np.ndarray:
@@ -700,6 +710,12 @@ def _record(step_fn, args, key):
                     call_args.append(Tensor._wrap(rec.objects[slot]))
                 else:
                     call_args.append(a)
+            # Every tensor that exists is read through a traced view while capturing, so that
+            # reads of a parameter's or a buffer's array outside ops are recorded too (batch
+            # norm's running statistics, say); a replay keeps those it used.
+            for obj in gc.get_objects():
+                if isinstance(obj, Tensor) and type(obj.data) is np.ndarray:
+                    rec.swap_in(obj)
             try:
                 result = step_fn(*call_args)
                 outputs = _output_template(result, rec)
@@ -733,17 +749,25 @@ class _Program:
         self.inputs = inputs
         self.outputs = outputs
         self.size = len(rec.objects)
-        self.fixed = dict(rec.fixed)
+        used = _slots_used(rec.calls, outputs) | {
+            s for s in rec.final_grads.values() if s is not None
+        }
+        self.fixed = {slot: a for slot, a in rec.fixed.items() if slot in used}
         input_ids = {id(args[i]) for i, _ in inputs}
         # Tensors whose array the replay reads by reference: it must still be theirs.
         self.watched = [
-            (weakref.ref(t), own) for t, own, _ in rec.swapped if id(t) not in input_ids
+            (weakref.ref(t), own)
+            for t, own, traced in rec.swapped
+            if id(t) not in input_ids and rec.slot_of[id(traced)] in used
         ]
-        # Where each .grad ended (a slot, or None); the inputs' by position.
+        # Where each .grad ended (a slot, or None where the step set it to None); the inputs'
+        # by position.
         self.grads = [
             (weakref.ref(t), rec.final_grads[id(t)])
             for t, _, _ in rec.swapped
-            if id(t) in rec.final_grads and id(t) not in input_ids
+            if id(t) in rec.final_grads
+            and id(t) not in input_ids
+            and (rec.final_grads[id(t)] is not None or rec.grad_before.get(id(t)) is not None)
         ]
         self.input_grads = [
             (i, rec.final_grads[id(args[i])]) for i, _ in inputs if id(args[i]) in rec.final_grads
@@ -782,6 +806,46 @@ class _Program:
 
     def __len__(self):
         return len(self.calls)
+
+
+def _slots_used(calls, outputs) -> set:
+    """Every slot that a recorded call or the outputs refer to."""
+    used = set()
+
+    def visit(template):
+        if isinstance(template, _Ref):
+            used.add(template.i)
+        elif type(template) in (list, tuple):
+            for t in template:
+                visit(t)
+        elif type(template) is dict:
+            for t in template.values():
+                visit(t)
+
+    for call in calls:
+        kind = call[0]
+        if kind == "call":
+            visit(call[3])
+            visit(call[4])
+        elif kind == "forward":
+            visit(call[3])
+            visit(call[4])
+        elif kind == "step":
+            used.update(slot for _, slot in call[3] if slot is not None)
+
+    def visit_output(template):
+        kind, body = template
+        if kind == "tensor":
+            used.add(body)
+        elif kind is dict:
+            for t in body.values():
+                visit_output(t)
+        elif kind != "value":
+            for t in body:
+                visit_output(t)
+
+    visit_output(outputs)
+    return used
 
 
 def _build(template, values):
