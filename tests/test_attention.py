@@ -256,3 +256,20 @@ def test_embedding_second_order_and_task_axis():
         emb(np.array([4]))
     with pytest.raises(TypeError, match="indices must be integers"):
         emb(np.array([0.5]))
+
+
+def test_state_dict_round_trips_give_the_same_outputs():
+    rng = np.random.default_rng(9)
+    x = tm.tensor(rng.standard_normal((3, 2, 8)))
+    for make, run in (
+        (lambda: nn.MultiheadAttention(8, 2, dtype="float64", rng=rng), lambda m: m(x, x, x)[0]),
+        (lambda: nn.LayerNorm(8, dtype="float64"), lambda m: m(x)),
+        (lambda: nn.Embedding(5, 3, dtype="float64", rng=rng), lambda m: m(np.array([[0, 4]]))),
+    ):
+        a, b = make(), make()
+        for p in a.parameters():  # distinct values (LayerNorm starts at ones and zeros)
+            p.data[...] = rng.standard_normal(p.shape)
+        assert not np.allclose(run(a).numpy(), run(b).numpy())
+        b.load_state_dict(a.state_dict())
+        assert list(b.state_dict()) == list(a.state_dict())
+        np.testing.assert_array_equal(run(a).numpy(), run(b).numpy())
