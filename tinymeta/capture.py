@@ -85,7 +85,12 @@ class Captured:
         self.captures = 0  # how many times the step was captured (tests and users look)
         functools.update_wrapper(self, step_fn)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
+        if kwargs:
+            raise TypeError(
+                f"capture: {_name(self.step_fn)} takes positional inputs only when captured, "
+                f"got keyword arguments {sorted(kwargs)}"
+            )
         key = _signature(args)
         program = self.program
         if program is not None and program.key == key and program.state_unchanged():
