@@ -36,6 +36,11 @@ W1_PEERS = ("eager", "captured", "torch", "torch.func")
 WORKLOADS = {
     "w1": ("W1 sinusoid MAML, 1 inner step, second order", W1_PEERS, 2),
     "w1-5": ("W1 sinusoid MAML, 5 inner steps, second order", W1_PEERS, 2),
+    "w1-loop": (
+        "W1 sinusoid MAML looped over tasks, 1 inner step, second order",
+        ("eager", "captured", "torch"),
+        1,
+    ),
     "w3": ("W3 MLP 784-256-256-10 SGD step, batch 128", ("eager", "captured", "torch"), 2),
     "w4": ("W4 double backward, x 64x100, W1 100x100", ("eager", "captured", "torch"), 10),
 }
@@ -69,6 +74,8 @@ def _tinymeta(tm, np, workload: str):
     from bench_cpu import w4_data, w4_tinymeta
     from common import Tinymeta, w1_data, w1_weights
 
+    if workload == "w1-loop":
+        return _tinymeta_w1_looped(Tinymeta("cpu"), w1_weights(np), w1_data(np))
     if workload.startswith("w1"):
         steps = 5 if workload == "w1-5" else 1
         step, gradient = Tinymeta("cpu").w1(w1_weights(np), w1_data(np), steps)
@@ -77,6 +84,21 @@ def _tinymeta(tm, np, workload: str):
         return _TinymetaW3(tm, np).pair()
     step, _ = w4_tinymeta(tm, w4_data(np))
     return step, lambda: {"h": step().numpy()}
+
+
+def _tinymeta_w1_looped(peer, weights, data):
+    """common.Tinymeta.w1 with the tasks in a Python loop (``vectorized=False``)."""
+    from common import W1_LR
+
+    params, opt, (xs, ys, xq, yq) = peer._setup(weights, data)
+
+    def meta_loss():
+        return peer.meta.maml_loss(
+            peer.mlp, params, (xs, ys), (xq, yq), peer.F.mse_loss, W1_LR, 1, vectorized=False
+        )
+
+    step, gradient = peer._wrap(params, opt, meta_loss)
+    return step, lambda: gradient()
 
 
 def _torch(torch, np, workload: str, vmap: bool):
