@@ -63,7 +63,9 @@ def from_numpy(array: np.ndarray) -> Tensor:
     if not isinstance(array, np.ndarray):
         raise TypeError(f"from_numpy: expected a numpy.ndarray, got {type(array).__name__}")
     t = Tensor(array)
-    t._vc = _numpy_counter(array)
+    counter = _numpy_counter(array)
+    if counter is not None:
+        t._vc = counter
     return t
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from tinymeta import grad_mode
 from tinymeta.backend import get_array_module
-from tinymeta.tensor import Tensor, as_tensor_like, share_version, shares_memory
+from tinymeta.tensor import Tensor, as_tensor_like, share_version
 
 
 class Function:
@@ -139,12 +139,19 @@ class ViewFunction(Function):
 
     @classmethod
     def apply(cls, *inputs, **params):
-        y = super().apply(*inputs, **params)
-        for x in inputs:
-            if isinstance(x, Tensor) and shares_memory(y.data, x.data):
-                share_version(x, y, view=True)
-                break
+        y = _apply(cls, *inputs, **params)
+        owner = y.data.base  # NumPy and CuPy collapse chains of views: the owning array
+        if owner is not None:  # a view (of an input's memory, or of a temporary)
+            for x in inputs:
+                if isinstance(x, Tensor):
+                    a = x.data
+                    if owner is (a if a.base is None else a.base):
+                        share_version(x, y, view=True)
+                        break
         return y
+
+
+_apply = Function.apply.__func__  # (super() in a classmethod costs a lookup per call)
 
 
 def _named_error(cls, error: Exception, arrays) -> Exception:
@@ -163,8 +170,8 @@ _next_seq = itertools.count(1).__next__
 
 
 def versions(tensors) -> tuple:
-    """The version of each tensor's memory (None: a counter not made yet, version 0)."""
-    return tuple([0 if t._vc is None else t._vc[0] for t in tensors])
+    """The version of each tensor's memory."""
+    return tuple([t._vc[0] for t in tensors])
 
 
 # grad mode's switch, read once per op (grad_mode.is_grad_enabled without the extra call)

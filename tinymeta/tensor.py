@@ -16,6 +16,10 @@ from tinymeta.grad_mode import is_grad_enabled
 
 DEFAULT_FLOAT = np.dtype(np.float32)
 
+# The version counter [version, viewed] of every tensor whose memory was never aliased nor
+# changed in place: shared and read-only (Tensor._bump and share_version replace it).
+FRESH = (0, False)
+
 
 class Tensor:
     __slots__ = (
@@ -55,7 +59,8 @@ class Tensor:
         t = object.__new__(cls)
         # _start(array, None), inlined: every op output passes here
         t.data = array
-        t.grad = t.grad_fn = t.name = t._hooks = t._vc = None  # _vc: see _bump
+        t.grad = t.grad_fn = t.name = t._hooks = None
+        t._vc = FRESH  # see _bump
         t.generation = 0
         t.requires_grad = False
         return t
@@ -67,7 +72,7 @@ class Tensor:
         self.grad_fn = None
         self.generation = 0
         self.name = name
-        self._vc = None
+        self._vc = FRESH
         self._hooks = None
         self.requires_grad = False
 
@@ -169,7 +174,7 @@ class Tensor:
     @property
     def _version(self) -> int:
         """How many in-place changes this tensor's memory has seen, through any alias."""
-        return 0 if self._vc is None else self._vc[0]
+        return self._vc[0]
 
     def detach(self) -> Tensor:
         """A tensor sharing the data (and its version counter), cut from the graph."""
@@ -200,8 +205,8 @@ class Tensor:
     # The counter ``_vc`` is a list [version, viewed] shared by every tensor over the same
     # memory (views, detach(), from_numpy over one array): a change through any of them
     # bumps the version that the graphs which saved any of them compare at backward.
-    # None stands for [0, False] not shared yet: op outputs, almost all never aliased nor
-    # changed in place, skip the allocation.
+    # FRESH, one read-only (0, False) for all, stands for a counter not made yet: op
+    # outputs, almost all never aliased nor changed in place, skip the allocation.
     def _check_inplace(self, op: str) -> None:
         if self.requires_grad and is_grad_enabled():
             raise RuntimeError(
@@ -210,7 +215,7 @@ class Tensor:
             )
 
     def _bump(self) -> Tensor:
-        if self._vc is None:
+        if self._vc is FRESH:
             self._vc = [1, False]
         else:
             self._vc[0] += 1
@@ -280,20 +285,11 @@ def share_version(base: Tensor, alias: Tensor, view: bool) -> None:
     ``x[i] = v`` that has to be differentiated refuses such memory (see ops.shape.setitem).
     """
     counter = base._vc
-    if counter is None:
+    if counter is FRESH:
         counter = base._vc = [0, False]
     alias._vc = counter
     if view:
         counter[1] = True
-
-
-def shares_memory(a, b) -> bool:
-    """Whether array ``a`` is (a view of) memory that array ``b`` also uses.
-
-    NumPy and CuPy collapse chains of views: a view's ``.base`` is the array (or
-    buffer) that owns the memory, so two arrays share memory when their owners are one.
-    """
-    return (a if a.base is None else a.base) is (b if b.base is None else b.base)
 
 
 def _index_arrays(index):

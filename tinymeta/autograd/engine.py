@@ -63,9 +63,13 @@ def _own_memory(grads: list, root_grads: list, create_graph: bool) -> list:
     for g in grads:
         if g is not None:
             a = g.data
-            owner = id(_owner(a))
-            broadcast = 0 in a.strides and a.size > 1  # CuPy has no read-only flag
-            if owner in taken or broadcast or not getattr(a.flags, "writeable", True):
+            if a.base is None:  # owns its memory: not a broadcast view
+                owner = id(a)
+                shared = owner in taken
+            else:  # a view: of what, and is it a (read-only) broadcast?
+                owner = id(a.base)
+                shared = owner in taken or 0 in a.strides  # CuPy has no read-only flag
+            if shared or not getattr(a.flags, "writeable", True):
                 g = _copy(g, create_graph)
                 owner = id(g.data)
             taken.add(owner)

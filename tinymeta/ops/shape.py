@@ -14,7 +14,7 @@ import numpy as np
 
 from tinymeta import backend, function, grad_mode
 from tinymeta.function import Function, ViewFunction
-from tinymeta.tensor import Tensor, _index_arrays, _on_device_of
+from tinymeta.tensor import Tensor, _index_arrays, _on_device_of, share_version
 
 
 def sum_to_array(xp, x, shape: tuple):
@@ -360,7 +360,7 @@ def _check_recordable(x: Tensor, index, v) -> None:
             f"{where}: the value requires grad but the tensor has dtype {x.dtype}; "
             "only a floating-point tensor can take a differentiable assignment"
         )
-    if x._vc is not None and x._vc[1]:
+    if x._vc[1]:
         raise RuntimeError(
             f"{where}: the tensor shares memory with a view (made by indexing, reshape, "
             "transpose, ...; or it is one), which would not see the assignment's gradient. "
@@ -381,8 +381,7 @@ def _stand_in(x: Tensor) -> Tensor:
     """A new tensor that takes ``x``'s place in the graph as it was before an in-place op:
     its creator (whose output it becomes), hooks and memory (with its version counter)."""
     before = Tensor._wrap(x.data)
-    before._vc = x._vc if x._vc is not None else [0, False]
-    x._vc = before._vc
+    share_version(x, before, view=False)  # one memory
     creator = x.grad_fn
     if creator is not None:
         before.grad_fn, before.requires_grad, before.generation = creator, True, x.generation
