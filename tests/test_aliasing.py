@@ -164,6 +164,16 @@ def test_an_optimizer_step_on_a_parameter_reaches_graphs_that_saved_an_alias(mak
         y.backward()
 
 
+def test_a_pickled_tensor_can_still_be_changed_and_aliased():
+    import pickle
+
+    t = pickle.loads(pickle.dumps(tm.tensor(np.ones(3))))
+    v = t[1:]
+    with tm.no_grad():
+        t.add_(1.0)
+    assert t._version == v._version == 1
+
+
 def test_version_counter_stays_out_of_the_hot_path():
     """A fresh op output has no counter object until it is aliased or changed."""
     x = tm.tensor(np.ones(3), requires_grad=True)

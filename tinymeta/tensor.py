@@ -215,7 +215,7 @@ class Tensor:
             )
 
     def _bump(self) -> Tensor:
-        if self._vc is FRESH:
+        if type(self._vc) is tuple:  # FRESH (or a copy of it from pickle)
             self._vc = [1, False]
         else:
             self._vc[0] += 1
@@ -285,7 +285,7 @@ def share_version(base: Tensor, alias: Tensor, view: bool) -> None:
     ``x[i] = v`` that has to be differentiated refuses such memory (see ops.shape.setitem).
     """
     counter = base._vc
-    if counter is FRESH:
+    if type(counter) is tuple:  # FRESH (or a copy of it from pickle)
         counter = base._vc = [0, False]
     alias._vc = counter
     if view:
