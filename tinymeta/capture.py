@@ -366,15 +366,13 @@ class _Recorder:
         t.data = self.objects[slot]
         g = t.grad
         if g is not None and type(g.data) is np.ndarray:
-            gslot = self.new_slot(g.data)
-            self.forbidden[gslot] = (
+            self.swap_in(g)
+        if g is not None and self.slot_of.get(id(g.data)) in self.fixed:  # not computed here
+            self.forbidden[self.slot_of[id(g.data)]] = (
                 f"the step reads the .grad (shape {t.shape}) that a tensor had before the "
                 "step started; a replay would read that same stale .grad: call "
                 "opt.zero_grad() in the step, before the backward"
             )
-            self.swapped.append((g, g.data, self.objects[gslot]))
-            self.swapped_ids.add(id(g))
-            g.data = self.objects[gslot]
 
     def restore(self) -> None:
         """Give every swapped tensor its own array back; note where each .grad ended."""
@@ -777,7 +775,8 @@ class _Program:
         self.input_grads = [
             (i, rec.final_grads[id(args[i])]) for i, _ in inputs if id(args[i]) in rec.final_grads
         ]
-        self.calls = [_compile(c) for c in rec.calls]
+        reusable = _reusable_slots(rec, used_outside(outputs, rec))
+        self.calls = [_compile(c, reusable) for c in rec.calls]
         self.names = [c[2] for c in rec.calls]
 
     def state_unchanged(self) -> bool:
@@ -900,7 +899,39 @@ def _positional(template):
     return tuple(t.i if isinstance(t, _Ref) else None for t in template), template
 
 
-def _compile(call):
+def used_outside(outputs, rec) -> set:
+    """The slots whose arrays outlive a replay: outputs, .grad, gradients handed to an
+    optimizer step."""
+    outside = _slots_used([], outputs)
+    outside.update(s for s in rec.final_grads.values() if s is not None)
+    for call in rec.calls:
+        if call[0] == "step":
+            outside.update(slot for _, slot in call[3] if slot is not None)
+    return outside
+
+
+def _reusable_slots(rec, outside: set) -> set:
+    """Results of NumPy ufunc calls that can be written into one buffer kept from replay to
+    replay (``out=``): no array that outlives a replay shares their memory (views are found
+    through the capturing call's arrays, whose ``.base`` is the owner of their memory)."""
+    owners_outside = {id(_owner(rec.objects[s])) for s in outside}
+    reusable = set()
+    for call in rec.calls:
+        if call[0] != "call" or not call[2].endswith(".__call__"):
+            continue
+        slot = call[5]
+        if type(slot) is int and "out" not in call[4]:
+            array = rec.objects[slot]
+            if array.ndim and id(_owner(array)) not in owners_outside:
+                reusable.add(slot)
+    return reusable
+
+
+def _owner(array):
+    return array if array.base is None else array.base
+
+
+def _compile(call, reusable=frozenset()):
     """One recorded call as a function of the replay's values."""
     kind = call[0]
     if kind == "call":
@@ -919,6 +950,8 @@ def _compile(call):
                     return [c if p is None else values[p] for p, c in zip(picks, consts)]
         else:
             args_of = _resolver(args_t)
+        if slots in reusable:
+            return _into_buffer(fn, args_of, kwargs_of, slots)
         store = _storer(slots)
         if kwargs_of is None:
             return lambda values: store(values, fn(*args_of(values)))
@@ -967,6 +1000,22 @@ def _compile(call):
 
         return run
     raise AssertionError(kind)
+
+
+def _into_buffer(fn, args_of, kwargs_of, slot: int):
+    """A ufunc call whose result goes into the array the first replay allocated."""
+    buffer = []
+
+    def run(values):
+        kwargs = kwargs_of(values) if kwargs_of is not None else {}
+        if buffer:
+            values[slot] = fn(*args_of(values), out=buffer[0], **kwargs)
+        else:
+            result = fn(*args_of(values), **kwargs)
+            buffer.append(result)
+            values[slot] = result
+
+    return run
 
 
 def _storer(slots):
