@@ -115,8 +115,7 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 def _imports(name: str, path: str) -> set[str]:
     """The tinymeta modules that ``name`` imports anywhere in its source (not under
-    ``if TYPE_CHECKING:``), each as the deepest module the statement names; the top package
-    ``tinymeta`` itself is left out (every submodule's import runs it first)."""
+    ``if TYPE_CHECKING:``), each as the deepest module the statement names."""
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
     package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
     skipped = set()
@@ -140,7 +139,7 @@ def _imports(name: str, path: str) -> set[str]:
     for target in named:
         while target and target not in MODULES:
             target = target.rpartition(".")[0]
-        if target and target not in (name, "tinymeta"):
+        if target and target != name:
             deps.add(target)
     return deps
 
@@ -149,13 +148,15 @@ GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 def _reaches(start: str, goal: str) -> list[str] | None:
-    """An import chain from ``start`` to ``goal`` (module names), or None."""
+    """An import chain from ``start`` to ``goal`` (module names), or None. The top package
+    ``tinymeta`` is no link of a chain: importing any submodule runs it first, so every module
+    would reach every other through it."""
     parents, frontier = {start: None}, [start]
     while frontier:
         nxt = []
         for m in frontier:
             for dep in sorted(GRAPH[m]):
-                if dep not in parents:
+                if dep not in parents and dep != "tinymeta":
                     parents[dep] = m
                     nxt.append(dep)
         frontier = nxt
@@ -208,3 +209,16 @@ def test_no_import_cycle_between(a, b):
     assert there is None or back is None, (
         f"import cycle: {' -> '.join(there)} and {' -> '.join(back)}"
     )
+
+
+def test_kernels_import_nothing_of_tinymeta_outside_them():
+    # STYLE.md: kernels/ takes and returns arrays and never imports tinymeta.
+    kernel_modules = [
+        m for m in GRAPH if m == "tinymeta.kernels" or m.startswith("tinymeta.kernels.")
+    ]
+    assert len(kernel_modules) >= 3
+    outside = {
+        m: sorted(d for d in GRAPH[m] if not d.startswith("tinymeta.kernels"))
+        for m in kernel_modules
+    }
+    assert all(not deps for deps in outside.values()), outside
