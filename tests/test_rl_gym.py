@@ -149,7 +149,8 @@ def test_missing_gymnasium_says_which_extra(monkeypatch):
         HalfCheetahDirection()
 
 
-def test_missing_mujoco_says_which_extra(gymnasium, monkeypatch):
+def test_missing_mujoco_says_which_extra(gymnasium, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "mujoco", None)
     with pytest.raises(ImportError, match=r'pip install -e "\.\[rl\]"'):
         make_task_family("cheetah-dir")

@@ -262,6 +262,12 @@ class HalfCheetahDirection(GymTaskFamily):
             raise ValueError(
                 f"cheetah-dir: stepper must be 'mujoco' or 'gymnasium', got {stepper!r}"
             )
+        try:
+            import mujoco
+        except ImportError as exc:
+            raise ImportError(
+                f"cheetah-dir needs mujoco, which is not installed: {_INSTALL_HINT}"
+            ) from exc
         super().__init__(
             env_id,
             task_dim=1,
@@ -276,13 +282,6 @@ class HalfCheetahDirection(GymTaskFamily):
         )
         self.stepper = stepper
         if stepper == "mujoco":
-            try:
-                import mujoco
-            except ImportError as exc:
-                raise ImportError(
-                    f"cheetah-dir: stepper='mujoco' needs mujoco, which is not installed: "
-                    f"{_INSTALL_HINT}"
-                ) from exc
             self._mujoco = mujoco
             env = self._envs[0]
             self._model = env.model
