@@ -561,3 +561,31 @@ def test_results_of_earlier_replays_keep_their_values():
     for x, got in zip(xs, grads):
         step_backward(tm.tensor(x))
         assert np.array_equal(w.grad.data, got.data)
+
+
+def test_lstm_training_step_replays_bit_identical():
+    """W5's layer (one fused node with an array loop forward and a BPTT backward)."""
+    from tinymeta import nn
+
+    def make_state():
+        tm.manual_seed(3)
+        model = nn.LSTM(4, 8)
+        params = dict(model.named_parameters())
+        return {"params": params, "model": model, "opt": SGD(list(params.values()), lr=0.1)}
+
+    def make_step(state):
+        model, opt = state["model"], state["opt"]
+
+        def step(x):
+            opt.zero_grad()
+            out, _ = model(x)
+            loss = (out**2).mean()
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    rng = np.random.default_rng(13)
+    batches = [(rng.standard_normal((5, 3, 4)).astype(np.float32),) for _ in range(ITERATIONS)]
+    _twins(make_state, make_step, batches)

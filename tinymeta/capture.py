@@ -457,9 +457,25 @@ def _on_apply(fn, tensors, arrays):
                 f"backward {_where()}; it may depend on the values, which a replay would "
                 "repeat: keep a 0-d array instead"
             )
+        elif _contains_array(v):
+            raise CaptureError(
+                f"capture: {fn.op_name()}.forward keeps arrays in {k!r} inside a "
+                f"{type(v).__name__} {_where()}; the capture follows arrays kept alone or in a "
+                "flat tuple or list"
+            )
     replica = copy.copy(fn)  # the node is not recorded yet: no inputs, no outputs
     rec.calls.append(("forward", replica, fn.op_name(), refs, params, slots, single, kept))
     return traced_out
+
+
+def _contains_array(v) -> bool:
+    if isinstance(v, np.ndarray):
+        return True
+    if type(v) in (tuple, list):
+        return any(_contains_array(x) for x in v)
+    if type(v) is dict:
+        return any(_contains_array(x) for x in v.values())
+    return False
 
 
 def _holds_traced(v) -> bool:
