@@ -41,6 +41,7 @@ import importlib
 import os
 import sys
 import threading
+import types
 import weakref
 
 import numpy as np
@@ -92,17 +93,25 @@ class Captured:
                 f"got keyword arguments {sorted(kwargs)}"
             )
         key = _signature(args)
+        python_state = _python_state(self.step_fn)
         program = self.program
-        if program is not None and program.key == key and program.state_unchanged():
+        if (
+            program is not None
+            and program.key == key
+            and program.python_state == python_state
+            and program.state_unchanged()
+        ):
             return program.replay(args)
         if program is not None and self.on_change == "raise":
             raise CaptureError(
                 f"capture: {_name(self.step_fn)} was captured for inputs {program.key} but is "
-                f"called with {key} (or a tensor it read has new .data); pass "
+                f"called with {key} (or a tensor it read has new .data, or a Python value it "
+                "reads changed: a closure variable, a global, a module's training flag); pass "
                 "on_change='recapture' to capture it again"
             )
         self.program = None
         result, self.program = _record(self.step_fn, args, key)
+        self.program.python_state = python_state
         self.captures += 1
         return result
 
@@ -276,6 +285,8 @@ class _Recorder:
         self.calls = []  # the program: (kind, ...) tuples, see _Program
         self.swapped = []  # (tensor, its own array, the traced view it holds while capturing)
         self.swapped_ids = set()
+        self.module_state = {}  # id(module) -> (module, its plain attributes) at the start
+        self.called_modules = set()  # id of every module called by the step
         self.final_grads = {}  # id(tensor) -> slot of its .grad after the step, or None
         self.grad_before = {}  # id(tensor) -> its .grad when it was swapped in
         self.grad_tensor_slot = {}  # id(a .grad tensor handed to an optimizer) -> its slot
@@ -613,6 +624,95 @@ def _bump(original):
     return bump
 
 
+def _module_call(original):
+    def call(self, *args, **kwargs):
+        rec = _active
+        if rec is not None and not rec.depth and threading.get_ident() == rec.thread:
+            rec.called_modules.add(id(self))
+        return original(self, *args, **kwargs)
+
+    return call
+
+
+# numpy.random's functions over its global generator (refused while capturing).
+_NUMPY_RANDOM = (
+    "rand", "randn", "random", "random_sample", "ranf", "sample", "standard_normal", "normal",
+    "uniform", "randint", "random_integers", "choice", "permutation", "shuffle", "binomial",
+    "poisson", "exponential", "beta", "gamma", "bytes", "laplace", "logistic", "multinomial",
+    "multivariate_normal", "dirichlet", "geometric", "lognormal", "standard_t", "triangular",
+)  # fmt: skip
+
+
+# --- Python values a replay would freeze ------------------------------------------------------
+
+_SKIP = object()
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), np.generic)
+_NOT_STATE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, Tensor)
+
+
+def _frozen(v, depth: int = 0):
+    """A comparable copy of ``v`` when it is a plain value (a number, a string, a list,
+    tuple or dict of them), else _SKIP."""
+    if isinstance(v, _PLAIN):
+        return v
+    if depth < 2 and type(v) in (list, tuple, dict):
+        out = []
+        for k, x in v.items() if type(v) is dict else enumerate(v):
+            f = _frozen(x, depth + 1)
+            if f is _SKIP:
+                return _SKIP
+            out.append((k, f))
+        return (type(v), tuple(out))
+    return _SKIP
+
+
+def _attributes(obj) -> tuple:
+    """The plain values among ``obj``'s attributes (a module's training flag, a rule's lr)."""
+    d = getattr(obj, "__dict__", None)
+    if type(d) is not dict:
+        return ()
+    out = []
+    for k, v in d.items():
+        f = _frozen(v)
+        if f is not _SKIP:
+            out.append((k, f))
+    return tuple(out)
+
+
+def _python_state(step_fn) -> tuple:
+    """The Python values the step's own code reads besides its inputs: the plain values in
+    its closure and among the globals it names, and the plain attributes of the objects
+    there (a rule's lr, an argparse namespace, a module's training flag). A replay would
+    repeat the capturing call's values (a learning rate, a counter, a first_order flag), so
+    a change re-captures. Values read only by functions it calls are not seen
+    (docs/capture.md)."""
+    fn = getattr(step_fn, "__func__", step_fn)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ()
+    values = []
+    for name, cell in zip(code.co_freevars, fn.__closure__ or ()):
+        try:
+            values.append((name, cell.cell_contents))
+        except ValueError:  # a cell not filled yet
+            pass
+    g = fn.__globals__
+    values += [(name, g[name]) for name in code.co_names if name in g]
+    owner = getattr(step_fn, "__self__", None)
+    if owner is not None:
+        values.append(("self", owner))
+    from tinymeta.optim.optimizer import Optimizer  # its step() is replayed whole
+
+    state = []
+    for name, v in values:
+        f = _frozen(v)
+        if f is not _SKIP:
+            state.append((name, f))
+        elif not isinstance(v, (*_NOT_STATE, Optimizer)):
+            state.append((name, _attributes(v)))
+    return tuple(state)
+
+
 def _kernel(name, original):
     def kernel(*args, **kwargs):
         rec = _active
@@ -680,6 +780,13 @@ class _Patches:
         patch(creation, "_global_rng", _RefusingRng())
         patch(Optimizer, "step", _optimizer_step(Optimizer.__dict__["step"]))
         patch(Tensor, "_bump", _bump(Tensor.__dict__["_bump"]))
+        # NumPy's global generator: a replay would repeat the capturing call's numbers.
+        for name in _NUMPY_RANDOM:
+            if hasattr(np.random, name):
+                patch(np.random, name, _refuse(f"numpy.random.{name}() draws random numbers"))
+        from tinymeta.nn.module import Module
+
+        patch(Module, "__call__", _module_call(Module.__dict__["__call__"]))
         for name in _KERNELS:
             patch(kernels, name, _kernel(name, getattr(kernels, name)))
         # These read "not exactly a NumPy array" as "a CuPy array"; a capture runs on the CPU.
@@ -732,9 +839,13 @@ def _record(step_fn, args, key):
             # Every tensor that exists is read through a traced view while capturing, so that
             # reads of a parameter's or a buffer's array outside ops are recorded too (batch
             # norm's running statistics, say); a replay keeps those it used.
+            from tinymeta.nn.module import Module
+
             for obj in gc.get_objects():
                 if isinstance(obj, Tensor) and type(obj.data) is np.ndarray:
                     rec.swap_in(obj)
+                elif isinstance(obj, Module):  # training, momentum, ...: checked at replay
+                    rec.module_state[id(obj)] = (obj, _attributes(obj))
             try:
                 result = step_fn(*call_args)
                 outputs = _output_template(result, rec)
@@ -794,11 +905,23 @@ class _Program:
         reusable = _reusable_slots(rec, used_outside(outputs, rec))
         self.calls = [_compile(c, reusable) for c in rec.calls]
         self.names = [c[2] for c in rec.calls]
+        # Modules the step called, with their plain attributes (training, momentum) as they
+        # were when the capture started: a replay would repeat the behaviour they chose.
+        self.modules = [
+            (weakref.ref(m), attributes)
+            for i, (m, attributes) in rec.module_state.items()
+            if i in rec.called_modules
+        ]
+        self.python_state = ()  # set by Captured: see _python_state
 
     def state_unchanged(self) -> bool:
         for ref, own in self.watched:
             t = ref()
             if t is not None and t.data is not own:
+                return False
+        for ref, attributes in self.modules:
+            m = ref()
+            if m is not None and _attributes(m) != attributes:
                 return False
         return True
 
