@@ -16,9 +16,8 @@ ValueError on every rank instead of a hang or a silently wrong sum. CuPy arrays 
 through the host (docs/distributed.md says how CUDA-aware MPI or NCCL would skip that copy).
 
 Once a world of more than one is joined, an uncaught exception on any rank prints its
-traceback and aborts the whole job (``MPI_Abort``), and a rank that exits with an error status
-ends it too (no ``MPI_Finalize`` at exit): the other ranks would otherwise wait forever in
-their next collective.
+traceback and aborts the whole job (``MPI_Abort``): the other ranks would otherwise wait
+forever in their next collective.
 """
 
 from __future__ import annotations
@@ -68,14 +67,6 @@ def init() -> tuple[int, int]:
     size = _launched_size()
     if size is not None and size != 1:
         try:
-            import mpi4py
-
-            if "mpi4py.MPI" not in sys.modules:
-                # No MPI_Finalize at exit: a rank that exits early with an error status
-                # (sys.exit, argparse) would wait in it for ranks that wait for it. Without
-                # it, mpiexec sees the status and ends the job. Every collective here is
-                # blocking, so nothing is left in flight at a normal exit.
-                mpi4py.rc.finalize = False
             from mpi4py import MPI
         except ImportError as exc:
             raise ImportError(
