@@ -16,7 +16,7 @@ import numpy as np
 
 from tinymeta import grad_mode
 from tinymeta.backend import get_array_module
-from tinymeta.tensor import Tensor, as_tensor_like, share_version
+from tinymeta.tensor import Tensor, as_tensor_like, mark_graph_memory, share_version
 
 
 class Function:
@@ -147,6 +147,8 @@ class ViewFunction(Function):
                     a = x.data
                     if owner is (a if a.base is None else a.base):
                         share_version(x, y, view=True)
+                        if y.grad_fn is None and x.grad_fn is not None:
+                            mark_graph_memory(x._vc)  # a view outside the graph (no_grad)
                         break
         return y
 

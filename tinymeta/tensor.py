@@ -47,6 +47,8 @@ class Tensor:
         self._start(data, name)
         if alias is not None:  # Tensor(t) holds t's array: one storage, one counter
             share_version(alias, self, view=False)
+            if alias.grad_fn is not None:
+                mark_graph_memory(self._vc)
         if requires_grad:
             self.requires_grad_(True)
 
@@ -180,6 +182,8 @@ class Tensor:
         """A tensor sharing the data (and its version counter), cut from the graph."""
         t = Tensor._wrap(self.data)
         share_version(self, t, view=False)
+        if self.grad_fn is not None:
+            mark_graph_memory(self._vc)  # in-place changes through t are refused
         return t
 
     def register_hook(self, fn):
@@ -212,6 +216,27 @@ class Tensor:
             raise RuntimeError(
                 f"{op}: in-place change of a tensor that requires grad while grad mode is on; "
                 "wrap it in `with tm.no_grad():`"
+            )
+        self._check_graph_memory(op)
+
+    def _check_graph_memory(self, op: str) -> None:
+        """Refuse an in-place change that no graph records of memory a graph computed.
+
+        A tensor with a ``grad_fn`` (or an alias of one: ``detach()``, a view made under
+        ``no_grad``) changed under ``no_grad`` keeps its creator, so gradients through it
+        would be those of the values before the change, without a word. Leaves (parameters,
+        buffers) stay changeable: their gradient does not depend on their own values."""
+        if self.grad_fn is not None or len(self._vc) > 2:
+            what = (
+                f"a tensor computed by {self.grad_fn.op_name()}"
+                if self.grad_fn is not None
+                else "an alias (detach() or a view made under no_grad) of a computed tensor"
+            )
+            raise RuntimeError(
+                f"{op}: in-place change of {what} (shape {self.shape}) that no graph "
+                "records: gradients through it would silently use the values before the "
+                "change. Change a copy (y = x.detach() * 1.0), or assign with grad mode on "
+                "(x[i] = v is recorded)"
             )
 
     def _bump(self) -> Tensor:
@@ -290,6 +315,13 @@ def share_version(base: Tensor, alias: Tensor, view: bool) -> None:
     alias._vc = counter
     if view:
         counter[1] = True
+
+
+def mark_graph_memory(counter: list) -> None:
+    """Mark a shared version counter as that of memory a graph computed: an alias outside
+    the graph (``detach()``, a view made under ``no_grad``) may not change it in place."""
+    if len(counter) == 2:
+        counter.append(True)
 
 
 def _index_arrays(index):

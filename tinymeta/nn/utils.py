@@ -133,6 +133,16 @@ def clip_grad_norm_(
     if not (_is_real(norm_type) and norm_type == math.inf):
         norm_type = check_positive("norm_type", norm_type, "clip_grad_norm_")
     grads = [p.grad for p in parameters if p.grad is not None]
+    for g in grads:
+        if g.grad_fn is not None:
+            # Scaled in place under no_grad, a differentiable gradient would keep its
+            # creator: a second-order gradient through it would silently ignore the scaling.
+            raise RuntimeError(
+                f"clip_grad_norm_: a gradient (shape {g.shape}) is part of a graph "
+                f"(grad_fn={g.grad_fn.op_name()}, from backward(create_graph=True)); clipping "
+                "it in place would make gradients through it silently wrong. Clip a "
+                "gradient without a graph, or scale it with differentiable ops"
+            )
     norm_type = float(norm_type)
     if not grads:
         return Tensor(np.zeros((), dtype=np.float32))

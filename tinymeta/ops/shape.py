@@ -316,6 +316,7 @@ def setitem(x: Tensor, index, value) -> None:
     v = value if isinstance(value, Tensor) else None
     value_requires_grad = v is not None and v.requires_grad
     if not (grad_mode.is_grad_enabled() and (x.requires_grad or value_requires_grad)):
+        x._check_graph_memory("__setitem__")
         try:
             x.data[index] = _on_device_of(x.data, v.data if v is not None else value)
         except (ValueError, IndexError, TypeError) as e:

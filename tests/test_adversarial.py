@@ -1,0 +1,221 @@
+"""Adversarial cases: each one returned a silently wrong gradient (or a silently stale
+replay) before it was fixed; now it gives the right number or refuses with a clear error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tinymeta as tm
+from tinymeta import nn
+from tinymeta.capture import CaptureError
+from tinymeta.nn.utils import clip_grad_norm_
+
+# --- in-place changes, under no_grad, of memory that a graph computed --------------------------
+# The changed tensor keeps its creator, so a gradient through it would be that of the values
+# before the change (d sum(y) / dw = 2 where y = 20 w).
+
+
+def _computed():
+    w = tm.tensor(np.array([3.0, 4.0]), requires_grad=True)
+    return w, w * 2.0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda y: y.mul_(10.0),
+        lambda y: y.add_(1.0),
+        lambda y: y.copy_(np.zeros(2)),
+        lambda y: y.fill_(0.0),
+        lambda y: y.__setitem__(0, 100.0),
+    ],
+    ids=["mul_", "add_", "copy_", "fill_", "setitem"],
+)
+def test_in_place_change_of_a_computed_tensor_under_no_grad_is_refused(change):
+    w, y = _computed()
+    with tm.no_grad(), pytest.raises(RuntimeError, match="computed by .* no graph records"):
+        change(y)
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [
+        lambda y: y.detach(),
+        lambda y: tm.Tensor(y),
+        lambda y: y.detach()[1:],
+    ],
+    ids=["detach", "Tensor(t)", "view of detach"],
+)
+def test_in_place_change_through_an_alias_of_a_computed_tensor_is_refused(alias):
+    w, y = _computed()
+    a = alias(y)
+    with pytest.raises(RuntimeError, match="alias .* no graph records"):
+        a[0] = 50.0
+    with tm.no_grad(), pytest.raises(RuntimeError, match="no graph records"):
+        a.mul_(3.0)
+    (g,) = tm.grad(y.sum(), w)
+    assert np.array_equal(g.data, [2.0, 2.0])  # nothing was changed
+
+
+def test_view_made_under_no_grad_of_a_computed_tensor_is_refused():
+    w, y = _computed()
+    with tm.no_grad():
+        v = y[1:]
+        with pytest.raises(RuntimeError, match="no graph records"):
+            v.mul_(3.0)
+
+
+def test_leaves_and_their_views_stay_changeable_under_no_grad():
+    """Optimizers, initialisation and buffers change leaves in place: still allowed."""
+    w = tm.tensor(np.array([3.0, 4.0]), requires_grad=True)
+    with tm.no_grad():
+        w.mul_(2.0)
+        w.detach()[0] = 1.0
+        w[1:].add_(1.0)
+    assert np.array_equal(w.data, [1.0, 9.0])
+    y = (w * 2.0).detach() * 1.0  # a copy of a computed tensor: its own memory
+    y.mul_(3.0)
+    assert np.array_equal(y.data, [6.0, 54.0])
+
+
+def test_clip_grad_norm_of_a_differentiable_gradient_is_refused():
+    """clip_grad_norm_ scales .grad in place under no_grad: after
+    backward(create_graph=True) a second-order gradient through .grad ignored the scaling
+    (d/dw sum(g^2) came out as 2 * g_clipped * 2 instead of 8 c^2 w)."""
+    w = tm.tensor(np.array([3.0, 4.0]), requires_grad=True)
+    (w**2).sum().backward(create_graph=True)
+    with pytest.raises(RuntimeError, match=r"clip_grad_norm_: .*create_graph=True"):
+        clip_grad_norm_([w], 1.0)
+    assert np.array_equal(w.grad.data, [6.0, 8.0])
+    w.grad = None
+    (w**2).sum().backward()  # a gradient without a graph is clipped as before
+    clip_grad_norm_([w], 1.0)
+    np.testing.assert_allclose(w.grad.data, [0.6, 0.8], rtol=1e-5)
+
+
+# --- tm.capture: Python values that the step reads besides its inputs --------------------------
+# Each replayed the capturing call's value without a word (a stale learning rate, training
+# mode, counter, momentum); now a change re-captures (or raises with on_change="raise").
+
+X = np.random.default_rng(0).standard_normal((4, 3))
+STEP_SIZE = 0.1  # a global the step reads (and changes)
+
+
+def _eager_and_captured(make, calls=4):
+    """The step run eagerly and captured from equal states: results and states after each
+    call, which must be bit-identical."""
+    runs = []
+    for captured in (False, True):
+        step, state = make()
+        run = tm.capture(step) if captured else step
+        runs.append([(run(X).data.copy(), [a.copy() for a in state()]) for _ in range(calls)])
+    for i, ((re, se), (rc, sc)) in enumerate(zip(*runs)):
+        assert np.array_equal(re, rc), f"call {i}: results differ"
+        for a, b in zip(se, sc):
+            assert np.array_equal(a, b), f"call {i}: states differ"
+    return run
+
+
+def _global_step_size():
+    global STEP_SIZE
+    STEP_SIZE = 0.1
+    w = tm.tensor(np.ones((3, 1)), requires_grad=True)
+
+    def step(x):
+        global STEP_SIZE
+        w.grad = None
+        loss = (x @ w).sum()
+        loss.backward()
+        with tm.no_grad():
+            w.sub_(w.grad * STEP_SIZE)
+        STEP_SIZE = STEP_SIZE * 2
+        return loss
+
+    return step, lambda: [w.data]
+
+
+def _closure_counter():
+    w = tm.tensor(np.ones((3, 1)), requires_grad=True)
+    calls = [0]
+
+    def step(x):
+        calls[0] += 1
+        return (x @ w).sum() * (2.0 if calls[0] > 1 else 1.0)
+
+    return step, lambda: [w.data]
+
+
+def _train_eval_switch():
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(3, 4, rng=rng), nn.BatchNorm1d(4))
+
+    def step(x):
+        out = model(x).sum()
+        model.train(not model.training)
+        return out
+
+    return step, lambda: [t.data for t in [*model.parameters(), *model.buffers()]]
+
+
+def _momentum_change():
+    bn = nn.BatchNorm1d(3)
+
+    def step(x):
+        out = bn(x).sum()
+        bn.momentum = bn.momentum / 2
+        return out
+
+    return step, lambda: [t.data for t in bn.buffers()]
+
+
+def _rule_lr_change():
+    w = tm.tensor(np.ones((3, 1)), requires_grad=True)
+    rule = tm.meta.InnerSGD(0.1)
+
+    def step(x):
+        (g,) = tm.grad((x @ w).sum(), w)
+        new = rule({"w": w}, {"w": g}, 0, {})["w"]
+        rule.lr = rule.lr * 2
+        return new.sum()
+
+    return step, lambda: [w.data]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_global_step_size, _closure_counter, _train_eval_switch, _momentum_change, _rule_lr_change],
+    ids=["global", "closure counter", "train/eval", "BN momentum", "rule lr"],
+)
+def test_capture_sees_python_values_the_step_reads(make):
+    _eager_and_captured(make)
+
+
+def test_capture_python_value_change_raises_when_asked():
+    step, _ = _closure_counter()
+    run = tm.capture(step, on_change="raise")
+    run(X)
+    with pytest.raises(CaptureError, match="a Python value it reads changed"):
+        run(X)
+
+
+def test_capture_replays_while_python_values_stay():
+    model = nn.Sequential(nn.Linear(3, 2, rng=np.random.default_rng(0)))
+    scale = 2.0
+
+    def step(x):
+        return model(x).sum() * scale
+
+    run = _eager_and_captured(lambda: (step, lambda: []), calls=3)
+    assert run.captures == 1
+
+
+def test_capture_refuses_numpy_global_random():
+    w = tm.tensor(np.ones((3, 1)), requires_grad=True)
+
+    def step(x):
+        return ((x @ w) * tm.tensor(np.random.standard_normal((4, 1)))).sum()
+
+    with pytest.raises(CaptureError, match=r"numpy.random.standard_normal\(\) draws random"):
+        tm.capture(step)(X)
+    assert np.random.standard_normal.__module__ != "tinymeta.capture"  # given back
