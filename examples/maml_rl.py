@@ -266,9 +266,11 @@ def save_figures(args, family, history, curves) -> list:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, (pre, post) in curves.items():
         x = np.arange(1, len(post) + 1)
+        if name in ("pretrained", "oracle") or pre == post:  # trained without an inner step
+            ax.plot(x, post, label=name)
+            continue
         line = ax.plot(x, post, label=f"{name}: after the inner step")[0]
-        if name != "pretrained" and name != "oracle":
-            ax.plot(x, pre, "--", color=line.get_color(), label=f"{name}: before")
+        ax.plot(x, pre, "--", color=line.get_color(), label=f"{name}: before")
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("mean return (training tasks)")
     ax.legend(fontsize=7)
