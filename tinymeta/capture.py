@@ -624,6 +624,11 @@ def _bump(original):
     return bump
 
 
+def _optimized(opt) -> tuple:
+    """The ids of the parameters ``opt.step()`` updates, in order."""
+    return tuple(id(p) for group in opt.param_groups for p in group["params"])
+
+
 def _module_call(original):
     def call(self, *args, **kwargs):
         rec = _active
@@ -913,6 +918,11 @@ class _Program:
             if i in rec.called_modules
         ]
         self.python_state = ()  # set by Captured: see _python_state
+        # Each optimizer stepped, with the parameters it updated: a replay sets the .grad of
+        # those only, so a parameter added since (add_param_group) would step on a stale one.
+        self.optimizers = [
+            (weakref.ref(c[1]), tuple(id(p) for p, _ in c[3])) for c in rec.calls if c[0] == "step"
+        ]
 
     def state_unchanged(self) -> bool:
         for ref, own in self.watched:
@@ -922,6 +932,10 @@ class _Program:
         for ref, attributes in self.modules:
             m = ref()
             if m is not None and _attributes(m) != attributes:
+                return False
+        for ref, params in self.optimizers:
+            opt = ref()
+            if opt is not None and _optimized(opt) != params:
                 return False
         return True
 
