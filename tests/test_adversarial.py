@@ -252,3 +252,28 @@ def test_capture_sees_a_parameter_group_added_to_an_optimizer():
     for a, b in zip(*runs):
         assert np.array_equal(a, b)
     assert run.captures == 2
+
+
+def test_capture_sees_first_order_inner_grads_and_grad_mode():
+    """Captured with second-order inner gradients, a call inside first_order_inner_grads()
+    replayed the second-order program."""
+    from tinymeta.autograd.first_order import first_order_inner_grads
+
+    grads = []
+    for captured in (False, True):
+        w = tm.tensor(np.ones((3, 1)), requires_grad=True)
+
+        def step(x, w=w):
+            w.grad = None
+            (g,) = tm.grad(((x @ w) ** 2).sum(), w, create_graph=True)
+            loss = ((x @ (w - 0.1 * g)) ** 2).sum()
+            loss.backward()
+            return loss
+
+        run = tm.capture(step) if captured else step
+        run(X)
+        with first_order_inner_grads():
+            run(X)
+        grads.append(w.grad.data.copy())
+    assert np.array_equal(grads[0], grads[1])
+    assert run.captures == 2

@@ -93,7 +93,7 @@ class Captured:
                 f"got keyword arguments {sorted(kwargs)}"
             )
         key = _signature(args)
-        python_state = _python_state(self.step_fn)
+        python_state = (_modes(), _python_state(self.step_fn))
         program = self.program
         if (
             program is not None
@@ -682,6 +682,14 @@ def _attributes(obj) -> tuple:
         if f is not _SKIP:
             out.append((k, f))
     return tuple(out)
+
+
+def _modes() -> tuple:
+    """Grad mode and first_order_inner_grads(): they decide what the step records."""
+    from tinymeta.autograd.first_order import is_first_order
+    from tinymeta.grad_mode import is_grad_enabled
+
+    return is_grad_enabled(), is_first_order()
 
 
 def _python_state(step_fn) -> tuple:
