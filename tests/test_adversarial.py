@@ -277,3 +277,19 @@ def test_capture_sees_first_order_inner_grads_and_grad_mode():
         grads.append(w.grad.data.copy())
     assert np.array_equal(grads[0], grads[1])
     assert run.captures == 2
+
+
+def test_a_parameter_viewed_and_detached_stays_changeable():
+    """The refusal above is for memory a graph computed: a leaf's memory, even through a
+    view with a grad_fn and its detach(), stays changeable (optimizers, logging)."""
+    from tinymeta.optim import Adam
+
+    p = tm.tensor(np.ones(3), requires_grad=True)
+    d = p[0:2].detach()  # the view has a grad_fn (GetItem); its memory is p's
+    opt = Adam([p], lr=0.1)
+    p.grad = tm.tensor(np.ones(3))
+    opt.step()
+    with tm.no_grad():
+        d.mul_(2.0)
+        p.add_(1.0)
+    np.testing.assert_allclose(p.data, [2.8, 2.8, 1.9])

@@ -226,7 +226,8 @@ class Tensor:
         ``no_grad``) changed under ``no_grad`` keeps its creator, so gradients through it
         would be those of the values before the change, without a word. Leaves (parameters,
         buffers) stay changeable: their gradient does not depend on their own values."""
-        if self.grad_fn is not None or len(self._vc) > 2:
+        vc = self._vc
+        if self.grad_fn is not None or (len(vc) > 2 and vc[2]):
             what = (
                 f"a tensor computed by {self.grad_fn.op_name()}"
                 if self.grad_fn is not None
@@ -312,6 +313,8 @@ def share_version(base: Tensor, alias: Tensor, view: bool) -> None:
     counter = base._vc
     if type(counter) is tuple:  # FRESH (or a copy of it from pickle)
         counter = base._vc = [0, False]
+    if len(counter) == 2 and base.grad_fn is None:
+        counter.append(False)  # a leaf's memory: see mark_graph_memory
     alias._vc = counter
     if view:
         counter[1] = True
@@ -319,7 +322,8 @@ def share_version(base: Tensor, alias: Tensor, view: bool) -> None:
 
 def mark_graph_memory(counter: list) -> None:
     """Mark a shared version counter as that of memory a graph computed: an alias outside
-    the graph (``detach()``, a view made under ``no_grad``) may not change it in place."""
+    the graph (``detach()``, a view made under ``no_grad``) may not change it in place.
+    A leaf's memory (marked False by share_version) stays changeable through any alias."""
     if len(counter) == 2:
         counter.append(True)
 
