@@ -111,7 +111,7 @@ def trpo_step(
         if new_loss < info["loss_before"] and new_kl <= max_kl:
             with no_grad():
                 for p, c in zip(plist, candidate.values()):
-                    p.data[...] = c.data
+                    p.copy_(c)  # in place, bumping the version counter graphs check
             info.update(loss_after=new_loss, kl=new_kl, step_fraction=fraction)
             break
         fraction *= ls_ratio
