@@ -293,3 +293,26 @@ def test_a_parameter_viewed_and_detached_stays_changeable():
         d.mul_(2.0)
         p.add_(1.0)
     np.testing.assert_allclose(p.data, [2.8, 2.8, 1.9])
+
+
+def test_capture_sees_a_parameter_replaced_by_a_new_tensor():
+    """A module attribute or a dict entry given a new tensor between calls: the replay read
+    the old tensor's array (the same result three times)."""
+    results = []
+    for captured in (False, True):
+        m = nn.Linear(3, 1, rng=np.random.default_rng(0))
+        params = {"w": tm.tensor(np.ones((3, 1)), requires_grad=True)}
+
+        def step(x, m=m, params=params):
+            return m(x).sum() + (x @ params["w"]).sum()
+
+        run = tm.capture(step) if captured else step
+        out = [run(X).data.copy()]
+        m.weight = nn.Parameter(np.full((1, 3), 5.0, dtype=np.float32))
+        out.append(run(X).data.copy())
+        params["w"] = tm.tensor(np.full((3, 1), 7.0), requires_grad=True)
+        out.append(run(X).data.copy())
+        results.append(out)
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+    assert run.captures == 3

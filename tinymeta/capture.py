@@ -655,11 +655,30 @@ _PLAIN = (bool, int, float, complex, str, bytes, type(None), np.generic)
 _NOT_STATE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, Tensor)
 
 
+class _Same:
+    """Equal to another _Same of the same object: a tensor's identity in a snapshot (a
+    parameter replaced by a new tensor is read by no replay). Holds the object, so that
+    its id cannot be reused while the snapshot lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return type(other) is _Same and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
 def _frozen(v, depth: int = 0):
-    """A comparable copy of ``v`` when it is a plain value (a number, a string, a list,
-    tuple or dict of them), else _SKIP."""
+    """A comparable copy of ``v`` when it is a plain value (a number, a string, a tensor's
+    identity, a list, tuple or dict of them), else _SKIP."""
     if isinstance(v, _PLAIN):
         return v
+    if isinstance(v, Tensor):
+        return _Same(v)
     if depth < 2 and type(v) in (list, tuple, dict):
         out = []
         for k, x in v.items() if type(v) is dict else enumerate(v):
@@ -709,6 +728,7 @@ def _python_state(step_fn) -> tuple:
             values.append((name, cell.cell_contents))
         except ValueError:  # a cell not filled yet
             pass
+    values += [(f"default {i}", v) for i, v in enumerate(fn.__defaults__ or ())]
     g = fn.__globals__
     values += [(name, g[name]) for name in code.co_names if name in g]
     owner = getattr(step_fn, "__self__", None)
