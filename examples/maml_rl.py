@@ -13,6 +13,13 @@ random initialisation, and an oracle that sees the task in its observation.
     python examples/maml_rl.py --algo pretrained --out runs/nav-pretrained
     python examples/maml_rl.py --baselines runs/nav-pretrained      # reuse its baselines
     python examples/maml_rl.py --env cheetah-dir --horizon 200      # pip install -e ".[rl]"
+    mpiexec -n 4 python examples/maml_rl.py --env navigation        # tasks spread over 4 ranks
+
+Under ``mpiexec`` (tinymeta.distributed) every rank draws the same meta-batch, samples and
+adapts its share of the tasks, and the meta-gradient, the Fisher-vector products, the line
+search's values and the statistics are summed over ranks, so every rank takes the same
+step; rank 0 alone writes and evaluates. Each task's rollouts have their own generator,
+seeded by (seed, phase, iteration, task), so the result does not depend on the rank count.
 
 Writes metrics.json, checkpoints (``--resume`` continues them) and, with matplotlib,
 figures to --out.
@@ -29,8 +36,10 @@ import numpy as np
 from tqdm import tqdm
 
 import tinymeta as tm
+from tinymeta import distributed as dist
 from tinymeta.optim import Adam
 from tinymeta.rl import make_task_family
+from tinymeta.rl.episodes import PerTaskGenerators
 from tinymeta.rl.maml_rl import fine_tune_returns, meta_adam_iteration, meta_trpo_iteration
 from tinymeta.rl.policy import GaussianMLPPolicy
 
@@ -147,6 +156,22 @@ def init_params(policy, seed: int, dtype) -> dict:
     return policy.init_params(seed, dtype=np.dtype(dtype))
 
 
+def sum_over_ranks(vector: np.ndarray) -> np.ndarray:
+    """A flat float64 vector's sum over the ranks (the vector itself in a world of one)."""
+    if dist.world_size() == 1:
+        return vector
+    summed = tm.tensor(np.array(vector, dtype=np.float64))
+    dist.all_reduce_(summed, op="sum")
+    return summed.data
+
+
+def task_generators(args, phase: str, iteration: int, indices) -> PerTaskGenerators:
+    """Each task's own generator for its pre- and post-update rollouts: a task's episodes
+    are the same whichever rank samples it (and however many ranks there are)."""
+    base = [args.seed, PHASES[phase], iteration, 1]
+    return PerTaskGenerators([np.random.default_rng(base + [int(i)]) for i in indices])
+
+
 def train(phase: str, family, policy, args, inner_steps: int, first_order: bool, limits) -> dict:
     """Meta-train (or, with ``inner_steps=0``, plainly train) a policy; checkpoints to
     ``<out>/<phase>.npz`` every few iterations and at the end."""
@@ -169,6 +194,8 @@ def train(phase: str, family, policy, args, inner_steps: int, first_order: bool,
         }
 
     def save():
+        if dist.rank() != 0:
+            return
         checkpoint = {
             "params": {k: p.data for k, p in params.items()},
             "iteration": state["iteration"],
@@ -181,8 +208,8 @@ def train(phase: str, family, policy, args, inner_steps: int, first_order: bool,
         tm.save(checkpoint, path)
 
     bar = tqdm(
-        total=iterations, initial=state["iteration"], desc=phase, disable=args.quiet,
-        mininterval=2,
+        total=iterations, initial=state["iteration"], desc=phase,
+        disable=args.quiet or dist.rank() != 0, mininterval=2,
     )  # fmt: skip
     last_save = time.perf_counter()
     while state["iteration"] < iterations:
@@ -190,28 +217,33 @@ def train(phase: str, family, policy, args, inner_steps: int, first_order: bool,
             break
         start = time.perf_counter()
         rng = np.random.default_rng([args.seed, PHASES[phase], state["iteration"]])
-        tasks = family.sample_tasks(args.meta_batch, rng)
+        tasks = family.sample_tasks(args.meta_batch, rng)  # the same on every rank
+        share = dist.shard(args.meta_batch)
+        rngs = task_generators(args, phase, state["iteration"], share)
         common = (family, policy, params)
+        shared = dict(total_tasks=args.meta_batch, reduce=sum_over_ranks)
         if optimizer is None:
             info = meta_trpo_iteration(
-                *common, tasks, args.rollouts, args.inner_lr, inner_steps, rng,
+                *common, tasks[share], args.rollouts, args.inner_lr, inner_steps, rngs,
                 first_order=first_order, max_kl=args.max_kl, cg_iters=args.cg_iters,
-                gamma=args.gamma, lam=args.gae_lambda, fisher=args.fisher,
+                gamma=args.gamma, lam=args.gae_lambda, fisher=args.fisher, **shared,
             )  # fmt: skip
         else:
             info = meta_adam_iteration(
-                *common, optimizer, tasks, args.rollouts, args.inner_lr, inner_steps, rng,
-                first_order=first_order, epochs=args.epochs, clip=args.clip,
-                gamma=args.gamma, lam=args.gae_lambda,
+                *common, optimizer, tasks[share], args.rollouts, args.inner_lr, inner_steps,
+                rngs, first_order=first_order, epochs=args.epochs, clip=args.clip,
+                gamma=args.gamma, lam=args.gae_lambda, **shared,
             )  # fmt: skip
         state["iteration"] += 1
-        state["seconds"] += time.perf_counter() - start
+        # rank 0's clock for everyone: --minutes and checkpoint timing agree on every rank
+        seconds = time.perf_counter() - start if dist.rank() == 0 else 0.0
+        state["seconds"] += float(sum_over_ranks(np.array([seconds]))[0])
         state["pre"].append(info["pre_return"])
         state["post"].append(info["post_return"])
         bar.update(1)
         bar.set_postfix(pre=f"{info['pre_return']:.1f}", post=f"{info['post_return']:.1f}")
-        if time.perf_counter() - last_save > 60.0:
-            save()
+        if dist.rank() == 0 and time.perf_counter() - last_save > 60.0:
+            save()  # rank 0 alone: no collective, so only its clock decides
             last_save = time.perf_counter()
     bar.close()
     save()
@@ -304,6 +336,9 @@ def save_figures(args, family, history, curves) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
+    rank, ranks = dist.init()
+    if args.meta_batch < ranks:  # the same check on every rank: all raise together
+        raise ValueError(f"--meta-batch {args.meta_batch} must be >= the {ranks} ranks")
     if args.baselines is not None:  # fail before training, not after it
         for name in ("pretrained", "oracle"):
             if not (args.baselines / f"{name}.npz").exists():
@@ -311,7 +346,8 @@ def main(argv=None):
                     f"--baselines: {args.baselines / f'{name}.npz'} does not exist "
                     "(run with --algo pretrained --out DIR first)"
                 )
-    args.out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
     normalized = args.actions == "normalized"
     family = make_task_family(args.env, normalized, horizon=args.horizon)
     oracle_family = make_task_family(args.env, normalized, horizon=args.horizon, oracle=True)
@@ -343,6 +379,8 @@ def main(argv=None):
         oracle = run["params"]
         curves["oracle"] = (run["pre"], run["post"])
 
+    if rank != 0:  # training done: rank 0 alone evaluates and writes
+        return None
     tasks = family.sample_tasks(args.eval_tasks, np.random.default_rng([args.seed, 12345]))
     returns, history = evaluate(family, policy, main_run["params"], tasks, args)
     pre_returns, _ = evaluate(family, policy, pretrained, tasks, args)
@@ -372,6 +410,7 @@ def main(argv=None):
         "eval_tasks": args.eval_tasks,
         "eval_rollouts": args.eval_rollouts,
         "seed": args.seed,
+        "ranks": dist.world_size(),
         "direction_success_after_1_step": direction_success(family, history[1]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }

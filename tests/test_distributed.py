@@ -406,6 +406,47 @@ def test_omniglot_checkpoint_of_two_ranks_resumes_with_one_and_with_two(tmp_path
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def load_rl_example():
+    spec = importlib.util.spec_from_file_location("maml_rl_example", EXAMPLES / "maml_rl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_mpi
+@pytest.mark.parametrize("outer", ["trpo", "adam"])
+def test_rl_example_with_two_ranks_ends_where_one_process_does(tmp_path, outer):
+    """2D navigation, 2 meta-iterations of 3 tasks (2 and 1 per rank), float64: the same
+    policy as one process. The tasks' rollouts have their own generators, so they are the
+    same on either rank count, and the sums over ranks differ from one process's sums in
+    rounding alone (about 1e-16 relative; 1e-10 leaves room for conjugate gradient and a
+    line search that amplify it, yet is far below the steps' size of about 0.1)."""
+    argv = ["--env", "navigation", "--meta-batch", "3", "--rollouts", "2", "--horizon", "10"]
+    argv += ["--iterations", "2", "--baseline-iterations", "1", "--eval-tasks", "3"]
+    argv += ["--hidden", "8", "8", "--dtype", "float64", "--quiet", "--outer", outer]
+    run = launch(2, EXAMPLES / "maml_rl.py", *argv, "--out", tmp_path / "two")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("navigation maml:") == 1  # rank 0 alone evaluates and reports
+    example = load_rl_example()
+    one = example.main(argv + ["--out", str(tmp_path / "one")])
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (one["ranks"], two["ranks"]) == (1, 2) and one["iterations"] == two["iterations"] == 2
+    from tinymeta.rl import make_task_family
+
+    family = make_task_family("navigation", True, horizon=10)
+    policy = example.make_policy(family, example.parse_args(argv))
+    start = example.init_params(policy, 0, np.float64)
+    for phase in ("policy", "pretrained", "oracle"):
+        a, b = (tm.load(tmp_path / r / f"{phase}.npz") for r in ("one", "two"))
+        np.testing.assert_allclose(b["post"], a["post"], rtol=1e-10, err_msg=phase)
+        np.testing.assert_allclose(b["pre"], a["pre"], rtol=1e-10, err_msg=phase)
+        for k, v in a["params"].items():
+            assert np.asarray(v).dtype == np.float64
+            np.testing.assert_allclose(b["params"][k], v, rtol=0, atol=1e-10, err_msg=k)
+    final = tm.load(tmp_path / "one" / "policy.npz")["params"]
+    assert max(np.abs(np.asarray(final[k]) - v.data).max() for k, v in start.items()) > 1e-3
+
+
 CHECKS = {
     "collectives": mpi_collectives,
     "cuda": mpi_cuda,

@@ -16,6 +16,14 @@ Parameters get a leading task axis (``per_task``) and every task's rollouts go
 through the policy in one batched forward; ``vectorized=False`` loops over tasks
 instead (the same numbers, as the tests check). With several inner steps, every step
 reuses the pre-update rollouts D_i.
+
+Data parallelism (examples/maml_rl.py under ``mpiexec``): each process samples and adapts
+a share of the meta-batch, ``MetaObjective(total_tasks=B)`` weights its terms by 1/B (so
+the shares' sums add up to the mean over all B tasks), and a ``reduce`` callable (a flat
+NumPy vector's sum over processes; the identity by default) makes ``trpo_step``, the
+Adam option's gradients and the returned statistics those of the whole meta-batch. Give
+``sample_meta_batch`` a ``PerTaskGenerators`` for rollouts that do not depend on which
+process samples a task. Nothing here imports MPI.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from tinymeta.ops import clip as tclip
 from tinymeta.ops import exp, minimum
 from tinymeta.ops import sum as tsum
 from tinymeta.rl.episodes import Episodes, compute_advantages, sample_episodes
-from tinymeta.rl.trpo import trpo_step
+from tinymeta.rl.trpo import flatten, trpo_step, unflatten
 from tinymeta.tensor import Tensor
 
 
@@ -89,6 +97,7 @@ class MetaObjective:
         vectorized: bool = True,
         clip: float | None = None,
         fisher: str = "exact",
+        total_tasks: int | None = None,
     ):
         if fisher not in ("exact", "first-order"):
             raise ValueError(f"fisher must be 'exact' or 'first-order', got {fisher!r}")
@@ -100,6 +109,12 @@ class MetaObjective:
         self.vectorized = vectorized
         self.clip = clip
         self.fisher = fisher
+        # The mean is over total_tasks (the whole meta-batch when this is one process's share)
+        self.total_tasks = valid.num_tasks if total_tasks is None else int(total_tasks)
+        if self.total_tasks < valid.num_tasks:
+            raise ValueError(
+                f"MetaObjective: total_tasks {total_tasks} < the {valid.num_tasks} tasks given"
+            )
         self._old = {}
 
     def __call__(self, params: dict, create_graph: bool = True):
@@ -137,7 +152,7 @@ class MetaObjective:
         if t not in self._old:
             self._old[t] = dist.detach()
         old = self._old[t]
-        scale = 1.0 / self.valid.num_tasks  # a mean over all tasks
+        scale = 1.0 / self.total_tasks  # a mean over all tasks (of every process)
         weights = (_step_weights(valid.mask) * scale).astype(dtype)
         adv = adv.reshape(len(obs), -1).astype(dtype)
         ratio = exp(dist.log_prob(actions) - old.log_prob(actions))
@@ -183,18 +198,33 @@ def meta_trpo_iteration(
     gamma: float = 0.99,
     lam: float = 1.0,
     fisher: str = "exact",
+    total_tasks: int | None = None,
+    reduce=None,
 ) -> dict:
     """Sample, adapt and take one TRPO step on ``params`` (in place); returns diagnostics
-    with the mean pre- and post-update returns."""
+    with the mean pre- and post-update returns. With ``tasks`` one process's share of a
+    meta-batch of ``total_tasks``, ``reduce`` sums over processes (module docstring)."""
     batch = sample_meta_batch(
         family, policy, params, tasks, rollouts, inner_lr, inner_steps, rng, gamma, lam
     )
-    objective = MetaObjective(policy, *batch, inner_lr, inner_steps, first_order, fisher=fisher)
-    info = trpo_step(params, objective, max_kl=max_kl, damping=damping, cg_iters=cg_iters)
-    train, _, valid, _ = batch
-    info["pre_return"] = float((train or valid).returns().mean())
-    info["post_return"] = float(valid.returns().mean())
+    objective = MetaObjective(
+        policy, *batch, inner_lr, inner_steps, first_order, fisher=fisher, total_tasks=total_tasks
+    )
+    info = trpo_step(
+        params, objective, max_kl=max_kl, damping=damping, cg_iters=cg_iters, reduce=reduce
+    )
+    info.update(_mean_returns(batch, objective.total_tasks, reduce))
     return info
+
+
+def _mean_returns(batch, total_tasks: int, reduce) -> dict:
+    """Mean pre- and post-update returns over the whole meta-batch (summed over processes)."""
+    train, _, valid, _ = batch
+    pre = (train or valid).returns().mean(axis=1).sum() / total_tasks
+    post = valid.returns().mean(axis=1).sum() / total_tasks
+    sums = np.array([pre, post], dtype=np.float64)
+    pre, post = sums if reduce is None else reduce(sums)
+    return {"pre_return": float(pre), "post_return": float(post)}
 
 
 def fine_tune_returns(
@@ -240,25 +270,38 @@ def meta_adam_iteration(
     clip: float = 0.2,
     gamma: float = 0.99,
     lam: float = 1.0,
+    total_tasks: int | None = None,
+    reduce=None,
 ) -> dict:
     """The simpler outer option: ``epochs`` steps of ``optimizer`` (Adam over ``params``)
-    on the clipped surrogate min(r A, clip(r, 1 - eps, 1 + eps) A) of one meta-batch."""
+    on the clipped surrogate min(r A, clip(r, 1 - eps, 1 + eps) A) of one meta-batch
+    (``total_tasks``, ``reduce``: as in ``meta_trpo_iteration``; the gradients, the loss
+    and the KL are summed over processes before each step)."""
     batch = sample_meta_batch(
         family, policy, params, tasks, rollouts, inner_lr, inner_steps, rng, gamma, lam
     )
-    objective = MetaObjective(policy, *batch, inner_lr, inner_steps, first_order, clip=clip)
+    objective = MetaObjective(
+        policy, *batch, inner_lr, inner_steps, first_order, clip=clip, total_tasks=total_tasks
+    )
+    plist = list(params.values())
     losses, kl = [], None
     for _ in range(epochs):
         loss, kl = objective(params, create_graph=True)
         optimizer.zero_grad()
         loss.backward()
+        scalars = np.array([loss.item(), kl.item()], dtype=np.float64)
+        if reduce is not None:
+            grads = [p.grad for p in plist]
+            flat = reduce(flatten([g.data for g in grads] + [scalars]))
+            for g, summed in zip(grads, unflatten(flat[:-2], grads)):
+                g.data[...] = summed
+            scalars = flat[-2:]
         optimizer.step()
-        losses.append(float(loss.item()))
-    train, _, valid, _ = batch
+        losses.append(float(scalars[0]))
+        kl = float(scalars[1])
     return {
         "loss_before": losses[0],
         "loss_after": losses[-1],
-        "kl": float(kl.item()),
-        "pre_return": float((train or valid).returns().mean()),
-        "post_return": float(valid.returns().mean()),
+        "kl": kl,
+        **_mean_returns(batch, objective.total_tasks, reduce),
     }

@@ -9,6 +9,13 @@ whose graph reaches ``params`` (for MAML, through the inner policy-gradient step
     step      = sqrt(2 max_kl / direction^T F direction) * direction
     accept the first of step, ratio * step, ratio^2 * step, ... that lowers the loss and
     keeps the KL within max_kl (else leave params unchanged).
+
+Data parallelism: ``reduce`` (default: the identity) maps a flat float64 NumPy vector to
+its sum over processes. When each process's ``objective`` covers a share of the tasks,
+weighted so that the shares sum to the whole (see ``MetaObjective(total_tasks=...)``),
+``trpo_step`` reduces the gradient with the loss, every Fisher-vector product, and each
+line-search trial's (loss, KL), so every process takes the same step. This module imports
+no MPI: examples/maml_rl.py passes a sum over ``tinymeta.distributed``'s ranks.
 """
 
 from __future__ import annotations
@@ -76,6 +83,10 @@ class FisherVectorProduct:
         return flatten([h.data for h in hv]) + self.damping * v
 
 
+def _identity(vector: np.ndarray) -> np.ndarray:
+    return vector
+
+
 def trpo_step(
     params: dict,
     objective: Callable,
@@ -84,17 +95,27 @@ def trpo_step(
     cg_iters: int = 10,
     ls_steps: int = 15,
     ls_ratio: float = 0.8,
+    reduce: Callable | None = None,
 ) -> dict:
     """One TRPO update of the leaves in ``params`` (in place); returns a dict of diagnostics
-    (``loss_before``, ``loss_after``, ``kl``, ``step_fraction``: 0 if no step was accepted)."""
+    (``loss_before``, ``loss_after``, ``kl``, ``step_fraction``: 0 if no step was accepted).
+    ``reduce``: a sum over processes of a flat vector (module docstring); None: one process."""
+    if reduce is None:
+        reduce = _identity
     keys = list(params)
     plist = [params[k] for k in keys]
     loss, kl = objective(params, create_graph=True)
-    g = flatten([x.data for x in grad(loss, plist, retain_graph=True)])
-    fvp = FisherVectorProduct(kl, plist, damping)
-    direction = conjugate_gradient(fvp, -g, cg_iters)
-    curvature = direction @ fvp(direction)
-    info = {"loss_before": float(loss.item()), "loss_after": float(loss.item()), "kl": 0.0}
+    g = flatten([x.data for x in grad(loss, plist, retain_graph=True)] + [loss.data])
+    g = reduce(g)
+    g, loss_before = g[:-1], float(g[-1])
+    fvp = FisherVectorProduct(kl, plist)  # damping added after the sum, once
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        return reduce(fvp(v)) + damping * v
+
+    direction = conjugate_gradient(matvec, -g, cg_iters)
+    curvature = direction @ matvec(direction)
+    info = {"loss_before": loss_before, "loss_after": loss_before, "kl": 0.0}
     info["step_fraction"] = 0.0
     if not np.isfinite(curvature) or curvature <= 0.0:
         return info  # no trust region to scale by: skip the update
@@ -107,7 +128,8 @@ def trpo_step(
             k: Tensor(x0 + fraction * s, requires_grad=True) for k, x0, s in zip(keys, start, steps)
         }
         new_loss, new_kl = objective(candidate, create_graph=False)
-        new_loss, new_kl = float(new_loss.item()), float(new_kl.item())
+        new_loss, new_kl = reduce(np.array([new_loss.item(), new_kl.item()], dtype=np.float64))
+        new_loss, new_kl = float(new_loss), float(new_kl)
         if new_loss < info["loss_before"] and new_kl <= max_kl:
             with no_grad():
                 for p, c in zip(plist, candidate.values()):
