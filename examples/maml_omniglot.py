@@ -289,12 +289,11 @@ def vectorized_episode_gradients(model, rule, episodes, args, first_order, scale
             logits = forward(adapted, xq)
             loss = task_loss(logits, qy)
     else:
-        adapted = meta.adapt(
-            support_loss, meta.per_task(params, tasks, keys), rule, args.inner_steps,
-            first_order=first_order, keys=keys,
+        # The mean of the tasks' mean query losses, and the query logits (T, N, ways).
+        loss, logits = meta.maml_loss(
+            forward, params, (xs, sy), (xq, qy), task_loss, rule, args.inner_steps,
+            first_order=first_order, keys=keys, return_predictions=True,
         )  # fmt: skip
-        logits = forward(adapted, xq)
-        loss = task_loss(logits, qy)  # the mean of the tasks' mean query losses
         (loss * (tasks * scale)).backward()
     correct = int((logits.numpy().argmax(axis=-1) == qy).sum())
     return loss.item() * tasks, correct, qy.size
@@ -327,12 +326,13 @@ def looped_episode_gradients(model, rule, episodes, args, first_order, scale) ->
                 logits = forward(adapted, xq)
                 loss = F.cross_entropy(logits, qy)
         else:
-            adapted = meta.adapt(
-                lambda p, xs=xs, sy=sy: F.cross_entropy(forward(p, xs), sy),
-                params, rule, args.inner_steps, first_order=first_order, keys=keys,
+            # A meta-batch of one episode: its query loss and logits (1, N, ways).
+            loss, logits = meta.maml_loss(
+                forward, params, (xs[None], sy[None]), (xq[None], qy[None]), F.cross_entropy,
+                rule, args.inner_steps, first_order=first_order, keys=keys, vectorized=False,
+                return_predictions=True,
             )  # fmt: skip
-            logits = forward(adapted, xq)
-            loss = F.cross_entropy(logits, qy)
+            logits = logits[0]
             (loss * scale).backward()
         loss_sum += loss.item()
         correct += int((logits.numpy().argmax(axis=1) == qy).sum())
