@@ -741,7 +741,9 @@ def _python_state(step_fn) -> tuple:
         f = _frozen(v)
         if f is not _SKIP:
             state.append((name, f))
-        elif not isinstance(v, (*_NOT_STATE, Optimizer)):
+        elif not isinstance(v, (*_NOT_STATE, Optimizer, Captured)):
+            # A captured step's own counters (its name may be a global the body reads,
+            # as `step` in `opt.step()`) change with every call: not the step's state.
             state.append((name, _attributes(v)))
     return tuple(state)
 
