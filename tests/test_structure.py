@@ -188,16 +188,7 @@ def test_the_graph_reader_sees_imports_at_every_level(tmp_path):
 # The pairs issue 16 names: each dependency must run one way (STYLE.md, "One-way
 # dependencies"): a chain of imports may lead from one to the other, never back.
 ONE_WAY_PAIRS = [
-    pytest.param(
-        "tinymeta.tensor",
-        "tinymeta.autograd.engine",
-        id="tensor-engine",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="Tensor.backward imports the engine lazily, and the engine imports Tensor: "
-            "being reworked with the engine (issue 16, item 5)",
-        ),
-    ),
+    pytest.param("tinymeta.tensor", "tinymeta.autograd.engine", id="tensor-engine"),
     pytest.param("tinymeta.autograd._hooks", "tinymeta.autograd.anomaly", id="hooks-anomaly"),
     pytest.param("tinymeta.nn.functional", "tinymeta.nn.softmax_xent", id="functional-xent"),
 ]

@@ -199,11 +199,9 @@ class Tensor:
         self._hooks.append(fn)
         return _HookHandle(self._hooks, fn)
 
-    def backward(self, gradient=None, retain_graph=None, create_graph=False) -> None:
-        """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
-        from tinymeta.autograd.engine import backward
-
-        backward(self, gradient, retain_graph=retain_graph, create_graph=create_graph)
+    # ``t.backward(gradient=None, retain_graph=None, create_graph=False)`` runs
+    # tinymeta.autograd.engine.backward; it is attached by tinymeta/ops/methods.py, like the
+    # operators, so that this module does not import the engine (which imports Tensor).
 
     # --- in-place updates (optimizers); they bump the version counter ------
     # The counter ``_vc`` is a list [version, viewed] shared by every tensor over the same

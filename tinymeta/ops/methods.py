@@ -1,12 +1,14 @@
-"""Tensor operators and methods, each delegating to an op wrapper.
+"""Tensor operators and methods, each delegating to an op wrapper (and ``backward``,
+delegating to the engine).
 
-Kept apart from tensor.py so that Tensor does not import the ops (which
+Kept apart from tensor.py so that Tensor does not import the ops or the engine (which
 import Tensor): this module runs once, when tinymeta is imported.
 """
 
 from __future__ import annotations
 
 from tinymeta import ops
+from tinymeta.autograd import engine
 from tinymeta.tensor import Tensor
 
 
@@ -14,8 +16,14 @@ def _reflected(op):
     return lambda self, other: op(other, self)
 
 
+def _backward(self, gradient=None, retain_graph=None, create_graph=False) -> None:
+    """Accumulate d(self)/d(leaf) into ``leaf.grad`` for every leaf that requires grad."""
+    engine.backward(self, gradient, retain_graph=retain_graph, create_graph=create_graph)
+
+
 def _attach() -> None:
     T = Tensor
+    T.backward = _backward
     T.__add__, T.__radd__ = ops.add, _reflected(ops.add)
     T.__sub__, T.__rsub__ = ops.sub, _reflected(ops.sub)
     T.__mul__, T.__rmul__ = ops.mul, _reflected(ops.mul)
