@@ -12,6 +12,9 @@ first call of each kernel compiles it); a failure is reported as drawn.
 A test that takes a ``device`` argument runs once per device: ``cpu`` always,
 ``cuda`` marked ``gpu`` and skipped (with the reason) where CuPy or a GPU is
 missing. ``-m gpu`` selects the cuda cases, ``-m "not gpu"`` the rest.
+
+The ``omniglot_archives`` fixture skips a test, saying how to provide them, where the
+Omniglot background archives are not found (the library looks in ``$TINYMETA_DATA``).
 """
 
 import os
@@ -54,3 +57,18 @@ def pytest_generate_tests(metafunc):
     # Direct parametrization (not a fixture), so that Hypothesis' @given tests can take it.
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", DEVICES)
+
+
+@pytest.fixture(scope="session")
+def omniglot_archives():
+    """The folder holding the small Omniglot background archives; skips without them."""
+    from tinymeta.data import omniglot_root
+
+    for stem in ("images_background_small1", "images_background_small2"):
+        if not (omniglot_root() / f"{stem}.zip").is_file():
+            pytest.skip(
+                f"{stem}.zip not found under {omniglot_root()}: set TINYMETA_DATA to the folder "
+                f"that holds it (to fetch it there: "
+                f"`python -c \"import tinymeta.data as d; d.download_omniglot('{stem}', 'DIR')\"`)"
+            )
+    return omniglot_root()

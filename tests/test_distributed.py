@@ -371,12 +371,9 @@ def test_sinusoid_example_with_two_ranks_ends_where_one_process_does(tmp_path):
 
 
 @needs_mpi
-def test_omniglot_checkpoint_of_two_ranks_resumes_with_one_and_with_two(tmp_path):
-    from tinymeta.data import omniglot_root
-
-    for stem in ("images_background_small1", "images_background_small2"):
-        if not (omniglot_root() / f"{stem}.zip").is_file():
-            pytest.skip(f"{stem}.zip not found under {omniglot_root()} (set TINYMETA_DATA)")
+def test_omniglot_checkpoint_of_two_ranks_resumes_with_one_and_with_two(
+    tmp_path, omniglot_archives
+):
     tiny = ["--ways", "5", "--filters", "8", "--meta-batch", "3", "--quiet", "--seed", "0"]
     tiny += ["--eval-episodes", "0", "--val-every", "0"]  # no evaluation: small1 alone
     example = EXAMPLES / "maml_omniglot.py"

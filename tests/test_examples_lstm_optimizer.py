@@ -18,7 +18,7 @@ import pytest
 
 import tinymeta as tm
 from tinymeta import meta
-from tinymeta.data import load_omniglot, omniglot_root
+from tinymeta.data import load_omniglot
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BASELINES = ("sgd", "nesterov", "rmsprop", "adam")
@@ -45,15 +45,8 @@ def _load_into_fresh(path: Path, key: str) -> meta.LSTMOptimizer:
 
 
 @pytest.fixture(scope="module")
-def omniglot_example(tmp_path_factory):
+def omniglot_example(tmp_path_factory, omniglot_archives):
     """The example module, with decoded archives cached in a temporary folder."""
-    for stem in ("images_background_small1", "images_background_small2"):
-        if not (omniglot_root() / f"{stem}.zip").is_file():
-            pytest.skip(
-                f"{stem}.zip not found under {omniglot_root()}: set TINYMETA_DATA to the folder "
-                f"that holds it (to fetch it there: "
-                f"`python -c \"import tinymeta.data as d; d.download_omniglot('{stem}', 'DIR')\"`)"
-            )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINYMETA_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield _example("lstm_optimizer_omniglot")

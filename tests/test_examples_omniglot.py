@@ -25,15 +25,8 @@ TINY = ["--ways", "5", "--filters", "8", "--meta-batch", "2", "--quiet", "--seed
 
 
 @pytest.fixture(scope="module")
-def omniglot_example(tmp_path_factory):
+def omniglot_example(tmp_path_factory, omniglot_archives):
     """The example module, with decoded archives cached in a temporary folder."""
-    for stem in ("images_background_small1", "images_background_small2"):
-        if not (omniglot_root() / f"{stem}.zip").is_file():
-            pytest.skip(
-                f"{stem}.zip not found under {omniglot_root()}: set TINYMETA_DATA to the folder "
-                f"that holds it (to fetch it there: "
-                f"`python -c \"import tinymeta.data as d; d.download_omniglot('{stem}', 'DIR')\"`)"
-            )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINYMETA_CACHE", str(tmp_path_factory.mktemp("cache")))
         mp.syspath_prepend(str(EXAMPLES))
