@@ -39,7 +39,7 @@ import tinymeta as tm
 from tinymeta import distributed as dist
 from tinymeta.optim import Adam
 from tinymeta.rl import make_task_family
-from tinymeta.rl.episodes import PerTaskGenerators
+from tinymeta.rl.tasks import PerTaskGenerators
 from tinymeta.rl.maml_rl import fine_tune_returns, meta_adam_iteration, meta_trpo_iteration
 from tinymeta.rl.policy import GaussianMLPPolicy
 

@@ -411,26 +411,32 @@ def load_rl_example():
 
 
 @needs_mpi
-@pytest.mark.parametrize("outer", ["trpo", "adam"])
-def test_rl_example_with_two_ranks_ends_where_one_process_does(tmp_path, outer):
-    """2D navigation, 2 meta-iterations of 3 tasks (2 and 1 per rank), float64: the same
-    policy as one process. The tasks' rollouts have their own generators, so they are the
-    same on either rank count, and the sums over ranks differ from one process's sums in
-    rounding alone (about 1e-16 relative; 1e-10 leaves room for conjugate gradient and a
-    line search that amplify it, yet is far below the steps' size of about 0.1)."""
-    argv = ["--env", "navigation", "--meta-batch", "3", "--rollouts", "2", "--horizon", "10"]
+@pytest.mark.parametrize(
+    "env, outer", [("navigation", "trpo"), ("navigation", "adam"), ("cheetah-dir", "trpo")]
+)
+def test_rl_example_with_two_ranks_ends_where_one_process_does(tmp_path, env, outer):
+    """2 meta-iterations of 3 tasks (2 and 1 per rank), float64: the same policy as one
+    process. The tasks' rollouts (actions and, for the cheetah, initial states) have their
+    own generators, so they are the same on either rank count, and the sums over ranks
+    differ from one process's sums in rounding alone (about 1e-16 relative; 1e-10 leaves
+    room for conjugate gradient and a line search that amplify it, yet is far below the
+    steps' size of about 0.1)."""
+    if env == "cheetah-dir":
+        pytest.importorskip("gymnasium")
+        pytest.importorskip("mujoco")
+    argv = ["--env", env, "--meta-batch", "3", "--rollouts", "2", "--horizon", "10"]
     argv += ["--iterations", "2", "--baseline-iterations", "1", "--eval-tasks", "3"]
     argv += ["--hidden", "8", "8", "--dtype", "float64", "--quiet", "--outer", outer]
     run = launch(2, EXAMPLES / "maml_rl.py", *argv, "--out", tmp_path / "two")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("navigation maml:") == 1  # rank 0 alone evaluates and reports
+    assert run.stdout.count(f"{env} maml:") == 1  # rank 0 alone evaluates and reports
     example = load_rl_example()
     one = example.main(argv + ["--out", str(tmp_path / "one")])
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (one["ranks"], two["ranks"]) == (1, 2) and one["iterations"] == two["iterations"] == 2
     from tinymeta.rl import make_task_family
 
-    family = make_task_family("navigation", True, horizon=10)
+    family = make_task_family(env, True, horizon=10)
     policy = example.make_policy(family, example.parse_args(argv))
     start = example.init_params(policy, 0, np.float64)
     for phase in ("policy", "pretrained", "oracle"):

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from tinymeta.rl import make_task_family
+from tinymeta.rl import PerTaskGenerators, make_task_family
 
 pytestmark = pytest.mark.filterwarnings("ignore:MuJoCo:RuntimeWarning")
 
@@ -49,6 +49,30 @@ def test_deterministic_under_a_seed(cheetah):
     assert not np.allclose(a["obs"][0], c["obs"][0])
     # every episode starts from its own noisy initial state
     assert not np.allclose(a["obs"][0, 0, 0], a["obs"][0, 0, 1])
+
+
+def test_per_task_generators_give_a_task_its_own_initial_states(cheetah):
+    """With one generator per task, a task's initial states depend on its generator alone,
+    not on the tasks reset beside it (what makes a distributed run's rollouts independent
+    of the rank count); the reset does not replace the family's own generator."""
+    tasks = np.array([[1.0], [-1.0], [1.0]])
+
+    def gens(seeds):
+        return PerTaskGenerators([np.random.default_rng(s) for s in seeds])
+
+    together, _ = cheetah.reset(tasks, 2, seed=gens([10, 11, 12]))
+    alone, _ = cheetah.reset(tasks[2:], 2, seed=gens([12]))
+    np.testing.assert_array_equal(together[2], alone[0])
+    swapped, _ = cheetah.reset(tasks, 2, seed=gens([11, 10, 12]))
+    np.testing.assert_array_equal(swapped[0], together[1])
+    assert not np.allclose(together[0], together[1])
+    cheetah.reset(tasks, 2, seed=5)
+    after_seed, _ = cheetah.reset(tasks, 2)
+    cheetah.reset(tasks, 2, seed=5)
+    cheetah.reset(tasks, 2, seed=gens([1, 2, 3]))  # must not touch the family's generator
+    np.testing.assert_array_equal(cheetah.reset(tasks, 2)[0], after_seed)
+    with pytest.raises(ValueError, match="2 per-task generators for 3 tasks"):
+        cheetah.reset(tasks, 2, seed=gens([1, 2]))
 
 
 def test_reward_matches_gymnasium_halfcheetah(cheetah, gymnasium, tmp_path, monkeypatch):

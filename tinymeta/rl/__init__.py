@@ -24,7 +24,7 @@ from tinymeta.rl.maml_rl import (
 )
 from tinymeta.rl.policy import CategoricalMLPPolicy, GaussianMLPPolicy
 from tinymeta.rl.returns import LinearFeatureBaseline, discounted_returns, gae, normalize
-from tinymeta.rl.tasks import TaskFamily, make_task_family, task_family_names
+from tinymeta.rl.tasks import PerTaskGenerators, TaskFamily, make_task_family, task_family_names
 from tinymeta.rl.trpo import FisherVectorProduct, conjugate_gradient, trpo_step
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "GaussianMLPPolicy",
     "LinearFeatureBaseline",
     "MetaObjective",
+    "PerTaskGenerators",
     "TaskFamily",
     "adapt_policy",
     "compute_advantages",

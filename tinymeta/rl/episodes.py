@@ -13,6 +13,7 @@ import numpy as np
 
 from tinymeta.grad_mode import no_grad
 from tinymeta.rl.returns import LinearFeatureBaseline, discounted_returns, gae, normalize
+from tinymeta.rl.tasks import PerTaskGenerators
 from tinymeta.tensor import Tensor
 
 
@@ -62,38 +63,11 @@ class Episodes:
         return obs, actions
 
 
-class PerTaskGenerators:
-    """Generators, one per task, drawing as one: ``standard_normal(shape)`` and
-    ``uniform(size=shape)`` give row t of the leading (task) axis from generator t. A task's
-    episodes then depend only on its own generator, not on which tasks are sampled with it
-    (the same rollouts whichever rank of a distributed run samples the task)."""
-
-    def __init__(self, generators):
-        self.generators = [np.random.default_rng(g) for g in generators]
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def _rows(self, draw, shape) -> np.ndarray:
-        shape = tuple(shape)
-        if not shape or shape[0] != len(self.generators):
-            raise ValueError(
-                f"PerTaskGenerators: the leading axis of {shape} must be the "
-                f"{len(self.generators)} tasks"
-            )
-        return np.stack([draw(g, shape[1:]) for g in self.generators])
-
-    def standard_normal(self, size=None) -> np.ndarray:
-        return self._rows(lambda g, s: g.standard_normal(s), size)
-
-    def uniform(self, low=0.0, high=1.0, size=None) -> np.ndarray:
-        return self._rows(lambda g, s: g.uniform(low, high, s), size)
-
-
 def sample_episodes(family, policy, params: dict, tasks, rollouts: int, rng, seed=None):
     """Run ``policy`` with ``params`` (shared, or with a task axis of length ``len(tasks)``)
     for ``rollouts`` episodes of each task; actions are drawn with ``rng`` (a generator or
-    seed, or a ``PerTaskGenerators`` with one generator per task)."""
+    seed, or a ``PerTaskGenerators`` with one generator per task, which then also draws each
+    task's initial states unless ``seed`` fixes them)."""
     if isinstance(rng, PerTaskGenerators):
         if len(rng) != len(tasks):
             raise ValueError(
@@ -101,6 +75,8 @@ def sample_episodes(family, policy, params: dict, tasks, rollouts: int, rng, see
             )
     else:
         rng = np.random.default_rng(rng)
+    if seed is None and isinstance(rng, PerTaskGenerators):
+        seed = rng  # each task's initial states from its own generator too
     obs, _ = family.reset(tasks, rollouts, seed=seed)
     tasks = np.asarray(tasks, dtype=np.float64)
     shape = obs.shape[:2]

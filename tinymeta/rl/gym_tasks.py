@@ -193,7 +193,7 @@ class GymTaskFamily(TaskFamily):
         n = len(tasks) * rollouts_per_task
         while len(self._envs) < n:
             self._envs.append(self._make_env())
-        seeds = rng.integers(0, 2**31 - 1, size=n)
+        seeds = rng.integers(0, 2**31 - 1, size=(len(tasks), rollouts_per_task)).reshape(-1)
         obs = np.empty((n, self.base_observation_dim))
         for i in range(n):
             obs[i] = np.ravel(self._envs[i].reset(seed=int(seeds[i]))[0])
@@ -311,7 +311,7 @@ class HalfCheetahDirection(GymTaskFamily):
         while len(self._datas) < n:
             self._datas.append(mujoco.MjData(model))
         # The same seed draws as the Gymnasium path, so both start from the same states.
-        seeds = rng.integers(0, 2**31 - 1, size=n)
+        seeds = rng.integers(0, 2**31 - 1, size=(len(tasks), rollouts_per_task)).reshape(-1)
         self._qpos = np.empty((n, model.nq))
         self._qvel = np.empty((n, model.nv))
         for i in range(n):

@@ -20,7 +20,9 @@ Conventions (Gymnasium's, lifted to a batch of episodes):
   not accepted: one task is ``tasks[None]``). Every task parameter is checked
   (``check_tasks``): one outside the family raises ``ValueError`` naming it. ``seed``
   seeds the family's own generator (initial-state noise, if the environment has any);
-  ``seed=None`` continues from the current generator. Same ``seed``, same tasks and
+  ``seed=None`` continues from the current generator; a ``PerTaskGenerators`` (one
+  generator per task) draws each task's initial states from its own generator, for this
+  reset only, so that a task's episodes do not depend on the tasks beside it. Same ``seed``, same tasks and
   same actions give bit-identical observations and rewards.
 - ``step(actions) -> (obs, reward, terminated, truncated, info)`` with ``actions`` of
   shape ``(T, R, action_dim)`` (any float dtype). A wrong shape, or a NaN/inf entry,
@@ -69,6 +71,37 @@ def as_generator(rng) -> np.random.Generator:
     if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)):
         return np.random.default_rng(rng)
     raise TypeError(f"rng must be None, an int seed or a numpy Generator, got {type(rng).__name__}")
+
+
+class PerTaskGenerators:
+    """Generators, one per task, drawing as one: ``standard_normal(shape)`` and
+    ``uniform(size=shape)`` give row t of the leading (task) axis from generator t. A task's
+    episodes then depend only on its own generator, not on which tasks are sampled with it
+    (the same rollouts whichever rank of a distributed run samples the task)."""
+
+    def __init__(self, generators):
+        self.generators = [np.random.default_rng(g) for g in generators]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def _rows(self, draw, shape) -> np.ndarray:
+        shape = tuple(shape)
+        if not shape or shape[0] != len(self.generators):
+            raise ValueError(
+                f"PerTaskGenerators: the leading axis of {shape} must be the "
+                f"{len(self.generators)} tasks"
+            )
+        return np.stack([draw(g, shape[1:]) for g in self.generators])
+
+    def standard_normal(self, size=None) -> np.ndarray:
+        return self._rows(lambda g, s: g.standard_normal(s), size)
+
+    def uniform(self, low=0.0, high=1.0, size=None) -> np.ndarray:
+        return self._rows(lambda g, s: g.uniform(low, high, s), size)
+
+    def integers(self, low, high=None, size=None) -> np.ndarray:
+        return self._rows(lambda g, s: g.integers(low, high, s), size)
 
 
 class TaskFamily:
@@ -141,12 +174,19 @@ class TaskFamily:
                 f"{self.name}.reset: rollouts_per_task must be a positive int, "
                 f"got {rollouts_per_task!r}"
             )
-        if seed is not None:
-            self._rng = as_generator(seed)
+        rng = self._rng
+        if isinstance(seed, PerTaskGenerators):  # this reset only: one generator per task
+            if len(seed) != len(tasks):
+                raise ValueError(
+                    f"{self.name}.reset: {len(seed)} per-task generators for {len(tasks)} tasks"
+                )
+            rng = seed
+        elif seed is not None:
+            self._rng = rng = as_generator(seed)
         self._tasks = tasks
         self._t = 0
         shape = (len(tasks), int(rollouts_per_task))
-        base_obs, info = self._reset(tasks, int(rollouts_per_task), self._rng)
+        base_obs, info = self._reset(tasks, int(rollouts_per_task), rng)
         self._last_obs = np.asarray(base_obs, dtype=np.float64)
         self._terminated = np.zeros(shape, dtype=bool)
         self._truncated = np.zeros(shape, dtype=bool)
