@@ -279,7 +279,9 @@ def direction_success(family, episodes) -> float | None:
 
 
 def evaluate(family, policy, params: dict, tasks, args, steps: int = EVAL_STEPS):
-    rng = np.random.default_rng([args.seed, 99])
+    """Every policy meets each held-out task with the same generator (initial states and
+    action noise), so the comparisons between policies are paired."""
+    rng = PerTaskGenerators([np.random.default_rng([args.seed, 99, i]) for i in range(len(tasks))])
     return fine_tune_returns(
         family, policy, params, tasks, args.eval_rollouts, args.inner_lr, steps, rng,
         args.gamma, args.gae_lambda,
