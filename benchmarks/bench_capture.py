@@ -1,4 +1,4 @@
-"""tinymeta eager vs captured (tm.capture) vs PyTorch on W1, W3 and W4, side by side.
+"""tinymeta eager vs captured (tm.capture) vs PyTorch on W1, W2, W3 and W4, side by side.
 
 Implementations of one workload compute the same thing from the same data and initial
 weights; before timing, the captured step is checked to give bit for bit what the eager
@@ -16,6 +16,10 @@ Ratios are medians over rounds of each round's ratio; below 1 the first is faste
     python benchmarks/bench_capture.py --threads 1                 # all, one process
     python benchmarks/bench_capture.py --threads 1 --separate       # one process each
     python benchmarks/bench_capture.py --threads 1 --only w4 --rounds 5 --repeats 30
+    python benchmarks/bench_capture.py --threads 1 --only w2 w2-1st --rounds 2 --w2-repeats 3
+
+W2 (tinymeta task-vectorized, PyTorch looped and ``torch.func``) also prints its FLOP floor:
+the products' GFLOP over NumPy's float32 matmul GFLOP/s on this machine.
 """
 
 from __future__ import annotations
@@ -29,7 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import base_parser, describe_machine, setup_threads  # noqa: E402
+from common import (  # noqa: E402
+    add_keep_freed_memory,
+    base_parser,
+    describe_machine,
+    keep_freed_memory_if_asked,
+    setup_threads,
+    w2_floor,
+)
 
 # workload -> (description, implementations, calls per timed sample)
 W1_PEERS = ("eager", "captured", "torch", "torch.func")
@@ -41,6 +52,8 @@ WORKLOADS = {
         ("eager", "captured", "torch"),
         1,
     ),
+    "w2": ("W2 Omniglot-size conv MAML, 1 inner step, second order", W1_PEERS, 1),
+    "w2-1st": ("W2 Omniglot-size conv MAML, 1 inner step, first order", W1_PEERS, 1),
     "w3": ("W3 MLP 784-256-256-10 SGD step, batch 128", ("eager", "captured", "torch"), 2),
     "w4": ("W4 double backward, x 64x100, W1 100x100", ("eager", "captured", "torch"), 10),
 }
@@ -80,6 +93,8 @@ def _tinymeta(tm, np, workload: str):
         steps = 5 if workload == "w1-5" else 1
         step, gradient = Tinymeta("cpu").w1(w1_weights(np), w1_data(np), steps)
         return step, lambda: gradient()
+    if workload.startswith("w2"):
+        return _tinymeta_w2(Tinymeta("cpu"), np, first_order=workload == "w2-1st")
     if workload == "w3":
         return _TinymetaW3(tm, np).pair()
     step, _ = w4_tinymeta(tm, w4_data(np))
@@ -101,15 +116,36 @@ def _tinymeta_w1_looped(peer, weights, data):
     return step, lambda: gradient()
 
 
+def _tinymeta_w2(peer, np, first_order: bool):
+    """W2 task-vectorized; the state to compare is the parameters after the Adam steps
+    (a meta-gradient at the initial weights would cost one more uncaptured iteration)."""
+    from common import W2_LR, w2_data, w2_weights
+
+    params, opt, (xs, ys, xq, yq) = peer._setup(w2_weights(np), w2_data(np))
+
+    def meta_loss():
+        return peer.meta.maml_loss(
+            peer.convnet, params, (xs, ys), (xq, yq), peer.cross_entropy, W2_LR, 1,
+            first_order=first_order, vectorized=True,
+        )  # fmt: skip
+
+    step, _ = peer._wrap(params, opt, meta_loss)
+    return step, lambda: {k: p.numpy().copy() for k, p in params.items()}
+
+
 def _torch(torch, np, workload: str, vmap: bool):
     from bench_cpu import w4_data, w4_torch
-    from common import Torch, w1_data, w1_weights
+    from common import Torch, w1_data, w1_weights, w2_data, w2_weights
 
     if workload.startswith("w1"):
         steps = 5 if workload == "w1-5" else 1
         peer = Torch(torch, "cpu")
         build_ = peer.w1_vmap if vmap else peer.w1_loop
         return build_(w1_weights(np), w1_data(np), steps)
+    if workload.startswith("w2"):
+        peer = Torch(torch, "cpu")
+        build_ = peer.w2_vmap if vmap else peer.w2_loop
+        return build_(w2_weights(np), w2_data(np), first_order=workload == "w2-1st")
     if workload == "w3":
         return _TorchW3(torch, np).pair()
     step, _ = w4_torch(torch, w4_data(np))
@@ -197,7 +233,7 @@ def sample(step, calls: int) -> tuple[float, float]:
 
 def time_in_process(workload: str, impls, args) -> dict:
     """impl -> per round (wall median, CPU median), all in this process, taking turns."""
-    calls = WORKLOADS[workload][2]
+    calls, repeats = WORKLOADS[workload][2], repeats_of(workload, args)
     steps = {impl: build(workload, impl)[0] for impl in impls}
     for step in steps.values():
         for _ in range(args.warmup * calls):
@@ -205,13 +241,18 @@ def time_in_process(workload: str, impls, args) -> dict:
     rounds = {impl: [] for impl in impls}
     for r in range(args.rounds):
         samples = {impl: [] for impl in impls}
-        for k in range(args.repeats):
-            shift = (r * args.repeats + k) % len(impls)
+        for k in range(repeats):
+            shift = (r * repeats + k) % len(impls)
             for impl in impls[shift:] + impls[:shift]:
                 samples[impl].append(sample(steps[impl], calls))
         for impl, xs in samples.items():
             rounds[impl].append(tuple(statistics.median(c) for c in zip(*xs)))
     return rounds
+
+
+def repeats_of(workload: str, args) -> int:
+    """Samples per round: W2's meta-iteration takes about a second, the others milliseconds."""
+    return args.w2_repeats if workload.startswith("w2") else args.repeats
 
 
 def worker(spec: str, args) -> None:
@@ -221,7 +262,7 @@ def worker(spec: str, args) -> None:
     calls = WORKLOADS[workload][2]
     for _ in range(args.warmup * calls):
         step()
-    xs = [sample(step, calls) for _ in range(args.repeats)]
+    xs = [sample(step, calls) for _ in range(repeats_of(workload, args))]
     print(json.dumps([statistics.median(c) for c in zip(*xs)]))
 
 
@@ -233,7 +274,9 @@ def time_separately(workload: str, impls, args) -> dict:
         for impl in order:
             command = [sys.executable, __file__, "--worker", f"{workload}:{impl}"]
             command += ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+            command += ["--w2-repeats", str(args.w2_repeats)]
             command += ["--warmup", str(args.warmup)]
+            command += ["--keep-freed-memory"] if args.keep_freed_memory else []
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             rounds[impl].append(tuple(json.loads(out.strip().splitlines()[-1])))
     return rounds
@@ -258,7 +301,20 @@ def report(workload: str, rounds: dict) -> list:
                 cells.append(statistics.median(per_round))
             rows.append((label, mine, peer, *cells))
             print(f"  {mine} / {peer}: wall {cells[0]:.2f}x, CPU {cells[1]:.2f}x")
+    if workload.startswith("w2"):
+        report_w2_floor(workload, rounds)
     return rows
+
+
+def report_w2_floor(workload: str, rounds: dict) -> None:
+    """How far each implementation's CPU time is from W2's floor: its matrix products at the
+    speed of one large NumPy float32 matmul on this machine."""
+    gflop, gflops, floor_s = w2_floor(first_order=workload == "w2-1st", clock="cpu")
+    print(f"  FLOP floor: {gflop:.2f} GFLOP in products / {gflops:.0f} GFLOP/s (NumPy float32 "
+          f"1024^3 matmul, CPU clock) = {floor_s * 1e3:.0f} ms")  # fmt: skip
+    for impl, xs in rounds.items():
+        cpu = statistics.median(c for _, c in xs)
+        print(f"  {impl:<11} {cpu / floor_s:5.2f}x the floor")
 
 
 def profile_replay(workload: str, iterations: int) -> None:
@@ -293,14 +349,17 @@ def main(argv=None) -> int:
     parser = base_parser(__doc__.splitlines()[0], repeats=20, warmup=3)
     parser.add_argument("--only", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=3, help="rounds of taking turns")
+    parser.add_argument("--w2-repeats", type=int, default=3, help="samples per round of W2")
     parser.add_argument("--separate", action="store_true", help="one process per implementation")
     parser.add_argument("--no-torch", action="store_true", help="tinymeta only")
     parser.add_argument("--worker", help=argparse_suppress())
+    add_keep_freed_memory(parser)
     parser.add_argument(
         "--profile", action="store_true", help="where the replay's time goes, by recorded call"
     )
     args = parser.parse_args(argv)
     args.threads = setup_threads(args.threads)
+    keep_freed_memory_if_asked(args)
     if args.worker:
         worker(args.worker, args)
         return 0

@@ -60,6 +60,23 @@ def base_parser(description: str, repeats: int, warmup: int) -> argparse.Argumen
     return parser
 
 
+def add_keep_freed_memory(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc malloc keeps freed memory (tinymeta.backend.keep_freed_memory): no page faults "
+        "on every iteration's large arrays; applies to every implementation in the process",
+    )
+
+
+def keep_freed_memory_if_asked(args) -> None:
+    """Apply ``--keep-freed-memory`` (imports NumPy through tinymeta: call after setup_threads)."""
+    if args.keep_freed_memory:
+        from tinymeta.backend import keep_freed_memory
+
+        print(f"malloc keeps freed memory: {keep_freed_memory()}")
+
+
 def setup_threads(threads: int | None) -> int:
     """Give every threading library the same count; call before importing NumPy."""
     if threads is None:
@@ -273,6 +290,13 @@ def w2_matmul_flops(first_order: bool) -> int:
         if not first_order:
             total += m * ((2 if first else 4) + (1 if first else 2)) * support
     return 2 * total
+
+
+def w2_floor(first_order: bool, clock: str = "wall") -> tuple:
+    """(GFLOP of W2's products, NumPy float32 matmul GFLOP/s, floor in seconds) on this machine."""
+    flops = w2_matmul_flops(first_order)
+    gflops = matmul_gflops(clock=clock)
+    return flops / 1e9, gflops, flops / (gflops * 1e9)
 
 
 def agreement(ref: dict, other: dict) -> float:

@@ -54,22 +54,31 @@ class Function:
     def apply(cls, *inputs, **params):
         """Run the op on tensors (or values convertible to tensors)."""
         fn = cls(**params) if params else cls()
-        # The hot path of every op: all inputs are already host tensors, so their
-        # arrays are taken in the same pass (as_tensor_like handles the rest).
-        arrays, needs = [], []
-        for t in inputs:
-            if not isinstance(t, Tensor) or type(t.data) is not np.ndarray:
-                break
-            arrays.append(t.data)
-            needs.append(t.requires_grad)
+        # The hot path of every op: one or two host tensors, their arrays taken without a
+        # loop (the general case, and conversions, in _arrays_of).
+        n = len(inputs)
+        if n == 1:
+            a = inputs[0]
+            if isinstance(a, Tensor) and type(a.data) is np.ndarray:
+                arrays, tensors, needs = (a.data,), inputs, (a.requires_grad,)
+                need = a.requires_grad
+            else:
+                arrays, tensors, needs, need = _arrays_of(fn, inputs)
+        elif n == 2:
+            a, b = inputs
+            if (
+                isinstance(a, Tensor)
+                and isinstance(b, Tensor)
+                and type(a.data) is np.ndarray
+                and type(b.data) is np.ndarray
+            ):
+                arrays, tensors = (a.data, b.data), inputs
+                needs = (a.requires_grad, b.requires_grad)
+                need = needs[0] or needs[1]
+            else:
+                arrays, tensors, needs, need = _arrays_of(fn, inputs)
         else:
-            tensors = inputs  # host arrays: fn.xp stays the class default, NumPy
-        if len(arrays) != len(inputs):
-            tensors = as_tensor_like(inputs, cls.__name__)
-            arrays = [t.data for t in tensors]
-            needs = [t.requires_grad for t in tensors]
-            if type(arrays[0]) is not np.ndarray:
-                fn.xp = get_array_module(arrays[0])
+            arrays, tensors, needs, need = _arrays_of(fn, inputs)
         try:
             if _capture_hook is None:
                 ys = fn.forward(*arrays)
@@ -78,18 +87,49 @@ class Function:
         except (ValueError, IndexError, TypeError) as e:
             raise _named_error(cls, e, arrays) from e
         # _wrap turns NumPy scalars (0-d results) into 0-d arrays: a tensor holds arrays.
-        single = type(ys) is not tuple
-        outputs = (Tensor._wrap(ys),) if single else tuple([Tensor._wrap(y) for y in ys])
-
-        if True in needs and _grad_enabled():  # is_grad_enabled(), without a call
-            fn._record(tensors, tuple(needs), outputs)
+        if type(ys) is not tuple:
+            y = Tensor._wrap(ys)
+            if need and _grad_enabled():  # is_grad_enabled(), without a call
+                fn._record_one(tensors, needs, y)
+            if _forward_hook is not None:
+                _forward_hook(fn, [y])
+            return y
+        outputs = tuple([Tensor._wrap(y) for y in ys])
+        if need and _grad_enabled():
+            fn._record(tensors, needs, outputs)
         if _forward_hook is not None:
             _forward_hook(fn, list(outputs))
-        return outputs[0] if single else outputs
+        return outputs
+
+    def _record_one(self, tensors, needs, y):
+        """_record for one output and one or two inputs (almost every op), without loops."""
+        if len(tensors) > 2:
+            return self._record(tensors, needs, (y,))
+        self.inputs = tensors
+        self.needs_input_grad = needs
+        a = tensors[0]
+        generation = a.generation
+        if len(tensors) == 1:
+            if self.saves_inputs:
+                self.input_versions = (a._vc[0],)
+        else:
+            b = tensors[1]
+            if b.generation > generation:
+                generation = b.generation
+            if self.saves_inputs:
+                self.input_versions = (a._vc[0], b._vc[0])
+        self.generation = generation
+        self.seq = _next_seq()  # see _record
+        if self.saves_output:
+            self.output_versions = (y._vc[0],)
+        y.grad_fn = self
+        y.requires_grad = True
+        y.generation = generation + 1
+        self.outputs = (weakref.ref(y),)
 
     def _record(self, tensors, needs, outputs):
         self.inputs = tensors = tuple(tensors)
-        self.needs_input_grad = needs
+        self.needs_input_grad = tuple(needs)
         # map() with attrgetter instead of comprehensions: no Python frame per op
         self.generation = generation = max(map(_generation_of, tensors))
         # The recording order: an in-place op that gives a tensor a new creator (x[i] = v)
@@ -154,6 +194,17 @@ class ViewFunction(Function):
 
 
 _apply = Function.apply.__func__  # (super() in a classmethod costs a lookup per call)
+
+
+def _arrays_of(fn, inputs) -> tuple:
+    """(arrays, tensors, needs, any need) of ``inputs`` that are not all host tensors:
+    numbers and arrays become tensors (as_tensor_like), and ``fn.xp`` is set for CuPy."""
+    tensors = tuple(as_tensor_like(inputs, type(fn).__name__))
+    arrays = [t.data for t in tensors]
+    needs = tuple([t.requires_grad for t in tensors])
+    if arrays and type(arrays[0]) is not np.ndarray:
+        fn.xp = get_array_module(arrays[0])
+    return arrays, tensors, needs, True in needs
 
 
 def _named_error(cls, error: Exception, arrays) -> Exception:
