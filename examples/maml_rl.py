@@ -1,8 +1,8 @@
 """MAML for reinforcement learning (Finn, Abbeel & Levine 2017, section 5.3).
 
 A Gaussian MLP policy is meta-trained so that one vanilla policy-gradient step on a
-new task's rollouts (inner rate 0.1) solves that task; the outer step is TRPO on the
-post-update rollouts, differentiating through the inner step. Tasks: 2D navigation to
+new task's rollouts (inner rate 0.5 for navigation, 0.1 for the cheetah, as in MAML's
+code) solves that task; the outer step is TRPO on the post-update rollouts, differentiating through the inner step. Tasks: 2D navigation to
 a goal in [-0.5, 0.5]^2, or half-cheetah running forward/backward (optional extra
 ``rl``). After training it evaluates on held-out tasks the mean return after 0..3
 test-time policy-gradient steps (fresh rollouts after each), for the meta-learned
@@ -45,6 +45,7 @@ from tinymeta.rl.policy import GaussianMLPPolicy
 
 ALGOS = ("maml", "fomaml", "pretrained")
 EVAL_STEPS = 3
+INNER_LR = {"navigation": 0.5, "cheetah-dir": 0.1}  # maml_trpo_point / the cheetah scripts
 PHASES = {"policy": 0, "pretrained": 1, "oracle": 2}  # seeds each phase's task stream apart
 
 
@@ -65,7 +66,13 @@ def parse_args(argv=None):
         default=None,
         help="steps per episode (default: the environment's, 100 / 200)",
     )
-    p.add_argument("--inner-lr", type=float, default=0.1)
+    p.add_argument(
+        "--inner-lr",
+        type=float,
+        default=None,
+        help="step size of the inner (and test-time) policy-gradient steps; default MAML's "
+        "code's: 0.5 for navigation, 0.1 for the cheetah",
+    )
     p.add_argument("--inner-steps", type=int, default=1, help="inner PG steps in meta-training")
     p.add_argument("--iterations", type=int, default=500, help="meta-iterations at most")
     p.add_argument(
@@ -137,6 +144,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)  # fmt: skip
     if args.eval_rollouts is None:
         args.eval_rollouts = args.rollouts
+    if args.inner_lr is None:
+        args.inner_lr = INNER_LR[args.env]
     for name in ("meta_batch", "rollouts", "eval_tasks", "eval_rollouts", "iterations"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
