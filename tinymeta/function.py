@@ -59,9 +59,9 @@ class Function:
         n = len(inputs)
         if n == 1:
             a = inputs[0]
-            if isinstance(a, Tensor) and type(a.data) is np.ndarray:
-                arrays, tensors, needs = (a.data,), inputs, (a.requires_grad,)
-                need = a.requires_grad
+            if isinstance(a, Tensor) and type(da := a.data) is np.ndarray:
+                arrays, tensors, needs = (da,), inputs, (a.requires_grad,)
+                need = needs[0]
             else:
                 arrays, tensors, needs, need = _arrays_of(fn, inputs)
         elif n == 2:
@@ -69,10 +69,10 @@ class Function:
             if (
                 isinstance(a, Tensor)
                 and isinstance(b, Tensor)
-                and type(a.data) is np.ndarray
-                and type(b.data) is np.ndarray
+                and type(da := a.data) is np.ndarray
+                and type(db := b.data) is np.ndarray
             ):
-                arrays, tensors = (a.data, b.data), inputs
+                arrays, tensors = (da, db), inputs
                 needs = (a.requires_grad, b.requires_grad)
                 need = needs[0] or needs[1]
             else:
@@ -197,8 +197,16 @@ _apply = Function.apply.__func__  # (super() in a classmethod costs a lookup per
 
 
 def _arrays_of(fn, inputs) -> tuple:
-    """(arrays, tensors, needs, any need) of ``inputs`` that are not all host tensors:
-    numbers and arrays become tensors (as_tensor_like), and ``fn.xp`` is set for CuPy."""
+    """(arrays, tensors, needs, any need) of any number of inputs: numbers and arrays become
+    tensors (as_tensor_like), and ``fn.xp`` is set for CuPy ones."""
+    arrays = []
+    for t in inputs:
+        if not isinstance(t, Tensor) or type(a := t.data) is not np.ndarray:
+            break
+        arrays.append(a)
+    else:  # all host tensors (three-input ops: Linear with a bias, say)
+        needs = tuple([t.requires_grad for t in inputs])
+        return arrays, inputs, needs, True in needs
     tensors = tuple(as_tensor_like(inputs, type(fn).__name__))
     arrays = [t.data for t in tensors]
     needs = tuple([t.requires_grad for t in tensors])
