@@ -83,6 +83,14 @@ def parse_args(argv=None):
     )
     p.add_argument("--eval-tasks", type=int, default=40, help="held-out tasks to evaluate on")
     p.add_argument("--eval-rollouts", type=int, default=None, help="default: --rollouts")
+    p.add_argument(
+        "--pretrained-lrs",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also fine-tune the pretrained policy with these step sizes (its best rate may "
+        "not be MAML's); metrics.json: pretrained_returns_at_lr",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/maml_rl"))
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
@@ -287,12 +295,14 @@ def direction_success(family, episodes) -> float | None:
     return float(np.mean(np.sign(mean_velocity) == np.sign(episodes.tasks[:, 0])))
 
 
-def evaluate(family, policy, params: dict, tasks, args, steps: int = EVAL_STEPS):
+def evaluate(family, policy, params: dict, tasks, args, steps: int = EVAL_STEPS, lr=None):
     """Every policy meets each held-out task with the same generator (initial states and
-    action noise), so the comparisons between policies are paired."""
+    action noise), so the comparisons between policies are paired. ``lr``: the step size
+    of the test-time steps (default: the inner rate)."""
     rng = PerTaskGenerators([np.random.default_rng([args.seed, 99, i]) for i in range(len(tasks))])
+    lr = args.inner_lr if lr is None else lr
     return fine_tune_returns(
-        family, policy, params, tasks, args.eval_rollouts, args.inner_lr, steps, rng,
+        family, policy, params, tasks, args.eval_rollouts, lr, steps, rng,
         args.gamma, args.gae_lambda,
     )  # fmt: skip
 
@@ -395,6 +405,10 @@ def main(argv=None):
     tasks = family.sample_tasks(args.eval_tasks, np.random.default_rng([args.seed, 12345]))
     returns, history = evaluate(family, policy, main_run["params"], tasks, args)
     pre_returns, _ = evaluate(family, policy, pretrained, tasks, args)
+    pre_at_lr = {}
+    for lr in args.pretrained_lrs:
+        lr_means, lr_ci = summarize(evaluate(family, policy, pretrained, tasks, args, lr=lr)[0])
+        pre_at_lr[str(lr)] = {"returns": lr_means, "returns_ci95": lr_ci}
     random_params = init_params(policy, args.seed + 1, dtype)
     rand_returns, _ = evaluate(family, policy, random_params, tasks, args)
     oracle_returns, _ = evaluate(oracle_family, oracle_policy, oracle, tasks, args, steps=0)
@@ -413,6 +427,7 @@ def main(argv=None):
         "returns_ci95": ci,
         "pretrained_returns": pre_means,
         "pretrained_returns_ci95": pre_ci,
+        "pretrained_returns_at_lr": pre_at_lr,
         "random_returns": rand_means,
         "random_returns_ci95": rand_ci,
         "oracle_return": oracle_mean["0"],
@@ -430,11 +445,9 @@ def main(argv=None):
 
     print(f"{args.env} {args.algo}: {metrics['iterations']} iterations, {metrics['seconds']:.0f} s")
     print(f"mean return over {args.eval_tasks} held-out tasks (+- 95% CI) after k steps:")
-    for name, m, c in (
-        (args.algo, means, ci),
-        ("pretrained", pre_means, pre_ci),
-        ("random", rand_means, rand_ci),
-    ):
+    rows = [(args.algo, means, ci), ("pretrained", pre_means, pre_ci)]
+    rows += [(f"pre lr {lr}", r["returns"], r["returns_ci95"]) for lr, r in pre_at_lr.items()]
+    for name, m, c in rows + [("random", rand_means, rand_ci)]:
         cells = "  ".join(f"{k}: {m[k]:8.2f} +- {c[k]:5.2f}" for k in m)
         print(f"  {name:10s} {cells}")
     print(f"  {'oracle':10s} {oracle_mean['0']:8.2f} +- {oracle_ci['0']:.2f}")

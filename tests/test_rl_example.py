@@ -54,6 +54,7 @@ def test_metrics_and_resume(tmp_path):
     for key in ("returns", "returns_ci95", "pretrained_returns", "random_returns"):
         assert set(saved[key]) == {"0", "1", "2", "3"}
     assert saved["returns"] == metrics["returns"]
+    assert saved["pretrained_returns_at_lr"] == {}
     assert all(np.isfinite(v) and v < 0 for v in saved["returns"].values())  # minus distances
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "trajectories.png").exists()
@@ -106,3 +107,17 @@ def test_evaluation_is_paired_across_policies():
     np.testing.assert_array_equal(again, a_returns)
     assert not np.allclose(a_returns, b_returns)
     family.close()
+
+
+def test_pretrained_at_other_rates_is_the_pretrained_evaluation_at_that_rate(tmp_path):
+    """--pretrained-lrs fine-tunes the pretrained policy at other step sizes on the same
+    tasks and generators: at the inner rate itself it reproduces pretrained_returns, at
+    another rate the steps after 0 differ and step 0 (no update yet) does not."""
+    example = load_example()
+    argv = TINY + ["--iterations", "1", "--inner-lr", "0.5", "--out", str(tmp_path)]
+    metrics = example.main(argv + ["--pretrained-lrs", "0.5", "0.05"])
+    at = metrics["pretrained_returns_at_lr"]
+    assert set(at) == {"0.5", "0.05"}
+    assert at["0.5"]["returns"] == metrics["pretrained_returns"]
+    assert at["0.05"]["returns"]["0"] == metrics["pretrained_returns"]["0"]
+    assert at["0.05"]["returns"]["1"] != metrics["pretrained_returns"]["1"]
