@@ -2,12 +2,14 @@
 
 A Gaussian MLP policy is meta-trained so that one vanilla policy-gradient step on a
 new task's rollouts (inner rate 0.5 for navigation, 0.1 for the cheetah, as in MAML's
-code) solves that task; the outer step is TRPO on the post-update rollouts, differentiating through the inner step. Tasks: 2D navigation to
-a goal in [-0.5, 0.5]^2, or half-cheetah running forward/backward (optional extra
-``rl``). After training it evaluates on held-out tasks the mean return after 0..3
-test-time policy-gradient steps (fresh rollouts after each), for the meta-learned
-policy, a policy pretrained on the mixture of tasks and fine-tuned the same way, a
-random initialisation, and an oracle that sees the task in its observation.
+code) solves that task; the outer step is TRPO on the post-update rollouts,
+differentiating through the inner step. Tasks: 2D navigation to a goal in
+[-0.5, 0.5]^2, or half-cheetah running forward/backward (optional extra ``rl``).
+After training it evaluates on held-out tasks the mean return after 0..3 test-time
+policy-gradient steps (fresh rollouts after each), for the meta-learned policy, a
+policy pretrained on the mixture of tasks and fine-tuned the same way (and, with
+``--pretrained-lrs``, at other step sizes), a random initialisation, and an oracle
+that sees the task in its observation.
 
     python examples/maml_rl.py --env navigation --minutes 30        # MAML + TRPO
     python examples/maml_rl.py --algo pretrained --out runs/nav-pretrained
