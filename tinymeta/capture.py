@@ -47,7 +47,7 @@ import weakref
 import numpy as np
 
 from tinymeta import function as _function
-from tinymeta.tensor import Tensor
+from tinymeta.tensor import Tensor, swap_array
 
 
 class CaptureError(RuntimeError):
@@ -374,7 +374,7 @@ class _Recorder:
         self.swapped.append((t, own, self.objects[slot]))
         self.swapped_ids.add(id(t))
         self.grad_before[id(t)] = t.grad
-        t.data = self.objects[slot]
+        swap_array(t, self.objects[slot])
         g = t.grad
         if g is not None and type(g.data) is np.ndarray:
             self.swap_in(g)
@@ -390,9 +390,9 @@ class _Recorder:
         assigned = None
         for t, own, traced in reversed(self.swapped):
             if t.data is traced:
-                t.data = own
+                swap_array(t, own)
             else:  # the step assigned .data: keep what it assigned, as a plain array
-                t.data = _plain(t.data) if isinstance(t.data, _Traced) else t.data
+                swap_array(t, _plain(t.data) if isinstance(t.data, _Traced) else t.data)
                 assigned = t
         if assigned is not None:
             raise CaptureError(
@@ -405,7 +405,7 @@ class _Recorder:
                 self.final_grads[id(t)] = None
             elif isinstance(g.data, _Traced):
                 self.final_grads[id(t)] = self.template(g.data).i
-                g.data = _plain(g.data)
+                swap_array(g, _plain(g.data))
             elif id(g) in self.grad_tensor_slot:  # handed to an optimizer step
                 self.final_grads[id(t)] = self.grad_tensor_slot[id(g)]
 
@@ -579,7 +579,7 @@ def _optimizer_step(original):
         bindings = []
         # The step runs on the parameters' own arrays (updated in place) and plain gradients.
         for t, own, _ in rec.swapped:
-            t.data = own
+            swap_array(t, own)
         try:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -590,7 +590,7 @@ def _optimizer_step(original):
                         slot = rec.template(g.data).i
                         bindings.append((p, slot))
                         rec.grad_tensor_slot[id(g)] = slot
-                        g.data = _plain(g.data)
+                        swap_array(g, _plain(g.data))
                     elif id(g) in rec.grad_tensor_slot:
                         bindings.append((p, rec.grad_tensor_slot[id(g)]))
                     else:
@@ -605,7 +605,7 @@ def _optimizer_step(original):
                 rec.depth -= 1
         finally:
             for t, _, traced in rec.swapped:
-                t.data = traced
+                swap_array(t, traced)
         rec.calls.append(("step", self, type(self).__name__, bindings))
 
     return step

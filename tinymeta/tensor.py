@@ -23,7 +23,7 @@ FRESH = (0, False)
 
 class Tensor:
     __slots__ = (
-        "data",
+        "_data",  # the array; read through the ``data`` property
         "grad",
         "requires_grad",
         "grad_fn",
@@ -60,7 +60,7 @@ class Tensor:
             array = np.asarray(array)
         t = object.__new__(cls)
         # _start(array, None), inlined: every op output passes here
-        t.data = array
+        t._data = array
         t.grad = t.grad_fn = t.name = t._hooks = None
         t._vc = FRESH  # see _bump
         t.generation = 0
@@ -69,7 +69,7 @@ class Tensor:
 
     def _start(self, data, name) -> None:
         """A leaf holding ``data``: no gradient, no creator, version 0."""
-        self.data = data
+        self._data = data
         self.grad = None
         self.grad_fn = None
         self.generation = 0
@@ -78,26 +78,58 @@ class Tensor:
         self._hooks = None
         self.requires_grad = False
 
+    # --- the array ---------------------------------------------------------
+    @property
+    def data(self):
+        """The array (NumPy or CuPy). Assigning another one gives the tensor new memory:
+        graphs that saved the old array refuse backward (see _replace_data)."""
+        return self._data
+
+    @data.setter
+    def data(self, array) -> None:
+        self._replace_data(array)
+
+    def _replace_data(self, array) -> None:
+        """``t.data = array``: as in PyTorch, any shape, dtype or device, unseen by autograd.
+
+        The tensor gets a version counter of its own, one version past the old one: graphs
+        that saved it (at an older version) refuse backward, while aliases made before
+        (``detach()``, views), which keep the old array, keep the old counter and their
+        graphs. A computed tensor's new values are no longer its creator's output: the
+        engine lets no gradient reach the creator from uses made after the assignment."""
+        if array is self._data:
+            return
+        array = _checked_replacement(self, array)
+        old = self._vc
+        counter = ReplacedCounter([old[0] + 1, False])
+        counter.replaced_at = counter[0]
+        if self.grad_fn is not None:
+            counter.replaced_seq = _first_replacement_seq(self, old)
+            global graph_data_replaced
+            graph_data_replaced = True
+        self._data = array
+        self._vc = counter
+
     # --- metadata --------------------------------------------------------
     @property
     def shape(self) -> tuple:
-        return self.data.shape
+        return self._data.shape
 
     @property
     def ndim(self) -> int:
-        return self.data.ndim
+        return self._data.ndim
 
     @property
     def size(self) -> int:
-        return self.data.size
+        return self._data.size
 
     @property
     def dtype(self):
-        return self.data.dtype
+        return self._data.dtype
 
     @property
     def device(self) -> str:
-        return backend.device_of(self.data)
+        return backend.device_of(self._data)
 
     @property
     def is_leaf(self) -> bool:
@@ -117,7 +149,7 @@ class Tensor:
 
     def __repr__(self) -> str:
         body = np.array2string(
-            backend.to_numpy(self.data), precision=4, separator=", ", prefix="tensor("
+            backend.to_numpy(self._data), precision=4, separator=", ", prefix="tensor("
         )  # prefix: continuation rows line up under the first one
         extra = []
         if self.dtype != DEFAULT_FLOAT:
@@ -134,12 +166,12 @@ class Tensor:
     # --- conversion ------------------------------------------------------
     def numpy(self) -> np.ndarray:
         """The values as a NumPy array (copied to host for cuda tensors)."""
-        return backend.to_numpy(self.data)
+        return backend.to_numpy(self._data)
 
     def item(self):
         if self.size != 1:
             raise ValueError(f"item(): only a tensor with one element, got shape {self.shape}")
-        return self.data.item()
+        return self._data.item()
 
     def __float__(self) -> float:
         return float(self.item())
@@ -180,7 +212,7 @@ class Tensor:
 
     def detach(self) -> Tensor:
         """A tensor sharing the data (and its version counter), cut from the graph."""
-        t = Tensor._wrap(self.data)
+        t = Tensor._wrap(self._data)
         share_version(self, t, view=False)
         if self.grad_fn is not None:
             mark_graph_memory(self._vc)  # in-place changes through t are refused
@@ -248,7 +280,7 @@ class Tensor:
     def add_(self, other, alpha=1.0) -> Tensor:
         self._check_inplace("add_")
         other = other.data if isinstance(other, Tensor) else other
-        self.data += other if alpha == 1.0 else alpha * other
+        self._data += other if alpha == 1.0 else alpha * other
         return self._bump()
 
     def sub_(self, other, alpha=1.0) -> Tensor:
@@ -256,19 +288,19 @@ class Tensor:
 
     def mul_(self, other) -> Tensor:
         self._check_inplace("mul_")
-        self.data *= other.data if isinstance(other, Tensor) else other
+        self._data *= other.data if isinstance(other, Tensor) else other
         return self._bump()
 
     def copy_(self, other) -> Tensor:
         self._check_inplace("copy_")
-        src = _on_device_of(self.data, other.data if isinstance(other, Tensor) else other)
+        src = _on_device_of(self._data, other.data if isinstance(other, Tensor) else other)
         try:
             fits = np.broadcast_shapes(np.shape(src), self.shape) == self.shape
         except ValueError:
             fits = False
         if not fits:
             raise ValueError(f"copy_: cannot copy shape {np.shape(src)} into {self.shape}")
-        self.data[...] = src
+        self._data[...] = src
         return self._bump()
 
     def zero_(self) -> Tensor:
@@ -276,7 +308,7 @@ class Tensor:
 
     def fill_(self, value) -> Tensor:
         self._check_inplace("fill_")
-        self.data[...] = value
+        self._data[...] = value
         return self._bump()
 
     def __setitem__(self, index, value) -> None:
@@ -299,6 +331,58 @@ def _on_device_of(array, value):
     if isinstance(value, (np.ndarray, list, tuple)):
         return backend.move_array(np.asarray(value), "cuda")
     return value
+
+
+class ReplacedCounter(list):
+    """The version counter [version, viewed] of memory a tensor got by ``t.data = array``.
+
+    ``replaced_at``: the version the assignment gave (a graph that saved an older version
+    saved the old array). ``replaced_seq``, for a computed tensor only: the recording order
+    (Function.seq) at the first assignment since its creator made it; nodes recorded later
+    used values that are not the creator's output."""
+
+    __slots__ = ("replaced_at", "replaced_seq")
+
+
+# Set once a computed tensor's .data is assigned: the engine then checks the uses of
+# replaced values (engine._check_no_replaced_outputs); until then it costs nothing.
+graph_data_replaced = False
+
+
+def _checked_replacement(t: Tensor, array):
+    """``array`` as a tensor's new data, refused where a tensor could not hold it."""
+    if isinstance(array, np.generic):
+        array = np.asarray(array)
+    if not isinstance(array, np.ndarray) and not _is_cupy(array):
+        hint = " (assign other.data to take its array)" if isinstance(array, Tensor) else ""
+        raise TypeError(
+            f"Tensor.data = value: expected an array (numpy.ndarray or cupy.ndarray) for a "
+            f"tensor of shape {t.shape}, got {type(array).__name__}{hint}"
+        )
+    if t.requires_grad and array.dtype.kind not in "fc":
+        raise TypeError(
+            f"Tensor.data = value: the tensor (shape {t.shape}, {t.dtype}) requires grad, "
+            f"which only floating-point arrays can; got dtype {array.dtype} (shape "
+            f"{array.shape})"
+        )
+    return array
+
+
+def _first_replacement_seq(t: Tensor, old_counter) -> int:
+    """The replacement's place in the recording order; an earlier replacement since the
+    creator recorded ``t`` stands (nodes recorded after it used replaced values already)."""
+    earlier = getattr(old_counter, "replaced_seq", None)
+    if earlier is not None and earlier > t.grad_fn.seq:
+        return earlier
+    from tinymeta.function import _next_seq  # (function imports this module)
+
+    return _next_seq()
+
+
+def swap_array(t: Tensor, array) -> None:
+    """Let ``t`` hold ``array``, another view of the very values it holds (tinymeta.capture
+    swaps traced views in and out): the memory stays, and so does its version."""
+    t._data = array
 
 
 def share_version(base: Tensor, alias: Tensor, view: bool) -> None:
@@ -370,7 +454,7 @@ def as_tensor_like(values, op: str) -> list:
     """Tensors for an op's inputs: scalars take the dtype and device of the tensors."""
     # The hot path of every op: all inputs are already host tensors.
     for v in values:
-        if not isinstance(v, Tensor) or type(v.data) is not np.ndarray:
+        if not isinstance(v, Tensor) or type(v._data) is not np.ndarray:
             break
     else:
         return values
@@ -403,6 +487,16 @@ def as_tensor_like(values, op: str) -> list:
                 array = array.astype(DEFAULT_FLOAT)
             out.append(Tensor._wrap(array))
     return out
+
+
+def as_input(x, op: str, name: str = "x") -> Tensor:
+    """A function's tensor argument: a Tensor as it is, an array (NumPy or CuPy) wrapped in one
+    that does not require grad; anything else refused, naming the function and argument."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
+        return Tensor(x)
+    raise TypeError(f"{op}: {name} must be a Tensor or an array, got {type(x).__name__}")
 
 
 def constant(array) -> Tensor:

@@ -20,6 +20,7 @@ from itertools import compress
 import numpy as np
 
 from tinymeta import function, grad_mode
+from tinymeta import tensor as tensor_module
 from tinymeta.autograd.first_order import is_first_order
 from tinymeta.backend import get_array_module
 from tinymeta.function import versions
@@ -43,7 +44,7 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
         if leaf.grad is None:
             first.append((leaf, g))
         else:  # a sum: a new array
-            leaf.grad = leaf.grad + g if create_graph else Tensor._wrap(leaf.grad.data + g.data)
+            leaf.grad = leaf.grad + g if create_graph else Tensor._wrap(leaf.grad._data + g._data)
     owned = _own_memory([g for _, g in first], root_grads, create_graph)
     for (leaf, _), g in zip(first, owned):
         leaf.grad = g
@@ -203,6 +204,10 @@ def _collect(roots, targets):
     seen = set()  # Functions hash by identity (only tensors redefine ==)
     order = []
     stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    replaced = tensor_module.graph_data_replaced  # some computed tensor's .data assigned
+    if replaced:
+        for r in roots:
+            _check_not_replaced(r, "backward from a tensor", None)
     while stack:
         fn = stack.pop()
         if fn in seen:
@@ -211,6 +216,10 @@ def _collect(roots, targets):
         order.append(fn)
         if function.inplace_recorded and fn.inputs is not None:
             _check_no_stale_inputs(fn)
+        if replaced and fn.inputs is not None:
+            for i, (x, need) in enumerate(zip(fn.inputs, fn.needs_input_grad)):
+                if need:
+                    _check_not_replaced(x, f"{fn.op_name()}: input {i}", fn.seq)
         if fn.generation < min_target_generation:
             continue
         # The creators of the inputs fn hands a gradient to (_edges(fn) without the tensors
@@ -251,6 +260,25 @@ def _check_no_stale_inputs(fn):
                 "cannot be routed. Use the tensor after the assignment, or assign into a "
                 "copy (y = x * 1.0; y[i] = v)."
             )
+
+
+def _check_not_replaced(x, use: str, seq) -> None:
+    """Refuse a gradient that would reach ``x``'s creator from a use of ``x`` (by the node
+    recorded ``seq``-th; None: now) made after ``x.data`` was replaced: the values used
+    are not the creator's output. (Uses from before the assignment saw the creator's.)"""
+    creator = x.grad_fn
+    replaced_seq = getattr(x._vc, "replaced_seq", None)
+    if creator is None or replaced_seq is None or replaced_seq < creator.seq:
+        return
+    if seq is not None and seq < replaced_seq:
+        return
+    name = creator.op_name()
+    raise RuntimeError(
+        f"{use} (shape {x.shape}, dtype {x.dtype}) had its .data replaced after {name} "
+        f"computed it: the values used are not {name}'s output, so no gradient can flow "
+        f"back through {name}. Use x.detach() to take the new values as a constant, or "
+        "recompute the forward."
+    )
 
 
 def _leads_to_target(fn, needed, targets) -> bool:
@@ -333,10 +361,11 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                     continue
                 # A float32 input used in a float64 op, say. (`is` first: it is cheaper
                 # than ==, and equal builtin dtypes are one object.)
-                x_dtype, g_dtype = x.data.dtype, gx.data.dtype
+                # (._data: the slot behind the .data property, read without a call)
+                x_dtype, g_dtype = x._data.dtype, gx._data.dtype
                 if g_dtype is not x_dtype and g_dtype != x_dtype:
                     gx = gx.astype(x_dtype)
-                if gx.data.shape != x.data.shape:
+                if gx._data.shape != x._data.shape:
                     raise RuntimeError(
                         f"{fn.op_name()}.backward produced a gradient of shape {gx.shape} "
                         f"for an input of shape {x.shape}"
@@ -348,7 +377,7 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                 elif create_graph:
                     grads[key] = (x, entry[1] + gx)
                 else:  # grad mode is off, so no Add node would be recorded: add the arrays
-                    grads[key] = (x, Tensor._wrap(entry[1].data + gx.data))
+                    grads[key] = (x, Tensor._wrap(entry[1]._data + gx._data))
             _release(fn, retain_graph)
     finally:
         grad_mode._enabled.reset(mode)
@@ -425,10 +454,17 @@ def _check_versions(fn):
 
 
 def _version_error(fn, what: str, i: int, x, v: int):
+    name = f", named {x.name!r}" if x.name else ""
+    saved = f"{fn.op_name()}: {what} {i} (shape {x.shape}, dtype {x.dtype}{name})"
+    versions = f"version {v} -> {x._version}"
+    if getattr(x._vc, "replaced_at", 0) > v:  # Tensor._replace_data
+        raise RuntimeError(
+            f"{saved} saved for backward: its .data was replaced (t.data = array) after it "
+            f"was saved ({versions}). Recompute the forward after the assignment."
+        )
     raise RuntimeError(
-        f"{fn.op_name()}: {what} {i} (shape {x.shape}, dtype {x.dtype}) saved for "
-        f"backward was modified in place after the forward (version {v} -> "
-        f"{x._version}), e.g. by an optimizer step. Recompute the forward after the change."
+        f"{saved} saved for backward was modified in place after the forward ({versions}), "
+        "e.g. by an optimizer step. Recompute the forward after the change."
     )
 
 

@@ -22,7 +22,7 @@ from tinymeta.ops.reductions import mean as _mean
 from tinymeta.ops.reductions import sum as _sum
 from tinymeta.ops.shape import broadcast_to, expand_dims, reshape, sum_to_array
 from tinymeta.ops.softmax import log_softmax, softmax
-from tinymeta.tensor import Tensor, constant
+from tinymeta.tensor import Tensor, as_input, constant
 
 __all__ = [
     "batch_norm",
@@ -36,14 +36,6 @@ __all__ = [
     "relu",
     "softmax",
 ]
-
-
-def _tensor(x, op: str, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
-        return Tensor(x)
-    raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
 
 
 # --- linear -------------------------------------------------------------------------------
@@ -154,7 +146,7 @@ def linear(x, w, b=None) -> Tensor:
     batch axes broadcast). This is how a model runs with per-task parameters in
     task-vectorized MAML (``functional_call`` with a leading task axis).
     """
-    x, w = _tensor(x, "linear", "x"), _tensor(w, "linear", "w")
+    x, w = as_input(x, "linear", "x"), as_input(w, "linear", "w")
     if w.ndim < 2:
         raise ValueError(
             f"linear: weight must be (out, in) or (B..., out, in), got shape {w.shape}"
@@ -171,7 +163,7 @@ def linear(x, w, b=None) -> Tensor:
         )
     if b is None:
         return Linear.apply(x, w)
-    b = _tensor(b, "linear", "b")
+    b = as_input(b, "linear", "b")
     if b.shape != w.shape[:-1]:
         raise ValueError(f"linear: bias must have shape {w.shape[:-1]}, got {b.shape}")
     return Linear.apply(x, w, b)
@@ -194,8 +186,8 @@ def conv2d(x, w, b=None, stride=1, padding=0) -> Tensor:
     (no loop over tasks); y is (T, N, O, OH, OW). A shared w (O, C, kh, kw) or
     b (O,) broadcasts over the tasks.
     """
-    x, w = _tensor(x, "conv2d", "x"), _tensor(w, "conv2d", "w")
-    b = None if b is None else _tensor(b, "conv2d", "b")
+    x, w = as_input(x, "conv2d", "x"), as_input(w, "conv2d", "w")
+    b = None if b is None else as_input(b, "conv2d", "b")
     stride, padding = pair(stride, "stride", "conv2d"), pair(padding, "padding", "conv2d")
     if min(stride) < 1:
         raise ValueError(f"conv2d: stride must be positive, got {stride}")
@@ -371,7 +363,7 @@ def max_pool2d(x, kernel_size, stride=None) -> Tensor:
     A 5-D input (T, N, C, H, W) (a leading task axis) is pooled like T*N images:
     pooling has no weights, so the tasks are simply folded into the batch.
     """
-    x = _tensor(x, "max_pool2d", "x")
+    x = as_input(x, "max_pool2d", "x")
     kernel = pair(kernel_size, "kernel_size", "max_pool2d")
     stride = pair(stride if stride is not None else kernel, "stride", "max_pool2d")
     if x.ndim not in (4, 5):
@@ -433,7 +425,7 @@ def batch_norm(
     (for a task axis, with the mean over tasks of the per-task statistics).
     Evaluation: the running statistics are used as constants.
     """
-    x = _tensor(x, "batch_norm", "x")
+    x = as_input(x, "batch_norm", "x")
     if x.ndim not in (2, 4, 5):
         raise ValueError(
             f"batch_norm: expected an (N, C) or (N, C, H, W) input, or (T, N, C, H, W) with a "
@@ -553,7 +545,7 @@ def _labels(labels, n: int, c: int, op: str, xp):
 
 def nll_loss(log_probs, labels, reduction: str = "mean") -> Tensor:
     """loss_n = -log_probs[n, labels_n], reduced by ``reduction`` ('mean', 'sum' or 'none')."""
-    log_probs = _tensor(log_probs, "nll_loss", "log_probs")
+    log_probs = as_input(log_probs, "nll_loss", "log_probs")
     if log_probs.ndim != 2:
         raise ValueError(
             f"nll_loss: expected (N, C) log-probabilities, got shape {log_probs.shape}"
@@ -573,7 +565,7 @@ def cross_entropy(logits, labels, reduction: str = "mean") -> Tensor:
     Float32/float64 logits take one fused op (tinymeta.nn.softmax_xent: a kernel forward and
     backward, exact at every order); other dtypes go through log_softmax.
     """
-    logits = _tensor(logits, "cross_entropy", "logits")
+    logits = as_input(logits, "cross_entropy", "logits")
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: expected (N, C) logits, got shape {logits.shape}")
     n, c = logits.shape
@@ -587,7 +579,7 @@ def cross_entropy(logits, labels, reduction: str = "mean") -> Tensor:
 
 def mse_loss(pred, target, reduction: str = "mean") -> Tensor:
     """loss = (pred - target)**2, reduced by ``reduction`` ('mean', 'sum' or 'none')."""
-    pred = _tensor(pred, "mse_loss", "pred")
+    pred = as_input(pred, "mse_loss", "pred")
     target_shape = tuple(np.shape(target.data if isinstance(target, Tensor) else target))
     if target_shape != pred.shape:
         raise ValueError(

@@ -13,19 +13,11 @@ from tinymeta.function import Function
 from tinymeta.ops.elementwise import exp
 from tinymeta.ops.elementwise import sigmoid as _sigmoid
 from tinymeta.ops.elementwise import tanh as _tanh
-from tinymeta.tensor import Tensor, constant
+from tinymeta.tensor import Tensor, as_input, constant
 
 __all__ = ["dropout", "erf", "gelu", "sigmoid", "tanh"]
 
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
-
-
-def _tensor(x, op: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
-        return Tensor(x)
-    raise TypeError(f"{op}: expected a Tensor, got {type(x).__name__}")
 
 
 def _float(x: Tensor, op: str) -> Tensor:
@@ -47,13 +39,13 @@ class Erf(Function):
 
 def erf(x) -> Tensor:
     """The error function, elementwise (float32 or float64)."""
-    return Erf.apply(_float(_tensor(x, "erf"), "erf"))
+    return Erf.apply(_float(as_input(x, "erf"), "erf"))
 
 
 def gelu(x, approximate: str = "none") -> Tensor:
     """y = x * Phi(x) = x/2 * (1 + erf(x / sqrt(2))), PyTorch's default (exact) GELU;
     ``approximate="tanh"``: x/2 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    x = _float(_tensor(x, "gelu"), "gelu")
+    x = _float(as_input(x, "gelu"), "gelu")
     if approximate == "none":
         return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
     if approximate == "tanh":
@@ -64,12 +56,12 @@ def gelu(x, approximate: str = "none") -> Tensor:
 
 def tanh(x) -> Tensor:
     """y = tanh(x)."""
-    return _tanh(_tensor(x, "tanh"))
+    return _tanh(as_input(x, "tanh"))
 
 
 def sigmoid(x) -> Tensor:
     """y = 1 / (1 + exp(-x))."""
-    return _sigmoid(_tensor(x, "sigmoid"))
+    return _sigmoid(as_input(x, "sigmoid"))
 
 
 def generator(rng) -> np.random.Generator | None:
@@ -94,7 +86,7 @@ def dropout(x, p: float = 0.5, training: bool = True, rng=None) -> Tensor:
     otherwise. The mask is a constant (drawn from ``rng``, a ``numpy.random.Generator`` or a
     seed; default the generator seeded by ``tm.manual_seed``), so every order of derivative
     is that of a product with it. p = 1 gives zeros."""
-    x = _tensor(x, "dropout")
+    x = as_input(x, "dropout")
     if isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"dropout: p must be a probability in [0, 1], got {p!r}")
     p = float(p)

@@ -19,17 +19,9 @@ from tinymeta.ops.linalg import matmul
 from tinymeta.ops.reductions import mean
 from tinymeta.ops.selection import where
 from tinymeta.ops.shape import broadcast_to, expand_dims, getitem, reshape, swapaxes
-from tinymeta.tensor import Tensor, constant
+from tinymeta.tensor import Tensor, as_input, constant
 
 __all__ = ["embedding", "layer_norm", "multi_head_attention"]
-
-
-def _tensor(x, op: str, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
-        return Tensor(x)
-    raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
 
 
 # --- layer normalisation --------------------------------------------------------------------
@@ -44,7 +36,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -
     over the trailing ``normalized_shape`` axes of x; weight and bias of that shape, or
     (T, *normalized_shape) per task for an x whose first axis is the task axis."""
     op = "layer_norm"
-    x = _tensor(x, op, "input")
+    x = as_input(x, op, "input")
     shape = _normalized_shape(normalized_shape)
     k = len(shape)
     if k == 0 or x.ndim < k or x.shape[x.ndim - k :] != shape:
@@ -55,9 +47,9 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -
     centred = x - mean(x, axes, keepdims=True)
     y = centred / sqrt(mean(centred * centred, axes, keepdims=True) + eps)
     if weight is not None:
-        y = y * _affine(op, "weight", _tensor(weight, op, "weight"), x, shape)
+        y = y * _affine(op, "weight", as_input(weight, op, "weight"), x, shape)
     if bias is not None:
-        y = y + _affine(op, "bias", _tensor(bias, op, "bias"), x, shape)
+        y = y + _affine(op, "bias", as_input(bias, op, "bias"), x, shape)
     return y
 
 
@@ -84,7 +76,7 @@ def embedding(indices, weight, padding_idx: int | None = None) -> Tensor:
     Per task: weight (T, V, D) with indices (T, ...) picks task t's rows for indices[t].
     """
     op = "embedding"
-    weight = _tensor(weight, op, "weight")
+    weight = as_input(weight, op, "weight")
     idx = indices.data if isinstance(indices, Tensor) else indices
     xp = get_array_module(weight.data)
     idx = xp.asarray(idx)
@@ -189,11 +181,11 @@ def multi_head_attention(
     attn_mask (L, S) or (N * num_heads, L, S): bool (True = not allowed) or float (added).
     """
     op = "multi_head_attention"
-    q, k, v = (_tensor(t, op, n) for t, n in ((query, "query"), (key, "key"), (value, "value")))
-    w_in = _tensor(in_proj_weight, op, "in_proj_weight")
-    w_out = _tensor(out_proj_weight, op, "out_proj_weight")
-    b_in = None if in_proj_bias is None else _tensor(in_proj_bias, op, "in_proj_bias")
-    b_out = None if out_proj_bias is None else _tensor(out_proj_bias, op, "out_proj_bias")
+    q, k, v = (as_input(t, op, n) for t, n in ((query, "query"), (key, "key"), (value, "value")))
+    w_in = as_input(in_proj_weight, op, "in_proj_weight")
+    w_out = as_input(out_proj_weight, op, "out_proj_weight")
+    b_in = None if in_proj_bias is None else as_input(in_proj_bias, op, "in_proj_bias")
+    b_out = None if out_proj_bias is None else as_input(out_proj_bias, op, "out_proj_bias")
     e = w_in.shape[-1]
     tasks = w_in.ndim == 3 or w_out.ndim == 3
     if w_in.shape[-2:] != (3 * e, e) or w_out.shape[-2:] != (e, e):

@@ -18,8 +18,6 @@ nodes per step (``GateProduct`` and tanh or relu).
 
 from __future__ import annotations
 
-import numpy as np
-
 from tinymeta.backend import get_array_module
 from tinymeta.nn.functional import linear
 from tinymeta.nn.recurrent_ops import (
@@ -33,7 +31,7 @@ from tinymeta.nn.recurrent_ops import (
 )
 from tinymeta.ops.elementwise import relu, tanh
 from tinymeta.ops.shape import broadcast_to, expand_dims, getitem, reshape, swapaxes
-from tinymeta.tensor import Tensor, constant
+from tinymeta.tensor import Tensor, as_input, constant
 
 __all__ = [
     "gru",
@@ -48,14 +46,6 @@ __all__ = [
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
-def _tensor(x, op: str, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
-        return Tensor(x)
-    raise TypeError(f"{op}: {name} must be a Tensor, got {type(x).__name__}")
-
-
 def _per_task(t: Tensor, tasks: int, ndim: int) -> Tensor:
     """``t`` with a leading task axis: as it is if it has one, else broadcast (differentiably)."""
     return t if t.ndim > ndim else broadcast_to(expand_dims(t, 0), (tasks,) + t.shape)
@@ -66,9 +56,9 @@ class _Weights:
 
     def __init__(self, op: str, kind: str, w_ih, w_hh, b_ih, b_hh):
         k = _GATES[kind]
-        self.w_ih, self.w_hh = _tensor(w_ih, op, "w_ih"), _tensor(w_hh, op, "w_hh")
-        self.b_ih = None if b_ih is None else _tensor(b_ih, op, "b_ih")
-        self.b_hh = None if b_hh is None else _tensor(b_hh, op, "b_hh")
+        self.w_ih, self.w_hh = as_input(w_ih, op, "w_ih"), as_input(w_hh, op, "w_hh")
+        self.b_ih = None if b_ih is None else as_input(b_ih, op, "b_ih")
+        self.b_hh = None if b_hh is None else as_input(b_hh, op, "b_hh")
         if self.w_hh.ndim not in (2, 3) or self.w_hh.shape[-2] != k * self.w_hh.shape[-1]:
             raise ValueError(
                 f"{op}: w_hh must be ({k} * hidden, hidden), or (T, {k} * hidden, hidden) with a "
@@ -146,7 +136,7 @@ def _state(op: str, name: str, h, shape: tuple, like: Tensor) -> Tensor:
     if h is None:
         xp = get_array_module(like.data)
         return constant(xp.zeros(shape, dtype=like.dtype))
-    h = _tensor(h, op, name)
+    h = as_input(h, op, name)
     if h.shape == shape:
         return h
     if h.shape != shape[1:]:  # a state without the task axis is shared by the tasks
@@ -167,7 +157,7 @@ def lstm_cell(x, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None) -> tuple:
 
 
 def _lstm_step(op, x, hx, weights: _Weights) -> tuple:
-    x = _tensor(x, op, "input")
+    x = as_input(x, op, "input")
     weights.check_input(op, x, 1)
     shape = x.shape[:-1] + (weights.hidden,)
     h, c = (None, None) if hx is None else hx
@@ -182,7 +172,7 @@ def gru_cell(x, h=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None) -> Tensor:
     n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn)) (PyTorch's GRU; gates r, z, n)."""
     op = "gru_cell"
     weights = _Weights(op, "gru", w_ih, w_hh, b_ih, b_hh)
-    x = _tensor(x, op, "input")
+    x = as_input(x, op, "input")
     weights.check_input(op, x, 1)
     h = _state(op, "h", h, x.shape[:-1] + (weights.hidden,), x)
     gi = weights.input_part(x, weights.b_ih)
@@ -206,7 +196,7 @@ def rnn_relu_cell(x, h=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None) -> Tens
 
 def _rnn_cell(op, kind, x, h, w_ih, w_hh, b_ih, b_hh):
     weights = _Weights(op, kind, w_ih, w_hh, b_ih, b_hh)
-    x = _tensor(x, op, "input")
+    x = as_input(x, op, "input")
     weights.check_input(op, x, 1)
     h = _state(op, "h", h, x.shape[:-1] + (weights.hidden,), x)
     gi = weights.input_part(x, weights.summed_bias())
@@ -233,7 +223,7 @@ def _layers(op: str, kind: str, weights) -> list:
 
 def _prepare(op: str, x, layers: list, batch_first: bool):
     """x as a time-major tensor (T..., L, N, I) and the shape of one layer's state."""
-    x = _tensor(x, op, "input")
+    x = as_input(x, op, "input")
     layers[0].check_input(op, x, 2)
     if batch_first:  # (T..., N, L, I) -> (T..., L, N, I)
         x = x.swapaxes(-3, -2)
@@ -245,7 +235,7 @@ def _layer_states(op: str, name: str, h, num_layers: int, x: Tensor, hidden: int
     lead, n = x.shape[:-3], x.shape[-2]
     if h is None:
         return [None] * num_layers
-    h = _tensor(h, op, name)
+    h = as_input(h, op, name)
     shape = lead + (num_layers, n, hidden)
     if h.shape != shape and h.shape != shape[1:]:
         raise ValueError(f"{op}: {name} must have shape {shape}, got {h.shape}")

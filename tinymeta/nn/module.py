@@ -374,8 +374,7 @@ class Module:
         for t in list(self.parameters()) + list(self.buffers()):
             new = fn(t.data)
             if new is not t.data:
-                t.data = new
-                t._bump()  # a graph recorded with the old array must not be reused
+                t.data = new  # new memory: a graph recorded with the old array refuses backward
             if t.grad is not None:
                 t.grad = Tensor._wrap(fn(t.grad.data))
         return self

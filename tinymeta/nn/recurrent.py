@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 
+from tinymeta._checks import check_int
 from tinymeta.nn import functional_recurrent as FR
 from tinymeta.nn import init
 from tinymeta.nn.layers import _empty
 from tinymeta.nn.module import Module
 from tinymeta.ops.shape import expand_dims, squeeze
-from tinymeta.tensor import Tensor
+from tinymeta.tensor import Tensor, as_input
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "RNN", "RNNCell"]
 
@@ -31,12 +32,6 @@ def _uniform_all(module: Module, hidden: int, rng) -> None:
     bound = 1.0 / math.sqrt(hidden) if hidden > 0 else 0.0
     for p in module.parameters():
         init.uniform_(p, -bound, bound, rng=rng)
-
-
-def _positive(name: str, layer: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ValueError(f"{layer}: {name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 class _RNNBase(Module):
@@ -56,9 +51,9 @@ class _RNNBase(Module):
     ):
         super().__init__()
         name = type(self).__name__
-        self.input_size = _positive("input_size", name, input_size)
-        self.hidden_size = _positive("hidden_size", name, hidden_size)
-        self.num_layers = _positive("num_layers", name, num_layers)
+        self.input_size = check_int("input_size", input_size, name)
+        self.hidden_size = check_int("hidden_size", hidden_size, name)
+        self.num_layers = check_int("num_layers", num_layers, name)
         self.bias, self.batch_first = bool(bias), bool(batch_first)
         rows = self.gates * self.hidden_size
         for k in range(self.num_layers):
@@ -104,7 +99,7 @@ class _RNNBase(Module):
         x = expand_dims(input, batch_axis)
         if hx is not None:
             hx = tuple(expand_dims(h, 1) for h in hx) if self.mode == "lstm" else expand_dims(hx, 1)
-        out, state = self._run(FR._tensor(x, type(self).__name__, "input"), hx)
+        out, state = self._run(as_input(x, type(self).__name__, "input"), hx)
         out = squeeze(out, batch_axis)
         if self.mode == "lstm":
             return out, tuple(squeeze(s, 1) for s in state)
@@ -189,8 +184,8 @@ class _CellBase(Module):
     ):
         super().__init__()
         name = type(self).__name__
-        self.input_size = _positive("input_size", name, input_size)
-        self.hidden_size = _positive("hidden_size", name, hidden_size)
+        self.input_size = check_int("input_size", input_size, name)
+        self.hidden_size = check_int("hidden_size", hidden_size, name)
         rows = self.gates * self.hidden_size
         self.weight_ih = _empty((rows, self.input_size), dtype, device)
         self.weight_hh = _empty((rows, self.hidden_size), dtype, device)
@@ -205,7 +200,7 @@ class _CellBase(Module):
         return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
 
     def forward(self, input, hx=None):  # noqa: A002 - PyTorch's argument name
-        x = FR._tensor(input, type(self).__name__, "input")
+        x = as_input(input, type(self).__name__, "input")
         if x.ndim != 1:
             return self._step(x, hx)
         # One example (I,): a batch of one, and the states (H,) likewise.

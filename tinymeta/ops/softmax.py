@@ -11,20 +11,10 @@ differentiates its gradient with ``softmax``.
 
 from __future__ import annotations
 
-import numpy as np
-
 from tinymeta.function import Function
 from tinymeta.ops.elementwise import exp
 from tinymeta.ops.reductions import sum as _sum
-from tinymeta.tensor import Tensor
-
-
-def _tensor(x, op: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__"):
-        return Tensor(x)
-    raise TypeError(f"{op}: x must be a Tensor, got {type(x).__name__}")
+from tinymeta.tensor import Tensor, as_input
 
 
 def _axis(x: Tensor, axis: int, op: str) -> int:
@@ -57,7 +47,7 @@ class Softmax(Function):
 
 def softmax(x, axis: int = -1) -> Tensor:
     """y = exp(x) / sum(exp(x)) along ``axis``, computed with the max-shift for stability."""
-    x = _tensor(x, "softmax")
+    x = as_input(x, "softmax")
     return Softmax.apply(x, axis=_axis(x, axis, "softmax"))
 
 
@@ -85,5 +75,5 @@ class LogSoftmax(Function):
 
 def log_softmax(x, axis: int = -1) -> Tensor:
     """y = x - logsumexp(x) along ``axis``, computed with the max-shift for stability."""
-    x = _tensor(x, "log_softmax")
+    x = as_input(x, "log_softmax")
     return LogSoftmax.apply(x, axis=_axis(x, axis, "log_softmax"))
