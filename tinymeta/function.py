@@ -232,7 +232,20 @@ _next_seq = itertools.count(1).__next__
 
 def versions(tensors) -> tuple:
     """The version of each tensor's memory."""
-    return tuple([t._vc[0] for t in tensors])
+    # map() instead of a comprehension: no Python frame (the engine checks every saved node)
+    return tuple(map(_first, map(_counter_of, tensors)))
+
+
+_counter_of = operator.attrgetter("_vc")
+_first = operator.itemgetter(0)
+
+
+def arrays_only() -> bool:
+    """Whether an op applied now would record nothing that anyone sees: grad mode is off (a
+    backward pass without create_graph) and neither tm.capture nor detect_anomaly watches
+    the ops. A backward rule may then form its gradient from the arrays directly, with the
+    same array calls its ops' forwards make, skipping Function.apply."""
+    return not _grad_enabled() and _capture_hook is None and _forward_hook is None
 
 
 # grad mode's switch, read once per op (grad_mode.is_grad_enabled without the extra call)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from tinymeta.backend import promoted_dtype
-from tinymeta.function import Function
-from tinymeta.ops.shape import sum_to
+from tinymeta.function import Function, arrays_only
+from tinymeta.ops.shape import sum_to, sum_to_array
 from tinymeta.tensor import Tensor
 
 
@@ -37,8 +37,15 @@ class Sub(Function):
     def backward(self, gy):
         sa, sb = self.shapes
         ga = sum_to(gy, sa) if self.needs_input_grad[0] else None
-        gb = -sum_to(gy, sb) if self.needs_input_grad[1] else None
+        gb = _negated(sum_to(gy, sb)) if self.needs_input_grad[1] else None
         return ga, gb
+
+
+def _negated(g):
+    """-g: Neg's array call directly where nothing records (see arrays_only), else a node."""
+    if arrays_only():
+        return Tensor._wrap(-g.data)
+    return Neg.apply(g)
 
 
 class Mul(Function):
@@ -52,9 +59,19 @@ class Mul(Function):
         if a is b:  # y = a * a: both gradients are gy * a (the engine adds them), made once
             ga = gy * a
             return ga, ga
+        g = gy.data
+        if arrays_only() and g.dtype is a.data.dtype is b.data.dtype:
+            # Mul.forward and SumTo.forward's array calls, without the nodes
+            ga = _sum_to_tensor(g * b.data, a.shape) if self.needs_input_grad[0] else None
+            gb = _sum_to_tensor(g * a.data, b.shape) if self.needs_input_grad[1] else None
+            return ga, gb
         ga = sum_to(gy * b, a.shape) if self.needs_input_grad[0] else None
         gb = sum_to(gy * a, b.shape) if self.needs_input_grad[1] else None
         return ga, gb
+
+
+def _sum_to_tensor(array, shape):
+    return Tensor._wrap(sum_to_array(None, array, shape))
 
 
 class Scale(Function):
@@ -73,7 +90,15 @@ class Scale(Function):
         return x * self.c
 
     def backward(self, gy):
-        return Scale.apply(gy, c=self.c)
+        return _scaled(gy, self.c)
+
+
+def _scaled(gy, c):
+    """c * gy: Scale's array call directly where nothing records (see arrays_only), else a
+    Scale node."""
+    if arrays_only():
+        return Tensor._wrap(gy.data * c)
+    return Scale.apply(gy, c=c)
 
 
 class AddScaled(Function):
@@ -95,7 +120,7 @@ class AddScaled(Function):
     def backward(self, gy):
         sa, sb = self.shapes
         ga = sum_to(gy, sa) if self.needs_input_grad[0] else None
-        gb = sum_to(Scale.apply(gy, c=self.c), sb) if self.needs_input_grad[1] else None
+        gb = sum_to(_scaled(gy, self.c), sb) if self.needs_input_grad[1] else None
         return ga, gb
 
 
@@ -123,7 +148,7 @@ class Neg(Function):
         return -x
 
     def backward(self, gy):
-        return -gy
+        return _negated(gy)
 
 
 class PowConst(Function):
