@@ -55,11 +55,12 @@ class Function:
         """Run the op on tensors (or values convertible to tensors)."""
         fn = cls(**params) if params else cls()
         # The hot path of every op: one or two host tensors, their arrays taken without a
-        # loop (the general case, and conversions, in _arrays_of).
+        # loop (the general case, and conversions, in _arrays_of). ``._data`` is the slot
+        # behind the ``data`` property, read without a call (ops do the same in hot paths).
         n = len(inputs)
         if n == 1:
             a = inputs[0]
-            if isinstance(a, Tensor) and type(da := a.data) is np.ndarray:
+            if isinstance(a, Tensor) and type(da := a._data) is np.ndarray:
                 arrays, tensors, needs = (da,), inputs, (a.requires_grad,)
                 need = needs[0]
             else:
@@ -69,8 +70,8 @@ class Function:
             if (
                 isinstance(a, Tensor)
                 and isinstance(b, Tensor)
-                and type(da := a.data) is np.ndarray
-                and type(db := b.data) is np.ndarray
+                and type(da := a._data) is np.ndarray
+                and type(db := b._data) is np.ndarray
             ):
                 arrays, tensors = (da, db), inputs
                 needs = (a.requires_grad, b.requires_grad)
@@ -180,11 +181,11 @@ class ViewFunction(Function):
     @classmethod
     def apply(cls, *inputs, **params):
         y = _apply(cls, *inputs, **params)
-        owner = y.data.base  # NumPy and CuPy collapse chains of views: the owning array
+        owner = y._data.base  # NumPy and CuPy collapse chains of views: the owning array
         if owner is not None:  # a view (of an input's memory, or of a temporary)
             for x in inputs:
                 if isinstance(x, Tensor):
-                    a = x.data
+                    a = x._data
                     if owner is (a if a.base is None else a.base):
                         share_version(x, y, view=True)
                         if y.grad_fn is None and x.grad_fn is not None:
@@ -201,14 +202,14 @@ def _arrays_of(fn, inputs) -> tuple:
     tensors (as_tensor_like), and ``fn.xp`` is set for CuPy ones."""
     arrays = []
     for t in inputs:
-        if not isinstance(t, Tensor) or type(a := t.data) is not np.ndarray:
+        if not isinstance(t, Tensor) or type(a := t._data) is not np.ndarray:
             break
         arrays.append(a)
     else:  # all host tensors (three-input ops: Linear with a bias, say)
         needs = tuple([t.requires_grad for t in inputs])
         return arrays, inputs, needs, True in needs
     tensors = tuple(as_tensor_like(inputs, type(fn).__name__))
-    arrays = [t.data for t in tensors]
+    arrays = [t._data for t in tensors]
     needs = tuple([t.requires_grad for t in tensors])
     if arrays and type(arrays[0]) is not np.ndarray:
         fn.xp = get_array_module(arrays[0])

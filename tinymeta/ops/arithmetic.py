@@ -44,7 +44,7 @@ class Sub(Function):
 def _negated(g):
     """-g: Neg's array call directly where nothing records (see arrays_only), else a node."""
     if arrays_only():
-        return Tensor._wrap(-g.data)
+        return Tensor._wrap(-g._data)
     return Neg.apply(g)
 
 
@@ -59,11 +59,11 @@ class Mul(Function):
         if a is b:  # y = a * a: both gradients are gy * a (the engine adds them), made once
             ga = gy * a
             return ga, ga
-        g = gy.data
-        if arrays_only() and g.dtype is a.data.dtype is b.data.dtype:
+        g = gy._data
+        if arrays_only() and g.dtype is a._data.dtype is b._data.dtype:
             # Mul.forward and SumTo.forward's array calls, without the nodes
-            ga = _sum_to_tensor(g * b.data, a.shape) if self.needs_input_grad[0] else None
-            gb = _sum_to_tensor(g * a.data, b.shape) if self.needs_input_grad[1] else None
+            ga = _sum_to_tensor(g * b._data, a.shape) if self.needs_input_grad[0] else None
+            gb = _sum_to_tensor(g * a._data, b.shape) if self.needs_input_grad[1] else None
             return ga, gb
         ga = sum_to(gy * b, a.shape) if self.needs_input_grad[0] else None
         gb = sum_to(gy * a, b.shape) if self.needs_input_grad[1] else None
@@ -97,7 +97,7 @@ def _scaled(gy, c):
     """c * gy: Scale's array call directly where nothing records (see arrays_only), else a
     Scale node."""
     if arrays_only():
-        return Tensor._wrap(gy.data * c)
+        return Tensor._wrap(gy._data * c)
     return Scale.apply(gy, c=c)
 
 
@@ -222,13 +222,13 @@ def promote(a, b, true_divide: bool = False) -> tuple:
     # The common cases first, decided without calls: this runs before every binary op.
     if type(a) is Tensor:
         if type(b) is Tensor:
-            dtype = a.data.dtype
+            dtype = a._data.dtype
             # `is`: NumPy's built-in dtypes are singletons (a mismatch takes the full path)
-            if dtype is b.data.dtype and (not true_divide or dtype.kind in "fc"):
+            if dtype is b._data.dtype and (not true_divide or dtype.kind in "fc"):
                 return a, b
-        elif (type(b) is float or type(b) is int) and a.data.dtype.kind in "fc":
+        elif (type(b) is float or type(b) is int) and a._data.dtype.kind in "fc":
             return a, b
-    elif (type(a) is float or type(a) is int) and type(b) is Tensor and b.data.dtype.kind in "fc":
+    elif (type(a) is float or type(a) is int) and type(b) is Tensor and b._data.dtype.kind in "fc":
         return a, b
     dtype = promoted_dtype((a, b), true_divide)
     return _cast_lower(a, dtype), _cast_lower(b, dtype)
@@ -259,7 +259,7 @@ def add_scaled(a, b, c):
 
 
 def mul(a, b):
-    if type(a) is Tensor and type(b) is Tensor and a.data.dtype == b.data.dtype:
+    if type(a) is Tensor and type(b) is Tensor and a._data.dtype == b._data.dtype:
         return Mul.apply(a, b)  # the common case, decided without calls
     a, b = promote(a, b)
     if _is_number(b) and _is_float_tensor(a):
@@ -275,7 +275,7 @@ def _is_number(c) -> bool:
 
 
 def _is_float_tensor(x) -> bool:
-    return isinstance(x, Tensor) and x.data.dtype.kind in "fc"
+    return isinstance(x, Tensor) and x._data.dtype.kind in "fc"
 
 
 def div(a, b):

@@ -58,7 +58,7 @@ class Sum(Function):
         if not (gy.requires_grad and is_grad_enabled()):
             # Nothing will differentiate this gradient (a loss's seed, say): broadcast the
             # array directly, skipping the BroadcastTo node that would not be recorded anyway.
-            g = gy.data
+            g = gy._data
             if not self.keepdims:
                 g = g.reshape(keepdims_shape(self.in_shape, self.axes))
             return constant(self.xp.broadcast_to(g, self.in_shape))

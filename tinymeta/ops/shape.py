@@ -134,7 +134,7 @@ def sum_to(x, shape):
     if x.shape == shape:
         return x
     if function.arrays_only():  # SumTo.forward without the node (see arrays_only)
-        return Tensor._wrap(sum_to_array(None, x.data, shape))
+        return Tensor._wrap(sum_to_array(None, x._data, shape))
     return SumTo.apply(x, shape=shape)
 
 
@@ -235,7 +235,7 @@ class ScatterAdd(Function):
 
 def getitem(x, index):
     index = _index_arrays(index)
-    if isinstance(x, Tensor) and type(x.data) is not np.ndarray:
+    if isinstance(x, Tensor) and type(x._data) is not np.ndarray:
         index = _index_on_device(index)
     return GetItem.apply(x, index=index)
 
