@@ -159,8 +159,9 @@ def _omniglot_batches(n, tasks=2, ways=3, seed=2):
     ]
 
 
+@pytest.mark.parametrize("vectorized", [False, True])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_w2_conv_batchnorm_maml_replays_bit_identical(first_order):
+def test_w2_conv_batchnorm_maml_replays_bit_identical(first_order, vectorized):
     def make_state():
         params = _params(W2_SHAPES, seed=3)
         return {"params": params, "opt": Adam(list(params.values()), lr=1e-3)}
@@ -175,7 +176,7 @@ def test_w2_conv_batchnorm_maml_replays_bit_identical(first_order):
             opt.zero_grad()
             loss = meta.maml_loss(
                 _convnet, params, (xs, ys), (xq, yq), xent, 0.4, 1, first_order=first_order,
-                vectorized=False,
+                vectorized=vectorized,
             )  # fmt: skip
             loss.backward()
             opt.step()
