@@ -407,13 +407,13 @@ def main(argv=None):
         return None
     tasks = family.sample_tasks(args.eval_tasks, np.random.default_rng([args.seed, 12345]))
     returns, history = evaluate(family, policy, main_run["params"], tasks, args)
-    pre_returns, _ = evaluate(family, policy, pretrained, tasks, args)
+    pre_returns, pre_history = evaluate(family, policy, pretrained, tasks, args)
     pre_at_lr = {}
     for lr in args.pretrained_lrs:
         lr_means, lr_ci = summarize(evaluate(family, policy, pretrained, tasks, args, lr=lr)[0])
         pre_at_lr[str(lr)] = {"returns": lr_means, "returns_ci95": lr_ci}
     random_params = init_params(policy, args.seed + 1, dtype)
-    rand_returns, _ = evaluate(family, policy, random_params, tasks, args)
+    rand_returns, rand_history = evaluate(family, policy, random_params, tasks, args)
     oracle_returns, _ = evaluate(oracle_family, oracle_policy, oracle, tasks, args, steps=0)
 
     means, ci = summarize(returns)
@@ -441,6 +441,8 @@ def main(argv=None):
         "seed": args.seed,
         "ranks": dist.world_size(),
         "direction_success_after_1_step": direction_success(family, history[1]),
+        "pretrained_direction_success_after_1_step": direction_success(family, pre_history[1]),
+        "random_direction_success_after_1_step": direction_success(family, rand_history[1]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

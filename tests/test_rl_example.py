@@ -55,6 +55,8 @@ def test_metrics_and_resume(tmp_path):
         assert set(saved[key]) == {"0", "1", "2", "3"}
     assert saved["returns"] == metrics["returns"]
     assert saved["pretrained_returns_at_lr"] == {}
+    for key in ("", "pretrained_", "random_"):  # only for tasks that are directions
+        assert saved[f"{key}direction_success_after_1_step"] is None
     assert all(np.isfinite(v) and v < 0 for v in saved["returns"].values())  # minus distances
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "trajectories.png").exists()
