@@ -142,4 +142,9 @@ def test_gradients_of_shape_ops_are_writable_and_apart(data):
     _writable_and_apart(grads, others=[x.data, z.data, gy.data])
     for g in grads:
         with tm.no_grad():
-            g.add_(1.0)  # must not raise
+            if g.grad_fn is None:
+                g.add_(1.0)  # must not raise
+            else:  # create_graph and a gradient that depends on the inputs (mean * mean):
+                # a computed tensor, which no_grad may not change in place (test_adversarial)
+                with pytest.raises(RuntimeError, match="in-place change of a tensor computed"):
+                    g.add_(1.0)
