@@ -334,8 +334,9 @@ def test_a_rank_that_finishes_first_does_not_end_the_others():
     assert findings(launch(2, __file__, "early")) == {"rank_0_finished": True}
 
 
-def load_sinusoid_example():
-    spec = importlib.util.spec_from_file_location("maml_sinusoid", EXAMPLES / "maml_sinusoid.py")
+def load_example(name: str):
+    """An example script as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -349,7 +350,7 @@ def test_sinusoid_example_with_two_ranks_ends_where_one_process_does(tmp_path):
     run = launch(2, EXAMPLES / "maml_sinusoid.py", *argv, "--out", tmp_path / "two")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote ") == 1  # rank 0 alone reports
-    one = load_sinusoid_example().main(argv + ["--out", str(tmp_path / "one")])
+    one = load_example("maml_sinusoid").main(argv + ["--out", str(tmp_path / "one")])
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (one["ranks"], two["ranks"]) == (1, 2)
     assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-10)
@@ -363,7 +364,7 @@ def test_sinusoid_example_with_two_ranks_ends_where_one_process_does(tmp_path):
             a, b = np.asarray(ckpt1[group][k]), np.asarray(ckpt2[group][k])
             assert a.dtype == np.float64
             np.testing.assert_allclose(b, a, rtol=0, atol=1e-10, err_msg=f"{group}.{k}")
-    start = load_sinusoid_example().build_model(np.random.default_rng(0))
+    start = load_example("maml_sinusoid").build_model(np.random.default_rng(0))
     moved = max(
         np.abs(np.asarray(ckpt1["model"][k]) - v).max() for k, v in start.state_dict().items()
     )
@@ -403,13 +404,6 @@ def test_omniglot_checkpoint_of_two_ranks_resumes_with_one_and_with_two(
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def load_rl_example():
-    spec = importlib.util.spec_from_file_location("maml_rl_example", EXAMPLES / "maml_rl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @needs_mpi
 @pytest.mark.parametrize(
     "env, outer", [("navigation", "trpo"), ("navigation", "adam"), ("cheetah-dir", "trpo")]
@@ -430,7 +424,7 @@ def test_rl_example_with_two_ranks_ends_where_one_process_does(tmp_path, env, ou
     run = launch(2, EXAMPLES / "maml_rl.py", *argv, "--out", tmp_path / "two")
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count(f"{env} maml:") == 1  # rank 0 alone evaluates and reports
-    example = load_rl_example()
+    example = load_example("maml_rl")
     one = example.main(argv + ["--out", str(tmp_path / "one")])
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (one["ranks"], two["ranks"]) == (1, 2) and one["iterations"] == two["iterations"] == 2
