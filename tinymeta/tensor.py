@@ -345,7 +345,7 @@ class ReplacedCounter(list):
 
 
 # Set once a computed tensor's .data is assigned: the engine then checks the uses of
-# replaced values (engine._check_no_replaced_outputs); until then it costs nothing.
+# replaced values (engine._check_not_replaced); until then it costs nothing.
 graph_data_replaced = False
 
 

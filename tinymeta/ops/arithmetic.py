@@ -7,7 +7,7 @@ import numpy as np
 
 from tinymeta.backend import promoted_dtype
 from tinymeta.function import Function, arrays_only
-from tinymeta.ops.shape import sum_to, sum_to_array
+from tinymeta.ops.shape import sum_to
 from tinymeta.tensor import Tensor
 
 
@@ -57,21 +57,19 @@ class Mul(Function):
     def backward(self, gy):
         a, b = self.inputs
         if a is b:  # y = a * a: both gradients are gy * a (the engine adds them), made once
-            ga = gy * a
+            ga = _times(gy, a)
             return ga, ga
-        g = gy._data
-        if arrays_only() and g.dtype is a._data.dtype is b._data.dtype:
-            # Mul.forward and SumTo.forward's array calls, without the nodes
-            ga = _sum_to_tensor(g * b._data, a.shape) if self.needs_input_grad[0] else None
-            gb = _sum_to_tensor(g * a._data, b.shape) if self.needs_input_grad[1] else None
-            return ga, gb
-        ga = sum_to(gy * b, a.shape) if self.needs_input_grad[0] else None
-        gb = sum_to(gy * a, b.shape) if self.needs_input_grad[1] else None
+        ga = sum_to(_times(gy, b), a.shape) if self.needs_input_grad[0] else None
+        gb = sum_to(_times(gy, a), b.shape) if self.needs_input_grad[1] else None
         return ga, gb
 
 
-def _sum_to_tensor(array, shape):
-    return Tensor._wrap(sum_to_array(None, array, shape))
+def _times(gy, x):
+    """gy * x: Mul's array call directly where nothing records (see arrays_only) and the
+    dtypes agree (no promotion to record), else a Mul node."""
+    if arrays_only() and gy._data.dtype is x._data.dtype:
+        return Tensor._wrap(gy._data * x._data)
+    return gy * x
 
 
 class Scale(Function):
