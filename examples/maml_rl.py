@@ -103,6 +103,14 @@ def parse_args(argv=None):
         help="outer step: TRPO, or Adam on the clipped surrogate",
     )
     p.add_argument("--max-kl", type=float, default=0.01, help="TRPO's trust region")
+    p.add_argument(
+        "--trust-region",
+        choices=("both", "post"),
+        default="both",
+        help="what TRPO's KL bound holds: the pre- and post-update policies (default), or "
+        "the post-update ones alone, as in MAML's paper (its pre-update policy can then run "
+        "away: the inner step undoes the change, so the post-update KL does not see it)",
+    )
     p.add_argument("--cg-iters", type=int, default=10)
     p.add_argument(
         "--fisher",
@@ -246,7 +254,8 @@ def train(phase: str, family, policy, args, inner_steps: int, first_order: bool,
             info = meta_trpo_iteration(
                 *common, tasks[share], args.rollouts, args.inner_lr, inner_steps, rngs,
                 first_order=first_order, max_kl=args.max_kl, cg_iters=args.cg_iters,
-                gamma=args.gamma, lam=args.gae_lambda, fisher=args.fisher, **shared,
+                gamma=args.gamma, lam=args.gae_lambda, fisher=args.fisher,
+                pre_update_kl=args.trust_region == "both", **shared,
             )  # fmt: skip
         else:
             info = meta_adam_iteration(

@@ -123,3 +123,21 @@ def test_pretrained_at_other_rates_is_the_pretrained_evaluation_at_that_rate(tmp
     assert at["0.5"]["returns"] == metrics["pretrained_returns"]
     assert at["0.05"]["returns"]["0"] == metrics["pretrained_returns"]["0"]
     assert at["0.05"]["returns"]["1"] != metrics["pretrained_returns"]["1"]
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--trust-region", "post"], False)])
+def test_trust_region_flag_reaches_the_trpo_step(tmp_path, monkeypatch, flag, expected):
+    example = load_example()
+    seen = []
+    real = example.meta_trpo_iteration
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["pre_update_kl"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(example, "meta_trpo_iteration", spy)
+    argv = TINY + ["--iterations", "2", "--baseline-iterations", "1", "--out", str(tmp_path)]
+    example.main(argv + flag)
+    # two meta-iterations plus one each for the pretrained and oracle baselines (no inner
+    # step: nothing before the update to hold, so the flag is passed but has no effect)
+    assert seen[:2] == [expected, expected]

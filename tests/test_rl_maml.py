@@ -87,13 +87,15 @@ def test_first_order_gradient_is_the_adapted_gradient_summed_over_tasks():
         np.testing.assert_allclose(g.numpy(), g_ref.numpy().sum(axis=0), rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("inner_steps", [1, 2])
-def test_vectorized_equals_looped(inner_steps):
+@pytest.mark.parametrize("inner_steps, pre_update_kl", [(1, False), (2, False), (1, True)])
+def test_vectorized_equals_looped(inner_steps, pre_update_kl):
     policy, params, batch = fixed_rollouts(inner_steps, seed=3, tasks=3)
     plist = list(params.values())
     results = []
     for vectorized in (True, False):
-        objective = MetaObjective(policy, *batch, 0.5, inner_steps, vectorized=vectorized)
+        objective = MetaObjective(
+            policy, *batch, 0.5, inner_steps, vectorized=vectorized, pre_update_kl=pre_update_kl
+        )
         loss, kl = objective(params, create_graph=True)
         g = flatten([x.data for x in grad(loss, plist, retain_graph=True)])
         v = np.random.default_rng(0).normal(size=len(g))

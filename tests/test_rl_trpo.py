@@ -73,12 +73,14 @@ def numeric_hessian(fn_grad, params, eps=1e-5):
     return np.stack(columns, axis=1)
 
 
-@pytest.mark.parametrize("inner_steps", [0, 1])
-def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(inner_steps):
+@pytest.mark.parametrize("inner_steps, pre_update_kl", [(0, False), (1, False), (1, True)])
+def test_fisher_vector_product_is_the_hessian_of_the_mean_kl(inner_steps, pre_update_kl):
     policy, params, batch = tiny_setup(inner_steps=max(inner_steps, 1))
     if inner_steps == 0:
         batch = (None, None, batch[2], batch[3])
-    objective = MetaObjective(policy, *batch, 0.5, inner_steps, fisher="exact")
+    objective = MetaObjective(
+        policy, *batch, 0.5, inner_steps, fisher="exact", pre_update_kl=pre_update_kl
+    )
     plist = list(params.values())
     _, kl = objective(params, create_graph=True)
     fvp = FisherVectorProduct(kl, plist, damping=0.0)
@@ -177,3 +179,62 @@ def test_trpo_on_the_meta_objective_lowers_the_surrogate_within_the_trust_region
     loss1, kl1 = objective(params, create_graph=False)
     assert info["step_fraction"] > 0
     assert loss1.item() < loss0.item() and 0 < kl1.item() <= 0.01
+
+
+def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q):
+    """KL(p || q) of diagonal Gaussians in closed form, summed over the last axis."""
+    var_p, var_q = np.exp(2 * log_std_p), np.exp(2 * log_std_q)
+    terms = log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5
+    return terms.sum(axis=-1)
+
+
+def pre_update_kl_by_hand(policy, old, new, train):
+    """Mean over tasks of each task's mean over valid pre-update steps of
+    KL(pi_old || pi_new), one task and one step at a time."""
+    per_task_kl = []
+    for t in range(train.num_tasks):
+        obs, _ = train.task(t).flat()
+        p = policy({k: tm.tensor(v.data) for k, v in old.items()}, obs[0])
+        q = policy({k: tm.tensor(v.data) for k, v in new.items()}, obs[0])
+        kl = gaussian_kl(p.mean.numpy(), p.log_std.numpy(), q.mean.numpy(), q.log_std.numpy())
+        mask = train.mask[t].reshape(-1)
+        per_task_kl.append((kl * mask).sum() / mask.sum())
+    return float(np.mean(per_task_kl))
+
+
+def moved(params, scale, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        k: tm.tensor(p.data + scale * rng.normal(size=p.shape), requires_grad=True)
+        for k, p in params.items()
+    }
+
+
+def test_pre_update_kl_adds_the_pre_update_policies_mean_kl():
+    policy, params, batch = tiny_setup()
+    post_only = MetaObjective(policy, *batch, 0.5, 1)
+    both = MetaObjective(policy, *batch, 0.5, 1, pre_update_kl=True)
+    for objective in (post_only, both):
+        objective(params, create_graph=False)  # the old policies: those that sampled
+    new = moved(params, 0.05)
+    loss_post, kl_post = post_only(new, create_graph=False)
+    loss_both, kl_both = both(new, create_graph=False)
+    expected = pre_update_kl_by_hand(policy, params, new, batch[0])
+    assert expected > 1e-4
+    assert loss_both.item() == loss_post.item()  # the surrogate is untouched
+    np.testing.assert_allclose(kl_both.item() - kl_post.item(), expected, rtol=1e-10)
+
+
+def test_trpo_with_pre_update_kl_bounds_pre_plus_post_kl():
+    policy, params, batch = tiny_setup(seed=2)
+    start = {k: tm.tensor(p.data.copy(), requires_grad=True) for k, p in params.items()}
+    objective = MetaObjective(policy, *batch, 0.5, 1, pre_update_kl=True)
+    info = trpo_step(params, objective, max_kl=0.01)
+    assert info["step_fraction"] > 0
+    post_only = MetaObjective(policy, *batch, 0.5, 1)
+    post_only(start, create_graph=False)
+    _, post_kl = post_only(params, create_graph=False)
+    pre_kl = pre_update_kl_by_hand(policy, start, params, batch[0])
+    assert pre_kl > 0 and post_kl.item() > 0
+    assert pre_kl + post_kl.item() <= 0.01 * (1 + 1e-12)
+    assert info["kl"] == pytest.approx(pre_kl + post_kl.item(), rel=1e-8)

@@ -9,7 +9,14 @@ For each task i of a meta-batch, with meta-parameters theta:
                                                          (outer: D_i' sampled with theta_i')
     KL_i(theta) = E_{D_i'}[ KL(pi_old(.|s) || pi_{theta_i'}(.|s)) ]
 
-and the outer step lowers mean_i L_i^surr within mean_i KL_i <= max_kl. The inner
+and the outer step lowers mean_i L_i^surr within mean_i KL_i <= max_kl. With
+``pre_update_kl=True`` the trust region also holds the pre-update policies: the bound is
+on mean_i KL_i plus mean_i E_{D_i}[ KL(pi_old(.|s) || pi_theta(.|s)) ] (D_i: the pre-update
+rollouts). Without it, the step can move the pre-update policy far (its change is undone
+by the inner step, so the post-update KL does not see it); a policy whose mean then
+saturates the action bounds samples pre-update rollouts that teach the inner step little
+(ProMP, Rothfuss et al. 2019, adds the same KL, as a penalty, to control the pre-update
+policy too). The inner
 gradient is taken with ``create_graph=True``, so the meta-gradient and the
 Fisher-vector products differentiate through it (``first_order=True`` drops that).
 Parameters get a leading task axis (``per_task``) and every task's rollouts go
@@ -98,6 +105,7 @@ class MetaObjective:
         clip: float | None = None,
         fisher: str = "exact",
         total_tasks: int | None = None,
+        pre_update_kl: bool = False,
     ):
         if fisher not in ("exact", "first-order"):
             raise ValueError(f"fisher must be 'exact' or 'first-order', got {fisher!r}")
@@ -109,13 +117,14 @@ class MetaObjective:
         self.vectorized = vectorized
         self.clip = clip
         self.fisher = fisher
+        self.pre_update_kl = bool(pre_update_kl) and bool(inner_steps)
         # The mean is over total_tasks (the whole meta-batch when this is one process's share)
         self.total_tasks = valid.num_tasks if total_tasks is None else int(total_tasks)
         if self.total_tasks < valid.num_tasks:
             raise ValueError(
                 f"MetaObjective: total_tasks {total_tasks} < the {valid.num_tasks} tasks given"
             )
-        self._old = {}
+        self._old, self._old_pre = {}, {}
 
     def __call__(self, params: dict, create_graph: bool = True):
         if self.vectorized:
@@ -162,7 +171,20 @@ class MetaObjective:
             gain = minimum(ratio * adv, tclip(ratio, 1.0 - self.clip, 1.0 + self.clip) * adv)
         loss = -tsum(gain * weights)
         kl = tsum(old.kl(metric) * weights)
+        if self.pre_update_kl:
+            kl = kl + self._pre_update_kl(params, train, t, scale)
         return loss, kl
+
+    def _pre_update_kl(self, params: dict, train: Episodes, t: int | None, scale: float):
+        """Mean over tasks (or task ``t``'s share) of the pre-update policy's KL from the
+        one that sampled ``train``."""
+        dtype = next(iter(params.values())).dtype
+        obs, _ = train.flat(dtype)
+        dist = self.policy(per_task(params, train.num_tasks), obs)
+        if t not in self._old_pre:
+            self._old_pre[t] = dist.detach()
+        weights = (_step_weights(train.mask) * scale).astype(dtype)
+        return tsum(self._old_pre[t].kl(dist) * weights)
 
 
 def sample_meta_batch(
@@ -200,6 +222,7 @@ def meta_trpo_iteration(
     fisher: str = "exact",
     total_tasks: int | None = None,
     reduce=None,
+    pre_update_kl: bool = False,
 ) -> dict:
     """Sample, adapt and take one TRPO step on ``params`` (in place); returns diagnostics
     with the mean pre- and post-update returns. With ``tasks`` one process's share of a
@@ -208,8 +231,9 @@ def meta_trpo_iteration(
         family, policy, params, tasks, rollouts, inner_lr, inner_steps, rng, gamma, lam
     )
     objective = MetaObjective(
-        policy, *batch, inner_lr, inner_steps, first_order, fisher=fisher, total_tasks=total_tasks
-    )
+        policy, *batch, inner_lr, inner_steps, first_order, fisher=fisher,
+        total_tasks=total_tasks, pre_update_kl=pre_update_kl,
+    )  # fmt: skip
     info = trpo_step(
         params, objective, max_kl=max_kl, damping=damping, cg_iters=cg_iters, reduce=reduce
     )
