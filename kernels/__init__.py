@@ -32,6 +32,8 @@ implementations expect and dispatch:
   softmax_xent_backward(probs, labels, gloss) -> glogits
   relu_backward(gy, x) -> gx                                    any shape
   sgd_update_(param, grad, lr) -> param (updated in place)      any shape
+  adam_update_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, beta1=, beta2=, eps=,
+               step_size=, bias_correction2_sqrt=, weight_decay=, param_decay=) -> param
   lstm_pointwise_forward(gates, c) -> h, c_new                  gates: (M, 4H), c: (M, H)
   lstm_pointwise_backward(gates, c, gh, gc) -> dgates, dc
   gru_pointwise_forward(gi, gh, h) -> h_new                     gi, gh: (M, 3H), h: (M, H)
@@ -349,6 +351,37 @@ def sgd_update_(param, grad, lr: float):
     """param -= lr * grad, in place (with lr in param's dtype); returns param."""
     _check_same_shape("sgd_update_", "param", param, "grad", grad)
     return _impl_for(param).sgd_update_(param, grad, lr)
+
+
+def adam_update_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq=None,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    bias_correction2_sqrt: float,
+    weight_decay: float = 0.0,
+    param_decay: float = 1.0,
+):
+    """One Adam step of one parameter: param and the moments (and max_exp_avg_sq, given
+    with amsgrad) updated in place, rounding as NumPy does (see ``reference.adam_update_``);
+    returns param. The scalars come from ``tinymeta.optim.Adam``: step_size = -lr / (1 -
+    beta1**t), bias_correction2_sqrt = sqrt(1 - beta2**t), param_decay = 1 - lr * lambda
+    for AdamW (1 otherwise)."""
+    _check_same_shape("adam_update_", "param", param, "grad", grad)
+    _check_same_shape("adam_update_", "param", param, "exp_avg", exp_avg)
+    _check_same_shape("adam_update_", "param", param, "exp_avg_sq", exp_avg_sq)
+    if max_exp_avg_sq is not None:
+        _check_same_shape("adam_update_", "param", param, "max_exp_avg_sq", max_exp_avg_sq)
+    return _impl_for(param).adam_update_(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        beta1, beta2, eps, step_size, bias_correction2_sqrt, weight_decay, param_decay,
+    )  # fmt: skip
 
 
 # --- recurrent cells ------------------------------------------------------------------------

@@ -509,20 +509,23 @@ def _memory_order(a):
     return sorted(range(a.ndim), key=lambda axis: -a.strides[axis])
 
 
-def _flat_views(a, b):
-    """1-D views of a and b, element k of one at the same index as element k of the other,
-    when they have one float dtype (float32 or float64) and one dense memory layout and are
-    not small; None otherwise (mixed dtypes, layouts that differ or are not dense, e.g.
-    broadcast)."""
-    if a.dtype not in _FLOATS or a.dtype != b.dtype or a.size < _SMALL:
+def _flat_views(*arrays, min_size=None):
+    """1-D views of the arrays, element k of each at the same index, when they have one float
+    dtype (float32 or float64) and one dense memory layout and at least ``min_size`` elements
+    (default ``_SMALL``); None otherwise (mixed dtypes, layouts that differ or are not dense,
+    e.g. broadcast)."""
+    first = arrays[0]
+    dtype = first.dtype
+    if dtype not in _FLOATS or any(a.dtype != dtype for a in arrays):
         return None
-    if a.flags.c_contiguous and b.flags.c_contiguous:
-        return a.reshape(-1), b.reshape(-1)
-    order = _memory_order(a)
-    a, b = a.transpose(order), b.transpose(order)
-    if not (a.flags.c_contiguous and b.flags.c_contiguous):
+    if first.size < (_SMALL if min_size is None else min_size):
         return None
-    return a.reshape(-1), b.reshape(-1)
+    if not all(a.flags.c_contiguous for a in arrays):
+        order = _memory_order(first)
+        arrays = [a.transpose(order) for a in arrays]
+        if not all(a.flags.c_contiguous for a in arrays):
+            return None
+    return [a.reshape(-1) for a in arrays]
 
 
 def _empty_in_layout_of(a):
@@ -565,6 +568,82 @@ def sgd_update_(param, grad, lr: float):
     if flat is None:
         return reference.sgd_update_(param, grad, lr)
     _sgd_update_flat(*flat, param.dtype.type(lr))
+    return param
+
+
+# Adam's update is a dozen NumPy calls per parameter (see reference.adam_update_): the one
+# compiled call costs less than those at every size, so it has no small-array cut-off.
+_ADAM_SMALL = 0
+
+
+@numba.njit(cache=True)
+def _adam_update_flat(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    amsgrad,
+    beta1,
+    beta2,
+    eps,
+    step_size,
+    bias_correction2_sqrt,
+    weight_decay,
+    param_decay,
+):
+    # The Python floats rounded to the arrays' dtype, as NumPy rounds them; 1 - beta is
+    # formed in float64 first, as the reference's Python arithmetic does.
+    real = param.dtype.type
+    b1, keep1 = real(beta1), real(1.0 - beta1)
+    b2, keep2 = real(beta2), real(1.0 - beta2)
+    e, lr_t, bc2 = real(eps), real(step_size), real(bias_correction2_sqrt)
+    wd, decay = real(weight_decay), real(param_decay)
+    decoupled, coupled = param_decay != 1.0, weight_decay != 0.0
+    for k in range(param.size):
+        p = param[k]
+        if decoupled:
+            p = p * decay
+        g = grad[k]
+        if coupled:
+            g = g + wd * p
+        m = exp_avg[k] * b1 + keep1 * g
+        v = exp_avg_sq[k] * b2 + (keep2 * g) * g
+        exp_avg[k] = m
+        exp_avg_sq[k] = v
+        if amsgrad:
+            v_max = max_exp_avg_sq[k]
+            if not (v_max >= v or v_max != v_max):  # np.maximum: a NaN in either wins
+                v_max = v
+            max_exp_avg_sq[k] = v_max
+            v = v_max
+        denom = real(math.sqrt(v)) / bc2 + e
+        param[k] = p + lr_t * (m / denom)
+
+
+def adam_update_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    bias_correction2_sqrt: float,
+    weight_decay: float = 0.0,
+    param_decay: float = 1.0,
+):
+    """See ``reference.adam_update_``: the same arithmetic in one pass over memory."""
+    amsgrad = max_exp_avg_sq is not None
+    arrays = (param, grad, exp_avg, exp_avg_sq) + ((max_exp_avg_sq,) if amsgrad else ())
+    scalars = (beta1, beta2, eps, step_size, bias_correction2_sqrt, weight_decay, param_decay)
+    flat = _flat_views(*arrays, min_size=_ADAM_SMALL)
+    if flat is None:
+        return reference.adam_update_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *scalars)
+    max_flat = flat[4] if amsgrad else flat[3]  # not read without amsgrad
+    _adam_update_flat(*flat[:4], max_flat, amsgrad, *scalars)
     return param
 
 

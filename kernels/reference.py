@@ -253,6 +253,53 @@ def sgd_update_(param, grad, lr: float):
     return param
 
 
+def adam_update_(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    bias_correction2_sqrt: float,
+    weight_decay: float = 0.0,
+    param_decay: float = 1.0,
+):
+    """One Adam step of one parameter, every array changed in place; returns param::
+
+        param = param * param_decay                       (AdamW's decoupled weight decay)
+        g = grad + weight_decay * param                   (Adam's weight decay, if not 0)
+        exp_avg = exp_avg * beta1 + (1 - beta1) * g
+        exp_avg_sq = exp_avg_sq * beta2 + ((1 - beta2) * g) * g
+        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)  (amsgrad; None without)
+        param = param + step_size * (exp_avg / (sqrt(v) / bias_correction2_sqrt + eps))
+
+    with v the max with amsgrad, else exp_avg_sq: the arithmetic of ``tinymeta.optim.Adam``.
+    Each product, sum, quotient and square root rounds to the arrays' dtype in this order, and
+    every Python float is rounded to that dtype first (NumPy's rule for a Python scalar); the
+    compiled loop reproduces this bit for bit.
+    """
+    xp = _array_module(param)
+    if param_decay != 1.0:  # x * 1 == x: skipping it changes no bit
+        param *= param_decay
+    if weight_decay != 0:
+        grad = grad + weight_decay * param  # a new array: the caller's grad is left alone
+    exp_avg *= beta1
+    exp_avg += (1 - beta1) * grad
+    exp_avg_sq *= beta2
+    exp_avg_sq += (1 - beta2) * grad * grad
+    if max_exp_avg_sq is not None:
+        xp.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second_moment = max_exp_avg_sq
+    else:
+        second_moment = exp_avg_sq
+    denom = xp.sqrt(second_moment) / bias_correction2_sqrt + eps
+    param += step_size * (exp_avg / denom)
+    return param
+
+
 # --- recurrent cells: the elementwise gate math of one time step ------------------------------
 # Rows are (M, k * H) gate pre-activations in PyTorch's order (LSTM i, f, g, o; GRU r, z, n).
 

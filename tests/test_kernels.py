@@ -4,6 +4,7 @@ shapes; the references against plain definitions; backend selection and argument
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -395,31 +396,33 @@ class _loops_for_any_size:
     shapes exercise them."""
 
     def __enter__(self):
-        self.saved, numba_impl._SMALL = numba_impl._SMALL, 0
+        self.saved = numba_impl._SMALL, numba_impl._ADAM_SMALL
+        numba_impl._SMALL = numba_impl._ADAM_SMALL = 0
 
     def __exit__(self, *exc):
-        numba_impl._SMALL = self.saved
+        numba_impl._SMALL, numba_impl._ADAM_SMALL = self.saved
         return False
 
 
 @st.composite
-def same_layout_pair(draw):
-    """Two arrays of one shape, dtype and layout (contiguous, channels-last or strided), with
-    zeros, NaN and infinities among the values."""
+def same_layout_arrays(draw, n: int = 2, special_values: bool = True):
+    """``n`` arrays of one shape, dtype and layout (contiguous, channels-last or strided), then
+    the dtype; with zeros, NaN and infinities among the values if ``special_values``."""
     shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=4)))
     dtype = draw(st.sampled_from(DTYPES))
     layout = draw(st.sampled_from(LAYOUTS))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf])
-    pair = []
-    for _ in range(2):
+    arrays = []
+    for _ in range(n):
         a = rng.standard_normal(shape)
-        a.flat[rng.integers(0, a.size, a.size // 4)] = rng.choice(special, a.size // 4)
-        pair.append(_in_layout(a.astype(dtype), layout, channel_axis=len(shape) - 1))
-    return pair[0], pair[1], dtype
+        if special_values:
+            a.flat[rng.integers(0, a.size, a.size // 4)] = rng.choice(special, a.size // 4)
+        arrays.append(_in_layout(a.astype(dtype), layout, channel_axis=len(shape) - 1))
+    return (*arrays, dtype)
 
 
-@given(case=same_layout_pair())
+@given(case=same_layout_arrays())
 def test_relu_backward_numba_matches_reference_bit_for_bit(case):
     gy, x, dtype = case
     with _loops_for_any_size():
@@ -432,7 +435,7 @@ def test_relu_backward_numba_matches_reference_bit_for_bit(case):
     np.testing.assert_array_equal(expected, np.where(x > 0, gy, gy * 0))
 
 
-@given(case=same_layout_pair(), lr=st.floats(1e-4, 10.0))
+@given(case=same_layout_arrays(), lr=st.floats(1e-4, 10.0))
 def test_sgd_update_numba_matches_reference_bit_for_bit(case, lr):
     param, grad, dtype = case
     start = param.copy()
@@ -443,6 +446,72 @@ def test_sgd_update_numba_matches_reference_bit_for_bit(case, lr):
     expected -= lr * grad  # NumPy's own in-place update, with a Python float lr
     np.testing.assert_array_equal(param, expected)
     np.testing.assert_array_equal(reference.sgd_update_(start, grad, lr), expected)
+
+
+def _adam_scalars(lr, betas, eps, weight_decay, decoupled, step):
+    """kernels.adam_update_'s scalars as tinymeta.optim.Adam forms them at step ``step``."""
+    beta1, beta2 = betas
+    return dict(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        step_size=-lr / (1 - beta1**step),
+        bias_correction2_sqrt=math.sqrt(1 - beta2**step),
+        weight_decay=0.0 if decoupled else weight_decay,
+        param_decay=1 - lr * weight_decay if decoupled else 1.0,
+    )
+
+
+@given(
+    case=same_layout_arrays(5),
+    amsgrad=st.booleans(),
+    decoupled=st.booleans(),
+    lr=st.floats(1e-4, 1.0),
+    betas=st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
+    eps=st.floats(1e-10, 1e-2),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    step=st.integers(1, 50),
+)
+def test_adam_update_numba_matches_reference_bit_for_bit(
+    case, amsgrad, decoupled, lr, betas, eps, weight_decay, step
+):
+    *arrays, dtype = case
+    for second_moment in arrays[3:]:
+        np.abs(second_moment, out=second_moment)  # NaN stays NaN; the layout stays
+    if not amsgrad:
+        arrays[4] = None
+    expected = [None if a is None else a.copy(order="K") for a in arrays]
+    scalars = _adam_scalars(lr, betas, eps, weight_decay, decoupled, step)
+    with _loops_for_any_size(), np.errstate(all="ignore"):
+        out = numba_impl.adam_update_(*arrays, **scalars)
+        reference.adam_update_(*expected, **scalars)
+    assert out is arrays[0] and out.dtype == np.dtype(dtype)  # updated in place
+    for name, got, want in zip(("param", "grad", "m", "v", "v_max"), arrays, expected):
+        if got is None:
+            continue
+        np.testing.assert_array_equal(got, want, err_msg=name)  # NaN where the reference has
+        numbers = ~np.isnan(want)
+        assert (np.signbit(got[numbers]) == np.signbit(want[numbers])).all(), name
+
+
+def test_adam_update_reference_is_the_formula():
+    """The reference against the formula written once more by hand, in float64 (where the
+    rounding order matters little), with weight decay and amsgrad."""
+    rng = np.random.default_rng(7)
+    param, grad, m, v = rng.standard_normal((4, 3, 5))
+    v, v_max = v**2, v**2 + 0.5
+    lr, b1, b2, eps, wd, t = 0.1, 0.8, 0.95, 1e-6, 0.05, 3
+    g = grad + wd * param
+    m_new, v_new = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+    v_hat = np.maximum(v_max, v_new) / (1 - b2**t)
+    want = param - lr * m_new / (1 - b1**t) / (np.sqrt(v_hat) + eps)
+    arrays = [a.copy() for a in (param, grad, m, v, v_max)]
+    scalars = _adam_scalars(lr, (b1, b2), eps, wd, decoupled=False, step=t)
+    reference.adam_update_(*arrays, **scalars)
+    np.testing.assert_allclose(arrays[0], want, rtol=1e-12)
+    np.testing.assert_allclose(arrays[2], m_new, rtol=1e-14)
+    np.testing.assert_allclose(arrays[4], np.maximum(v_max, v_new), rtol=1e-14)
+    np.testing.assert_array_equal(arrays[1], grad)  # the gradient left alone
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -460,6 +529,13 @@ def test_elementwise_kernels_on_big_arrays_and_in_channels_last_layout(dtype):
     param = x.copy(order="K")
     numba_impl.sgd_update_(param, gy, 0.3)
     np.testing.assert_array_equal(param, x - dtype(0.3) * gy)
+    moments = [np.abs(a) for a in (gy, x, x)]  # exp_avg, exp_avg_sq, max_exp_avg_sq
+    params = [x.copy(order="K") for _ in range(2)]
+    scalars = _adam_scalars(0.1, (0.9, 0.999), 1e-8, 0.1, decoupled=True, step=2)
+    want = reference.adam_update_(params[0], gy, *[m.copy() for m in moments], **scalars)
+    numba_impl.adam_update_(params[1], gy, *moments, **scalars)
+    np.testing.assert_array_equal(params[1], want)
+    assert params[1].strides == x.strides
 
 
 def test_elementwise_kernels_take_the_reference_for_other_dtypes_and_mixed_layouts():
@@ -476,6 +552,26 @@ def test_elementwise_kernels_take_the_reference_for_other_dtypes_and_mixed_layou
     expected = param.copy()
     expected -= 0.5 * x  # a float64 step, rounded to float16 in place
     np.testing.assert_array_equal(numba_impl.sgd_update_(param, x, 0.5), expected)
+    scalars = _adam_scalars(0.1, (0.9, 0.999), 1e-3, 0.1, decoupled=False, step=1)
+    for param, grad in ((x.astype(np.float16), x), (x.copy(), x.astype(np.float32))):
+        moments = [np.zeros_like(param) for _ in range(3)]
+        want = reference.adam_update_(param.copy(), grad, *[m.copy() for m in moments], **scalars)
+        got = numba_impl.adam_update_(param, grad, *moments, **scalars)
+        np.testing.assert_array_equal(got, want)  # float16, or a float32 gradient: NumPy's rounding
+
+
+def test_adam_update_runs_the_compiled_loop_on_small_parameters(monkeypatch):
+    """No small-array cut-off for Adam: a one-element float32 parameter takes the loop."""
+
+    def no_reference(*args):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(reference, "adam_update_", no_reference)
+    param, grad = np.ones(1, np.float32), np.full(1, 0.5, np.float32)
+    moments = [np.zeros(1, np.float32) for _ in range(3)]
+    scalars = _adam_scalars(0.1, (0.9, 0.999), 1e-8, 0.0, decoupled=False, step=1)
+    numba_impl.adam_update_(param, grad, *moments, **scalars)
+    np.testing.assert_allclose(param, [0.9], rtol=1e-6)  # the first step moves by lr
 
 
 @given(
@@ -602,3 +698,8 @@ def test_kernel_argument_errors_name_the_kernel_and_shapes():
         kernels.relu_backward(np.zeros((2, 3)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"sgd_update_: .* param \(4,\) and grad \(1, 4\)"):
         kernels.sgd_update_(np.zeros(4), np.zeros((1, 4)), 0.1)
+    adam_scalars = _adam_scalars(0.1, (0.9, 0.999), 1e-8, 0.0, decoupled=False, step=1)
+    with pytest.raises(ValueError, match=r"adam_update_: .* param \(4,\) and exp_avg \(3,\)"):
+        kernels.adam_update_(np.zeros(4), np.zeros(4), np.zeros(3), np.zeros(4), **adam_scalars)
+    with pytest.raises(ValueError, match=r"adam_update_: .* and max_exp_avg_sq \(2, 2\)"):
+        kernels.adam_update_(*[np.zeros(4)] * 4, np.zeros((2, 2)), **adam_scalars)

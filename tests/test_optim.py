@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tinymeta as tm
 from tinymeta.optim import SGD, Adam, AdamW
@@ -180,6 +182,88 @@ def test_float32_params_keep_their_dtype():
         opt.step()
     assert w.dtype == tm.float32
     assert all(a.dtype == np.float32 for k, a in opt.state[w].items() if k != "step")
+
+
+# --- Adam's one-call update: the NumPy arithmetic it replaced, bit for bit ------------------
+
+
+def adam_steps_in_numpy(param, grads, lr, betas, eps, weight_decay, amsgrad, decoupled):
+    """``param`` after one Adam step per gradient, spelt one NumPy operation at a time as
+    ``Adam._update`` computed it before the update became ``kernels.adam_update_`` (Python
+    floats rounded by NumPy to the arrays' dtype); returns param and the moments."""
+    b1, b2 = betas
+    param = param.copy()
+    exp_avg, exp_avg_sq, max_exp_avg_sq = (np.zeros_like(param) for _ in range(3))
+    for step, grad in enumerate(grads, start=1):
+        if weight_decay != 0:
+            if decoupled:
+                param *= 1 - lr * weight_decay
+            else:
+                grad = grad + weight_decay * param
+        exp_avg *= b1
+        exp_avg += (1 - b1) * grad
+        exp_avg_sq *= b2
+        exp_avg_sq += (1 - b2) * grad * grad
+        bias_correction1 = 1 - b1**step
+        bias_correction2_sqrt = math.sqrt(1 - b2**step)
+        if amsgrad:
+            np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+            denom = np.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
+        else:
+            denom = np.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+        param += (-lr / bias_correction1) * (exp_avg / denom)
+    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 6), max_size=3).map(tuple), min_size=1, max_size=3),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    decoupled=st.booleans(),
+    amsgrad=st.booleans(),
+    lr=st.floats(1e-4, 1.0),
+    betas=st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.9999)),
+    eps=st.floats(1e-10, 1e-2),
+    weight_decay=st.sampled_from([0.0, 1e-2, 0.3]),
+    steps=st.integers(1, 4),
+    backend=st.sampled_from(["numba", "numpy"]),
+    seed=st.integers(0, 2**16),
+)
+def test_adam_step_is_the_numpy_arithmetic_bit_for_bit(
+    shapes, dtype, decoupled, amsgrad, lr, betas, eps, weight_decay, steps, backend, seed
+):
+    """Adam and AdamW, with and without weight decay and amsgrad, float32 and float64, under
+    both kernel backends: parameters and state equal the step-by-step NumPy arithmetic."""
+    from tinymeta import kernels
+
+    rng = np.random.default_rng(seed)
+    starts = [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+    grads = [[rng.standard_normal(shape).astype(dtype) for shape in shapes] for _ in range(steps)]
+    params = [tm.tensor(start.copy(), requires_grad=True) for start in starts]
+    cls = AdamW if decoupled else Adam
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+    previous = kernels.set_backend(backend)
+    try:
+        opt = cls(params, **hyper)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = tm.tensor(g.copy())
+            opt.step()
+    finally:
+        kernels.set_backend(previous)
+
+    for i, (p, start) in enumerate(zip(params, starts)):
+        mine = [g[i] for g in grads]
+        want, exp_avg, exp_avg_sq, max_exp_avg_sq = adam_steps_in_numpy(
+            start, mine, decoupled=decoupled, **hyper
+        )
+        state = opt.state[p]
+        assert p.dtype == dtype and state["step"] == steps
+        np.testing.assert_array_equal(p.numpy(), want)
+        np.testing.assert_array_equal(state["exp_avg"], exp_avg)
+        np.testing.assert_array_equal(state["exp_avg_sq"], exp_avg_sq)
+        if amsgrad:
+            np.testing.assert_array_equal(state["max_exp_avg_sq"], max_exp_avg_sq)
+        np.testing.assert_array_equal(p.grad.numpy(), mine[-1])  # the gradient left alone
 
 
 # --- parameter groups ---------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tinymeta import backend
+from tinymeta import backend, kernels
 from tinymeta.optim.optimizer import Optimizer, check_number
 from tinymeta.tensor import Tensor
 
@@ -61,41 +61,35 @@ class Adam(Optimizer):
         check_number(name, "weight decay", "weight_decay", group["weight_decay"], where, low=0.0)
 
     def _update(self, param: Tensor, grad, group: dict) -> None:
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        weight_decay, amsgrad = group["weight_decay"], group["amsgrad"]
-        xp = backend.get_array_module(param.data)
-
+        lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+        array = param._data  # changed in place; _bump() below tells graphs that saved it
         state = self.state.setdefault(param, {})
         if not state:
-            state["step"] = 0
-            state["exp_avg"] = xp.zeros_like(param.data)
-            state["exp_avg_sq"] = xp.zeros_like(param.data)
+            state.update(step=0, exp_avg=_zeros_like(array), exp_avg_sq=_zeros_like(array))
+        amsgrad = group["amsgrad"]
         if amsgrad and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = xp.zeros_like(param.data)
-        state["step"] += 1
-        step = state["step"]
+            state["max_exp_avg_sq"] = _zeros_like(array)
+        state["step"] = step = state["step"] + 1
 
-        if weight_decay != 0:
-            if self.decoupled_weight_decay:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad + weight_decay * param.data  # a new array: .grad is left alone
-
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg *= beta1
-        exp_avg += (1 - beta1) * grad
-        exp_avg_sq *= beta2
-        exp_avg_sq += (1 - beta2) * grad * grad
-
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        if amsgrad:
-            max_exp_avg_sq = state["max_exp_avg_sq"]
-            xp.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-            denom = xp.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
-        else:
-            denom = xp.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-        param.add_(exp_avg / denom, alpha=-lr / bias_correction1)
+        param._check_graph_memory(f"{self._name()}.step")
+        decoupled = self.decoupled_weight_decay
+        # The elementwise part is one kernel call (a compiled loop on the CPU; the NumPy or
+        # CuPy reference otherwise) that rounds as the formula above spelt in NumPy would.
+        kernels.adam_update_(
+            array,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["max_exp_avg_sq"] if amsgrad else None,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            step_size=-lr / (1 - beta1**step),
+            bias_correction2_sqrt=math.sqrt(1 - beta2**step),
+            weight_decay=0.0 if decoupled else weight_decay,
+            param_decay=1 - lr * weight_decay if decoupled else 1.0,
+        )
+        param._bump()
 
 
 class AdamW(Adam):
@@ -119,3 +113,7 @@ class AdamW(Adam):
         amsgrad: bool = False,
     ):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
+
+
+def _zeros_like(array):
+    return backend.get_array_module(array).zeros_like(array)

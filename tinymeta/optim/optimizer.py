@@ -101,7 +101,7 @@ class Optimizer:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
-                    grad = p.grad.data
+                    grad = p.grad._data  # read, never handed out: the slot, not .data
                     if grad.shape != p.shape:
                         raise RuntimeError(
                             f"{self._name()}.step: a parameter of shape {p.shape} has a "

@@ -54,7 +54,7 @@ class SGD(Optimizer):
     def _update(self, param: Tensor, grad, group: dict) -> None:
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         if weight_decay != 0:
-            grad = grad + weight_decay * param.data  # a new array: .grad itself is left alone
+            grad = grad + weight_decay * param._data  # a new array: .grad itself is left alone
         if momentum != 0:
             state = self.state.setdefault(param, {})
             buf = state.get("momentum_buffer")
@@ -67,5 +67,5 @@ class SGD(Optimizer):
             grad = grad + momentum * buf if group["nesterov"] else buf
         # theta -= gamma * g in one pass over memory (a kernel): NumPy's param -= lr * grad
         # first writes lr * grad to a temporary array and reads it back.
-        kernels.sgd_update_(param.data, grad, lr)
+        kernels.sgd_update_(param._data, grad, lr)
         param._bump()  # an in-place change, like add_: graphs that saved param can tell
