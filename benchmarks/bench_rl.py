@@ -9,7 +9,8 @@ iterations, Fisher-vector products by double backward through the inner step). R
 - one meta-iteration: sampling (pre- and post-update rollouts, baselines, advantages),
   adaptation (the differentiable inner step, every time the objective runs it) and the
   TRPO step (gradient, CG on Fisher-vector products, line search) — with the exact
-  Fisher and with ``fisher="first-order"``;
+  Fisher, with the exact Fisher and the pre-update policies in the trust region
+  (``pre_update_kl=True``, the example's default), and with ``fisher="first-order"``;
 - the same iteration written in PyTorch (task-batched matmuls, ``autograd.grad`` with
   ``create_graph=True``), on the same rollouts and initial weights, when torch imports.
   Both compute the same TRPO direction first (checked before timing).
@@ -95,7 +96,7 @@ def main(argv=None):
 
     maml_rl.adapt_policy = timed_adapt
 
-    def iteration(fisher):
+    def iteration(fisher, pre_update_kl):
         params = {k: type(v)(v.data.copy(), requires_grad=True) for k, v in init.items()}
         adapt_time[0] = 0.0
         start = clock()
@@ -105,7 +106,9 @@ def main(argv=None):
         sampled = clock()
         sampling = sampled - start - adapt_time[0]
         adaptation_in_sampling = adapt_time[0]
-        objective = maml_rl.MetaObjective(policy, *batch, INNER_LR, 1, fisher=fisher)
+        objective = maml_rl.MetaObjective(
+            policy, *batch, INNER_LR, 1, fisher=fisher, pre_update_kl=pre_update_kl
+        )
         info = trpo_step(params, objective, max_kl=MAX_KL, cg_iters=CG_ITERS)
         total = clock() - start
         adaptation = adapt_time[0]
@@ -119,12 +122,14 @@ def main(argv=None):
         }
 
     results = {}
-    for fisher in ("exact", "first-order"):
-        runs = [iteration(fisher) for _ in range(args.warmup + args.repeats)][args.warmup :]
+    variants = {"exact": ("exact", False), "exact+pre": ("exact", True)}
+    variants["first-order"] = ("first-order", False)
+    for name, variant in variants.items():
+        runs = [iteration(*variant) for _ in range(args.warmup + args.repeats)][args.warmup :]
         parts = {k: float(np.median([r[k] for r in runs])) for k in runs[0] if k != "info"}
-        results[fisher] = parts
+        results[name] = parts
         print(
-            f"meta-iteration (Fisher {fisher:11s}): {parts['total']:6.2f} s = sampling "
+            f"meta-iteration (Fisher {name:11s}): {parts['total']:6.2f} s = sampling "
             f"{parts['sampling']:5.2f} s ({100 * parts['sampling'] / parts['total']:4.1f}%) + "
             f"adaptation {parts['adaptation']:5.2f} s "
             f"({100 * parts['adaptation'] / parts['total']:4.1f}%) + TRPO step "

@@ -41,9 +41,14 @@ import tinymeta as tm
 from tinymeta import distributed as dist
 from tinymeta.optim import Adam
 from tinymeta.rl import make_task_family
-from tinymeta.rl.tasks import PerTaskGenerators
-from tinymeta.rl.maml_rl import fine_tune_returns, meta_adam_iteration, meta_trpo_iteration
+from tinymeta.rl.maml_rl import (
+    INNER_LOSSES,
+    fine_tune_returns,
+    meta_adam_iteration,
+    meta_trpo_iteration,
+)
 from tinymeta.rl.policy import GaussianMLPPolicy
+from tinymeta.rl.tasks import PerTaskGenerators
 
 ALGOS = ("maml", "fomaml", "pretrained")
 EVAL_STEPS = 3
@@ -110,6 +115,14 @@ def parse_args(argv=None):
         help="what TRPO's KL bound holds: the pre- and post-update policies (default), or "
         "the post-update ones alone, as in MAML's paper (its pre-update policy can then run "
         "away: the inner step undoes the change, so the post-update KL does not see it)",
+    )
+    p.add_argument(
+        "--inner-loss",
+        choices=INNER_LOSSES,
+        default="reinforce",
+        help="the inner step's loss as differentiated through: reinforce (log pi A, as in "
+        "MAML's code) or lvc (ProMP's pi / stop_grad(pi) A: the same step, plus the "
+        "curvature from the pre-update policy having sampled the rollouts)",
     )
     p.add_argument("--cg-iters", type=int, default=10)
     p.add_argument(
@@ -255,13 +268,14 @@ def train(phase: str, family, policy, args, inner_steps: int, first_order: bool,
                 *common, tasks[share], args.rollouts, args.inner_lr, inner_steps, rngs,
                 first_order=first_order, max_kl=args.max_kl, cg_iters=args.cg_iters,
                 gamma=args.gamma, lam=args.gae_lambda, fisher=args.fisher,
-                pre_update_kl=args.trust_region == "both", **shared,
+                pre_update_kl=args.trust_region == "both", inner_loss=args.inner_loss,
+                **shared,
             )  # fmt: skip
         else:
             info = meta_adam_iteration(
                 *common, optimizer, tasks[share], args.rollouts, args.inner_lr, inner_steps,
                 rngs, first_order=first_order, epochs=args.epochs, clip=args.clip,
-                gamma=args.gamma, lam=args.gae_lambda, **shared,
+                gamma=args.gamma, lam=args.gae_lambda, inner_loss=args.inner_loss, **shared,
             )  # fmt: skip
         state["iteration"] += 1
         # rank 0's clock for everyone: --minutes and checkpoint timing agree on every rank

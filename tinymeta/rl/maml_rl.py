@@ -16,8 +16,9 @@ rollouts). Without it, the step can move the pre-update policy far (its change i
 by the inner step, so the post-update KL does not see it); a policy whose mean then
 saturates the action bounds samples pre-update rollouts that teach the inner step little
 (ProMP, Rothfuss et al. 2019, adds the same KL, as a penalty, to control the pre-update
-policy too). The inner
-gradient is taken with ``create_graph=True``, so the meta-gradient and the
+policy too).
+
+The inner gradient is taken with ``create_graph=True``, so the meta-gradient and the
 Fisher-vector products differentiate through it (``first_order=True`` drops that).
 Parameters get a leading task axis (``per_task``) and every task's rollouts go
 through the policy in one batched forward; ``vectorized=False`` loops over tasks
@@ -53,13 +54,30 @@ def _step_weights(mask: np.ndarray) -> np.ndarray:
     return flat / np.maximum(flat.sum(axis=1, keepdims=True), 1.0)
 
 
-def reinforce_loss(policy, params: dict, episodes: Episodes, advantages: np.ndarray) -> Tensor:
+INNER_LOSSES = ("reinforce", "lvc")
+
+
+def reinforce_loss(
+    policy, params: dict, episodes: Episodes, advantages: np.ndarray, form: str = "reinforce"
+) -> Tensor:
     """sum over tasks of -mean_{valid steps} log pi(a|s) A  (each task's own vanilla
-    policy-gradient loss; summed so that a per-task parameter gets its task's gradient)."""
+    policy-gradient loss; summed so that a per-task parameter gets its task's gradient).
+
+    ``form="lvc"``: -mean pi(a|s) / stop_grad(pi(a|s)) A instead, ProMP's low-variance
+    curvature objective (Rothfuss et al. 2019). Its gradient is the same, so the inner
+    step takes the same values; its second derivative adds sum_t A_t grad log pi_t
+    (grad log pi_t)^T, the curvature that comes from the rollouts having been sampled by
+    the policy being adapted. Differentiated through, that term credits the pre-update
+    policy for sampling rollouts that teach the inner step well, which the
+    log-likelihood form leaves out."""
+    if form not in INNER_LOSSES:
+        raise ValueError(f"reinforce_loss: form must be one of {INNER_LOSSES}, got {form!r}")
     dtype = next(iter(params.values())).dtype
     obs, actions = episodes.flat(dtype)
     weights = (_step_weights(episodes.mask) * advantages.reshape(len(obs), -1)).astype(dtype)
     log_prob = policy(params, obs).log_prob(actions)
+    if form == "lvc":
+        return -tsum(exp(log_prob - log_prob.detach()) * weights)
     return -tsum(log_prob * weights)
 
 
@@ -71,14 +89,16 @@ def adapt_policy(
     lr: float,
     steps: int = 1,
     first_order: bool = False,
+    inner_loss: str = "reinforce",
 ) -> dict:
     """Per-task parameters after ``steps`` policy-gradient steps of rate ``lr`` on each
-    task's ``episodes``; ``params`` are shared (they get a task axis here)."""
+    task's ``episodes``; ``params`` are shared (they get a task axis here). ``inner_loss``:
+    the form of ``reinforce_loss`` differentiated through (same values either way)."""
     task_params = per_task(params, episodes.num_tasks)
     if steps == 0:
         return task_params
     return adapt(
-        lambda p: reinforce_loss(policy, p, episodes, advantages),
+        lambda p: reinforce_loss(policy, p, episodes, advantages, inner_loss),
         task_params,
         lr,
         steps,
@@ -106,7 +126,10 @@ class MetaObjective:
         fisher: str = "exact",
         total_tasks: int | None = None,
         pre_update_kl: bool = False,
+        inner_loss: str = "reinforce",
     ):
+        if inner_loss not in INNER_LOSSES:
+            raise ValueError(f"inner_loss must be one of {INNER_LOSSES}, got {inner_loss!r}")
         if fisher not in ("exact", "first-order"):
             raise ValueError(f"fisher must be 'exact' or 'first-order', got {fisher!r}")
         self.policy = policy
@@ -118,6 +141,7 @@ class MetaObjective:
         self.clip = clip
         self.fisher = fisher
         self.pre_update_kl = bool(pre_update_kl) and bool(inner_steps)
+        self.inner_loss = inner_loss
         # The mean is over total_tasks (the whole meta-batch when this is one process's share)
         self.total_tasks = valid.num_tasks if total_tasks is None else int(total_tasks)
         if self.total_tasks < valid.num_tasks:
@@ -143,7 +167,7 @@ class MetaObjective:
             train_adv = self.train_advantages if t is None else self.train_advantages[t : t + 1]
             adapted = adapt_policy(
                 self.policy, params, train, train_adv, self.inner_lr, self.inner_steps,
-                first_order=self.first_order or not create_graph,
+                first_order=self.first_order or not create_graph, inner_loss=self.inner_loss,
             )  # fmt: skip
         else:
             adapted = per_task(params, valid.num_tasks)
@@ -223,6 +247,7 @@ def meta_trpo_iteration(
     total_tasks: int | None = None,
     reduce=None,
     pre_update_kl: bool = False,
+    inner_loss: str = "reinforce",
 ) -> dict:
     """Sample, adapt and take one TRPO step on ``params`` (in place); returns diagnostics
     with the mean pre- and post-update returns. With ``tasks`` one process's share of a
@@ -232,7 +257,7 @@ def meta_trpo_iteration(
     )
     objective = MetaObjective(
         policy, *batch, inner_lr, inner_steps, first_order, fisher=fisher,
-        total_tasks=total_tasks, pre_update_kl=pre_update_kl,
+        total_tasks=total_tasks, pre_update_kl=pre_update_kl, inner_loss=inner_loss,
     )  # fmt: skip
     info = trpo_step(
         params, objective, max_kl=max_kl, damping=damping, cg_iters=cg_iters, reduce=reduce
@@ -296,6 +321,7 @@ def meta_adam_iteration(
     lam: float = 1.0,
     total_tasks: int | None = None,
     reduce=None,
+    inner_loss: str = "reinforce",
 ) -> dict:
     """The simpler outer option: ``epochs`` steps of ``optimizer`` (Adam over ``params``)
     on the clipped surrogate min(r A, clip(r, 1 - eps, 1 + eps) A) of one meta-batch
@@ -305,8 +331,9 @@ def meta_adam_iteration(
         family, policy, params, tasks, rollouts, inner_lr, inner_steps, rng, gamma, lam
     )
     objective = MetaObjective(
-        policy, *batch, inner_lr, inner_steps, first_order, clip=clip, total_tasks=total_tasks
-    )
+        policy, *batch, inner_lr, inner_steps, first_order, clip=clip, total_tasks=total_tasks,
+        inner_loss=inner_loss,
+    )  # fmt: skip
     plist = list(params.values())
     losses, kl = [], None
     for _ in range(epochs):

@@ -22,8 +22,8 @@ Conventions (Gymnasium's, lifted to a batch of episodes):
   seeds the family's own generator (initial-state noise, if the environment has any);
   ``seed=None`` continues from the current generator; a ``PerTaskGenerators`` (one
   generator per task) draws each task's initial states from its own generator, for this
-  reset only, so that a task's episodes do not depend on the tasks beside it. Same ``seed``, same tasks and
-  same actions give bit-identical observations and rewards.
+  reset only, so that a task's episodes do not depend on the tasks beside it. Same
+  ``seed``, same tasks and same actions give bit-identical observations and rewards.
 - ``step(actions) -> (obs, reward, terminated, truncated, info)`` with ``actions`` of
   shape ``(T, R, action_dim)`` (any float dtype). A wrong shape, or a NaN/inf entry,
   raises ``ValueError`` naming the expected shape / the first bad index. Actions are
