@@ -3,12 +3,17 @@
 A graph that saved the tensor's old array refuses backward (as after an in-place change);
 aliases made before the assignment (``detach()``, views) keep the old array and their
 graphs stay valid; a computed tensor whose array was replaced is no longer its creator's
-output, so no gradient reaches the creator through it. Plain uses (a parameter's new
-values between optimizer steps, ``Module.to``) keep working. Gradients are checked
-against float64 central differences.
+output, so no gradient reaches the creator through it. Memory another tensor handed out
+(``t.data = u.data``, a view of it, ``u.detach().data``) keeps one version counter for both
+tensors: an in-place change through either is seen by the graphs of both. Plain uses (a
+parameter's new values between optimizer steps, ``Module.to``) keep working. Gradients are
+checked against float64 central differences.
 """
 
 from __future__ import annotations
+
+import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -237,3 +242,162 @@ def test_integer_array_into_a_tensor_that_requires_grad_is_refused():
     with pytest.raises(TypeError, match=r"requires grad.*int64"):
         w.data = np.array([1, 2])
     np.testing.assert_array_equal(w.numpy(), [1.0, 2.0])  # unchanged
+
+
+# --- memory another tensor handed out: one counter for both tensors ---------------------------
+
+# How ``t`` gets ``u``'s memory: the whole array, a NumPy view of it, through a detached alias.
+HANDED_OUT = {
+    "u.data": lambda u: u.data,
+    "u.data[1:]": lambda u: u.data[1:],
+    "u.detach().data": lambda u: u.detach().data,
+}
+
+# In-place changes of a leaf, as a user or an optimizer makes them (grad mode off).
+IN_PLACE = {
+    "add_": lambda x: x.add_(1.0),
+    "mul_": lambda x: x.mul_(2.0),
+    "fill_": lambda x: x.fill_(0.5),
+    "x[0] = v": lambda x: x.__setitem__(0, 7.0),
+}
+
+
+@pytest.mark.parametrize("handed", HANDED_OUT.values(), ids=list(HANDED_OUT))
+@pytest.mark.parametrize("change", IN_PLACE.values(), ids=list(IN_PLACE))
+def test_change_through_the_source_is_seen_by_graphs_of_the_receiver(handed, change):
+    u = f64([1.0, 2.0, 3.0, 4.0])
+    t = f64([0.0, 0.0, 0.0], requires_grad=False)
+    t.data = handed(u)
+    t.requires_grad_()
+    y = (t.exp() * t).sum()  # Mul saved t (and Exp its output, a copy)
+    with tm.no_grad():
+        change(u)
+    with pytest.raises(RuntimeError, match=r"Mul: input 1 .*modified in place"):
+        y.backward()
+
+
+@pytest.mark.parametrize("handed", HANDED_OUT.values(), ids=list(HANDED_OUT))
+@pytest.mark.parametrize("change", IN_PLACE.values(), ids=list(IN_PLACE))
+def test_change_through_the_receiver_is_seen_by_graphs_of_the_source(handed, change):
+    u = f64([1.0, 2.0, 3.0, 4.0])
+    y = (u * u).sum()  # Mul saved u
+    t = f64([0.0, 0.0, 0.0], requires_grad=False)
+    t.data = handed(u)
+    with tm.no_grad():
+        change(t)
+    with pytest.raises(RuntimeError, match=r"Mul: input 0 .*modified in place"):
+        y.backward()
+
+
+@pytest.mark.parametrize("handed", HANDED_OUT.values(), ids=list(HANDED_OUT))
+def test_sharing_without_in_place_changes_keeps_both_gradients(handed):
+    """No false alarm: the source's graph recorded before the assignment, and the
+    receiver's graph recorded after it, both differentiate at the shared values."""
+    ua = np.array([0.5, -1.0, 2.0, 1.5])
+    u = f64(ua.copy())
+    y_u = (u * u * u).sum()
+    t = f64([9.0], requires_grad=False)
+    t.data = handed(u)
+    t.requires_grad_()
+    y_t = (t.sin() * t).sum()
+    y_u.backward()
+    y_t.backward()
+    np.testing.assert_allclose(u.grad.numpy(), central_difference(lambda v: np.sum(v**3), ua))
+    ta = t.numpy().copy()
+    expected = central_difference(lambda v: np.sum(np.sin(v) * v), ta)
+    np.testing.assert_allclose(t.grad.numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t_changes, u_changes", [(0, 0), (3, 0), (0, 3), (2, 5)])
+def test_graph_of_the_old_array_refuses_whatever_the_two_versions(t_changes, u_changes):
+    """t takes u's counter: its version must land past every version t's graphs saved,
+    whether u's counter is behind t's or ahead of it."""
+    u = f64([1.0, 2.0], requires_grad=False)
+    t = f64([3.0, 4.0], requires_grad=False)
+    with tm.no_grad():
+        for _ in range(t_changes):
+            t.mul_(1.0)
+        for _ in range(u_changes):
+            u.mul_(1.0)
+    t.requires_grad_()
+    y = (t * t).sum()
+    t.data = u.data
+    with pytest.raises(RuntimeError, match=r"Mul: input 0 .*\.data was replaced") as info:
+        y.backward()
+    assert f"version {t_changes} -> {max(t_changes + 1, u_changes)}" in str(info.value)
+
+
+def test_optimizer_step_on_the_source_is_seen_by_graphs_of_the_receiver():
+    u = f64([1.0, -2.0])
+    t = f64([0.0, 0.0], requires_grad=False)
+    t.data = u.data
+    t.requires_grad_()
+    y = (t * t).sum()
+    u.grad = tm.tensor(np.array([0.5, 0.5]))
+    tm.optim.SGD([u], lr=0.1).step()
+    np.testing.assert_allclose(t.numpy(), [0.95, -2.05])  # one memory
+    with pytest.raises(RuntimeError, match=r"Mul: input 0 .*modified in place"):
+        y.backward()
+
+
+def test_memory_passed_on_twice_keeps_one_counter():
+    u = f64([1.0, 2.0, 3.0], requires_grad=False)
+    t = f64([0.0], requires_grad=False)
+    s = f64([0.0], requires_grad=False)
+    t.data = u.data
+    s.data = t.data[1:]
+    s.requires_grad_()
+    y = (s * s).sum()
+    with tm.no_grad():
+        u.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"Mul: input 0 .*modified in place"):
+        y.backward()
+
+
+def test_memory_of_a_computed_tensor_is_not_changed_behind_its_graph():
+    """t holding y's memory is an alias of a computed tensor, like y.detach()."""
+    x = f64([1.0, 2.0])
+    y = x * 3.0
+    t = f64([0.0, 0.0], requires_grad=False)
+    t.data = y.data
+    with tm.no_grad(), pytest.raises(RuntimeError, match=r"mul_: in-place change of an alias"):
+        t.mul_(10.0)
+    np.testing.assert_array_equal(y.numpy(), [3.0, 6.0])
+
+
+def test_deep_copies_keep_the_memory_and_the_counter_shared():
+    u = f64([1.0, 2.0], requires_grad=False)
+    t = f64([0.0, 0.0], requires_grad=False)
+    t.data = u.data
+    u2, t2 = copy.deepcopy([u, t])
+    t2.requires_grad_()
+    y = (t2 * t2).sum()
+    with tm.no_grad():
+        u2.add_(1.0)
+    np.testing.assert_array_equal(t2.numpy(), [2.0, 3.0])
+    with pytest.raises(RuntimeError, match=r"Mul: input 0 .*modified in place"):
+        y.backward()
+
+
+def test_memory_no_tensor_handed_out_gets_a_counter_of_its_own():
+    u = f64([1.0, 2.0], requires_grad=False)
+    t = f64([0.0, 0.0], requires_grad=False)
+    t.data = np.array([5.0, 6.0])
+    t.requires_grad_()
+    y = (t * t).sum()
+    with tm.no_grad():
+        u.add_(1.0)  # other memory
+    y.backward()
+    np.testing.assert_allclose(t.grad.numpy(), [10.0, 12.0])
+
+
+def test_records_of_handed_out_memory_go_with_the_memory():
+    tensor_module = importlib.import_module("tinymeta.tensor")  # (tm.tensor is a function)
+    before = len(tensor_module._handed_out)
+    for _ in range(50):
+        a = tm.tensor(np.ones(3))
+        a.data[1:]  # noqa: B018 (reading .data records the memory)
+        t = f64([0.0], requires_grad=False)
+        t.data = a.data
+    del a, t
+    assert len(tensor_module._handed_out) <= before + 1

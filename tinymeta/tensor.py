@@ -7,7 +7,9 @@ A tensor holds ``data`` (a NumPy or CuPy array), ``requires_grad``, the
 
 from __future__ import annotations
 
+import functools
 import numbers
+import weakref
 
 import numpy as np
 
@@ -83,7 +85,17 @@ class Tensor:
     def data(self):
         """The array (NumPy or CuPy). Assigning another one gives the tensor new memory:
         graphs that saved the old array refuse backward (see _replace_data)."""
-        return self._data
+        array = self._data
+        # Remember which version counter guards the memory handed out, so that
+        # ``t.data = u.data`` can give t that counter (see _replace_data). Inlined fast
+        # path: the same tensor reading its array again finds its own counter.
+        owner = array.base
+        entry = _handed_out.get(id(array if owner is None else owner))
+        if entry is None or entry[1] is not self._vc:
+            vc = self._vc
+            if entry is None or type(vc) is not LinkedCounter or entry[1] is not vc.base:
+                _remember_counter(self, array)
+        return array
 
     @data.setter
     def data(self, array) -> None:
@@ -92,16 +104,27 @@ class Tensor:
     def _replace_data(self, array) -> None:
         """``t.data = array``: as in PyTorch, any shape, dtype or device, unseen by autograd.
 
-        The tensor gets a version counter of its own, one version past the old one: graphs
-        that saved it (at an older version) refuse backward, while aliases made before
-        (``detach()``, views), which keep the old array, keep the old counter and their
-        graphs. A computed tensor's new values are no longer its creator's output: the
-        engine lets no gradient reach the creator from uses made after the assignment."""
+        The tensor's version moves past the old one: graphs that saved it (at an older
+        version) refuse backward, while aliases made before (``detach()``, views), which
+        keep the old array, keep the old counter and their graphs. A computed tensor's new
+        values are no longer its creator's output: the engine lets no gradient reach the
+        creator from uses made after the assignment.
+
+        Memory that another tensor handed out (``t.data = u.data``, ``u.data[1:]``,
+        ``u.detach().data``) stays guarded by that tensor's counter: ``t`` gets a
+        LinkedCounter over it, so an in-place op through ``t``, ``u`` or any alias of
+        theirs is seen by the graphs of all of them. Not seen, here as in PyTorch: writes
+        made through NumPy itself (``u.data[...] += 1``), and CuPy memory (a counter of
+        its own, as for a new array)."""
         if array is self._data:
             return
         array = _checked_replacement(self, array)
         old = self._vc
-        counter = ReplacedCounter([old[0] + 1, False])
+        shared = _counter_handed_out_with(array)
+        if shared is None:  # memory no tensor handed out: a counter of its own
+            counter = ReplacedCounter([old[0] + 1, False])
+        else:
+            counter = LinkedCounter(shared, past=old[0])
         counter.replaced_at = counter[0]
         if self.grad_fn is not None:
             counter.replaced_seq = _first_replacement_seq(self, old)
@@ -344,6 +367,98 @@ class ReplacedCounter(list):
     __slots__ = ("replaced_at", "replaced_seq")
 
 
+class LinkedCounter(ReplacedCounter):
+    """The counter of a tensor given memory that another tensor handed out (``t.data =
+    u.data``): ``base`` is the counter of that memory, shared with ``u`` and its aliases.
+
+    Reads and writes go to ``base``, the version shifted up by ``offset``: enough that the
+    version starts past ``t``'s old one (a graph that saved ``t``'s old array must not find
+    its version again), while ``base`` itself is left alone (graphs that saved ``u`` stay
+    valid). A bump through either tensor moves both."""
+
+    __slots__ = ("base", "offset")
+
+    def __init__(self, base: list, past: int):
+        super().__init__()  # its own items stay empty: they are the base's
+        self.base = base
+        self.offset = max(0, past + 1 - base[0])
+
+    def __getitem__(self, i):
+        return self.base[0] + self.offset if i == 0 else self.base[i]
+
+    def __setitem__(self, i, value) -> None:
+        self.base[i] = value - self.offset if i == 0 else value
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def append(self, flag) -> None:
+        self.base.append(flag)
+
+
+# id(array owning some memory) -> (weak reference to it, the version counter of the tensor
+# that last handed that memory out through ``Tensor.data``). An entry goes with its array.
+_handed_out: dict = {}
+
+
+def _remember_counter(t: Tensor, array) -> None:
+    """Record that ``t`` hands out ``array``: its memory is guarded by ``t``'s counter."""
+    if not isinstance(array, np.ndarray):  # CuPy: not tracked (see _replace_data)
+        return
+    counter = _memory_counter(t)
+    owner = _memory_owner(array)
+    key = id(owner)
+    entry = _handed_out.get(key)
+    if entry is not None and entry[0]() is owner:
+        if entry[1] is counter:
+            return
+        ref = entry[0]  # the same memory handed out by a tensor with another counter
+    else:
+        try:  # the entry goes with the owner (whose id may then be reused)
+            ref = weakref.ref(owner, functools.partial(_forget_owner, key))
+        except TypeError:  # an ndarray subclass without weak references: not tracked
+            return
+    _handed_out[key] = (ref, counter)
+
+
+def _forget_owner(key: int, ref) -> None:
+    entry = _handed_out.get(key)
+    if entry is not None and entry[0] is ref:  # not a newer owner that took the same id
+        del _handed_out[key]
+
+
+def _counter_handed_out_with(array):
+    """The counter of the memory ``array`` lies in, if a tensor handed that memory out."""
+    if not isinstance(array, np.ndarray):
+        return None
+    owner = _memory_owner(array)
+    entry = _handed_out.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        return None
+    return entry[1]
+
+
+def _memory_owner(array: np.ndarray) -> np.ndarray:
+    """The array that owns ``array``'s memory (NumPy collapses chains of views, except
+    over memory an ndarray borrowed from another object, such as np.frombuffer's)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _memory_counter(t: Tensor) -> list:
+    """The counter of ``t``'s memory, made shareable (a list, not FRESH) and marked as
+    leaf or graph memory: handing the array out makes an alias, as ``detach()`` does."""
+    counter = _materialized_counter(t)
+    if type(counter) is LinkedCounter:
+        counter = counter.base
+    if t.grad_fn is not None:
+        mark_graph_memory(counter)
+    elif len(counter) == 2:
+        counter.append(False)  # a leaf's memory: see mark_graph_memory
+    return counter
+
+
 # Set once a computed tensor's .data is assigned: the engine then checks the uses of
 # replaced values (engine._check_not_replaced); until then it costs nothing.
 graph_data_replaced = False
@@ -392,14 +507,20 @@ def share_version(base: Tensor, alias: Tensor, view: bool) -> None:
     transpose, ...), which autograd does not link back to the base; an assignment
     ``x[i] = v`` that has to be differentiated refuses such memory (see ops.shape.setitem).
     """
-    counter = base._vc
-    if type(counter) is tuple:  # FRESH (or a copy of it from pickle)
-        counter = base._vc = [0, False]
+    counter = _materialized_counter(base)
     if len(counter) == 2 and base.grad_fn is None:
         counter.append(False)  # a leaf's memory: see mark_graph_memory
     alias._vc = counter
     if view:
         counter[1] = True
+
+
+def _materialized_counter(t: Tensor) -> list:
+    """``t``'s version counter, a list of its own in place of FRESH, ready to be shared."""
+    counter = t._vc
+    if type(counter) is tuple:  # FRESH (or a copy of it from pickle)
+        counter = t._vc = [0, False]
+    return counter
 
 
 def mark_graph_memory(counter: list) -> None:
