@@ -213,3 +213,66 @@ def test_kernels_import_nothing_of_tinymeta_outside_them():
         for m in kernel_modules
     }
     assert all(not deps for deps in outside.values()), outside
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm,
+    iterative): every set of modules that import one another through some chain."""
+    index, low, on_stack, stack, found = {}, {}, set(), [], []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, deps = work[-1]
+            dep = next(deps, None)
+            if dep is not None:
+                if dep not in index:
+                    index[dep] = low[dep] = len(index)
+                    stack.append(dep)
+                    on_stack.add(dep)
+                    work.append((dep, iter(sorted(graph[dep]))))
+                elif dep in on_stack:
+                    low[node] = min(low[node], index[dep])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    component.add(m)
+                    if m == node:
+                        break
+                if len(component) > 1:
+                    found.append(component)
+    return found
+
+
+def _graph_without_the_top_package() -> dict[str, set[str]]:
+    # As in _reaches: every module reaches the top package (importing a submodule runs it).
+    return {m: deps - {"tinymeta"} for m, deps in GRAPH.items() if m != "tinymeta"}
+
+
+# The import cycles left in tinymeta, each to be broken (and taken off this list), never
+# added to: Tensor.__setitem__ imports ops.shape.setitem and _replace_data function._next_seq
+# inside the function, while both modules import tensor.
+KNOWN_CYCLES = [{"tinymeta.tensor", "tinymeta.function", "tinymeta.ops.shape"}]
+
+
+def test_no_import_cycles_but_the_known_ones():
+    cycles = _cycles(_graph_without_the_top_package())
+    new = [sorted(c) for c in cycles if c not in KNOWN_CYCLES]
+    assert not new, f"import cycles (modules that import one another): {new}"
+    gone = [sorted(c) for c in KNOWN_CYCLES if c not in cycles]
+    assert not gone, f"cycles broken since: take them off KNOWN_CYCLES: {gone}"
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_lazy_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}}
+    assert _cycles(graph) == [{"a", "b", "c"}]

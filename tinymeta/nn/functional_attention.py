@@ -13,12 +13,13 @@ import math
 import numpy as np
 
 from tinymeta.backend import get_array_module
-from tinymeta.nn.functional import linear, softmax
+from tinymeta.nn.functional_linear import linear
 from tinymeta.ops.elementwise import sqrt
 from tinymeta.ops.linalg import matmul
 from tinymeta.ops.reductions import mean
 from tinymeta.ops.selection import where
 from tinymeta.ops.shape import broadcast_to, expand_dims, getitem, reshape, swapaxes
+from tinymeta.ops.softmax import softmax
 from tinymeta.tensor import Tensor, as_input, constant
 
 __all__ = ["embedding", "layer_norm", "multi_head_attention"]

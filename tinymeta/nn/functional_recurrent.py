@@ -19,7 +19,7 @@ nodes per step (``GateProduct`` and tanh or relu).
 from __future__ import annotations
 
 from tinymeta.backend import get_array_module
-from tinymeta.nn.functional import linear
+from tinymeta.nn.functional_linear import linear
 from tinymeta.nn.recurrent_ops import (
     GateProduct,
     GRULayer,

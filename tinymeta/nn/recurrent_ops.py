@@ -23,7 +23,7 @@ import numpy as np
 from tinymeta import grad_mode, kernels
 from tinymeta.backend import get_array_module
 from tinymeta.function import Function
-from tinymeta.nn.functional import Linear, LinearGradInput, LinearGradWeight, _matmul
+from tinymeta.nn.functional_linear import Linear, LinearGradInput, LinearGradWeight, _matmul
 from tinymeta.ops.elementwise import sigmoid, tanh
 from tinymeta.ops.shape import concatenate, getitem, sum_to
 from tinymeta.tensor import Tensor, constant

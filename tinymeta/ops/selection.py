@@ -8,7 +8,7 @@ import numpy as np
 from tinymeta import backend
 from tinymeta.backend import get_array_module
 from tinymeta.function import Function
-from tinymeta.ops.arithmetic import promote
+from tinymeta.ops.promotion import promote
 from tinymeta.ops.shape import sum_to
 from tinymeta.tensor import Tensor, as_tensor_like, constant
 

@@ -1,0 +1,141 @@
+"""The linear layer as three fused ops: Linear (y = x @ w^T + b) and its two gradients.
+
+Its own module, below ``tinymeta.nn.functional`` (which re-exports ``linear``): the
+recurrent and attention layers build on it without importing ``functional``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinymeta.function import Function
+from tinymeta.ops.shape import sum_to_array
+from tinymeta.tensor import Tensor, as_input
+
+
+class Linear(Function):
+    """y = x @ w^T + b;  gx = gy @ w, gw = gy^T @ x (summed over shared axes), gb = sum(gy).
+
+    ``w`` may carry leading batch axes (B..., out, in), with ``b`` (B..., out):
+    each batch element then has its own weights (matmul broadcasting).
+
+    The gradients are two fused ops, LinearGradInput (gx) and LinearGradWeight (gw, gb),
+    whose own gradients are Linear and these two again: a double backward through a
+    layer is a handful of nodes instead of a chain of matmuls, transposes and reshapes.
+    """
+
+    def forward(self, x, w, b=None):
+        y = _matmul(x, self.xp.swapaxes(w, -1, -2))
+        if b is not None:
+            if b.ndim > 1:  # batched bias (B..., out): one row per batch element
+                b = b[..., None, :]
+            if b.dtype == y.dtype:
+                y += b  # y is a fresh array, and b's axes are all among y's: add in place
+            else:
+                y = y + b
+        return y
+
+    def backward(self, gy):
+        x, w = self.inputs[:2]
+        has_bias = len(self.inputs) == 3
+        gx = LinearGradInput.apply(gy, w, x_shape=x.shape) if self.needs_input_grad[0] else None
+        if not any(self.needs_input_grad[1:]):
+            return (gx, None, None) if has_bias else (gx, None)
+        gw = LinearGradWeight.apply(x, gy, w_shape=w.shape, with_bias=has_bias)
+        return (gx, *gw) if has_bias else (gx, gw)
+
+
+class LinearGradInput(Function):
+    """gx = gy @ w (summed to x's shape);  ggy = linear(ggx, w), gw = LinearGradWeight(ggx, gy).
+
+    The backward of Linear with respect to its input. It is linear in gy and in w, so its
+    own gradients are again a Linear (for gy) and a weight gradient (for w).
+    """
+
+    def __init__(self, x_shape: tuple):
+        self.x_shape = tuple(x_shape)
+
+    def forward(self, gy, w):
+        return sum_to_array(self.xp, _matmul(gy, w), self.x_shape)
+
+    def backward(self, ggx):
+        gy, w = self.inputs
+        ggy = Linear.apply(ggx, w) if self.needs_input_grad[0] else None
+        gw = None
+        if self.needs_input_grad[1]:
+            gw = LinearGradWeight.apply(ggx, gy, w_shape=w.shape, with_bias=False)
+        return ggy, gw
+
+
+class LinearGradWeight(Function):
+    """gw = gy^T @ x (summed to w's shape), and with_bias gb = sum of gy over rows;
+    gx = LinearGradInput(gy, ggw), ggy = linear(x, ggw, ggb).
+
+    The backward of Linear with respect to its weight and bias: outputs (gw, gb) when
+    ``with_bias``, else gw. Linear in x and in gy, so its gradients are a Linear again
+    (for gy: x @ ggw^T + ggb) and an input gradient (for x: gy @ ggw).
+    """
+
+    def __init__(self, w_shape: tuple, with_bias: bool):
+        self.w_shape, self.with_bias = tuple(w_shape), with_bias
+
+    def forward(self, x, gy):
+        out, n_in = self.w_shape[-2:]
+        if len(self.w_shape) == 2:  # one weight shared by every row: fold all leading axes
+            rows = int(np.prod(gy.shape[:-1]))  # not -1: that fails on an empty axis
+            gy2 = gy.reshape(rows, out)  # into one GEMM (its result is laid out like w)
+            gw = _matmul(gy2.T, x.reshape(rows, n_in))
+            gb = gy2.sum(axis=0)
+        else:  # per-batch-element weights: a batched GEMM, summed over broadcast axes
+            xp = self.xp
+            gw = sum_to_array(xp, _matmul(xp.swapaxes(gy, -1, -2), x), self.w_shape)
+            gb = sum_to_array(xp, gy.sum(axis=-2), self.w_shape[:-1])
+        return (gw, gb) if self.with_bias else gw
+
+    def backward(self, ggw, ggb=None):
+        x, gy = self.inputs
+        gx = LinearGradInput.apply(gy, ggw, x_shape=x.shape) if self.needs_input_grad[0] else None
+        ggy = None
+        if self.needs_input_grad[1]:
+            ggy = Linear.apply(x, ggw, ggb) if self.with_bias else Linear.apply(x, ggw)
+        return gx, ggy
+
+
+def _matmul(a, b):
+    """a @ b. An inner size of 1 (a layer with one input feature, the gradients of a layer
+    with one output) makes it an outer product: one broadcast multiply is then about twice
+    as fast as a BLAS call per batch element, with the same numbers (there is no sum)."""
+    if a.ndim >= 2 and b.ndim >= 2 and a.shape[-1] == 1 == b.shape[-2]:
+        return a * b
+    return a @ b
+
+
+def linear(x, w, b=None) -> Tensor:
+    """y = x @ w^T + b, with w of shape (out, in) and x of shape (..., in).
+
+    Batched weights: w of shape (B..., out, in) and b of shape (B..., out) apply
+    batch element k's weights to x[k] of shape (N, in) (x is (B..., N, in), its
+    batch axes broadcast). This is how a model runs with per-task parameters in
+    task-vectorized MAML (``functional_call`` with a leading task axis).
+    """
+    x, w = as_input(x, "linear", "x"), as_input(w, "linear", "w")
+    if w.ndim < 2:
+        raise ValueError(
+            f"linear: weight must be (out, in) or (B..., out, in), got shape {w.shape}"
+        )
+    if x.ndim < 1 or x.shape[-1] != w.shape[-1]:
+        raise ValueError(
+            f"linear: input of shape {x.shape} has {x.shape[-1] if x.ndim else 0} features "
+            f"but the weight (shape {w.shape}) expects {w.shape[-1]}"
+        )
+    if w.ndim > 2 and x.ndim < 2:
+        raise ValueError(
+            f"linear: batched weights of shape {w.shape} need an input of shape (B..., N, in), "
+            f"got {x.shape}"
+        )
+    if b is None:
+        return Linear.apply(x, w)
+    b = as_input(b, "linear", "b")
+    if b.shape != w.shape[:-1]:
+        raise ValueError(f"linear: bias must have shape {w.shape[:-1]}, got {b.shape}")
+    return Linear.apply(x, w, b)
