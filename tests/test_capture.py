@@ -12,7 +12,7 @@ import tinymeta as tm
 import tinymeta.nn.functional as F
 from tinymeta import function, meta
 from tinymeta.capture import CaptureError, _Traced
-from tinymeta.optim import SGD, Adam
+from tinymeta.optim import SGD, Adam, AdamW
 
 ITERATIONS = 4  # one capture, three replays
 
@@ -80,14 +80,28 @@ def _sinusoid_batches(n, tasks=5, k=10, seed=1):
     return out
 
 
+W1_OPTIMIZERS = {
+    "adam": lambda params: Adam(params, lr=1e-3),
+    "adamw_amsgrad": lambda params: AdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=True),
+    "adam_wd_amsgrad": lambda params: Adam(params, lr=1e-2, weight_decay=0.1, amsgrad=True),
+}
+
+
 @pytest.mark.parametrize(
-    "steps, first_order, vectorized",
-    [(1, False, True), (2, False, True), (1, True, True), (1, False, False)],
+    "steps, first_order, vectorized, optimizer",
+    [
+        (1, False, True, "adam"),
+        (2, False, True, "adam"),
+        (1, True, True, "adam"),
+        (1, False, False, "adam"),
+        (1, False, True, "adamw_amsgrad"),
+        (1, False, True, "adam_wd_amsgrad"),
+    ],
 )
-def test_w1_maml_adam_replays_bit_identical(steps, first_order, vectorized):
+def test_w1_maml_adam_replays_bit_identical(steps, first_order, vectorized, optimizer):
     def make_state():
         params = _params(W1_SHAPES)
-        return {"params": params, "opt": Adam(list(params.values()), lr=1e-3)}
+        return {"params": params, "opt": W1_OPTIMIZERS[optimizer](list(params.values()))}
 
     def make_step(state):
         params, opt = state["params"], state["opt"]
