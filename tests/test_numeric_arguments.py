@@ -244,6 +244,34 @@ CASES = [
 ]
 
 
+def _recurrent_cases() -> list:
+    """Sizes of the recurrent layers and cells: positive ints, not bools, not floats."""
+    # (bad value, error, what the message says of it: the op, the argument and the value)
+    bad_sizes = [
+        (0, ValueError, "must be a positive integer, got 0"),
+        (-2, ValueError, "must be a positive integer, got -2"),
+        (2.0, TypeError, "must be an int, got 2.0 (float)"),
+        (True, TypeError, "must be an int, got True (bool)"),
+    ]
+    cases = []
+    for layer in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell):
+        name = layer.__name__
+        calls = {
+            "input_size": lambda v, layer=layer: layer(v, 3),
+            "hidden_size": lambda v, layer=layer: layer(2, v),
+        }
+        if not name.endswith("Cell"):
+            calls["num_layers"] = lambda v, layer=layer: layer(2, 3, num_layers=v)
+        for argument, call in calls.items():
+            for bad, error, said in bad_sizes:
+                message = f"{name}: {argument} {said}"
+                cases.append((f"{name} {argument}", call, bad, error, message))
+    return cases
+
+
+CASES += _recurrent_cases()
+
+
 @pytest.mark.parametrize(
     ("call", "bad", "error", "message"),
     [c[1:] for c in CASES],
@@ -262,6 +290,9 @@ def test_bad_numbers_are_rejected(call, bad, error, message):
         (lambda v: as_update_rule(v).lr, np.float32(0.5), 0.5),
         (lambda v: InnerSGD(v).lr, 2, 2.0),
         (lambda v: nn.Linear(v, 2).in_features, np.int64(3), 3),
+        (lambda v: nn.LSTM(2, v).hidden_size, np.int64(3), 3),
+        (lambda v: nn.GRU(2, 3, num_layers=v).num_layers, np.int32(2), 2),
+        (lambda v: nn.RNNCell(v, 3).input_size, 4, 4),
         (lambda v: nn.BatchNorm1d(3, momentum=v).momentum, None, None),
         (lambda v: StepLR(_opt(), step_size=v).step_size, 3, 3),
         (lambda v: clip_grad_norm_([_w()], 1.0, v).shape, inf, ()),  # the max-norm
