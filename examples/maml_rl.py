@@ -3,7 +3,11 @@
 A Gaussian MLP policy is meta-trained so that one vanilla policy-gradient step on a
 new task's rollouts (inner rate 0.5 for navigation, 0.1 for the cheetah, as in MAML's
 code) solves that task; the outer step is TRPO on the post-update rollouts,
-differentiating through the inner step. Tasks: 2D navigation to a goal in
+differentiating through the inner step. Two defaults depart from MAML's code, because
+with them its pre-update policy could drift away and training stall (docs/robot-control.md):
+the trust region holds the pre-update policies too (``--trust-region both``), and the
+inner step is differentiated in ProMP's low-variance curvature form (``--inner-loss lvc``);
+``--trust-region post --inner-loss reinforce`` is MAML's algorithm. Tasks: 2D navigation to a goal in
 [-0.5, 0.5]^2, or half-cheetah running forward/backward (optional extra ``rl``).
 After training it evaluates on held-out tasks the mean return after 0..3 test-time
 policy-gradient steps (fresh rollouts after each), for the meta-learned policy, a
@@ -119,10 +123,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--inner-loss",
         choices=INNER_LOSSES,
-        default="reinforce",
-        help="the inner step's loss as differentiated through: reinforce (log pi A, as in "
-        "MAML's code) or lvc (ProMP's pi / stop_grad(pi) A: the same step, plus the "
-        "curvature from the pre-update policy having sampled the rollouts)",
+        default="lvc",
+        help="the inner step's loss as differentiated through: lvc (default; ProMP's "
+        "pi / stop_grad(pi) A: the same step, and the meta-gradient also credits the "
+        "pre-update policy for the rollouts it samples) or reinforce (log pi A, as in "
+        "MAML's code; its pre-update policy can drift away)",
     )
     p.add_argument("--cg-iters", type=int, default=10)
     p.add_argument(

@@ -125,14 +125,23 @@ def test_pretrained_at_other_rates_is_the_pretrained_evaluation_at_that_rate(tmp
     assert at["0.05"]["returns"]["1"] != metrics["pretrained_returns"]["1"]
 
 
-@pytest.mark.parametrize("flag, expected", [([], True), (["--trust-region", "post"], False)])
-def test_trust_region_flag_reaches_the_trpo_step(tmp_path, monkeypatch, flag, expected):
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ([], (True, "lvc")),
+        (["--trust-region", "post"], (False, "lvc")),
+        (["--inner-loss", "reinforce"], (True, "reinforce")),
+    ],
+)
+def test_trust_region_and_inner_loss_flags_reach_the_trpo_step(
+    tmp_path, monkeypatch, flag, expected
+):
     example = load_example()
     seen = []
     real = example.meta_trpo_iteration
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["pre_update_kl"])
+        seen.append((kwargs["pre_update_kl"], kwargs["inner_loss"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(example, "meta_trpo_iteration", spy)
