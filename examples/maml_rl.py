@@ -7,8 +7,9 @@ differentiating through the inner step. Two defaults depart from MAML's code, be
 with them its pre-update policy could drift away and training stall (docs/robot-control.md):
 the trust region holds the pre-update policies too (``--trust-region both``), and the
 inner step is differentiated in ProMP's low-variance curvature form (``--inner-loss lvc``);
-``--trust-region post --inner-loss reinforce`` is MAML's algorithm. Tasks: 2D navigation to a goal in
-[-0.5, 0.5]^2, or half-cheetah running forward/backward (optional extra ``rl``).
+``--trust-region post --inner-loss reinforce`` is MAML's algorithm. Tasks: 2D
+navigation to a goal in [-0.5, 0.5]^2, or half-cheetah running forward/backward
+(optional extra ``rl``).
 After training it evaluates on held-out tasks the mean return after 0..3 test-time
 policy-gradient steps (fresh rollouts after each), for the meta-learned policy, a
 policy pretrained on the mixture of tasks and fine-tuned the same way (and, with
