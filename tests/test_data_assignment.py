@@ -401,3 +401,23 @@ def test_records_of_handed_out_memory_go_with_the_memory():
         t.data = a.data
     del a, t
     assert len(tensor_module._handed_out) <= before + 1
+
+
+@pytest.mark.parametrize("handed", HANDED_OUT.values(), ids=list(HANDED_OUT))
+def test_from_numpy_over_handed_out_memory_shares_the_counter(handed):
+    """``from_numpy(u.data)`` is another way to share u's memory: one counter, as for
+    ``t.data = u.data``, in both directions."""
+    u = f64([1.0, 2.0, 3.0, 4.0])
+    t = tm.from_numpy(handed(u)).requires_grad_()
+    y_t = (t.exp() * t).sum()
+    with tm.no_grad():
+        u.mul_(2.0)
+    with pytest.raises(RuntimeError, match=r"Mul: input 1 .*modified in place"):
+        y_t.backward()
+    v = f64([1.0, 2.0, 3.0, 4.0])
+    y_v = (v * v).sum()
+    w = tm.from_numpy(handed(v))
+    with tm.no_grad():
+        w.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"Mul: input 0 .*modified in place"):
+        y_v.backward()

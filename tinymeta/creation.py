@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 
 from tinymeta import backend
-from tinymeta.tensor import DEFAULT_FLOAT, Tensor
+from tinymeta.tensor import DEFAULT_FLOAT, Tensor, counter_handed_out_with
 
 _global_rng = np.random.default_rng()
 
@@ -57,13 +57,17 @@ def from_numpy(array: np.ndarray) -> Tensor:
 
     Tensors made by ``from_numpy`` over one NumPy array, or over views of one array
     (``from_numpy(a)`` and ``from_numpy(a[1:])``), share one version counter: an in-place
-    change through either is seen by graphs that saved the other. Memory shared in ways
-    NumPy does not record in ``.base`` (and another tensor's ``.data``) is not tracked.
+    change through either is seen by graphs that saved the other. So does a tensor made
+    over memory another tensor handed out (``from_numpy(u.data)``, ``u.data[1:]``) with
+    that tensor, as ``t.data = u.data`` does. Memory shared in ways NumPy does not record
+    in ``.base`` is not tracked.
     """
     if not isinstance(array, np.ndarray):
         raise TypeError(f"from_numpy: expected a numpy.ndarray, got {type(array).__name__}")
     t = Tensor(array)
-    counter = _numpy_counter(array)
+    counter = counter_handed_out_with(array)
+    if counter is None:
+        counter = _numpy_counter(array)
     if counter is not None:
         t._vc = counter
     return t

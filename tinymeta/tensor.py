@@ -120,7 +120,7 @@ class Tensor:
             return
         array = _checked_replacement(self, array)
         old = self._vc
-        shared = _counter_handed_out_with(array)
+        shared = counter_handed_out_with(array)
         if shared is None:  # memory no tensor handed out: a counter of its own
             counter = ReplacedCounter([old[0] + 1, False])
         else:
@@ -427,7 +427,7 @@ def _forget_owner(key: int, ref) -> None:
         del _handed_out[key]
 
 
-def _counter_handed_out_with(array):
+def counter_handed_out_with(array):
     """The counter of the memory ``array`` lies in, if a tensor handed that memory out."""
     if not isinstance(array, np.ndarray):
         return None
