@@ -516,15 +516,19 @@ def _flat_views(*arrays, min_size=None):
     e.g. broadcast)."""
     first = arrays[0]
     dtype = first.dtype
-    if dtype not in _FLOATS or any(a.dtype != dtype for a in arrays):
+    if dtype not in _FLOATS or first.size < (_SMALL if min_size is None else min_size):
         return None
-    if first.size < (_SMALL if min_size is None else min_size):
-        return None
-    if not all(a.flags.c_contiguous for a in arrays):
+    contiguous = True
+    for a in arrays:  # a plain loop: any()/all() over generators cost more per optimizer step
+        if a.dtype != dtype:
+            return None
+        contiguous = contiguous and a.flags.c_contiguous
+    if not contiguous:
         order = _memory_order(first)
         arrays = [a.transpose(order) for a in arrays]
-        if not all(a.flags.c_contiguous for a in arrays):
-            return None
+        for a in arrays:
+            if not a.flags.c_contiguous:
+                return None
     return [a.reshape(-1) for a in arrays]
 
 
@@ -576,7 +580,10 @@ def sgd_update_(param, grad, lr: float):
 _ADAM_SMALL = 0
 
 
-@numba.njit(cache=True)
+# error_model="numpy": a division by zero gives inf or NaN as in NumPy (eps = 0 and a zero
+# moment) instead of raising ZeroDivisionError, and without that check per division LLVM
+# vectorizes the loop (square roots and quotients a SIMD register at a time).
+@numba.njit(cache=True, error_model="numpy")
 def _adam_update_flat(
     param,
     grad,

@@ -494,6 +494,22 @@ def test_adam_update_numba_matches_reference_bit_for_bit(
         assert (np.signbit(got[numbers]) == np.signbit(want[numbers])).all(), name
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_update_divides_by_zero_as_numpy_does(dtype):
+    """eps = 0 and a second moment of 0: 0 / 0 is NaN and m / 0 is infinite in both, where a
+    compiled division with Python's rules would raise ZeroDivisionError."""
+    tiny = 1e-30 if dtype == np.float32 else 1e-200  # tiny * tiny underflows to 0
+    scalars = _adam_scalars(0.1, (0.9, 0.999), 0.0, 0.0, decoupled=False, step=1)
+    results = []
+    for update in (numba_impl.adam_update_, reference.adam_update_):
+        param, grad = np.ones(2, dtype), np.array([0.0, tiny], dtype)
+        moments = [np.zeros(2, dtype) for _ in range(2)]
+        with _loops_for_any_size(), np.errstate(all="ignore"):
+            results.append(update(param, grad, *moments, None, **scalars))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], [np.nan, -np.inf])
+
+
 def test_adam_update_reference_is_the_formula():
     """The reference against the formula written once more by hand, in float64 (where the
     rounding order matters little), with weight decay and amsgrad."""
