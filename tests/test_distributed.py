@@ -414,7 +414,10 @@ def test_rl_example_with_two_ranks_ends_where_one_process_does(tmp_path, env, ou
     own generators, so they are the same on either rank count, and the sums over ranks
     differ from one process's sums in rounding alone (about 1e-16 relative; 1e-10 leaves
     room for conjugate gradient and a line search that amplify it, yet is far below the
-    steps' size of about 0.1)."""
+    steps' size of about 0.1). The cheetah's contact dynamics amplify rounding further: the
+    policy after one iteration agrees to 4e-16, but the second iteration's rollouts, sampled
+    by it through 50 MuJoCo steps each, differ in their returns by about 1e-8 relative and the
+    final policies by about 2e-9 (measured), so its tolerances are 1e-6 and 1e-7."""
     if env == "cheetah-dir":
         pytest.importorskip("gymnasium")
         pytest.importorskip("mujoco")
@@ -433,13 +436,14 @@ def test_rl_example_with_two_ranks_ends_where_one_process_does(tmp_path, env, ou
     family = make_task_family(env, True, horizon=10)
     policy = example.make_policy(family, example.parse_args(argv))
     start = example.init_params(policy, 0, np.float64)
+    returns_rtol, params_atol = (1e-6, 1e-7) if env == "cheetah-dir" else (1e-10, 1e-10)
     for phase in ("policy", "pretrained", "oracle"):
         a, b = (tm.load(tmp_path / r / f"{phase}.npz") for r in ("one", "two"))
-        np.testing.assert_allclose(b["post"], a["post"], rtol=1e-10, err_msg=phase)
-        np.testing.assert_allclose(b["pre"], a["pre"], rtol=1e-10, err_msg=phase)
+        np.testing.assert_allclose(b["post"], a["post"], rtol=returns_rtol, err_msg=phase)
+        np.testing.assert_allclose(b["pre"], a["pre"], rtol=returns_rtol, err_msg=phase)
         for k, v in a["params"].items():
             assert np.asarray(v).dtype == np.float64
-            np.testing.assert_allclose(b["params"][k], v, rtol=0, atol=1e-10, err_msg=k)
+            np.testing.assert_allclose(b["params"][k], v, rtol=0, atol=params_atol, err_msg=k)
     final = tm.load(tmp_path / "one" / "policy.npz")["params"]
     assert max(np.abs(np.asarray(final[k]) - v.data).max() for k, v in start.items()) > 1e-3
 
