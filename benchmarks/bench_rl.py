@@ -9,8 +9,9 @@ iterations, Fisher-vector products by double backward through the inner step). R
 - one meta-iteration: sampling (pre- and post-update rollouts, baselines, advantages),
   adaptation (the differentiable inner step, every time the objective runs it) and the
   TRPO step (gradient, CG on Fisher-vector products, line search) — with the exact
-  Fisher, with the exact Fisher and the pre-update policies in the trust region
-  (``pre_update_kl=True``, the example's default), and with ``fisher="first-order"``;
+  Fisher (MAML's algorithm), with the pre-update policies in the trust region as well
+  (``pre_update_kl=True``), with that and ProMP's form of the inner loss
+  (``inner_loss="lvc"``: the example's defaults), and with ``fisher="first-order"``;
 - the same iteration written in PyTorch (task-batched matmuls, ``autograd.grad`` with
   ``create_graph=True``), on the same rollouts and initial weights, when torch imports.
   Both compute the same TRPO direction first (checked before timing).
@@ -96,7 +97,7 @@ def main(argv=None):
 
     maml_rl.adapt_policy = timed_adapt
 
-    def iteration(fisher, pre_update_kl):
+    def iteration(fisher, pre_update_kl, inner_loss):
         params = {k: type(v)(v.data.copy(), requires_grad=True) for k, v in init.items()}
         adapt_time[0] = 0.0
         start = clock()
@@ -107,8 +108,9 @@ def main(argv=None):
         sampling = sampled - start - adapt_time[0]
         adaptation_in_sampling = adapt_time[0]
         objective = maml_rl.MetaObjective(
-            policy, *batch, INNER_LR, 1, fisher=fisher, pre_update_kl=pre_update_kl
-        )
+            policy, *batch, INNER_LR, 1, fisher=fisher, pre_update_kl=pre_update_kl,
+            inner_loss=inner_loss,
+        )  # fmt: skip
         info = trpo_step(params, objective, max_kl=MAX_KL, cg_iters=CG_ITERS)
         total = clock() - start
         adaptation = adapt_time[0]
@@ -122,14 +124,18 @@ def main(argv=None):
         }
 
     results = {}
-    variants = {"exact": ("exact", False), "exact+pre": ("exact", True)}
-    variants["first-order"] = ("first-order", False)
+    variants = {
+        "exact": ("exact", False, "reinforce"),
+        "exact+pre": ("exact", True, "reinforce"),
+        "exact+pre+lvc": ("exact", True, "lvc"),
+        "first-order": ("first-order", False, "reinforce"),
+    }
     for name, variant in variants.items():
         runs = [iteration(*variant) for _ in range(args.warmup + args.repeats)][args.warmup :]
         parts = {k: float(np.median([r[k] for r in runs])) for k in runs[0] if k != "info"}
         results[name] = parts
         print(
-            f"meta-iteration (Fisher {name:11s}): {parts['total']:6.2f} s = sampling "
+            f"meta-iteration ({name:13s}): {parts['total']:6.2f} s = sampling "
             f"{parts['sampling']:5.2f} s ({100 * parts['sampling'] / parts['total']:4.1f}%) + "
             f"adaptation {parts['adaptation']:5.2f} s "
             f"({100 * parts['adaptation'] / parts['total']:4.1f}%) + TRPO step "
