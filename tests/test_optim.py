@@ -693,3 +693,30 @@ def test_cuda_matches_cpu(name):
     assert all(
         isinstance(a, np.ndarray) for s in opt2.state.values() for k, a in s.items() if k != "step"
     )
+
+
+@pytest.mark.parametrize(
+    "make", [lambda p: SGD([p], lr=0.1), lambda p: SGD([p], lr=0.1, momentum=0.9),
+             lambda p: Adam([p], lr=0.1), lambda p: AdamW([p], lr=0.1)],
+    ids=["SGD", "SGD momentum", "Adam", "AdamW"],
+)  # fmt: skip
+def test_step_refuses_memory_a_graph_computed_and_the_hinted_copy_trains(make):
+    """A detached alias of a computed tensor shares its memory: a step would change the
+    computed values behind their graph's back. Every optimizer refuses it (and leaves the
+    values alone); the copy that the not-a-leaf error suggests trains."""
+    x = tm.tensor(np.ones(3), requires_grad=True)
+    y = x * 2.0
+    with pytest.raises(ValueError, match=r"\(x.detach\(\) \* 1.0\).requires_grad_\(\)"):
+        make(y)
+    alias = y.detach().requires_grad_()
+    optimizer = make(alias)
+    (alias * alias).sum().backward()
+    with pytest.raises(RuntimeError, match=r"step: in-place change of an alias"):
+        optimizer.step()
+    np.testing.assert_array_equal(y.numpy(), [2.0, 2.0, 2.0])
+    copy = (y.detach() * 1.0).requires_grad_()
+    optimizer = make(copy)
+    (copy * copy).sum().backward()
+    optimizer.step()
+    assert (copy.numpy() < 2.0).all()
+    np.testing.assert_array_equal(y.numpy(), [2.0, 2.0, 2.0])

@@ -261,7 +261,7 @@ def _check_param(p, where: str) -> None:
     if not p.is_leaf:
         raise ValueError(
             f"{where} (shape {p.shape}) is not a leaf: it was computed by "
-            f"{p.grad_fn.op_name()}; optimize leaf tensors (e.g. x.detach().requires_grad_())"
+            f"{p.grad_fn.op_name()}; optimize a leaf copy, e.g. (x.detach() * 1.0).requires_grad_()"
         )
 
 

@@ -52,6 +52,8 @@ class SGD(Optimizer):
             )
 
     def _update(self, param: Tensor, grad, group: dict) -> None:
+        # As Adam (and add_): memory a graph computed is not changed behind its back.
+        param._check_graph_memory(f"{self._name()}.step")
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
         if weight_decay != 0:
             grad = grad + weight_decay * param._data  # a new array: .grad itself is left alone
