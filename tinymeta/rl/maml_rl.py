@@ -16,7 +16,9 @@ rollouts). Without it, the step can move the pre-update policy far (its change i
 by the inner step, so the post-update KL does not see it); a policy whose mean then
 saturates the action bounds samples pre-update rollouts that teach the inner step little
 (ProMP, Rothfuss et al. 2019, adds the same KL, as a penalty, to control the pre-update
-policy too).
+policy too). ``inner_loss="lvc"`` differentiates the inner step in ProMP's low-variance
+curvature form (``reinforce_loss``): the same step, and a meta-gradient that also credits
+the pre-update policy for the rollouts it sampled.
 
 The inner gradient is taken with ``create_graph=True``, so the meta-gradient and the
 Fisher-vector products differentiate through it (``first_order=True`` drops that).
