@@ -331,3 +331,55 @@ def test_argparse_types(convert, text, ok):
             convert(text)
     else:
         assert convert(text) == ok
+
+
+# --- flags: True or False, nothing that only looks like one -----------------------------------
+# bool("False") is True, so a flag spelled as a string used to mean the opposite of what it
+# said (LSTM(batch_first="False") read its input batch first).
+
+_x3 = tm.zeros(2, 3)
+FLAGS = [
+    ("Linear", "bias", lambda v: nn.Linear(2, 3, bias=v)),
+    ("Conv2d", "bias", lambda v: nn.Conv2d(1, 2, 3, bias=v)),
+    ("BatchNorm2d", "affine", lambda v: nn.BatchNorm2d(3, affine=v)),
+    ("BatchNorm1d", "track_running_stats", lambda v: nn.BatchNorm1d(3, track_running_stats=v)),
+    ("LayerNorm", "elementwise_affine", lambda v: nn.LayerNorm(3, elementwise_affine=v)),
+    ("LayerNorm", "bias", lambda v: nn.LayerNorm(3, bias=v)),
+    ("MultiheadAttention", "batch_first", lambda v: nn.MultiheadAttention(4, 2, batch_first=v)),
+    ("MultiheadAttention", "bias", lambda v: nn.MultiheadAttention(4, 2, bias=v)),
+    ("Sequential.train", "mode", lambda v: nn.Sequential(nn.Linear(2, 2)).train(v)),
+    ("SGD (the constructor's settings)", "nesterov", lambda v: SGD([_w()], lr=0.1, momentum=0.9, nesterov=v)),
+    ("dropout", "training", lambda v: nn.functional.dropout(_x3, 0.5, training=v)),
+]
+for _layer in (nn.RNN, nn.LSTM, nn.GRU):
+    _name = _layer.__name__
+    FLAGS.append((_name, "batch_first", lambda v, layer=_layer: layer(2, 3, batch_first=v)))
+    FLAGS.append((_name, "bias", lambda v, layer=_layer: layer(2, 3, bias=v)))
+for _cell in (nn.RNNCell, nn.LSTMCell, nn.GRUCell):
+    FLAGS.append((_cell.__name__, "bias", lambda v, cell=_cell: cell(2, 3, bias=v)))
+
+
+@pytest.mark.parametrize("bad", ["False", 0, 1, None])
+@pytest.mark.parametrize(("where", "name", "call"), FLAGS, ids=[f"{w} {n}" for w, n, _ in FLAGS])
+def test_flags_must_be_bools(where, name, call, bad):
+    with pytest.raises(TypeError) as info:
+        call(bad)
+    said = f"{where}: {name} must be True or False, got {bad!r} ({type(bad).__name__})"
+    assert said in str(info.value)
+
+
+@pytest.mark.parametrize(("where", "name", "call"), FLAGS, ids=[f"{w} {n}" for w, n, _ in FLAGS])
+def test_numpy_bools_are_flags(where, name, call):
+    call(np.bool_(False))  # accepted: what a comparison of arrays gives
+    call(True)
+
+
+def test_a_string_flag_no_longer_flips_the_layout():
+    x = tm.randn(5, 2, 2)  # (L, N, I) sequence first
+    with pytest.raises(TypeError, match="LSTM: batch_first must be True or False"):
+        nn.LSTM(2, 3, batch_first="False")
+    lstm = nn.LSTM(2, 3, batch_first=np.bool_(False))
+    with pytest.raises(TypeError, match="lstm: batch_first must be True or False"):
+        nn.functional.lstm(x, None, lstm._weights(), batch_first="no")
+    assert lstm.batch_first is False and lstm(x)[0].shape == (5, 2, 3)
+    assert nn.Linear(2, 3, bias=np.bool_(False)).bias is None

@@ -1,4 +1,4 @@
-"""Checks for the numbers that public entry points take (rates, counts, sizes).
+"""Checks for the numbers and flags that public entry points take (rates, counts, sizes).
 
 One place for the rule, so every function says the same thing the same way: a bool, a string
 or None is not a number (``TypeError``), and a number must be finite and within its bounds
@@ -65,6 +65,16 @@ def check_positive(name: str, value, where: str) -> float:
 def check_nonnegative(name: str, value, where: str) -> float:
     """A finite number >= 0 (weight decay, momentum, a minimum learning rate), as a float."""
     return check_real(name, value, where, low=0.0)
+
+
+def check_bool(name: str, value, where: str) -> bool:
+    """``value`` as a bool: True or False (a NumPy bool too). Anything else is refused, since
+    ``bool("False")`` is True and a flag spelled as a string would silently mean the opposite."""
+    if not _is_bool(value):
+        raise TypeError(
+            f"{where}: {name} must be True or False, got {value!r} ({type(value).__name__})"
+        )
+    return bool(value)
 
 
 def check_int(name: str, value, where: str, low: int | None = 1, high: int | None = None) -> int:

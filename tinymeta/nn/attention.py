@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tinymeta._checks import check_bool
 from tinymeta.nn import functional_attention as FT
 from tinymeta.nn import init
 from tinymeta.nn.layers import Linear, _empty
@@ -37,7 +38,8 @@ class MultiheadAttention(Module):
                 f"MultiheadAttention: embed_dim ({embed_dim}) must be a positive multiple of "
                 f"num_heads ({num_heads})"
             )
-        self.batch_first = bool(batch_first)
+        bias = check_bool("bias", bias, "MultiheadAttention")
+        self.batch_first = check_bool("batch_first", batch_first, "MultiheadAttention")
         e = self.embed_dim
         self.in_proj_weight = _empty((3 * e, e), dtype, device)
         self.register_parameter("in_proj_bias", _empty((3 * e,), dtype, device) if bias else None)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from tinymeta import backend, creation, kernels
+from tinymeta._checks import check_bool
 from tinymeta.backend import get_array_module
 from tinymeta.function import Function
 from tinymeta.ops.elementwise import exp
@@ -90,7 +91,7 @@ def dropout(x, p: float = 0.5, training: bool = True, rng=None) -> Tensor:
     if isinstance(p, bool) or not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"dropout: p must be a probability in [0, 1], got {p!r}")
     p = float(p)
-    if not training or p == 0.0:
+    if not check_bool("training", training, "dropout") or p == 0.0:
         return x
     if x.dtype.kind != "f":
         raise TypeError(f"dropout: expected a floating tensor, got {x.dtype} ({x.shape})")

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from tinymeta._checks import check_bool
 from tinymeta.backend import get_array_module
 from tinymeta.nn.functional_linear import linear
 from tinymeta.ops.elementwise import sqrt
@@ -182,6 +183,9 @@ def multi_head_attention(
     attn_mask (L, S) or (N * num_heads, L, S): bool (True = not allowed) or float (added).
     """
     op = "multi_head_attention"
+    need_weights = check_bool("need_weights", need_weights, op)
+    average_attn_weights = check_bool("average_attn_weights", average_attn_weights, op)
+    batch_first = check_bool("batch_first", batch_first, op)
     q, k, v = (as_input(t, op, n) for t, n in ((query, "query"), (key, "key"), (value, "value")))
     w_in = as_input(in_proj_weight, op, "in_proj_weight")
     w_out = as_input(out_proj_weight, op, "out_proj_weight")

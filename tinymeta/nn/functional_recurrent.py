@@ -18,6 +18,7 @@ nodes per step (``GateProduct`` and tanh or relu).
 
 from __future__ import annotations
 
+from tinymeta._checks import check_bool
 from tinymeta.backend import get_array_module
 from tinymeta.nn.functional_linear import linear
 from tinymeta.nn.recurrent_ops import (
@@ -225,7 +226,7 @@ def _prepare(op: str, x, layers: list, batch_first: bool):
     """x as a time-major tensor (T..., L, N, I) and the shape of one layer's state."""
     x = as_input(x, op, "input")
     layers[0].check_input(op, x, 2)
-    if batch_first:  # (T..., N, L, I) -> (T..., L, N, I)
+    if check_bool("batch_first", batch_first, op):  # (T..., N, L, I) -> (T..., L, N, I)
         x = x.swapaxes(-3, -2)
     return x
 

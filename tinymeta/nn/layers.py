@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from tinymeta import backend
-from tinymeta._checks import check_int, check_nonnegative, check_real
+from tinymeta._checks import check_bool, check_int, check_nonnegative, check_real
 from tinymeta.nn import functional as F
 from tinymeta.nn import init
 from tinymeta.nn.conv import pair
@@ -67,6 +67,7 @@ class Linear(Module):
         super().__init__()
         self.in_features = check_int("in_features", in_features, "Linear")
         self.out_features = check_int("out_features", out_features, "Linear")
+        bias = check_bool("bias", bias, "Linear")
         self.weight = _empty((self.out_features, self.in_features), dtype, device)
         self.register_parameter(
             "bias", _empty((self.out_features,), dtype, device) if bias else None
@@ -110,6 +111,7 @@ class Conv2d(Module):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, "Conv2d")
         self.out_channels = check_int("out_channels", out_channels, "Conv2d")
+        bias = check_bool("bias", bias, "Conv2d")
         self.kernel_size = pair(kernel_size, "kernel_size", "Conv2d", low=1)
         self.stride = pair(stride, "stride", "Conv2d", low=1)
         self.padding = pair(padding, "padding", "Conv2d")
@@ -199,6 +201,8 @@ class _BatchNorm(Module):
         if momentum is not None:  # None: a cumulative average, as in PyTorch
             momentum = check_real("momentum", momentum, name, low=0.0, high=1.0)
         self.momentum = momentum
+        affine = check_bool("affine", affine, name)
+        track_running_stats = check_bool("track_running_stats", track_running_stats, name)
         self.affine, self.track_running_stats = affine, track_running_stats
         self.per_step = None if per_step is None else check_int("per_step", per_step, name)
         rows = () if per_step is None else (self.per_step,)

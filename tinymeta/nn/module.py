@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from tinymeta import backend
+from tinymeta._checks import check_bool
 from tinymeta.grad_mode import no_grad
 from tinymeta.tensor import DEFAULT_FLOAT, Tensor
 
@@ -348,8 +349,9 @@ class Module:
     # --- modes and housekeeping -------------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
         """Training mode (BatchNorm uses batch statistics) for this module and its submodules."""
+        mode = check_bool("mode", mode, f"{type(self).__name__}.train")
         for m in self.modules():
-            m.__dict__["training"] = bool(mode)
+            m.__dict__["training"] = mode
         return self
 
     def eval(self) -> Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tinymeta._checks import check_bool, check_nonnegative
 from tinymeta.nn import functional_attention as FT
 from tinymeta.nn import init
 from tinymeta.nn.layers import _empty
@@ -32,11 +33,13 @@ class LayerNorm(Module):
             raise ValueError(
                 f"LayerNorm: normalized_shape must be positive sizes, got {normalized_shape!r}"
             )
-        self.eps, self.elementwise_affine = float(eps), bool(elementwise_affine)
+        self.eps = check_nonnegative("eps", eps, "LayerNorm")
+        self.elementwise_affine = check_bool("elementwise_affine", elementwise_affine, "LayerNorm")
+        bias = check_bool("bias", bias, "LayerNorm")
         shape = self.normalized_shape
-        weight = init.ones_(_empty(shape, dtype, device)) if elementwise_affine else None
+        weight = init.ones_(_empty(shape, dtype, device)) if self.elementwise_affine else None
         self.register_parameter("weight", weight)
-        has_bias = elementwise_affine and bias
+        has_bias = self.elementwise_affine and bias
         self.register_parameter(
             "bias", init.zeros_(_empty(shape, dtype, device)) if has_bias else None
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from tinymeta._checks import check_int
+from tinymeta._checks import check_bool, check_int
 from tinymeta.nn import functional_recurrent as FR
 from tinymeta.nn import init
 from tinymeta.nn.layers import _empty
@@ -54,7 +54,8 @@ class _RNNBase(Module):
         self.input_size = check_int("input_size", input_size, name)
         self.hidden_size = check_int("hidden_size", hidden_size, name)
         self.num_layers = check_int("num_layers", num_layers, name)
-        self.bias, self.batch_first = bool(bias), bool(batch_first)
+        self.bias = check_bool("bias", bias, name)
+        self.batch_first = check_bool("batch_first", batch_first, name)
         rows = self.gates * self.hidden_size
         for k in range(self.num_layers):
             n_in = self.input_size if k == 0 else self.hidden_size
@@ -186,6 +187,7 @@ class _CellBase(Module):
         name = type(self).__name__
         self.input_size = check_int("input_size", input_size, name)
         self.hidden_size = check_int("hidden_size", hidden_size, name)
+        bias = check_bool("bias", bias, name)
         rows = self.gates * self.hidden_size
         self.weight_ih = _empty((rows, self.input_size), dtype, device)
         self.weight_hh = _empty((rows, self.hidden_size), dtype, device)

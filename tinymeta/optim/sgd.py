@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tinymeta import kernels
+from tinymeta._checks import check_bool
 from tinymeta.optim.optimizer import Optimizer, check_number
 from tinymeta.tensor import Tensor
 
@@ -44,6 +45,7 @@ class SGD(Optimizer):
         check_number(name, "momentum", "momentum", group["momentum"], where, low=0.0)
         check_number(name, "dampening", "dampening", group["dampening"], where, low=0.0)
         check_number(name, "weight decay", "weight_decay", group["weight_decay"], where, low=0.0)
+        check_bool("nesterov", group["nesterov"], f"{name} ({where} settings)")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(
                 f"{name}: Nesterov momentum needs momentum > 0 and dampening = 0 "
