@@ -545,8 +545,8 @@ def test_batch_norm_running_statistics_replay_bit_identical():
 
 
 def test_results_of_earlier_replays_keep_their_values():
-    """Buffers are reused only for arrays that do not outlive a replay: gradients summed by
-    the engine (w is used twice) that the step returns are new arrays every time."""
+    """No array a replay hands out is reused by the next one: gradients summed by the
+    engine (w is used twice) that the step returns are new arrays every time."""
     w = tm.tensor(np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2), requires_grad=True)
 
     def step(x):

@@ -937,8 +937,12 @@ class _Program:
         self.input_grads = [
             (i, rec.final_grads[id(args[i])]) for i, _ in inputs if id(args[i]) in rec.final_grads
         ]
-        reusable = _reusable_slots(rec, used_outside(outputs, rec))
-        self.calls = [_compile(c, reusable) for c in rec.calls]
+        kept = _slots_used([], outputs) | set(self.fixed)
+        kept.update(slot for _, slot in self.grads if slot is not None)
+        kept.update(slot for _, slot in self.input_grads if slot is not None)
+        self.calls = [
+            _compile(c, dead) for c, dead in zip(rec.calls, _dead_after(rec.calls, kept))
+        ]
         self.names = [c[2] for c in rec.calls]
         # Modules the step called, with their plain attributes (training, momentum) as they
         # were when the capture started: a replay would repeat the behaviour they chose.
@@ -998,27 +1002,8 @@ class _Program:
 def _slots_used(calls, outputs) -> set:
     """Every slot that a recorded call or the outputs refer to."""
     used = set()
-
-    def visit(template):
-        if isinstance(template, _Ref):
-            used.add(template.i)
-        elif type(template) in (list, tuple):
-            for t in template:
-                visit(t)
-        elif type(template) is dict:
-            for t in template.values():
-                visit(t)
-
     for call in calls:
-        kind = call[0]
-        if kind == "call":
-            visit(call[3])
-            visit(call[4])
-        elif kind == "forward":
-            visit(call[3])
-            visit(call[4])
-        elif kind == "step":
-            used.update(slot for _, slot in call[3] if slot is not None)
+        used |= _reads(call)
 
     def visit_output(template):
         kind, body = template
@@ -1033,6 +1018,56 @@ def _slots_used(calls, outputs) -> set:
 
     visit_output(outputs)
     return used
+
+
+def _refs(template, into: set) -> set:
+    """Add the slots of the _Ref placeholders in ``template`` to ``into``; returns it."""
+    if isinstance(template, _Ref):
+        into.add(template.i)
+    elif type(template) in (list, tuple):
+        for t in template:
+            _refs(t, into)
+    elif type(template) is dict:
+        for t in template.values():
+            _refs(t, into)
+    return into
+
+
+def _reads(call) -> set:
+    """The slots whose arrays a recorded call reads (its compiled form reads exactly these)."""
+    kind = call[0]
+    if kind in ("call", "forward"):
+        return _refs(call[4], _refs(call[3], set()))
+    if kind == "step":
+        return {slot for _, slot in call[3] if slot is not None}
+    return set()
+
+
+def _writes(call) -> set:
+    """The slots a recorded call puts its results (and a forward its kept arrays) in."""
+    kind = call[0]
+    slots = call[5] if kind in ("call", "forward") else None
+    written = {slots} if type(slots) is int else set(slots or ())
+    if kind == "forward":
+        for _, slot in call[7]:
+            written.update((slot,) if type(slot) is int else slot)
+    return written
+
+
+def _dead_after(calls, kept: set) -> list:
+    """For each call, the slots that no later call reads: a replay drops its reference to
+    them right after it, so that NumPy's allocator hands their memory, still in the cache, to
+    the next arrays (holding every intermediate until the end spreads a replay over several
+    times the cache). ``kept`` (outputs, gradients, parameters) live to the end."""
+    last = {}
+    for k, call in enumerate(calls):
+        for slot in _reads(call) | _writes(call):
+            last[slot] = k
+    dead = [[] for _ in calls]
+    for slot, k in last.items():
+        if slot not in kept:
+            dead[k].append(slot)
+    return [tuple(sorted(d)) for d in dead]
 
 
 def _build(template, values):
@@ -1082,121 +1117,141 @@ def _positional(template):
     return tuple(t.i if isinstance(t, _Ref) else None for t in template), template
 
 
-def used_outside(outputs, rec) -> set:
-    """The slots whose arrays outlive a replay: outputs, .grad, gradients handed to an
-    optimizer step."""
-    outside = _slots_used([], outputs)
-    outside.update(s for s in rec.final_grads.values() if s is not None)
-    for call in rec.calls:
-        if call[0] == "step":
-            outside.update(slot for _, slot in call[3] if slot is not None)
-    return outside
-
-
-def _reusable_slots(rec, outside: set) -> set:
-    """Results of NumPy ufunc calls that can be written into one buffer kept from replay to
-    replay (``out=``): no array that outlives a replay shares their memory (views are found
-    through the capturing call's arrays, whose ``.base`` is the owner of their memory)."""
-    owners_outside = {id(_owner(rec.objects[s])) for s in outside}
-    reusable = set()
-    for call in rec.calls:
-        if call[0] != "call" or not call[2].endswith(".__call__"):
-            continue
-        slot = call[5]
-        if type(slot) is int and "out" not in call[4]:
-            array = rec.objects[slot]
-            if array.ndim and id(_owner(array)) not in owners_outside:
-                reusable.add(slot)
-    return reusable
-
-
-def _owner(array):
-    return array if array.base is None else array.base
-
-
-def _compile(call, reusable=frozenset()):
-    """One recorded call as a function of the replay's values."""
+def _compile(call, dead=()):
+    """One recorded call as a function of the replay's values; it then drops the slots in
+    ``dead``."""
     kind = call[0]
     if kind == "call":
-        _, fn, _, args_t, kwargs_t, slots = call
-        flat = _positional(args_t)
-        kwargs_of = _resolver(kwargs_t) if kwargs_t else None
-        if flat is not None:
-            picks, consts = flat
-            if all(p is not None for p in picks):
-
-                def args_of(values, picks=picks):
-                    return [values[p] for p in picks]
-            else:
-
-                def args_of(values, picks=picks, consts=consts):
-                    return [c if p is None else values[p] for p, c in zip(picks, consts)]
-        else:
-            args_of = _resolver(args_t)
-        if slots in reusable:
-            return _into_buffer(fn, args_of, kwargs_of, slots)
-        store = _storer(slots)
-        if kwargs_of is None:
-            return lambda values: store(values, fn(*args_of(values)))
-        return lambda values: store(values, fn(*args_of(values), **kwargs_of(values)))
-    if kind == "forward":
-        _, node, _, refs, params, slots, single, kept = call
-        picks = [r.i for r in refs]
-        param_of = {k: _resolver(v) for k, v in params.items()}
-        store = _storer(slots)
-        forward = node.forward
-
-        def run(values):
-            for k, p in param_of.items():
-                setattr(node, k, p(values))
-            ys = forward(*[values[p] for p in picks])
-            store(values, ys)
-            for k, slot in kept:
-                v = getattr(node, k)
-                if type(slot) is int:
-                    values[slot] = v if type(v) is np.ndarray else np.asarray(v)
-                else:
-                    for i, x in zip(slot, v):
-                        values[i] = x
-
-        return run
-    if kind == "bump":
+        run = _compile_call(call)
+    elif kind == "forward":
+        run = _compile_forward(call)
+    elif kind == "bump":
         ref = call[1]
 
-        def bump(values):
+        def run(values):
             t = ref()
             if t is not None:
                 t._bump()
 
-        return bump
-    if kind == "step":
-        _, opt, _, bindings = call
-        bindings = [(weakref.ref(p), slot) for p, slot in bindings]
-        step = type(opt).step
-
-        def run(values):
-            for ref, slot in bindings:
-                p = ref()
-                if p is not None:
-                    p.grad = None if slot is None else Tensor._wrap(values[slot])
-            step(opt)
-
-        return run
-    raise AssertionError(kind)
+    elif kind == "step":
+        run = _compile_step(call)
+    else:
+        raise AssertionError(kind)
+    return _dropping(run, dead) if dead else run
 
 
-def _into_buffer(fn, args_of, kwargs_of, slot: int):
-    """A ufunc call whose result goes into the array the first replay allocated."""
-    buffer = []
+def _dropping(run, dead):
+    if len(dead) == 1:
+        (slot,) = dead
+
+        def run_and_drop_one(values):
+            run(values)
+            values[slot] = None
+
+        return run_and_drop_one
+
+    def run_and_drop(values):
+        run(values)
+        for slot in dead:
+            values[slot] = None
+
+    return run_and_drop
+
+
+def _compile_call(call):
+    _, fn, _, args_t, kwargs_t, slots = call
+    flat = _positional(args_t)
+    kwargs_of = _resolver(kwargs_t) if kwargs_t else None
+    if flat is not None:
+        picks, consts = flat
+        if all(p is not None for p in picks):
+
+            def args_of(values, picks=picks):
+                return [values[p] for p in picks]
+        else:
+
+            def args_of(values, picks=picks, consts=consts):
+                return [c if p is None else values[p] for p, c in zip(picks, consts)]
+    else:
+        args_of = _resolver(args_t)
+    store = _storer(slots)
+    if kwargs_of is None:
+        return lambda values: store(values, fn(*args_of(values)))
+    return lambda values: store(values, fn(*args_of(values), **kwargs_of(values)))
+
+
+def _compile_forward(call):
+    _, node, _, refs, params, slots, single, kept = call
+    picks = [r.i for r in refs]
+    forward = node.forward
+    if not params and not kept and type(slots) is int:
+        return _plain_forward(forward, picks, slots)
+    param_of = {k: _resolver(v) for k, v in params.items()}
+    store = _storer(slots)
 
     def run(values):
-        kwargs = kwargs_of(values) if kwargs_of is not None else {}
-        if buffer:
-            values[slot] = fn(*args_of(values), out=buffer[0], **kwargs)
-        else:
-            result = fn(*args_of(values), **kwargs)
-            buffer.append(result)
-            values[slot] = result
+        for k, p in param_of.items():
+            setattr(node, k, p(values))
+        ys = forward(*[values[p] for p in picks])
+        store(values, ys)
+        for k, slot in kept:
+            v = getattr(node, k)
+            if type(slot) is int:
+                values[slot] = v if type(v) is np.ndarray else np.asarray(v)
+            else:
+                for i, x in zip(slot, v):
+                    values[i] = x
+
+    return run
+
+
+def _plain_forward(forward, picks, out: int):
+    """The common forward: arrays in, one array out, nothing kept on the node. Spelled out
+    per arity: the replay runs a hundred of these per W1 meta-iteration."""
+    ndarray, asarray = np.ndarray, np.asarray
+    if len(picks) == 1:
+        (a,) = picks
+
+        def run1(values):
+            y = forward(values[a])
+            values[out] = y if type(y) is ndarray else asarray(y)
+
+        return run1
+    if len(picks) == 2:
+        a, b = picks
+
+        def run2(values):
+            y = forward(values[a], values[b])
+            values[out] = y if type(y) is ndarray else asarray(y)
+
+        return run2
+    if len(picks) == 3:
+        a, b, c = picks
+
+        def run3(values):
+            y = forward(values[a], values[b], values[c])
+            values[out] = y if type(y) is ndarray else asarray(y)
+
+        return run3
+
+    def run(values):
+        y = forward(*[values[p] for p in picks])
+        values[out] = y if type(y) is ndarray else asarray(y)
+
+    return run
+
+
+def _compile_step(call):
+    _, opt, _, bindings = call
+    bindings = [(weakref.ref(p), slot) for p, slot in bindings]
+    step = type(opt).step
+
+    def run(values):
+        for ref, slot in bindings:
+            p = ref()
+            if p is not None:
+                p.grad = None if slot is None else Tensor._wrap(values[slot])
+        step(opt)
 
     return run
 
