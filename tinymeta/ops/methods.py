@@ -8,6 +8,7 @@ import Tensor): this module runs once, when tinymeta is imported.
 from __future__ import annotations
 
 from tinymeta import ops
+from tinymeta.ops import inplace
 from tinymeta.autograd import engine
 from tinymeta.tensor import Tensor
 
@@ -30,6 +31,11 @@ def _attach() -> None:
     T.__truediv__, T.__rtruediv__ = ops.div, _reflected(ops.div)
     T.__pow__, T.__rpow__ = ops.power, _reflected(ops.power)
     T.__matmul__, T.__rmatmul__ = ops.matmul, _reflected(ops.matmul)
+    # In place, as in PyTorch and NumPy: x += w writes into x's memory (aliases see it).
+    for name in ("add_", "sub_", "mul_", "div_", "pow_", "copy_"):
+        setattr(T, name, getattr(inplace, name))
+    T.__iadd__, T.__isub__ = inplace.add_, inplace.sub_
+    T.__imul__, T.__itruediv__, T.__ipow__ = inplace.mul_, inplace.div_, inplace.pow_
     T.__neg__ = ops.neg
     T.__pos__ = lambda self: self
     T.__getitem__ = ops.getitem
