@@ -28,6 +28,10 @@ implementations expect and dispatch:
   maxpool2d_gather(x, argmax, kh, kw, sh, sw) -> y
   im2col(x, kh, kw, sh, sw, ph, pw) -> cols                     cols: (N, OH, OW, kh, kw, C)
   col2im(cols, h, w, sh, sw, ph, pw) -> gx                      gx: (N, C, h, w)
+  winograd_input(x, ph, pw) -> v                                v: (16, N, th, tw, C)
+  winograd_input_adjoint(v, h, w, ph, pw) -> gx
+  winograd_output(m, oh, ow) -> y                               m: (16, N, th, tw, O)
+  winograd_output_adjoint(gy, th, tw) -> m
   softmax_xent_forward(logits, labels) -> loss, probs           logits: (N, C)
   softmax_xent_backward(probs, labels, gloss) -> glogits
   relu_backward(gy, x) -> gx                                    any shape
@@ -294,6 +298,68 @@ def col2im(cols, h: int, w: int, sh: int, sw: int, ph: int, pw: int):
             f"on a ({h}, {w}) input has {out_hw} positions, but cols has shape {cols.shape}"
         )
     return _impl_for(cols).col2im(cols, *map(int, (h, w, sh, sw, ph, pw)))
+
+
+def winograd_tiles(h: int, w: int, ph: int, pw: int) -> tuple:
+    """(oh, ow, th, tw): a 3x3 stride-1 convolution's output size and its 2x2 output tiles."""
+    return reference.winograd_tiles(h, w, ph, pw)
+
+
+def _check_winograd_tiles(op: str, name: str, shape: tuple, expected: tuple):
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"{op}: expected {name} of shape {tuple(expected)}, got {tuple(shape)}")
+
+
+def winograd_input(x, ph: int, pw: int):
+    """(16, N, th, tw, C): the 4x4 tiles (stride 2) of x (N, C, H, W), zero-padded by (ph, pw),
+    under Winograd F(2x2, 3x3)'s input transform (``reference.winograd_input``)."""
+    _check_float("winograd_input", x=x)
+    if x.ndim != 4 or min(ph, pw) < 0 or min(x.shape[2] + 2 * ph, x.shape[3] + 2 * pw) < 3:
+        raise ValueError(
+            f"winograd_input: expected an (N, C, H, W) array whose padded size fits a 3x3 window, "
+            f"got shape {x.shape}, padding ({ph}, {pw})"
+        )
+    return _impl_for(x).winograd_input(x, int(ph), int(pw))
+
+
+def winograd_input_adjoint(v, h: int, w: int, ph: int, pw: int):
+    """gx (N, C, h, w), channels-last: the adjoint of ``winograd_input`` on v (16, N, th, tw, C)."""
+    _check_float("winograd_input_adjoint", v=v)
+    if v.ndim != 5 or min(ph, pw) < 0 or min(h + 2 * ph, w + 2 * pw) < 3:
+        raise ValueError(
+            f"winograd_input_adjoint: expected (16, N, th, tw, C) tiles of an input whose padded "
+            f"size fits a 3x3 window, got shape {v.shape}, input ({h}, {w}), padding ({ph}, {pw})"
+        )
+    _, _, th, tw = winograd_tiles(h, w, ph, pw)
+    n, c = v.shape[1], v.shape[4]
+    _check_winograd_tiles("winograd_input_adjoint", "v", v.shape, (16, n, th, tw, c))
+    return _impl_for(v).winograd_input_adjoint(v, *map(int, (h, w, ph, pw)))
+
+
+def winograd_output(m, oh: int, ow: int):
+    """y (N, O, oh, ow), channels-last: Winograd F(2x2, 3x3)'s output transform of the 16
+    channel products m (16, N, th, tw, O) of every 2x2 output tile."""
+    _check_float("winograd_output", m=m)
+    if m.ndim != 5 or min(oh, ow) < 1:
+        raise ValueError(
+            f"winograd_output: expected (16, N, th, tw, O) products and a positive output size, "
+            f"got shape {m.shape} and ({oh}, {ow})"
+        )
+    n, o = m.shape[1], m.shape[4]
+    expected = (16, n, (oh + 1) // 2, (ow + 1) // 2, o)
+    _check_winograd_tiles("winograd_output", "m", m.shape, expected)
+    return _impl_for(m).winograd_output(m, int(oh), int(ow))
+
+
+def winograd_output_adjoint(gy, th: int, tw: int):
+    """(16, N, th, tw, O): the adjoint of ``winograd_output`` on gy (N, O, oh, ow)."""
+    _check_float("winograd_output_adjoint", gy=gy)
+    if gy.ndim != 4 or (th, tw) != ((gy.shape[2] + 1) // 2, (gy.shape[3] + 1) // 2):
+        raise ValueError(
+            f"winograd_output_adjoint: expected an (N, O, oh, ow) gradient with ({th}, {tw}) "
+            f"2x2 tiles, got shape {gy.shape}"
+        )
+    return _impl_for(gy).winograd_output_adjoint(gy, int(th), int(tw))
 
 
 def _check_labels(op: str, labels, n: int, c: int):

@@ -439,6 +439,163 @@ def col2im(cols, h: int, w: int, sh: int, sw: int, ph: int, pw: int):
     return gx.transpose(0, 3, 1, 2)
 
 
+# --- Winograd F(2x2, 3x3) tile transforms (see reference.py) ---------------------------------
+# Each loop handles one tile at a time, its 16 (or 4) pixels as C-vectors; the innermost
+# loops run over the channels through 1-D views, which LLVM vectorizes. The transforms are
+# the reference's matrices written out as additions (BT, AT) and their transposes.
+
+
+@numba.njit(cache=True)
+def _winograd_input_tiles(padded, v):
+    n_count, _, _, c_count = padded.shape
+    th, tw = v.shape[2], v.shape[3]
+    rows = np.empty((4, 4, c_count), padded.dtype)  # BT applied along the tile's rows
+    for n in range(n_count):
+        for a in range(th):
+            for b in range(tw):
+                for s in range(4):
+                    x0, x1 = padded[n, 2 * a, 2 * b + s], padded[n, 2 * a + 1, 2 * b + s]
+                    x2, x3 = padded[n, 2 * a + 2, 2 * b + s], padded[n, 2 * a + 3, 2 * b + s]
+                    d0, d1, d2, d3 = rows[0, s], rows[1, s], rows[2, s], rows[3, s]
+                    for c in range(c_count):
+                        d0[c] = x0[c] - x2[c]
+                        d1[c] = x1[c] + x2[c]
+                        d2[c] = x2[c] - x1[c]
+                        d3[c] = x1[c] - x3[c]
+                for u in range(4):
+                    e0, e1, e2, e3 = rows[u, 0], rows[u, 1], rows[u, 2], rows[u, 3]
+                    o0, o1 = v[4 * u, n, a, b], v[4 * u + 1, n, a, b]
+                    o2, o3 = v[4 * u + 2, n, a, b], v[4 * u + 3, n, a, b]
+                    for c in range(c_count):
+                        o0[c] = e0[c] - e2[c]
+                        o1[c] = e1[c] + e2[c]
+                        o2[c] = e2[c] - e1[c]
+                        o3[c] = e1[c] - e3[c]
+
+
+def winograd_input(x, ph: int, pw: int):
+    """See ``reference.winograd_input``: (16, N, th, tw, C)."""
+    n, c, h, w = x.shape
+    _, _, th, tw = reference.winograd_tiles(h, w, ph, pw)
+    padded = np.zeros((n, 2 * th + 2, 2 * tw + 2, c), x.dtype)
+    padded[:, ph : ph + h, pw : pw + w, :] = x.transpose(0, 2, 3, 1)
+    v = np.empty((16, n, th, tw, c), x.dtype)
+    _winograd_input_tiles(padded, v)
+    return v
+
+
+@numba.njit(cache=True)
+def _winograd_input_adjoint_tiles(v, padded):
+    _, n_count, th, tw, c_count = v.shape
+    cols = np.empty((4, 4, c_count), v.dtype)  # BT^T applied along the tile's columns
+    padded[:] = 0.0
+    for n in range(n_count):
+        for a in range(th):
+            for b in range(tw):
+                for u in range(4):
+                    v0, v1 = v[4 * u, n, a, b], v[4 * u + 1, n, a, b]
+                    v2, v3 = v[4 * u + 2, n, a, b], v[4 * u + 3, n, a, b]
+                    s0, s1, s2, s3 = cols[u, 0], cols[u, 1], cols[u, 2], cols[u, 3]
+                    for c in range(c_count):
+                        s0[c] = v0[c]
+                        s1[c] = v1[c] - v2[c] + v3[c]
+                        s2[c] = v1[c] + v2[c] - v0[c]
+                        s3[c] = -v3[c]
+                for s in range(4):
+                    t0, t1, t2, t3 = cols[0, s], cols[1, s], cols[2, s], cols[3, s]
+                    r0, r1 = padded[n, 2 * a, 2 * b + s], padded[n, 2 * a + 1, 2 * b + s]
+                    r2, r3 = padded[n, 2 * a + 2, 2 * b + s], padded[n, 2 * a + 3, 2 * b + s]
+                    for c in range(c_count):
+                        r0[c] += t0[c]
+                        r1[c] += t1[c] - t2[c] + t3[c]
+                        r2[c] += t1[c] + t2[c] - t0[c]
+                        r3[c] -= t3[c]
+
+
+def winograd_input_adjoint(v, h: int, w: int, ph: int, pw: int):
+    """See ``reference.winograd_input_adjoint``: gx (N, C, h, w), channels-last."""
+    _, n, th, tw, c = v.shape
+    padded = np.empty((n, 2 * th + 2, 2 * tw + 2, c), v.dtype)
+    _winograd_input_adjoint_tiles(np.ascontiguousarray(v), padded)
+    return np.ascontiguousarray(padded[:, ph : ph + h, pw : pw + w]).transpose(0, 3, 1, 2)
+
+
+@numba.njit(cache=True)
+def _winograd_output_tiles(m, y):
+    _, n_count, th, tw, o_count = m.shape
+    oh, ow = y.shape[1], y.shape[2]
+    rows = np.empty((2, 4, o_count), m.dtype)  # AT applied along the tile's rows
+    for n in range(n_count):
+        for a in range(th):
+            for b in range(tw):
+                for v in range(4):
+                    m0, m1 = m[v, n, a, b], m[4 + v, n, a, b]
+                    m2, m3 = m[8 + v, n, a, b], m[12 + v, n, a, b]
+                    t0, t1 = rows[0, v], rows[1, v]
+                    for o in range(o_count):
+                        t0[o] = m0[o] + m1[o] + m2[o]
+                        t1[o] = m1[o] - m2[o] - m3[o]
+                for i in range(2):
+                    r = 2 * a + i
+                    if r >= oh:  # the last tile of an odd output height
+                        continue
+                    q0, q1, q2, q3 = rows[i, 0], rows[i, 1], rows[i, 2], rows[i, 3]
+                    y0 = y[n, r, 2 * b]
+                    for o in range(o_count):
+                        y0[o] = q0[o] + q1[o] + q2[o]
+                    if 2 * b + 1 < ow:
+                        y1 = y[n, r, 2 * b + 1]
+                        for o in range(o_count):
+                            y1[o] = q1[o] - q2[o] - q3[o]
+
+
+def winograd_output(m, oh: int, ow: int):
+    """See ``reference.winograd_output``: y (N, O, oh, ow), channels-last."""
+    _, n, _, _, o = m.shape
+    y = np.empty((n, oh, ow, o), m.dtype)
+    _winograd_output_tiles(np.ascontiguousarray(m), y)
+    return y.transpose(0, 3, 1, 2)
+
+
+@numba.njit(cache=True)
+def _winograd_output_adjoint_tiles(g, m):
+    _, n_count, th, tw, o_count = m.shape
+    rows = np.empty((2, 4, o_count), g.dtype)  # AT^T applied along the block's columns
+    for n in range(n_count):
+        for a in range(th):
+            for b in range(tw):
+                for i in range(2):
+                    g0, g1 = g[n, 2 * a + i, 2 * b], g[n, 2 * a + i, 2 * b + 1]
+                    c0, c1, c2, c3 = rows[i, 0], rows[i, 1], rows[i, 2], rows[i, 3]
+                    for o in range(o_count):
+                        c0[o] = g0[o]
+                        c1[o] = g0[o] + g1[o]
+                        c2[o] = g0[o] - g1[o]
+                        c3[o] = -g1[o]
+                for v in range(4):
+                    t0, t1 = rows[0, v], rows[1, v]
+                    m0, m1 = m[v, n, a, b], m[4 + v, n, a, b]
+                    m2, m3 = m[8 + v, n, a, b], m[12 + v, n, a, b]
+                    for o in range(o_count):
+                        m0[o] = t0[o]
+                        m1[o] = t0[o] + t1[o]
+                        m2[o] = t0[o] - t1[o]
+                        m3[o] = -t1[o]
+
+
+def winograd_output_adjoint(gy, th: int, tw: int):
+    """See ``reference.winograd_output_adjoint``: (16, N, th, tw, O)."""
+    n, o, oh, ow = gy.shape
+    if (oh, ow) == (2 * th, 2 * tw):
+        g = _channels_last(gy)
+    else:  # odd output sizes: the last tiles' missing outputs read zeros
+        g = np.zeros((n, 2 * th, 2 * tw, o), gy.dtype)
+        g[:, :oh, :ow] = gy.transpose(0, 2, 3, 1)
+    m = np.empty((16, n, th, tw, o), gy.dtype)
+    _winograd_output_adjoint_tiles(g, m)
+    return m
+
+
 # --- softmax cross-entropy from logits ------------------------------------------------------
 
 

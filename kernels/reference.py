@@ -212,6 +212,84 @@ def col2im(cols, h: int, w: int, sh: int, sw: int, ph: int, pw: int):
     return padded[:, ph : ph + h, pw : pw + w, :].transpose(0, 3, 1, 2)
 
 
+# --- Winograd F(2x2, 3x3): the tile transforms of a 3x3 stride-1 convolution -----------------
+#
+# A 3x3 convolution computes each 2x2 block of outputs from a 4x4 tile of the (padded) input;
+# Winograd's F(2x2, 3x3) does it with 16 products per (input, output) channel pair instead of
+# 36: y_tile = AT [ (G w G^T) . (BT d BT^T) ] AT^T, summed over the input channels, where the
+# channel sums of the 16 elementwise products are 16 matrix products. The input transform
+# maps the tiles (overlapping by 2, stride 2) to (16, N, th, tw, C); the output transform maps
+# the 16 products (16, N, th, tw, O) back to (N, O, oh, ow). The adjoints of both serve the
+# convolution's input and weight gradients. All transforms use 0, +-1 and +-1/2: exact scalings.
+
+WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+
+
+def winograd_tiles(h: int, w: int, ph: int, pw: int) -> tuple:
+    """(oh, ow, th, tw): a 3x3 stride-1 convolution's output size and its 2x2 output tiles."""
+    oh, ow = h + 2 * ph - 2, w + 2 * pw - 2
+    return oh, ow, (oh + 1) // 2, (ow + 1) // 2
+
+
+def _both_sides(matrix, a, xp):
+    """sum_{r,s} M[u,r] M[v,s] a[r,s,...] for a (k, k, ...) array: (u, v, ...)."""
+    m = xp.asarray(matrix, dtype=a.dtype)
+    return xp.tensordot(m, xp.tensordot(m, a, axes=([1], [1])), axes=([1], [1]))
+
+
+def winograd_input(x, ph: int, pw: int):
+    """V[4u+v, n, a, b, c] = sum_{r,s} BT[u,r] BT[v,s] x_pad[n, c, 2a+r, 2b+s]: the 4x4 input
+    tiles (stride 2) of x (N, C, H, W) zero-padded by (ph, pw), transformed: (16, N, th, tw, C)."""
+    xp = _array_module(x)
+    n, c, h, w = x.shape
+    _, _, th, tw = winograd_tiles(h, w, ph, pw)
+    padded = xp.zeros((n, 2 * th + 2, 2 * tw + 2, c), dtype=x.dtype)
+    padded[:, ph : ph + h, pw : pw + w, :] = x.transpose(0, 2, 3, 1)
+    tiles = xp.stack(
+        [
+            xp.stack([padded[:, r : r + 2 * th : 2, s : s + 2 * tw : 2] for s in range(4)])
+            for r in range(4)
+        ]
+    )  # (4, 4, N, th, tw, C)
+    return xp.ascontiguousarray(_both_sides(WINOGRAD_BT, tiles, xp).reshape((16, n, th, tw, c)))
+
+
+def winograd_input_adjoint(v, h: int, w: int, ph: int, pw: int):
+    """gx (N, C, h, w), channels-last: the adjoint of ``winograd_input`` applied to
+    v (16, N, th, tw, C); overlapping tiles add up, padding drops out."""
+    xp = _array_module(v)
+    _, n, th, tw, c = v.shape
+    tiles = _both_sides(np.transpose(WINOGRAD_BT), v.reshape((4, 4, n, th, tw, c)), xp)
+    padded = xp.zeros((n, 2 * th + 2, 2 * tw + 2, c), dtype=v.dtype)
+    for r in range(4):
+        for s in range(4):
+            padded[:, r : r + 2 * th : 2, s : s + 2 * tw : 2] += tiles[r, s]
+    return xp.ascontiguousarray(padded[:, ph : ph + h, pw : pw + w]).transpose(0, 3, 1, 2)
+
+
+def winograd_output(m, oh: int, ow: int):
+    """y[n, o, 2a+i, 2b+j] = sum_{u,v} AT[i,u] AT[j,v] m[4u+v, n, a, b, o] for m
+    (16, N, th, tw, O), cropped to (N, O, oh, ow); channels-last in memory."""
+    xp = _array_module(m)
+    _, n, th, tw, o = m.shape
+    blocks = _both_sides(WINOGRAD_AT, m.reshape((4, 4, n, th, tw, o)), xp)  # (2, 2, N, th, tw, O)
+    y = blocks.transpose(2, 3, 0, 4, 1, 5).reshape((n, 2 * th, 2 * tw, o))
+    return xp.ascontiguousarray(y[:, :oh, :ow]).transpose(0, 3, 1, 2)
+
+
+def winograd_output_adjoint(gy, th: int, tw: int):
+    """The adjoint of ``winograd_output``: gy (N, O, oh, ow) to (16, N, th, tw, O)."""
+    xp = _array_module(gy)
+    n, o, oh, ow = gy.shape
+    padded = xp.zeros((n, 2 * th, 2 * tw, o), dtype=gy.dtype)
+    padded[:, :oh, :ow] = gy.transpose(0, 2, 3, 1)
+    blocks = padded.reshape((n, th, 2, tw, 2, o)).transpose(2, 4, 0, 1, 3, 5)  # (2, 2, N, ...)
+    m = _both_sides(np.transpose(WINOGRAD_AT), blocks, xp)
+    return xp.ascontiguousarray(m.reshape((16, n, th, tw, o)))
+
+
 # --- softmax cross-entropy from logits ------------------------------------------------------
 
 

@@ -20,6 +20,14 @@ leading task axis as they are: the task axis is folded into the batch axis for
 the window copies (im2col, col2im), and the GEMMs become batched GEMMs, one
 ``matmul`` over the task axis (T products of the same shapes as one task's).
 
+Winograd: a 3x3 stride-1 convolution with at least ``WINOGRAD_MIN_CHANNELS`` input and
+output channels (on the CPU) takes Winograd's F(2x2, 3x3) instead of im2col in all three ops:
+every 2x2 block of outputs comes from a 4x4 input tile through 16 matrix products per task
+(tiles x C by C x O) instead of 36, with cheap tile transforms around them
+(``kernels.winograd_*``; the weight transform is two small tensor contractions here). The
+three ops stay exact adjoints of one another (the transforms are linear and each op uses the
+adjoint ones), so every derivative is the convolution's, up to float rounding.
+
 Memory layout: tensors are NCHW (the shape users see), but internally the
 arrays are laid out channels-last (NHWC in memory, an NCHW view on top). Then
 the im2col copy moves whole channel vectors instead of scattered single
@@ -30,8 +38,11 @@ channels-last without anyone noticing.
 
 from __future__ import annotations
 
+import numpy as np
+
 from tinymeta import kernels
 from tinymeta._checks import check_int
+from tinymeta.backend import get_array_module
 from tinymeta.function import Function
 from tinymeta.ops.reductions import sum as _sum
 
@@ -93,6 +104,50 @@ def rows_nhwc(g):
     return nhwc(g).reshape(n * oh * ow, o)
 
 
+# Winograd pays where the products dominate: below 16 channels (the first layer of an image
+# network) the tile transforms cost more than the products they save.
+WINOGRAD_MIN_CHANNELS = 16
+# ... and where the 2x2 tiles cover the output well: 16 products per tile against 9 per output
+# pixel; odd sizes waste the last row or column of tiles (a 3x3 output needs 4 tiles).
+WINOGRAD_MAX_WORK = 0.6
+
+
+def winograd_applies(x, c: int, o: int, kernel: tuple, stride: tuple, out_hw: tuple) -> bool:
+    """Whether the convolution of host array x with a (o, c) + kernel weight takes Winograd."""
+    if kernel != (3, 3) or tuple(stride) != (1, 1) or min(c, o) < WINOGRAD_MIN_CHANNELS:
+        return False
+    if not isinstance(x, np.ndarray):  # CuPy arrays keep im2col (one GEMM per op)
+        return False
+    oh, ow = out_hw
+    tiles = ((oh + 1) // 2) * ((ow + 1) // 2)
+    return 16 * tiles <= WINOGRAD_MAX_WORK * 9 * oh * ow
+
+
+def winograd_weight(w):
+    """U[4u+v, ..., c, o] = sum_{p,q} G[u,p] G[v,q] w[..., o, c, p, q]: w (..., O, C, 3, 3) as
+    (16, ..., C, O), the right-hand operands of the 16 tile products."""
+    xp = get_array_module(w)
+    g = xp.asarray(kernels.reference.WINOGRAD_G, dtype=w.dtype)
+    u = xp.tensordot(g, xp.tensordot(g, w, axes=([1], [w.ndim - 1])), axes=([1], [w.ndim - 1]))
+    u = u.reshape((16,) + u.shape[2:])  # (16, ..., O, C)
+    return xp.ascontiguousarray(u.swapaxes(-1, -2))
+
+
+def winograd_weight_adjoint(du):
+    """The adjoint of ``winograd_weight``: du (16, ..., C, O) as gw (..., O, C, 3, 3)."""
+    xp = get_array_module(du)
+    gt = xp.asarray(kernels.reference.WINOGRAD_G, dtype=du.dtype).T  # (3, 4)
+    d = du.reshape((4, 4) + du.shape[1:])
+    gw = xp.tensordot(gt, xp.tensordot(gt, d, axes=([1], [1])), axes=([1], [1]))  # (p, q, ...)
+    lead = tuple(range(2, gw.ndim - 2))
+    return xp.ascontiguousarray(gw.transpose(lead + (gw.ndim - 1, gw.ndim - 2, 0, 1)))
+
+
+def tile_matrices(tiles, tasks: tuple):
+    """(16, N*, th, tw, K) tiles as (16, ..., rows, K): one matrix per position and task."""
+    return tiles.reshape((16,) + tasks + (-1, tiles.shape[-1]))
+
+
 class Conv2d(Function):
     """y[n,o,i,j] = sum_{c,p,q} x_pad[n,c,i*sh+p,j*sw+q] w[o,c,p,q] + b[o];
     gx = Conv2dGradInput(gy, w), gw = Conv2dGradWeight(x, gy), gb = sum_{n,i,j} gy.
@@ -110,9 +165,12 @@ class Conv2d(Function):
         n = x.shape[-4]
         oh = output_size(x.shape[-2], kh, self.stride[0], self.padding[0])
         ow = output_size(x.shape[-1], kw, self.stride[1], self.padding[1])
-        cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
-        # One GEMM per task, (N*OH*OW, kh*kw*C) @ (kh*kw*C, O), all in one matmul call.
-        y = cols.reshape(tasks + (-1, cols.shape[-1])) @ weight_matrix(w)
+        if winograd_applies(x, w.shape[-3], o, (kh, kw), self.stride, (oh, ow)):
+            y = self._winograd(fold_tasks(x), w, tasks, (oh, ow))
+        else:
+            cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
+            # One GEMM per task, (N*OH*OW, kh*kw*C) @ (kh*kw*C, O), all in one matmul call.
+            y = cols.reshape(tasks + (-1, cols.shape[-1])) @ weight_matrix(w)
         if b is not None:
             b = b[..., None, :]  # (..., 1, O): one row, added to every window of its task
             if b.dtype == y.dtype:
@@ -120,6 +178,13 @@ class Conv2d(Function):
             else:
                 y = y + b
         return to_nchw(y.reshape(tasks + (n, oh, ow, o)))  # channels-last memory
+
+    def _winograd(self, x, w, tasks: tuple, out_hw: tuple):
+        """y as (..., N*OH*OW, O) rows (NHWC memory) through Winograd's tile products."""
+        v = kernels.winograd_input(x, *self.padding)  # (16, N*, th, tw, C)
+        m = tile_matrices(v, tasks) @ winograd_weight(w)
+        y = kernels.winograd_output(m.reshape(v.shape[:-1] + (-1,)), *out_hw)
+        return nhwc(y).reshape(tasks + (-1, y.shape[1]))
 
     def backward(self, gy):
         x, w = self.inputs[:2]
@@ -152,6 +217,15 @@ class Conv2dGradInput(Function):
         n, c, h, wd = self.x_shape[-4:]
         o, _, kh, kw = w.shape[-4:]
         oh, ow = gy.shape[-2:]
+        if winograd_applies(gy, c, o, (kh, kw), self.stride, (oh, ow)):
+            # The adjoint of Conv2d's Winograd path: tiles of gy, products with U^T, back to x.
+            _, _, th, tw = kernels.winograd_tiles(h, wd, *self.padding)
+            mg = kernels.winograd_output_adjoint(fold_tasks(gy), th, tw)
+            vg = tile_matrices(mg, tasks) @ winograd_weight(w).swapaxes(-1, -2)
+            gx = kernels.winograd_input_adjoint(
+                vg.reshape(mg.shape[:-1] + (c,)), h, wd, *self.padding
+            )
+            return gx.reshape(tasks + (n, c, h, wd))
         rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
         # Every window's share of the gradient, (N*OH*OW, O) @ (O, kh*kw*C) per task in one
         # GEMM, then col2im adds each window element back onto the pixel it was read from.
@@ -187,6 +261,14 @@ class Conv2dGradWeight(Function):
     def forward(self, x, gy):
         tasks = self.w_shape[:-4]
         o, c, kh, kw = self.w_shape[-4:]
+        if winograd_applies(x, c, o, (kh, kw), self.stride, gy.shape[-2:]):
+            # sum over tiles of (input tile transform)^T (adjoint output transform of gy),
+            # per position and task, then the adjoint of the weight transform.
+            _, _, th, tw = kernels.winograd_tiles(*x.shape[-2:], *self.padding)
+            v = kernels.winograd_input(fold_tasks(x), *self.padding)
+            mg = kernels.winograd_output_adjoint(fold_tasks(gy), th, tw)
+            du = tile_matrices(v, tasks).swapaxes(-1, -2) @ tile_matrices(mg, tasks)
+            return winograd_weight_adjoint(du)
         cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
         cols = cols.reshape(tasks + (-1, cols.shape[-1]))  # (T, N*OH*OW, kh*kw*C)
         rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
