@@ -284,3 +284,21 @@ def test_a_captured_step_with_in_place_arithmetic_replays_bit_for_bit():
         assert le.numpy() == lc.numpy()
         np.testing.assert_array_equal(w_eager.numpy(), w_captured.numpy())
     assert not np.array_equal(w_eager.numpy(), np.linspace(0.5, 1.5, 3))  # it did train
+
+
+def test_fill_and_zero_of_a_computed_tensor_are_recorded():
+    a = f64([1.0, 2.0], True)
+    c = f64(5.0, True)
+    y = a * 3.0
+    y.fill_(c)  # y no longer depends on a: only the product below does
+    (y * a).sum().backward()
+    np.testing.assert_array_equal(a.grad.numpy(), [5.0, 5.0])
+    assert c.grad.numpy() == 3.0
+    z = a * 2.0
+    z.zero_()
+    (g,) = tm.grad((z + a).sum(), [a])
+    np.testing.assert_array_equal(g.numpy(), [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"fill_: the value must be a number or a 0-d tensor"):
+        z.fill_(f64([1.0, 2.0]))
+    with pytest.raises(RuntimeError, match=r"fill_: .*leaf of shape \(2,\)"):
+        a.fill_(0.0)

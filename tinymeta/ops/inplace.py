@@ -1,5 +1,6 @@
-"""In-place arithmetic: ``add_``, ``sub_``, ``mul_``, ``div_``, ``pow_`` and the augmented
-operators ``+=``, ``-=``, ``*=``, ``/=``, ``**=``, as in PyTorch and NumPy.
+"""In-place arithmetic: ``add_``, ``sub_``, ``mul_``, ``div_``, ``pow_``, ``copy_``,
+``fill_``, ``zero_`` and the augmented operators ``+=``, ``-=``, ``*=``, ``/=``, ``**=``,
+as in PyTorch and NumPy.
 
 The result is written into the tensor's memory, so every alias sees it (a view ``v = x[1:]``
 changed by ``v += 1`` changes ``x``; ``p -= lr * p.grad`` updates the parameter the model
@@ -25,7 +26,7 @@ import numpy as np
 from tinymeta import backend, function, grad_mode
 from tinymeta.ops.arithmetic import add, div, mul, power, sub
 from tinymeta.ops.selection import astype
-from tinymeta.ops.shape import Copy, SetItem, _stand_in
+from tinymeta.ops.shape import Copy, SetItem, _stand_in, setitem
 from tinymeta.tensor import Tensor, _on_device_of
 
 
@@ -68,6 +69,27 @@ def copy_(x: Tensor, src) -> Tensor:
             x._data[...] = _on_device_of(x._data, _array(src))
             return x._bump()
     return _inplace(x, "copy_", src, None, lambda old, value: value, saves_x=False)
+
+
+def fill_(x: Tensor, value) -> Tensor:
+    """x <- value everywhere, in place. Recorded (a SetItem over the whole tensor: x as it was
+    gets no gradient) when x requires grad and grad mode is on."""
+    if isinstance(value, Tensor) and value.ndim != 0:
+        raise ValueError(f"fill_: the value must be a number or a 0-d tensor, got shape {value.shape}")
+    if grad_mode.is_grad_enabled() and (
+        x.requires_grad or (isinstance(value, Tensor) and value.requires_grad)
+    ):
+        _check_recordable(x, "fill_")
+        setitem(x, Ellipsis, value)
+        return x
+    x._check_graph_memory("fill_")
+    x._data[...] = _on_device_of(x._data, _array(value))
+    return x._bump()
+
+
+def zero_(x: Tensor) -> Tensor:
+    """x <- 0, in place (see fill_)."""
+    return fill_(x, 0)
 
 
 def _array(value):

@@ -32,7 +32,7 @@ def _attach() -> None:
     T.__pow__, T.__rpow__ = ops.power, _reflected(ops.power)
     T.__matmul__, T.__rmatmul__ = ops.matmul, _reflected(ops.matmul)
     # In place, as in PyTorch and NumPy: x += w writes into x's memory (aliases see it).
-    for name in ("add_", "sub_", "mul_", "div_", "pow_", "copy_"):
+    for name in ("add_", "sub_", "mul_", "div_", "pow_", "copy_", "fill_", "zero_"):
         setattr(T, name, getattr(inplace, name))
     T.__iadd__, T.__isub__ = inplace.add_, inplace.sub_
     T.__imul__, T.__itruediv__, T.__ipow__ = inplace.mul_, inplace.div_, inplace.pow_
