@@ -937,13 +937,14 @@ class _Program:
         self.input_grads = [
             (i, rec.final_grads[id(args[i])]) for i, _ in inputs if id(args[i]) in rec.final_grads
         ]
-        kept = _slots_used([], outputs) | set(self.fixed)
-        kept.update(slot for _, slot in self.grads if slot is not None)
-        kept.update(slot for _, slot in self.input_grads if slot is not None)
-        self.calls = [
-            _compile(c, dead) for c, dead in zip(rec.calls, _dead_after(rec.calls, kept))
-        ]
-        self.names = [c[2] for c in rec.calls]
+        outside = _slots_used([], outputs)
+        outside.update(slot for _, slot in self.grads if slot is not None)
+        outside.update(slot for _, slot in self.input_grads if slot is not None)
+        constants, calls = _fold(rec, self.fixed, outside)
+        self.fixed.update(constants)  # the arrays every replay starts from
+        kept = outside | set(self.fixed)
+        self.calls = [_compile(c, dead) for c, dead in zip(calls, _dead_after(calls, kept))]
+        self.names = [c[2] for c in calls]
         # Modules the step called, with their plain attributes (training, momentum) as they
         # were when the capture started: a replay would repeat the behaviour they chose.
         self.modules = [
@@ -1052,6 +1053,102 @@ def _writes(call) -> set:
         for _, slot in call[7]:
             written.update((slot,) if type(slot) is int else slot)
     return written
+
+
+# Calls whose result's values depend on their first argument's shape and dtype only.
+_FROM_SHAPE = {"numpy.ones_like", "numpy.zeros_like", "numpy.full_like"}
+# NumPy calls that may return a view of their argument, its layout fixed by the shapes.
+_VIEW_CALLS = {
+    "numpy.broadcast_to", "numpy.reshape", "ndarray.reshape", "ndarray.transpose", "ndarray.T",
+    "numpy.transpose", "numpy.swapaxes", "ndarray.swapaxes", "ndarray.squeeze",
+    "numpy.squeeze", "numpy.expand_dims", "ndarray.__getitem__",
+}  # fmt: skip
+# Calls that write into an argument.
+_IN_PLACE = {"ndarray.__setitem__", "ndarray.fill", "ndarray.put", "ndarray.sort"}
+
+
+def _fold(rec, fixed: dict, outside: set) -> tuple:
+    """Calls whose results are the same on every replay, run once at capture instead:
+    ``(constants, the other calls)``, constants being slot -> array.
+
+    Two kinds. Values: an engine's seed (``ones_like`` of the loss) and whatever is computed
+    from such values alone (the seed scaled by a mean's 1/n, reshaped, broadcast); they are
+    handed out read-only, so that a write into one raises instead of changing the next
+    replay. Views: a view op (``BroadcastTo``, a reshape) of arrays that every replay reads
+    by reference (the parameters, which optimizers change in place): the view sees their
+    new values. Never folded: a result that outlives a replay or shares memory with one (an
+    output, a .grad), an array that some call writes into, a forward that keeps a random
+    generator."""
+    owner = [_root(o) for o in rec.objects]
+    written = set()  # ids of the memory that calls write into
+    for call in rec.calls:
+        if _writes_into_arguments(call):
+            written.update(id(owner[slot]) for slot in _reads(call))
+    shared = {id(owner[slot]) for slot in outside}
+    values, views, folded = set(), set(), set()
+    for k, call in enumerate(rec.calls):
+        if call[0] not in ("call", "forward") or _writes_into_arguments(call):
+            continue
+        results = _writes(call)
+        if not results or any(id(owner[s]) in shared or s in outside for s in results):
+            continue
+        reads = _value_reads(call)
+        if reads <= values:
+            if any(id(owner[s]) in written for s in results) or _draws(call):
+                continue
+            values |= results
+            folded.add(k)
+        elif reads and reads <= (views | set(fixed)) and _is_view_op(call):
+            roots = {id(owner[s]) for s in reads}
+            if all(id(owner[s]) in roots for s in results):
+                views |= results
+                folded.add(k)
+    constants = {}
+    for slot in values:
+        array = _plain(rec.objects[slot]).view()
+        array.flags.writeable = False
+        constants[slot] = array
+    for slot in views:
+        constants[slot] = _plain(rec.objects[slot])
+    return constants, [c for k, c in enumerate(rec.calls) if k not in folded]
+
+
+def _root(array):
+    """The array that owns ``array``'s memory (the end of its chain of ``.base``)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _writes_into_arguments(call) -> bool:
+    kind, name = call[0], call[2]
+    if kind != "call":
+        return False
+    return "out" in call[4] or call[5] is None or name in _IN_PLACE or name.endswith("_")
+
+
+def _value_reads(call) -> set:
+    """The slots whose values a call's results depend on (``ones_like`` reads a shape)."""
+    if call[0] == "call" and call[2] in _FROM_SHAPE:
+        args = call[3]
+        return _refs(call[4], _refs(tuple(args[1:]), set()))
+    return _reads(call)
+
+
+def _is_view_op(call) -> bool:
+    if call[0] == "call":
+        return call[2] in _VIEW_CALLS
+    return isinstance(call[1], _function.ViewFunction)
+
+
+def _draws(call) -> bool:
+    """A forward that keeps a random generator on its node (a replay must draw anew)."""
+    if call[0] != "forward":
+        return False
+    return any(
+        isinstance(v, (np.random.Generator, np.random.RandomState))
+        for v in vars(call[1]).values()
+    )
 
 
 def _dead_after(calls, kept: set) -> list:
