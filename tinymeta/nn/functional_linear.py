@@ -25,7 +25,7 @@ class Linear(Function):
     """
 
     def forward(self, x, w, b=None):
-        y = _matmul(x, self.xp.swapaxes(w, -1, -2))
+        y = _matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes adds a Python wrapper
         if b is not None:
             if b.ndim > 1:  # batched bias (B..., out): one row per batch element
                 b = b[..., None, :]
@@ -88,7 +88,7 @@ class LinearGradWeight(Function):
             gb = gy2.sum(axis=0)
         else:  # per-batch-element weights: a batched GEMM, summed over broadcast axes
             xp = self.xp
-            gw = sum_to_array(xp, _matmul(xp.swapaxes(gy, -1, -2), x), self.w_shape)
+            gw = sum_to_array(xp, _matmul(gy.swapaxes(-1, -2), x), self.w_shape)
             gb = sum_to_array(xp, gy.sum(axis=-2), self.w_shape[:-1])
         return (gw, gb) if self.with_bias else gw
 
