@@ -1219,8 +1219,15 @@ def _compile(call, dead=()):
     ``dead``."""
     kind = call[0]
     if kind == "call":
+        _, fn, _, args_t, kwargs_t, slots = call
+        picks = [a.i if isinstance(a, _Ref) else None for a in args_t]
+        if not kwargs_t and type(slots) is int and None not in picks:
+            return _plain_call(fn, picks, slots, dead)  # a gradient sum, say
         run = _compile_call(call)
     elif kind == "forward":
+        _, node, _, refs, params, slots, _, kept = call
+        if not params and not kept and type(slots) is int:
+            return _plain_call(node.forward, [r.i for r in refs], slots, dead)
         run = _compile_forward(call)
     elif kind == "bump":
         ref = call[1]
@@ -1281,8 +1288,6 @@ def _compile_forward(call):
     _, node, _, refs, params, slots, single, kept = call
     picks = [r.i for r in refs]
     forward = node.forward
-    if not params and not kept and type(slots) is int:
-        return _plain_forward(forward, picks, slots)
     param_of = {k: _resolver(v) for k, v in params.items()}
     store = _storer(slots)
 
@@ -1302,9 +1307,10 @@ def _compile_forward(call):
     return run
 
 
-def _plain_forward(forward, picks, out: int):
-    """The common forward: arrays in, one array out, nothing kept on the node. Spelled out
-    per arity: the replay runs a hundred of these per W1 meta-iteration."""
+def _plain_call(forward, picks, out: int, dead):
+    """The common call (an op's forward, a NumPy function): arrays in, one array out, nothing
+    kept on the node; then the slots in ``dead`` are dropped. Spelled out per arity, in one
+    function: the replay runs a hundred of these per W1 meta-iteration."""
     ndarray, asarray = np.ndarray, np.asarray
     if len(picks) == 1:
         (a,) = picks
@@ -1312,6 +1318,8 @@ def _plain_forward(forward, picks, out: int):
         def run1(values):
             y = forward(values[a])
             values[out] = y if type(y) is ndarray else asarray(y)
+            for slot in dead:
+                values[slot] = None
 
         return run1
     if len(picks) == 2:
@@ -1320,6 +1328,8 @@ def _plain_forward(forward, picks, out: int):
         def run2(values):
             y = forward(values[a], values[b])
             values[out] = y if type(y) is ndarray else asarray(y)
+            for slot in dead:
+                values[slot] = None
 
         return run2
     if len(picks) == 3:
@@ -1328,12 +1338,16 @@ def _plain_forward(forward, picks, out: int):
         def run3(values):
             y = forward(values[a], values[b], values[c])
             values[out] = y if type(y) is ndarray else asarray(y)
+            for slot in dead:
+                values[slot] = None
 
         return run3
 
     def run(values):
         y = forward(*[values[p] for p in picks])
         values[out] = y if type(y) is ndarray else asarray(y)
+        for slot in dead:
+            values[slot] = None
 
     return run
 
