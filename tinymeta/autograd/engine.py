@@ -308,16 +308,20 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
         _accumulate(grads, y, g)
 
     result: dict[int, tuple] = {}
-    # Keep every output alive until its node has run: freeing a consumer node
-    # drops its references to its inputs, which may be another node's outputs.
+    # Keep the outputs of multi-output nodes alive until their node has run: freeing a
+    # consumer node drops its references to its inputs, which may be such outputs, and a
+    # rule may read one that no gradient reached. (A one-output node is run only when a
+    # gradient reached its output, and the gradient's entry keeps the output alive.)
     for fn in order:
         refs = fn.outputs
-        fn._held_outputs = (refs[0](),) if len(refs) == 1 else tuple([ref() for ref in refs])
+        if len(refs) > 1:
+            fn._held_outputs = tuple([ref() for ref in refs])
     try:
         _propagate(order, grads, targets, result, retain_graph, create_graph)
-    finally:
+    except BaseException:
         for fn in order:
             fn._held_outputs = None
+        raise
 
     # What is left: gradients of leaves (backward) or of the requested inputs (grad).
     for key, (x, g) in grads.items():
@@ -334,16 +338,36 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
     hook = _backward_hook  # trace() / detect_anomaly() watch the backward rules through it
     if hook is not None:
         hook.begin_pass(create_graph=create_graph, retain_graph=retain_graph)
+    take, get = grads.pop, grads.get
     # set_grad_enabled(create_graph) as a bare token: no context-manager object per call.
     mode = grad_mode._enabled.set(create_graph)
     try:
         for fn in order:
-            gys = _output_grads(fn, grads, targets, result)
+            refs = fn.outputs
+            if len(refs) == 1:  # almost every op: _output_grads inlined (one dict look-up)
+                y = refs[0]()  # None if the output is gone: no gradient can have reached it
+                entry = take(id(y), None)
+                if entry is None:
+                    gys = None
+                else:
+                    fn._held_outputs = (y,)  # Function.output, while the rule runs
+                    g = entry[1]
+                    if y._hooks:
+                        g = _run_hooks(y, g)
+                    if targets and id(y) in targets:
+                        result[id(y)] = (y, g)
+                    gys = (g,)
+            else:
+                gys = _output_grads(fn, grads, targets, result)
             if gys is None:  # no gradient reached this node
                 _release(fn, retain_graph)
                 continue
-            # Only nodes that saved values can be invalidated by an in-place change.
-            if fn.input_versions is not None or fn.output_versions is not None:
+            # Only nodes that saved values can be invalidated by an in-place change: one
+            # tuple comparison in C (_check_versions finds what changed, and raises).
+            saved = fn.input_versions
+            if (saved is not None and versions(fn.inputs) != saved) or (
+                fn.output_versions is not None
+            ):
                 _check_versions(fn)
             if hook is not None:
                 gxs = hook.run_rule(fn, gys)  # calls fn.backward(*gys), watching it
@@ -351,34 +375,38 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                 gxs = fn.backward(*gys)
             if type(gxs) is not tuple:
                 gxs = (gxs,)
-            if len(gxs) != len(fn.inputs):
+            inputs = fn.inputs
+            if len(gxs) != len(inputs):
                 raise RuntimeError(
                     f"{fn.op_name()}.backward returned {len(gxs)} gradients "
-                    f"for {len(fn.inputs)} inputs"
+                    f"for {len(inputs)} inputs"
                 )
-            for x, gx, need in zip(fn.inputs, gxs, fn.needs_input_grad):
+            for x, gx, need in zip(inputs, gxs, fn.needs_input_grad):
                 if gx is None or not need:
                     continue
+                # (._data: the slot behind the .data property, read without a call)
+                xa, ga = x._data, gx._data
                 # A float32 input used in a float64 op, say. (`is` first: it is cheaper
                 # than ==, and equal builtin dtypes are one object.)
-                # (._data: the slot behind the .data property, read without a call)
-                x_dtype, g_dtype = x._data.dtype, gx._data.dtype
+                x_dtype, g_dtype = xa.dtype, ga.dtype
                 if g_dtype is not x_dtype and g_dtype != x_dtype:
                     gx = gx.astype(x_dtype)
-                if gx._data.shape != x._data.shape:
+                if ga.shape != xa.shape:
                     raise RuntimeError(
                         f"{fn.op_name()}.backward produced a gradient of shape {gx.shape} "
                         f"for an input of shape {x.shape}"
                     )
                 key = id(x)
-                entry = grads.get(key)  # _accumulate(grads, x, gx), inlined: hot path
+                entry = get(key)  # _accumulate(grads, x, gx), inlined: hot path
                 if entry is None:
                     grads[key] = (x, gx)
                 elif create_graph:
                     grads[key] = (x, entry[1] + gx)
                 else:  # grad mode is off, so no Add node would be recorded: add the arrays
                     grads[key] = (x, Tensor._wrap(entry[1]._data + gx._data))
-            _release(fn, retain_graph)
+            fn._held_outputs = None  # _release(fn, retain_graph), inlined
+            if not retain_graph:
+                _free(fn)
     finally:
         grad_mode._enabled.reset(mode)
 
@@ -471,11 +499,15 @@ def _version_error(fn, what: str, i: int, x, v: int):
 def _release(fn, retain_graph):
     fn._held_outputs = None
     if not retain_graph:
-        # Drop the saved tensors (their arrays can now be freed); keep only
-        # where the edges led, so that a second backward can say what is wrong.
-        inputs = fn.inputs
-        fn.freed_edges = tuple(zip(map(weakref.ref, inputs), map(_grad_fn_of, inputs)))
-        fn.inputs = None
+        _free(fn)
+
+
+def _free(fn):
+    """Drop the saved tensors (their arrays can now be freed); keep only where the edges
+    led, so that a second backward can say what is wrong."""
+    inputs = fn.inputs
+    fn.freed_edges = tuple(zip(map(weakref.ref, inputs), map(_grad_fn_of, inputs)))
+    fn.inputs = None
 
 
 # Set by the instruments in tinymeta.autograd (trace, detect_anomaly) while one is

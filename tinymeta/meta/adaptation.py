@@ -159,7 +159,9 @@ def _query_loss(forward, loss_fn, x, y, path: list, weights: list, predict: bool
         with inner_step(step):
             predictions = forward(p, x)
             if w != 0.0:
-                loss = loss_fn(predictions, y) * w
+                loss = loss_fn(predictions, y)
+                if w != 1.0:  # (x * 1.0 is x: no node for it, here and in every backward)
+                    loss = loss * w
                 total = loss if total is None else total + loss
     return total, predictions
 

@@ -66,7 +66,7 @@ class Transpose(ViewFunction):
     def forward(self, x):
         if self.axes is None:
             self.axes = tuple(reversed(range(x.ndim)))
-        y = self.xp.transpose(x, self.axes)
+        y = x.transpose(self.axes)  # the method: no xp.transpose wrapper and dispatch
         # Non-negative axes, so that argsort in backward gives the inverse permutation.
         self.axes = tuple(a % x.ndim for a in self.axes)
         return y
