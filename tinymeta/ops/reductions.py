@@ -5,10 +5,10 @@ from __future__ import annotations
 import builtins
 
 from tinymeta.backend import get_array_module
-from tinymeta.function import Function
+from tinymeta.function import Function, arrays_only
 from tinymeta.grad_mode import is_grad_enabled
 from tinymeta.ops.shape import broadcast_to, reshape
-from tinymeta.tensor import constant
+from tinymeta.tensor import Tensor, constant
 
 
 def normalize_axis(axis, ndim: int) -> tuple:
@@ -100,6 +100,76 @@ class Min(Max):
     """y = min(x, axis);  gx = gy routed to the arg-min (ties split evenly)."""
 
     reduce = "min"
+
+
+class SquaredSum(Function):
+    """y = c * sum(d * d) over every element, for a constant number c (1/n: a mean squared
+    error, 1: a sum);  gd = 2 c gy d, formed as t + t with t = (c gy) d.
+
+    One node in place of Mul, Sum and Scale, and one (SquaredSumGrad) in place of the three
+    that their backward records under ``create_graph`` (MAML's inner gradient of an MSE
+    loss). The array calls are those of the composition, so the values are the same bits.
+    """
+
+    def __init__(self, c):
+        self.c = c
+
+    def forward(self, d):
+        y = (d * d).sum(axis=tuple(range(d.ndim)))  # (the axes Sum's forward passes)
+        return y if self.c == 1 else y * self.c
+
+    def backward(self, gy):
+        (d,) = self.inputs
+        if arrays_only():  # SquaredSumGrad's forward, without the node
+            t = _scaled_array(gy._data, self.c) * d._data
+            return Tensor._wrap(t + t)
+        return SquaredSumGrad.apply(d, gy, c=self.c)
+
+
+class SquaredSumGrad(Function):
+    """gd = 2 c gy d (as t + t, t = (c gy) d), the gradient of SquaredSum;  its own:
+    for d, (gg + gg) c gy; for gy, c sum((gg + gg) d)."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def forward(self, d, gy):
+        t = _scaled_array(gy, self.c) * d
+        return t + t
+
+    def backward(self, gg):
+        d, gy = self.inputs
+        c = self.c
+        if arrays_only():
+            u = gg._data + gg._data
+            gd = Tensor._wrap(u * _scaled_array(gy._data, c)) if self.needs_input_grad[0] else None
+            ggy = None
+            if self.needs_input_grad[1]:
+                ggy = Tensor._wrap(_scaled_array((u * d._data).sum(), c))
+            return gd, ggy
+        u = gg + gg
+        gd = u * (gy * c if c != 1 else gy) if self.needs_input_grad[0] else None
+        ggy = None
+        if self.needs_input_grad[1]:
+            ggy = sum(u * d)
+            ggy = ggy * c if c != 1 else ggy
+        return gd, ggy
+
+
+def _scaled_array(a, c):
+    """c * a as Scale's forward computes it; a itself for c = 1 (x * 1 is x)."""
+    return a if c == 1 else a * c
+
+
+def squared_sum(d, c=1.0):
+    """c * sum(d * d) over every element, as one op (see SquaredSum): mse_loss's reduction."""
+    if type(c) is not float and type(c) is not int:
+        raise TypeError(f"squared_sum: c must be a Python int or float, got {type(c).__name__}")
+    if not isinstance(d, Tensor):
+        raise TypeError(f"squared_sum: d must be a Tensor, got {type(d).__name__}")
+    if d.dtype.kind not in "fc":
+        raise TypeError(f"squared_sum: d must be a floating-point tensor, got dtype {d.dtype}")
+    return SquaredSum.apply(d, c=c)
 
 
 def sum(x, axis=None, keepdims: bool = False):  # noqa: A001 - mirrors numpy.sum
