@@ -264,3 +264,122 @@ def test_w2_layer_on_winograd_matches_float64_im2col():
 def test_winograd_kernel_errors_name_the_kernel_and_shapes(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# --- capture: the tiles shared between ops replay bit for bit ---------------------------------
+
+
+def _two_layer_convnet(p, x):
+    """1 -> 16 channels (im2col), then 16 -> 16 on 8x8 images (Winograd), batch norm, ReLU."""
+    x = F.relu(F.conv2d(x, p["c1.w"], p["c1.b"], padding=1))
+    x = F.conv2d(x, p["c2.w"], p["c2.b"], padding=1)
+    x = F.batch_norm(x, None, None, p["bn.w"], p["bn.b"], training=True)
+    x = F.max_pool2d(F.relu(x), 4)
+    return F.linear(x.reshape(x.shape[:-3] + (-1,)), p["fc.w"], p["fc.b"])
+
+
+TWO_LAYER_SHAPES = {"c1.w": (16, 1, 3, 3), "c1.b": (16,), "c2.w": (16, 16, 3, 3), "c2.b": (16,),
+                    "bn.w": (16,), "bn.b": (16,), "fc.w": (3, 64), "fc.b": (3,)}  # fmt: skip
+
+
+@pytest.mark.parametrize("vectorized", [False, True])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_winograd_maml_step_replays_bit_identical(first_order, vectorized):
+    from test_capture import _omniglot_batches, _params, _twins
+
+    from tinymeta import meta
+    from tinymeta.optim import Adam
+
+    assert conv.winograd_applies(np.zeros(1), 16, 16, (3, 3), (1, 1), (8, 8))
+
+    def make_state():
+        params = _params(TWO_LAYER_SHAPES, seed=4)
+        return {"params": params, "opt": Adam(list(params.values()), lr=1e-3)}
+
+    def make_step(state):
+        params, opt = state["params"], state["opt"]
+
+        def xent(logits, labels):
+            return F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1))
+
+        def step(xs, ys, xq, yq):
+            opt.zero_grad()
+            loss = meta.maml_loss(
+                _two_layer_convnet, params, (xs, ys), (xq, yq), xent, 0.4, 1,
+                first_order=first_order, vectorized=vectorized,
+            )  # fmt: skip
+            loss.backward()
+            opt.step()
+            return loss
+
+        return step
+
+    _twins(make_state, make_step, _omniglot_batches(3))
+
+
+def test_winograd_maml_meta_gradient_matches_the_im2col_path(monkeypatch):
+    """Second-order MAML through the shared tiles against the same net on im2col (float64)."""
+    from tinymeta import meta
+
+    batch = [tm.tensor(a.astype(np.float64)) if a.dtype.kind == "f" else a
+             for a in _omniglot_batch()]  # fmt: skip
+
+    def meta_gradient(min_channels):
+        monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", min_channels)
+        rng = np.random.default_rng(6)
+        params = {k: tm.tensor(rng.standard_normal(s) / np.sqrt(np.prod(s[1:])),
+                               requires_grad=True)
+                  for k, s in TWO_LAYER_SHAPES.items()}  # fmt: skip
+        xs, ys, xq, yq = batch
+
+        def xent(logits, labels):
+            return F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1))
+
+        loss = meta.maml_loss(_two_layer_convnet, params, (xs, ys), (xq, yq), xent, 0.4, 1)
+        return [g.numpy() for g in tm.grad(loss, list(params.values()))]
+
+    for got, want in zip(meta_gradient(16), meta_gradient(10**9)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def _omniglot_batch(tasks=2, ways=3):
+    rng = np.random.default_rng(7)
+    labels = np.tile(np.arange(ways), (tasks, 1)).astype(np.int64)
+    images = [rng.standard_normal((tasks, ways, 1, 8, 8)).astype(np.float32) for _ in range(2)]
+    return images[0], labels, images[1], labels
+
+
+def test_backward_rules_transform_each_array_once(monkeypatch):
+    """A second-order gradient through one Winograd convolution: each backward rule that hands
+    an array to two ops (gy to both gradients, ggx to conv2d and the weight gradient) has its
+    tiles made once; without the sharing, every op makes its own."""
+    rng = np.random.default_rng(8)
+    x = tm.tensor(rng.standard_normal((2, 16, 6, 6)), requires_grad=True)
+    w = tm.tensor(rng.standard_normal((16, 16, 3, 3)) / 12, requires_grad=True)
+    calls = {"winograd_input": 0, "winograd_output_adjoint": 0}
+    for name in calls:
+        original = getattr(kernels, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(kernels, name, counted)
+
+    def transforms(share: bool):
+        monkeypatch.setattr(conv, "tiles_of", tiles_of if share else lambda *args: None)
+        for name in calls:
+            calls[name] = 0
+        y = F.conv2d(x, w, padding=1)
+        gx, gw = tm.grad((y * y).sum(), [x, w], create_graph=True)
+        second = tm.grad((gx * gx).sum() + (gw * gw).sum(), [x, w])
+        return dict(calls), [g.numpy() for g in (gx, gw, *second)]
+
+    tiles_of = conv.tiles_of
+    shared, values = transforms(share=True)
+    unshared, expected = transforms(share=False)
+    # gy's tiles: one pass instead of two (first order) and ggx's likewise (second order).
+    assert shared["winograd_output_adjoint"] < unshared["winograd_output_adjoint"]
+    assert shared["winograd_input"] < unshared["winograd_input"]
+    for got, want in zip(values, expected):
+        np.testing.assert_array_equal(got, want)

@@ -44,6 +44,7 @@ from tinymeta import kernels
 from tinymeta._checks import check_int
 from tinymeta.backend import get_array_module
 from tinymeta.function import Function
+from tinymeta.grad_mode import no_grad
 from tinymeta.ops.reductions import sum as _sum
 
 
@@ -148,16 +149,69 @@ def tile_matrices(tiles, tasks: tuple):
     return tiles.reshape((16,) + tasks + (-1, tiles.shape[-1]))
 
 
+def input_tiles(x, padding: tuple):
+    """Winograd's input tiles of x (..., N, C, H, W), tasks folded: (16, N*, th, tw, C)."""
+    return kernels.winograd_input(fold_tasks(x), *padding)
+
+
+def output_tiles(gy, x_hw: tuple, padding: tuple):
+    """The adjoint output transform of gy (..., N, O, OH, OW): (16, N*, th, tw, O)."""
+    _, _, th, tw = kernels.winograd_tiles(*x_hw, *padding)
+    return kernels.winograd_output_adjoint(fold_tasks(gy), th, tw)
+
+
+def winograd_rows(tiles, w, tasks: tuple, out_hw: tuple):
+    """The convolution of x (given by its input tiles) with w, as (..., N*OH*OW, O) rows."""
+    m = tile_matrices(tiles, tasks) @ winograd_weight(w)
+    y = kernels.winograd_output(m.reshape(tiles.shape[:-1] + (-1,)), *out_hw)
+    return nhwc(y).reshape(tasks + (-1, y.shape[1]))
+
+
+class WinogradTiles(Function):
+    """The Winograd tiles of a tensor (``kind`` "input": ``input_tiles``; "output":
+    ``output_tiles``), for a backward rule that hands them to two convolution ops.
+
+    Applied without recording (``tiles_of``), so it is never differentiated: the tiles are a
+    cache of the ops' inputs, not a value in the graph. Being an op, a ``tm.capture`` replay
+    recomputes them from the replayed arrays like any other forward.
+    """
+
+    saves_inputs = False
+
+    def __init__(self, kind: str, x_hw: tuple, padding: tuple):
+        self.kind, self.x_hw, self.padding = kind, tuple(x_hw), padding
+
+    def forward(self, a):
+        if self.kind == "input":
+            return input_tiles(a, self.padding)
+        return output_tiles(a, self.x_hw, self.padding)
+
+    def backward(self, g):
+        raise RuntimeError("WinogradTiles: the tiles are a cache, not differentiable")
+
+
+def tiles_of(t, kind: str, x_hw: tuple, padding: tuple):
+    """The array of ``WinogradTiles`` of tensor t, applied outside the graph."""
+    with no_grad():
+        return WinogradTiles.apply(t, kind=kind, x_hw=x_hw, padding=padding).data
+
+
 class Conv2d(Function):
     """y[n,o,i,j] = sum_{c,p,q} x_pad[n,c,i*sh+p,j*sw+q] w[o,c,p,q] + b[o];
     gx = Conv2dGradInput(gy, w), gw = Conv2dGradWeight(x, gy), gb = sum_{n,i,j} gy.
 
     With a task axis: x (T, N, C, H, W), w (T, O, C, kh, kw), b (T, O), and the
     same formulas for every t (y[t] = conv(x[t], w[t]) + b[t]).
+
+    On the Winograd path, ``x_tiles`` (Winograd's input tiles of x) may be given by a
+    backward rule that hands the same tiles to a second op; its backward shares gy's tiles
+    between the two gradients the same way.
     """
 
-    def __init__(self, stride: tuple, padding: tuple):
-        self.stride, self.padding = stride, padding
+    winograd = False  # did the forward take the Winograd path?
+
+    def __init__(self, stride: tuple, padding: tuple, x_tiles=None):
+        self.stride, self.padding, self.given_x_tiles = stride, padding, x_tiles
 
     def forward(self, x, w, b=None):
         tasks = w.shape[:-4]  # () for one weight, (T,) for one weight per task
@@ -166,7 +220,11 @@ class Conv2d(Function):
         oh = output_size(x.shape[-2], kh, self.stride[0], self.padding[0])
         ow = output_size(x.shape[-1], kw, self.stride[1], self.padding[1])
         if winograd_applies(x, w.shape[-3], o, (kh, kw), self.stride, (oh, ow)):
-            y = self._winograd(fold_tasks(x), w, tasks, (oh, ow))
+            self.winograd = True
+            tiles = self.given_x_tiles
+            if tiles is None:
+                tiles = input_tiles(x, self.padding)
+            y = winograd_rows(tiles, w, tasks, (oh, ow))
         else:
             cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
             # One GEMM per task, (N*OH*OW, kh*kw*C) @ (kh*kw*C, O), all in one matmul call.
@@ -179,24 +237,26 @@ class Conv2d(Function):
                 y = y + b
         return to_nchw(y.reshape(tasks + (n, oh, ow, o)))  # channels-last memory
 
-    def _winograd(self, x, w, tasks: tuple, out_hw: tuple):
-        """y as (..., N*OH*OW, O) rows (NHWC memory) through Winograd's tile products."""
-        v = kernels.winograd_input(x, *self.padding)  # (16, N*, th, tw, C)
-        m = tile_matrices(v, tasks) @ winograd_weight(w)
-        y = kernels.winograd_output(m.reshape(v.shape[:-1] + (-1,)), *out_hw)
-        return nhwc(y).reshape(tasks + (-1, y.shape[1]))
-
     def backward(self, gy):
         x, w = self.inputs[:2]
+        need_x, need_w = self.needs_input_grad[:2]
+        # Both gradients read the tiles of gy on the Winograd path: transformed once, here.
+        gy_tiles = (
+            tiles_of(gy, "output", x.shape[-2:], self.padding)
+            if self.winograd and need_x and need_w
+            else None
+        )
         geometry = {"stride": self.stride, "padding": self.padding}
         gx = (
-            Conv2dGradInput.apply(gy, w, x_shape=x.shape, **geometry)
-            if self.needs_input_grad[0]
+            Conv2dGradInput.apply(gy, w, x_shape=x.shape, gy_tiles=gy_tiles, **geometry)
+            if need_x
             else None
         )
         gw = (
-            Conv2dGradWeight.apply(x, gy, w_shape=w.shape, **geometry)
-            if self.needs_input_grad[1]
+            Conv2dGradWeight.apply(
+                x, gy, w_shape=w.shape, x_tiles=self.given_x_tiles, gy_tiles=gy_tiles, **geometry
+            )
+            if need_w
             else None
         )
         if len(self.inputs) == 2:
@@ -207,10 +267,15 @@ class Conv2d(Function):
 
 class Conv2dGradInput(Function):
     """gx_pad[n,c,i*sh+p,j*sw+q] += sum_o gy[n,o,i,j] w[o,c,p,q]  (col2im);
-    ggy = conv2d(ggx, w), gw = Conv2dGradWeight(ggx, gy).  (Per task with a task axis.)"""
+    ggy = conv2d(ggx, w), gw = Conv2dGradWeight(ggx, gy).  (Per task with a task axis.)
 
-    def __init__(self, x_shape: tuple, stride: tuple, padding: tuple):
+    ``gy_tiles``: the Winograd tiles of gy, when the caller has them (see Conv2d)."""
+
+    winograd = False
+
+    def __init__(self, x_shape: tuple, stride: tuple, padding: tuple, gy_tiles=None):
         self.x_shape, self.stride, self.padding = tuple(x_shape), stride, padding
+        self.given_gy_tiles = gy_tiles
 
     def forward(self, gy, w):
         tasks = w.shape[:-4]
@@ -219,8 +284,10 @@ class Conv2dGradInput(Function):
         oh, ow = gy.shape[-2:]
         if winograd_applies(gy, c, o, (kh, kw), self.stride, (oh, ow)):
             # The adjoint of Conv2d's Winograd path: tiles of gy, products with U^T, back to x.
-            _, _, th, tw = kernels.winograd_tiles(h, wd, *self.padding)
-            mg = kernels.winograd_output_adjoint(fold_tasks(gy), th, tw)
+            self.winograd = True
+            mg = self.given_gy_tiles
+            if mg is None:
+                mg = output_tiles(gy, (h, wd), self.padding)
             vg = tile_matrices(mg, tasks) @ winograd_weight(w).swapaxes(-1, -2)
             gx = kernels.winograd_input_adjoint(
                 vg.reshape(mg.shape[:-1] + (c,)), h, wd, *self.padding
@@ -236,16 +303,25 @@ class Conv2dGradInput(Function):
 
     def backward(self, ggx):
         gy, w = self.inputs
-        ggy = (
-            Conv2d.apply(ggx, w, stride=self.stride, padding=self.padding)
-            if self.needs_input_grad[0]
+        need_gy, need_w = self.needs_input_grad
+        # conv2d(ggx, w) and the weight gradient both read ggx's tiles: transformed once.
+        ggx_tiles = (
+            tiles_of(ggx, "input", ggx.shape[-2:], self.padding)
+            if self.winograd and need_gy and need_w
             else None
         )
+        geometry = {"stride": self.stride, "padding": self.padding}
+        ggy = Conv2d.apply(ggx, w, x_tiles=ggx_tiles, **geometry) if need_gy else None
         gw = (
             Conv2dGradWeight.apply(
-                ggx, gy, w_shape=w.shape, stride=self.stride, padding=self.padding
+                ggx,
+                gy,
+                w_shape=w.shape,
+                x_tiles=ggx_tiles,
+                gy_tiles=self.given_gy_tiles,
+                **geometry,
             )
-            if self.needs_input_grad[1]
+            if need_w
             else None
         )
         return ggy, gw
@@ -253,10 +329,13 @@ class Conv2dGradInput(Function):
 
 class Conv2dGradWeight(Function):
     """gw[o,c,p,q] = sum_{n,i,j} gy[n,o,i,j] x_pad[n,c,i*sh+p,j*sw+q];
-    gx = Conv2dGradInput(gy, ggw), ggy = conv2d(x, ggw).  (Per task with a task axis.)"""
+    gx = Conv2dGradInput(gy, ggw), ggy = conv2d(x, ggw).  (Per task with a task axis.)
 
-    def __init__(self, w_shape: tuple, stride: tuple, padding: tuple):
+    ``x_tiles``, ``gy_tiles``: the Winograd tiles of x and gy, when the caller has them."""
+
+    def __init__(self, w_shape: tuple, stride: tuple, padding: tuple, x_tiles=None, gy_tiles=None):
         self.w_shape, self.stride, self.padding = tuple(w_shape), stride, padding
+        self.given_x_tiles, self.given_gy_tiles = x_tiles, gy_tiles
 
     def forward(self, x, gy):
         tasks = self.w_shape[:-4]
@@ -264,9 +343,11 @@ class Conv2dGradWeight(Function):
         if winograd_applies(x, c, o, (kh, kw), self.stride, gy.shape[-2:]):
             # sum over tiles of (input tile transform)^T (adjoint output transform of gy),
             # per position and task, then the adjoint of the weight transform.
-            _, _, th, tw = kernels.winograd_tiles(*x.shape[-2:], *self.padding)
-            v = kernels.winograd_input(fold_tasks(x), *self.padding)
-            mg = kernels.winograd_output_adjoint(fold_tasks(gy), th, tw)
+            v, mg = self.given_x_tiles, self.given_gy_tiles
+            if v is None:
+                v = input_tiles(x, self.padding)
+            if mg is None:
+                mg = output_tiles(gy, x.shape[-2:], self.padding)
             du = tile_matrices(v, tasks).swapaxes(-1, -2) @ tile_matrices(mg, tasks)
             return winograd_weight_adjoint(du)
         cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
@@ -280,9 +361,15 @@ class Conv2dGradWeight(Function):
         x, gy = self.inputs
         geometry = {"stride": self.stride, "padding": self.padding}
         gx = (
-            Conv2dGradInput.apply(gy, ggw, x_shape=x.shape, **geometry)
+            Conv2dGradInput.apply(
+                gy, ggw, x_shape=x.shape, gy_tiles=self.given_gy_tiles, **geometry
+            )
             if self.needs_input_grad[0]
             else None
         )
-        ggy = Conv2d.apply(x, ggw, **geometry) if self.needs_input_grad[1] else None
+        ggy = (
+            Conv2d.apply(x, ggw, x_tiles=self.given_x_tiles, **geometry)
+            if self.needs_input_grad[1]
+            else None
+        )
         return gx, ggy
