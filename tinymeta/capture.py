@@ -1121,10 +1121,14 @@ def _root(array):
 
 
 def _writes_into_arguments(call) -> bool:
+    """A NumPy call or kernel that may change an array it is given: out=, no array result
+    (``copyto``, a ufunc's ``.at``), item assignment, a kernel named ``..._`` (``sgd_update_``)."""
     kind, name = call[0], call[2]
     if kind != "call":
         return False
-    return "out" in call[4] or call[5] is None or name in _IN_PLACE or name.endswith("_")
+    last = name.rsplit(".", 1)[-1]  # numpy.add.__call__ is not a trailing-underscore kernel
+    in_place_kernel = last.endswith("_") and not last.startswith("__")
+    return "out" in call[4] or call[5] is None or name in _IN_PLACE or in_place_kernel
 
 
 def _value_reads(call) -> set:
