@@ -29,7 +29,10 @@ limits (documented in docs/capture.md): a ``numpy.random.Generator`` passed in b
 kept outside tensors, their ``.grad`` and the optimizers.
 
 The replay keeps everything else fixed: arrays that the step only read (constants, the
-parameters, which optimizers change in place) are used by reference.
+parameters, which optimizers change in place) are used by reference. Calls whose results are
+the same on every replay (the engine's seeds and what is computed from them alone, view ops
+of the parameters) run once, at capture (:func:`_fold`), and a replay drops each array right
+after the last call that reads it (:func:`_dead_after`).
 """
 
 from __future__ import annotations
