@@ -78,6 +78,21 @@ class Function:
                 need = needs[0] or needs[1]
             else:
                 arrays, tensors, needs, need = _arrays_of(fn, inputs)
+        elif n == 3:  # Linear with a bias, and the like
+            a, b, c = inputs
+            if (
+                isinstance(a, Tensor)
+                and isinstance(b, Tensor)
+                and isinstance(c, Tensor)
+                and type(da := a._data) is np.ndarray
+                and type(db := b._data) is np.ndarray
+                and type(dc := c._data) is np.ndarray
+            ):
+                arrays, tensors = (da, db, dc), inputs
+                needs = (a.requires_grad, b.requires_grad, c.requires_grad)
+                need = needs[0] or needs[1] or needs[2]
+            else:
+                arrays, tensors, needs, need = _arrays_of(fn, inputs)
         else:
             arrays, tensors, needs, need = _arrays_of(fn, inputs)
         try:
@@ -95,7 +110,10 @@ class Function:
             if _forward_hook is not None:
                 _forward_hook(fn, [y])
             return y
-        outputs = tuple([Tensor._wrap(y) for y in ys])
+        if len(ys) == 2:  # (no list-comprehension frame for the usual pair)
+            outputs = (Tensor._wrap(ys[0]), Tensor._wrap(ys[1]))
+        else:
+            outputs = tuple([Tensor._wrap(y) for y in ys])
         if need and _grad_enabled():
             fn._record(tensors, needs, outputs)
         if _forward_hook is not None:
@@ -149,7 +167,7 @@ class Function:
         if len(outputs) > 1:
             # An output may be garbage before backward runs; its zero gradient is then built
             # from the shape and dtype kept here.
-            self.output_specs = tuple([(o.shape, o.dtype) for o in outputs])
+            self.output_specs = tuple(zip(map(_shape_of, outputs), map(_dtype_of, outputs)))
 
     # --- what subclasses write -------------------------------------------
     def forward(self, *xs):
@@ -228,6 +246,8 @@ def _named_error(cls, error: Exception, arrays) -> Exception:
 
 
 _generation_of = operator.attrgetter("generation")
+_shape_of = operator.attrgetter("_data.shape")  # of a tensor's array, without the property
+_dtype_of = operator.attrgetter("_data.dtype")
 _next_seq = itertools.count(1).__next__
 
 

@@ -18,6 +18,9 @@ from tinymeta.grad_mode import is_grad_enabled
 
 DEFAULT_FLOAT = np.dtype(np.float32)
 
+_ndarray = np.ndarray
+_new_object = object.__new__
+
 # The version counter [version, viewed] of every tensor whose memory was never aliased nor
 # changed in place: shared and read-only (Tensor._bump and share_version replace it).
 FRESH = (0, False)
@@ -54,13 +57,14 @@ class Tensor:
         if requires_grad:
             self.requires_grad_(True)
 
-    @classmethod
-    def _wrap(cls, array):
-        """Fast constructor for op outputs (no checks beyond making NumPy scalars 0-d arrays)."""
+    @staticmethod
+    def _wrap(array):
+        """Fast constructor for op outputs (no checks beyond making NumPy scalars 0-d arrays).
+        A plain Tensor always; a static method: no bound method is made per call."""
         # 0-d arithmetic and comparisons return NumPy scalars (the type test first: hot path)
-        if type(array) is not np.ndarray and isinstance(array, np.generic):
+        if type(array) is not _ndarray and isinstance(array, np.generic):
             array = np.asarray(array)
-        t = object.__new__(cls)
+        t = _new_object(Tensor)
         # _start(array, None), inlined: every op output passes here
         t._data = array
         t.grad = t.grad_fn = t.name = t._hooks = None

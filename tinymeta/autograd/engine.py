@@ -23,7 +23,7 @@ from tinymeta import function, grad_mode
 from tinymeta import tensor as tensor_module
 from tinymeta.autograd.first_order import is_first_order
 from tinymeta.backend import get_array_module
-from tinymeta.function import versions
+from tinymeta.function import _counter_of, _first, versions
 from tinymeta.tensor import Tensor
 
 FREED_MESSAGE = (
@@ -208,25 +208,31 @@ def _collect(roots, targets):
     if replaced:
         for r in roots:
             _check_not_replaced(r, "backward from a tensor", None)
+    stale_possible = function.inplace_recorded  # (read once: nothing records during the walk)
+    freed_seen = False
     while stack:
         fn = stack.pop()
         if fn in seen:
             continue
         seen.add(fn)
         order.append(fn)
-        if function.inplace_recorded and fn.inputs is not None:
-            _check_no_stale_inputs(fn)
-        if replaced and fn.inputs is not None:
-            for i, (x, need) in enumerate(zip(fn.inputs, fn.needs_input_grad)):
-                if need:
-                    _check_not_replaced(x, f"{fn.op_name()}: input {i}", fn.seq)
+        inputs = fn.inputs
+        if inputs is None:
+            freed_seen = True
+        else:
+            if stale_possible:
+                _check_no_stale_inputs(fn)
+            if replaced:
+                for i, (x, need) in enumerate(zip(inputs, fn.needs_input_grad)):
+                    if need:
+                        _check_not_replaced(x, f"{fn.op_name()}: input {i}", fn.seq)
         if fn.generation < min_target_generation:
             continue
         # The creators of the inputs fn hands a gradient to (_edges(fn) without the tensors
         # and without inputs that did not require grad when fn was recorded: an in-place
         # assignment may have given one a creator since, which fn owes nothing)
-        if fn.inputs is not None:
-            creators = map(_grad_fn_of, compress(fn.inputs, fn.needs_input_grad))
+        if inputs is not None:
+            creators = map(_grad_fn_of, compress(inputs, fn.needs_input_grad))
         else:
             creators = [creator for _, creator in fn.freed_edges]
         for creator in creators:
@@ -241,9 +247,10 @@ def _collect(roots, targets):
                 needed.add(fn)
         order = [fn for fn in order if fn in needed]
     order.reverse()
-    for fn in order:
-        if fn.inputs is None:
-            raise RuntimeError(FREED_MESSAGE)
+    if freed_seen:  # a node freed by an earlier backward is fine only where it is not run
+        for fn in order:
+            if fn.inputs is None:
+                raise RuntimeError(FREED_MESSAGE)
     return order
 
 
@@ -365,9 +372,10 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
             # Only nodes that saved values can be invalidated by an in-place change: one
             # tuple comparison in C (_check_versions finds what changed, and raises).
             saved = fn.input_versions
-            if (saved is not None and versions(fn.inputs) != saved) or (
-                fn.output_versions is not None
-            ):
+            if (
+                saved is not None
+                and tuple(map(_first, map(_counter_of, fn.inputs))) != saved  # versions()
+            ) or fn.output_versions is not None:
                 _check_versions(fn)
             if hook is not None:
                 gxs = hook.run_rule(fn, gys)  # calls fn.backward(*gys), watching it
