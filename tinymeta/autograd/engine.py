@@ -394,16 +394,9 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                     continue
                 # (._data: the slot behind the .data property, read without a call)
                 xa, ga = x._data, gx._data
-                # A float32 input used in a float64 op, say. (`is` first: it is cheaper
-                # than ==, and equal builtin dtypes are one object.)
-                x_dtype, g_dtype = xa.dtype, ga.dtype
-                if g_dtype is not x_dtype and g_dtype != x_dtype:
-                    gx = gx.astype(x_dtype)
-                if ga.shape != xa.shape:
-                    raise RuntimeError(
-                        f"{fn.op_name()}.backward produced a gradient of shape {gx.shape} "
-                        f"for an input of shape {x.shape}"
-                    )
+                # One test for the usual case (`is`: equal builtin dtypes are one object)
+                if ga.dtype is not xa.dtype or ga.shape != xa.shape:
+                    gx = _conformed(fn, x, gx)
                 key = id(x)
                 entry = get(key)  # _accumulate(grads, x, gx), inlined: hot path
                 if entry is None:
@@ -417,6 +410,20 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                 _free(fn)
     finally:
         grad_mode._enabled.reset(mode)
+
+
+def _conformed(fn, x, gx):
+    """``gx`` cast to ``x``'s dtype (a float32 input used in a float64 op, say); a gradient
+    of another shape than ``x`` is a bug in ``fn``'s backward rule, and raises."""
+    x_dtype = x._data.dtype
+    if gx._data.dtype != x_dtype:
+        gx = gx.astype(x_dtype)
+    if gx._data.shape != x._data.shape:
+        raise RuntimeError(
+            f"{fn.op_name()}.backward produced a gradient of shape {gx.shape} "
+            f"for an input of shape {x.shape}"
+        )
+    return gx
 
 
 def _output_grads(fn, grads, targets, result):
