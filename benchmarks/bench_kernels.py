@@ -56,6 +56,8 @@ for dt in (np.float32, np.float64):
         kernels.maxpool2d_scatter(y, argmax, k, k, k, k, 6, 6)
         kernels.maxpool2d_gather(image, argmax, k, k, k, k)
     kernels.col2im(kernels.im2col(image, 3, 3, 1, 1, 1, 1), 6, 6, 1, 1, 1, 1)
+    kernels.winograd_input_adjoint(kernels.winograd_input(image, 1, 1), 6, 6, 1, 1)
+    kernels.winograd_output(kernels.winograd_output_adjoint(image, 3, 3), 6, 6)
     loss, probs = kernels.softmax_xent_forward(np.ones((3, 5), dt), np.zeros(3, np.int64))
     kernels.softmax_xent_backward(probs, np.zeros(3, np.int64), loss)
     big = np.ones(8192, dt)  # above the size where these hand over to NumPy
@@ -260,6 +262,7 @@ def kernel_cases(np, kernels, args):
     logits = rng.standard_normal((25, 5)).astype(np.float32)
     labels = rng.integers(0, 5, 25)
     loss, probs = reference.softmax_xent_forward(logits, labels)
+    tiles = reference.winograd_input(x4, 1, 1)  # (16, N, 14, 14, C): 2x2 tiles of 28x28
     cases = {
         f"bn_stats {x4.shape}": lambda m: m.bn_stats(x, 1e-5),
         f"bn_forward {x4.shape}": lambda m: m.bn_forward(x, w, w, 1e-5),
@@ -268,6 +271,10 @@ def kernel_cases(np, kernels, args):
             gy, x, mean, inv_std, w, ggx, w, w
         ),
         f"maxpool2d_argmax 2x2 {x4.shape}": lambda m: m.maxpool2d_argmax(x4, 2, 2, 2, 2),
+        f"winograd_input {x4.shape}": lambda m: m.winograd_input(x4, 1, 1),
+        f"winograd_input_adjoint {x4.shape}": lambda m: m.winograd_input_adjoint(tiles, s, s, 1, 1),
+        f"winograd_output {x4.shape}": lambda m: m.winograd_output(tiles, s, s),
+        f"winograd_output_adjoint {x4.shape}": lambda m: m.winograd_output_adjoint(x4, 14, 14),
         "softmax_xent_forward (25, 5)": lambda m: m.softmax_xent_forward(logits, labels),
         "softmax_xent_backward (25, 5)": lambda m: m.softmax_xent_backward(probs, labels, loss),
     }

@@ -21,6 +21,9 @@ meta-iteration, the interquartile range, and the vectorized speed-up.
     python benchmarks/bench_w2_cpu.py --threads 1 --clock cpu --ways 20 --queries 1 --filters 32
     # malloc keeping freed memory (see keep_freed_memory), as the Omniglot example does
     python benchmarks/bench_w2_cpu.py --threads 1 --clock cpu --keep-freed-memory
+    # where a task-vectorized meta-iteration's CPU time goes: by op (and by shapes), kernels
+    python benchmarks/bench_w2_cpu.py --threads 1 --keep-freed-memory --ops --repeats 3
+    python benchmarks/bench_w2_cpu.py --threads 1 --keep-freed-memory --ops --by-shape
 
 ``build_w2``, ``w2_batch`` and ``w2_meta_step`` are importable (a side-by-side script can
 build the same network and data); none of them imports anything at module level.
@@ -138,6 +141,96 @@ def w2_meta_step(model, batch: tuple, first_order: bool, vectorized: bool):
     return step, gradient
 
 
+class OpTimer:
+    """CPU time (``time.thread_time``) of every op's forward and of the ``tinymeta.kernels``
+    calls, summed by name (and input shapes with ``by_shape``), while installed.
+
+    An op's time includes the kernels it calls; kernels are also listed on their own
+    (``kernel:`` rows), so the two kinds of rows overlap and do not add up to the total.
+    """
+
+    KERNELS = (
+        "im2col", "col2im", "winograd_input", "winograd_input_adjoint", "winograd_output",
+        "winograd_output_adjoint", "bn_forward", "bn_backward", "bn_double_backward",
+        "maxpool2d_argmax", "maxpool2d_scatter", "maxpool2d_gather", "relu_backward",
+    )  # fmt: skip
+
+    def __init__(self, by_shape: bool = False):
+        import collections
+
+        self.by_shape = by_shape
+        self.seconds = collections.Counter()
+        self.calls = collections.Counter()
+        self.saved = []
+
+    def _timed(self, function, name: str):
+        import time
+
+        def timed(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                key = name
+                if self.by_shape:
+                    key += " " + str(tuple(getattr(a, "shape", None) for a in args[:3]))
+                self.seconds[key] += time.thread_time() - start
+                self.calls[key] += 1
+
+        return timed
+
+    def __enter__(self):
+        import tinymeta.meta  # noqa: F401  (every op class defined before they are wrapped)
+        import tinymeta.nn.functional  # noqa: F401
+        from tinymeta import kernels
+        from tinymeta.function import Function
+
+        pending, ops = [Function], []
+        while pending:
+            cls = pending.pop()
+            pending.extend(cls.__subclasses__())
+            if "forward" in cls.__dict__:
+                ops.append(cls)
+        for cls in ops:
+            self.saved.append((cls, "forward", cls.__dict__["forward"]))
+            cls.forward = self._timed(cls.__dict__["forward"], cls.__name__)
+        for name in self.KERNELS:
+            self.saved.append((kernels, name, getattr(kernels, name)))
+            setattr(kernels, name, self._timed(getattr(kernels, name), "kernel:" + name))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self.saved):
+            setattr(owner, name, original)
+        return False
+
+    def report(self, iterations: int, total_s: float, top: int = 25) -> None:
+        print(f"\nCPU time per meta-iteration: {total_s / iterations * 1e3:.1f} ms")
+        print(f"{'ms':>9} {'calls':>6}  op or kernel")
+        for key, seconds in self.seconds.most_common(top):
+            calls = self.calls[key] // iterations
+            print(f"{seconds / iterations * 1e3:9.2f} {calls:6d}  {key}")
+
+
+def profile_ops(args) -> None:
+    """Per-op CPU time of the task-vectorized meta-iteration (``--ops``)."""
+    import time
+
+    for order in ("second", "first"):
+        model = build_w2(args.filters, args.ways, device=args.device)
+        batch = w2_batch(args.tasks, args.ways, args.shots, args.queries)
+        step, _ = w2_meta_step(model, batch, order == "first", vectorized=True)
+        for _ in range(max(args.warmup, 1)):
+            step()
+        with OpTimer(args.by_shape) as timer:
+            start = time.thread_time()
+            for _ in range(args.repeats):
+                step()
+            total = time.thread_time() - start
+        print(f"\n{order} order, task-vectorized, {args.repeats} meta-iterations")
+        timer.report(args.repeats, total)
+
+
 def main(argv=None) -> dict:
     parser = base_parser(__doc__.splitlines()[0], repeats=10, warmup=2)
     parser.add_argument("--filters", type=int, default=FILTERS, help="channels of every conv")
@@ -151,6 +244,10 @@ def main(argv=None) -> dict:
         action="store_true",
         help="glibc: no mmap, no heap trimming (as examples/maml_omniglot.py does)",
     )
+    parser.add_argument(
+        "--ops", action="store_true", help="per-op CPU time of a meta-iteration instead"
+    )
+    parser.add_argument("--by-shape", action="store_true", help="with --ops: by input shapes")
     args = parser.parse_args(argv)
     threads = setup_threads(args.threads)
     from tinymeta.backend import keep_freed_memory
@@ -161,6 +258,9 @@ def main(argv=None) -> dict:
     import numpy as np
 
     print(describe_machine(threads, args.clock))
+    if args.ops:
+        profile_ops(args)
+        return {}
     print(
         f"W2: {args.tasks} tasks, {args.ways}-way {args.shots}-shot, {args.queries} queries per "
         f"class, {args.filters} filters, 1 inner step (lr {INNER_LR}), Adam outer step"
