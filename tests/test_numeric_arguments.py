@@ -37,7 +37,7 @@ from tinymeta.meta import (
     per_task,
 )
 from tinymeta.nn.utils import clip_grad_norm_
-from tinymeta.optim import SGD, Adam
+from tinymeta.optim import SGD, Adam, AdamW
 from tinymeta.optim.lr_scheduler import CosineAnnealingLR, StepLR
 
 nan, inf = float("nan"), float("inf")
@@ -350,6 +350,8 @@ FLAGS = [
     ("Sequential.train", "mode", lambda v: nn.Sequential(nn.Linear(2, 2)).train(v)),
     ("SGD (the constructor's settings)", "nesterov", lambda v: SGD([_w()], lr=0.1, momentum=0.9, nesterov=v)),
     ("dropout", "training", lambda v: nn.functional.dropout(_x3, 0.5, training=v)),
+    ("Adam (the constructor's settings)", "amsgrad", lambda v: Adam([_w()], lr=0.1, amsgrad=v)),
+    ("AdamW (the constructor's settings)", "amsgrad", lambda v: AdamW([_w()], lr=0.1, amsgrad=v)),
 ]
 for _layer in (nn.RNN, nn.LSTM, nn.GRU):
     _name = _layer.__name__

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from tinymeta import backend, kernels
+from tinymeta._checks import check_bool
 from tinymeta.optim.optimizer import Optimizer, check_number
 from tinymeta.tensor import Tensor
 
@@ -59,6 +60,7 @@ class Adam(Optimizer):
             )
         check_number(name, "epsilon", "eps", group["eps"], where, low=0.0)
         check_number(name, "weight decay", "weight_decay", group["weight_decay"], where, low=0.0)
+        check_bool("amsgrad", group["amsgrad"], f"{name} ({where} settings)")
 
     def _update(self, param: Tensor, grad, group: dict) -> None:
         lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
