@@ -59,11 +59,12 @@ def _own_memory(grads: list, root_grads: list, create_graph: bool) -> list:
     nor with a gradient passed in (``grad_outputs``). Only those are copied; with
     ``create_graph`` the copy is a recorded op, so the gradient stays differentiable.
     """
-    taken = {id(_owner(g.data)) for g in root_grads}
+    # (._data: internal reads hand no array out; see Tensor.data)
+    taken = {id(_owner(g._data)) for g in root_grads}
     out = []
     for g in grads:
         if g is not None:
-            a = g.data
+            a = g._data
             if a.base is None:  # owns its memory: not a broadcast view
                 owner = id(a)
                 shared = owner in taken
@@ -72,7 +73,7 @@ def _own_memory(grads: list, root_grads: list, create_graph: bool) -> list:
                 shared = owner in taken or 0 in a.strides  # CuPy has no read-only flag
             if shared or not getattr(a.flags, "writeable", True):
                 g = _copy(g, create_graph)
-                owner = id(g.data)
+                owner = id(g._data)
             taken.add(owner)
         out.append(g)
     return out
@@ -87,7 +88,7 @@ def _copy(g: Tensor, create_graph: bool) -> Tensor:
             return Copy.apply(g)
         finally:
             grad_mode._enabled.reset(token)
-    return Tensor._wrap(g.data.copy())
+    return Tensor._wrap(g._data.copy())
 
 
 def _owner(array):
@@ -162,7 +163,7 @@ def _roots_and_seeds(outputs, grad_outputs, caller: str):
                     f"{caller}: outputs[{i}] has shape {y.shape}; a gradient can be implicitly "
                     "created only for a scalar output: pass the output gradient explicitly"
                 )
-            g = Tensor._wrap(_ones_like(y.data))
+            g = Tensor._wrap(_ones_like(y._data))
         else:
             g = g if isinstance(g, Tensor) else Tensor(g)
             if g.shape != y.shape:

@@ -42,7 +42,7 @@ class MatMul(Function):
             # gB = A^T gy; when b was transposed its gradient is gB^T = gy^T A.
             if tb:
                 gb = _mm(gy, a, True, ta)
-            elif b.ndim == 2 and not ta and _is_transposed(b.data):
+            elif b.ndim == 2 and not ta and _is_transposed(b._data):
                 # b is W^T (x @ W.T): form (gy^T a)^T = a^T gy so that W's gradient comes
                 # out laid out like W, saving a strided copy later.
                 gb = swapaxes(_mm(gy, a, True, False), -1, -2)

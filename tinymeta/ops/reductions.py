@@ -86,10 +86,10 @@ class Max(Function):
     def backward(self, gy):
         (x,) = self.inputs
         xp = self.xp
-        y = self.output.data
+        y = self.output._data
         if not self.keepdims:
             y = y.reshape(keepdims_shape(x.shape, self.axes))
-        hit = x.data == y
+        hit = x._data == y
         share = hit / xp.sum(hit, axis=self.axes, keepdims=True)
         return expand_reduced(gy, x.shape, self.axes, self.keepdims) * constant(
             share.astype(x.dtype)
@@ -220,11 +220,11 @@ def logsumexp(x, axis=None, keepdims: bool = False):
     from tinymeta.ops.elementwise import exp, log
 
     axes = normalize_axis(axis, x.ndim)
-    xp = get_array_module(x.data)
+    xp = get_array_module(x._data)
     if x.size == 0:  # max has no identity; an empty sum of exp is 0, so the result is -inf
         m = xp.zeros(keepdims_shape(x.shape, axes), dtype=x.dtype)
     else:
-        m = x.data.max(axis=axes, keepdims=True)
+        m = x._data.max(axis=axes, keepdims=True)
         m = xp.where(xp.isfinite(m), m, 0)  # an all -inf slice must give -inf, not nan
     out = log(sum(exp(x - constant(m)), axes, keepdims=True)) + constant(m)
     if keepdims:
