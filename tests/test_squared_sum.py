@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tinymeta as tm
-from tinymeta.ops.reductions import SquaredSum, SquaredSumGrad, squared_sum
+from tinymeta.ops.reductions import SquaredSum, SquaredSumGrad, mean_square, squared_sum
 from tinymeta.testing.gradcheck import gradcheck, gradgradcheck
 
 C_VALUES = [1.0 / 12, 1.0, 3]  # a mean over 12 values, a sum, an int constant
@@ -57,6 +57,18 @@ def test_maml_second_order_is_the_composition_bit_for_bit(c):
     reference = meta_gradient(lambda d: composed(d, c))
     for a, b in zip(fused, reference):
         _same_bits(a, b)
+
+
+def test_mean_square_is_the_mean_of_the_squares_bit_for_bit():
+    d1, d2 = _d(seed=4, shape=(7, 3)), _d(seed=4, shape=(7, 3))
+    y1, y2 = mean_square(d1), (d2 * d2).mean()
+    _same_bits(y1.numpy(), y2.numpy())
+    y1.backward()
+    y2.backward()
+    _same_bits(d1.grad.numpy(), d2.grad.numpy())
+    empty = tm.tensor(np.zeros((0, 2), np.float32), requires_grad=True)
+    with np.errstate(invalid="ignore"):  # 0 * inf, as in (d * d).mean()
+        assert np.isnan(mean_square(empty).item())  # as NumPy and PyTorch: a mean over nothing
 
 
 def test_the_inner_gradient_is_one_node():

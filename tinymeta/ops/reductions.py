@@ -172,6 +172,11 @@ def squared_sum(d, c=1.0):
     return SquaredSum.apply(d, c=c)
 
 
+def mean_square(d):
+    """mean(d * d) over every element, as one op: mse_loss's 'mean' (nan for an empty d)."""
+    return squared_sum(d, _reciprocal(d.size) if isinstance(d, Tensor) else 1.0)
+
+
 def sum(x, axis=None, keepdims: bool = False):  # noqa: A001 - mirrors numpy.sum
     return Sum.apply(x, axis=axis, keepdims=keepdims)
 
