@@ -383,3 +383,26 @@ def test_backward_rules_transform_each_array_once(monkeypatch):
     assert shared["winograd_input"] < unshared["winograd_input"]
     for got, want in zip(values, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_tile_products_in_row_blocks_equal_the_whole_products(monkeypatch):
+    """The products of the Winograd path, run in blocks of rows (a 4-row limit here, so that
+    small shapes are split), give the same convolution and derivatives as unsplit ones."""
+    assert [conv.row_blocks(r) for r in (80, 200, 245, 400, 1225)] == [1, 1, 5, 2, 7]
+    assert conv.row_blocks(211) == 1  # prime: blocks of one row would be slower, none instead
+    rng = np.random.default_rng(9)
+    arrays = [rng.standard_normal((2, 3, 16, 5, 6)), rng.standard_normal((2, 16, 16, 3, 3)) / 12]
+    assert conv.winograd_applies(arrays[0], 16, 16, (3, 3), (1, 1), (5, 6))
+
+    def run(tile_rows):
+        monkeypatch.setattr(conv, "TILE_ROWS", tile_rows)
+        monkeypatch.setattr(conv, "MIN_BLOCK_ROWS", 1)
+        x, w = (tm.tensor(a, requires_grad=True) for a in arrays)
+        assert conv.row_blocks(3 * 3 * 3) == (1 if tile_rows is None else 9)  # 3 images' tiles
+        y = F.conv2d(x, w, padding=1)
+        gx, gw = tm.grad((y * y).sum(), [x, w], create_graph=True)
+        second = tm.grad((gx * gx).sum() + (gw * gw).sum(), [x, w])
+        return [a.numpy() for a in (y, gx, gw, *second)]
+
+    for got, want in zip(run(4), run(None)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

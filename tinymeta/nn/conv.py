@@ -149,6 +149,44 @@ def tile_matrices(tiles, tasks: tuple):
     return tiles.reshape((16,) + tasks + (-1, tiles.shape[-1]))
 
 
+# The tile products run in blocks of at most TILE_ROWS rows (None: one product per position
+# and task). The products have 64-wide operands (channels) and many rows (tiles); their left
+# operand (40 MB in W2's second layer) comes from memory, not the cache. OpenBLAS ran them at
+# 57 GFLOP/s whole and 75 in blocks of 175 rows (one core; benchmarks/PROFILE.md, W2), which
+# made the whole W2 meta-iteration 5-7% faster; blocks of 50 or 250 rows gained little.
+TILE_ROWS = 200
+MIN_BLOCK_ROWS = 32  # fewer rows per product than this: no blocking (a prime row count, say)
+
+
+def row_blocks(rows: int) -> int:
+    """How many equal blocks of at most ``TILE_ROWS`` rows ``rows`` splits into (1: none)."""
+    if TILE_ROWS is None or rows <= TILE_ROWS:
+        return 1
+    k = next(k for k in range(2, rows + 1) if rows % k == 0 and rows // k <= TILE_ROWS)
+    return k if rows // k >= MIN_BLOCK_ROWS else 1
+
+
+def tile_product(tiles, tasks: tuple, right):
+    """tile_matrices(tiles) @ right, (16, ..., rows, K) @ (16, ..., K, N), in row blocks."""
+    a = tile_matrices(tiles, tasks)
+    k = row_blocks(a.shape[-2])
+    if k == 1:
+        return a @ right
+    blocks = a.reshape(a.shape[:-2] + (k, -1, a.shape[-1])) @ right[..., None, :, :]
+    return blocks.reshape(a.shape[:-1] + (right.shape[-1],))
+
+
+def tile_gram(tiles, tasks: tuple, other_tiles):
+    """sum over rows of tiles^T other: (16, ..., K, N), summed over row blocks."""
+    a, b = tile_matrices(tiles, tasks), tile_matrices(other_tiles, tasks)
+    k = row_blocks(a.shape[-2])
+    if k == 1:
+        return a.swapaxes(-1, -2) @ b
+    a = a.reshape(a.shape[:-2] + (k, -1, a.shape[-1]))
+    b = b.reshape(b.shape[:-2] + (k, -1, b.shape[-1]))
+    return (a.swapaxes(-1, -2) @ b).sum(axis=-3)
+
+
 def input_tiles(x, padding: tuple):
     """Winograd's input tiles of x (..., N, C, H, W), tasks folded: (16, N*, th, tw, C)."""
     return kernels.winograd_input(fold_tasks(x), *padding)
@@ -162,7 +200,7 @@ def output_tiles(gy, x_hw: tuple, padding: tuple):
 
 def winograd_rows(tiles, w, tasks: tuple, out_hw: tuple):
     """The convolution of x (given by its input tiles) with w, as (..., N*OH*OW, O) rows."""
-    m = tile_matrices(tiles, tasks) @ winograd_weight(w)
+    m = tile_product(tiles, tasks, winograd_weight(w))
     y = kernels.winograd_output(m.reshape(tiles.shape[:-1] + (-1,)), *out_hw)
     return nhwc(y).reshape(tasks + (-1, y.shape[1]))
 
@@ -288,7 +326,7 @@ class Conv2dGradInput(Function):
             mg = self.given_gy_tiles
             if mg is None:
                 mg = output_tiles(gy, (h, wd), self.padding)
-            vg = tile_matrices(mg, tasks) @ winograd_weight(w).swapaxes(-1, -2)
+            vg = tile_product(mg, tasks, winograd_weight(w).swapaxes(-1, -2))
             gx = kernels.winograd_input_adjoint(
                 vg.reshape(mg.shape[:-1] + (c,)), h, wd, *self.padding
             )
@@ -348,7 +386,7 @@ class Conv2dGradWeight(Function):
                 v = input_tiles(x, self.padding)
             if mg is None:
                 mg = output_tiles(gy, x.shape[-2:], self.padding)
-            du = tile_matrices(v, tasks).swapaxes(-1, -2) @ tile_matrices(mg, tasks)
+            du = tile_gram(v, tasks, mg)
             return winograd_weight_adjoint(du)
         cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
         cols = cols.reshape(tasks + (-1, cols.shape[-1]))  # (T, N*OH*OW, kh*kw*C)
