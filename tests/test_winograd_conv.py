@@ -385,24 +385,39 @@ def test_backward_rules_transform_each_array_once(monkeypatch):
         np.testing.assert_array_equal(got, want)
 
 
-def test_tile_products_in_row_blocks_equal_the_whole_products(monkeypatch):
-    """The products of the Winograd path, run in blocks of rows (a 4-row limit here, so that
-    small shapes are split), give the same convolution and derivatives as unsplit ones."""
-    assert [conv.row_blocks(r) for r in (80, 200, 245, 400, 1225)] == [1, 1, 5, 2, 7]
-    assert conv.row_blocks(211) == 1  # prime: blocks of one row would be slower, none instead
+@pytest.mark.parametrize("path", ["winograd", "im2col"])
+def test_products_in_row_blocks_equal_the_whole_products(monkeypatch, path):
+    """The convolution products run in blocks of rows (a limit of 4 rows here, so that small
+    shapes are split) give the same convolution and derivatives as unsplit ones."""
     rng = np.random.default_rng(9)
     arrays = [rng.standard_normal((2, 3, 16, 5, 6)), rng.standard_normal((2, 16, 16, 3, 3)) / 12]
     assert conv.winograd_applies(arrays[0], 16, 16, (3, 3), (1, 1), (5, 6))
+    if path == "im2col":
+        monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 10**9)
 
-    def run(tile_rows):
-        monkeypatch.setattr(conv, "TILE_ROWS", tile_rows)
+    def run(block_bytes):
+        monkeypatch.setattr(conv, "BLOCK_BYTES", block_bytes)
         monkeypatch.setattr(conv, "MIN_BLOCK_ROWS", 1)
         x, w = (tm.tensor(a, requires_grad=True) for a in arrays)
-        assert conv.row_blocks(3 * 3 * 3) == (1 if tile_rows is None else 9)  # 3 images' tiles
         y = F.conv2d(x, w, padding=1)
         gx, gw = tm.grad((y * y).sum(), [x, w], create_graph=True)
         second = tm.grad((gx * gx).sum() + (gw * gw).sum(), [x, w])
         return [a.numpy() for a in (y, gx, gw, *second)]
 
-    for got, want in zip(run(4), run(None)):
+    blocked = run(4 * 8 * 16)  # 4 rows of 16 float64 values
+    assert conv.row_blocks(np.zeros((27, 16)), 16) == 9  # 3 images of 9 tiles: 3-row blocks
+    for got, want in zip(blocked, run(None)):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_row_blocks_fit_the_narrow_side_in_the_block_size():
+    def blocks(rows, width, dtype=np.float32):
+        return conv.row_blocks(np.zeros((rows, width), dtype), width)
+
+    # 200 rows of 64 float32 values: W2's Winograd products (1225 rows per task: 7 blocks);
+    # 245 rows would split into blocks of 49, too small: none.
+    assert [blocks(r, 64) for r in (80, 200, 245, 400, 1225)] == [1, 1, 1, 2, 7]
+    assert blocks(2000, 64) == 10 and blocks(2000, 64, np.float64) == 20  # 100 float64 rows
+    assert blocks(19600, 9) == 14  # the first layer's 9-wide products: 1400-row blocks
+    assert blocks(211, 64) == 1  # prime: blocks of one row would be slower, none instead
+    assert conv.row_blocks(np.zeros((1225, 64)).tolist(), 64) == 1  # not NumPy: no blocking

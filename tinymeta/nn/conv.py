@@ -149,37 +149,44 @@ def tile_matrices(tiles, tasks: tuple):
     return tiles.reshape((16,) + tasks + (-1, tiles.shape[-1]))
 
 
-# The tile products run in blocks of at most TILE_ROWS rows (None: one product per position
-# and task). The products have 64-wide operands (channels) and many rows (tiles); their left
-# operand (40 MB in W2's second layer) comes from memory, not the cache. OpenBLAS ran them at
-# 57 GFLOP/s whole and 75 in blocks of 175 rows (one core; benchmarks/PROFILE.md, W2), which
-# made the whole W2 meta-iteration 5-7% faster; blocks of 50 or 250 rows gained little.
-TILE_ROWS = 200
-MIN_BLOCK_ROWS = 32  # fewer rows per product than this: no blocking (a prime row count, say)
+# The products of a convolution (im2col's and Winograd's) run in blocks of rows on the CPU.
+# Their operands are narrow (64 channels; 9 window elements in a first layer) and tall (every
+# pixel or tile a row), and come from memory, not the cache. OpenBLAS (one core) ran W2's
+# products much slower whole than in blocks whose narrow side fits BLOCK_BYTES: the Winograd
+# products (rows x 64 @ 64 x 64) at 57 GFLOP/s whole and 75 in 175-row blocks, the first
+# layer's (rows x 9 @ 9 x 64) at 34 and 53, its weight gradient (64 x rows @ rows x 9) at 15
+# and 47 (benchmarks/PROFILE.md, W2). None: no blocking.
+BLOCK_BYTES = 51200  # 200 rows of 64 float32 values
+# Blocks of fewer rows were slower than none (W2's 49-row blocks of 245, 75 of 225; a prime).
+MIN_BLOCK_ROWS = 100
 
 
-def row_blocks(rows: int) -> int:
-    """How many equal blocks of at most ``TILE_ROWS`` rows ``rows`` splits into (1: none)."""
-    if TILE_ROWS is None or rows <= TILE_ROWS:
+def row_blocks(a, width: int) -> int:
+    """How many equal blocks of rows the (..., rows, K) operand ``a`` of a product whose
+    narrow side is ``width`` splits into (1: none; always 1 for device arrays)."""
+    if BLOCK_BYTES is None or not isinstance(a, np.ndarray):  # a GPU runs them whole
         return 1
-    k = next(k for k in range(2, rows + 1) if rows % k == 0 and rows // k <= TILE_ROWS)
-    return k if rows // k >= MIN_BLOCK_ROWS else 1
+    rows = a.shape[-2]
+    limit = max(BLOCK_BYTES // (a.itemsize * max(width, 1)), 1)
+    if rows <= limit:
+        return 1
+    fewest = -(-rows // limit)  # the fewest blocks that fit; the most that are big enough:
+    most = rows // max(MIN_BLOCK_ROWS, 1)
+    return next((k for k in range(fewest, most + 1) if rows % k == 0), 1)
 
 
-def tile_product(tiles, tasks: tuple, right):
-    """tile_matrices(tiles) @ right, (16, ..., rows, K) @ (16, ..., K, N), in row blocks."""
-    a = tile_matrices(tiles, tasks)
-    k = row_blocks(a.shape[-2])
+def blocked_matmul(a, b):
+    """a @ b for a (..., rows, K) and b (..., K, N), in blocks of rows (see BLOCK_BYTES)."""
+    k = row_blocks(a, min(a.shape[-1], b.shape[-1]))
     if k == 1:
-        return a @ right
-    blocks = a.reshape(a.shape[:-2] + (k, -1, a.shape[-1])) @ right[..., None, :, :]
-    return blocks.reshape(a.shape[:-1] + (right.shape[-1],))
+        return a @ b
+    blocks = a.reshape(a.shape[:-2] + (k, -1, a.shape[-1])) @ b[..., None, :, :]
+    return blocks.reshape(a.shape[:-1] + (b.shape[-1],))
 
 
-def tile_gram(tiles, tasks: tuple, other_tiles):
-    """sum over rows of tiles^T other: (16, ..., K, N), summed over row blocks."""
-    a, b = tile_matrices(tiles, tasks), tile_matrices(other_tiles, tasks)
-    k = row_blocks(a.shape[-2])
+def blocked_gram(a, b):
+    """a^T @ b for a (..., rows, K) and b (..., rows, N), summed over blocks of rows."""
+    k = row_blocks(a, min(a.shape[-1], b.shape[-1]))
     if k == 1:
         return a.swapaxes(-1, -2) @ b
     a = a.reshape(a.shape[:-2] + (k, -1, a.shape[-1]))
@@ -200,7 +207,7 @@ def output_tiles(gy, x_hw: tuple, padding: tuple):
 
 def winograd_rows(tiles, w, tasks: tuple, out_hw: tuple):
     """The convolution of x (given by its input tiles) with w, as (..., N*OH*OW, O) rows."""
-    m = tile_product(tiles, tasks, winograd_weight(w))
+    m = blocked_matmul(tile_matrices(tiles, tasks), winograd_weight(w))
     y = kernels.winograd_output(m.reshape(tiles.shape[:-1] + (-1,)), *out_hw)
     return nhwc(y).reshape(tasks + (-1, y.shape[1]))
 
@@ -266,7 +273,7 @@ class Conv2d(Function):
         else:
             cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
             # One GEMM per task, (N*OH*OW, kh*kw*C) @ (kh*kw*C, O), all in one matmul call.
-            y = cols.reshape(tasks + (-1, cols.shape[-1])) @ weight_matrix(w)
+            y = blocked_matmul(cols.reshape(tasks + (-1, cols.shape[-1])), weight_matrix(w))
         if b is not None:
             b = b[..., None, :]  # (..., 1, O): one row, added to every window of its task
             if b.dtype == y.dtype:
@@ -326,7 +333,7 @@ class Conv2dGradInput(Function):
             mg = self.given_gy_tiles
             if mg is None:
                 mg = output_tiles(gy, (h, wd), self.padding)
-            vg = tile_product(mg, tasks, winograd_weight(w).swapaxes(-1, -2))
+            vg = blocked_matmul(tile_matrices(mg, tasks), winograd_weight(w).swapaxes(-1, -2))
             gx = kernels.winograd_input_adjoint(
                 vg.reshape(mg.shape[:-1] + (c,)), h, wd, *self.padding
             )
@@ -334,7 +341,7 @@ class Conv2dGradInput(Function):
         rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
         # Every window's share of the gradient, (N*OH*OW, O) @ (O, kh*kw*C) per task in one
         # GEMM, then col2im adds each window element back onto the pixel it was read from.
-        cols = rows @ weight_matrix(w).swapaxes(-1, -2)
+        cols = blocked_matmul(rows, weight_matrix(w).swapaxes(-1, -2))
         cols = cols.reshape((-1, oh, ow, kh, kw, c))  # tasks folded into the batch axis
         gx = kernels.col2im(cols, h, wd, *self.stride, *self.padding)
         return gx.reshape(tasks + (n, c, h, wd))  # a view: the task axis is outermost
@@ -386,13 +393,13 @@ class Conv2dGradWeight(Function):
                 v = input_tiles(x, self.padding)
             if mg is None:
                 mg = output_tiles(gy, x.shape[-2:], self.padding)
-            du = tile_gram(v, tasks, mg)
+            du = blocked_gram(tile_matrices(v, tasks), tile_matrices(mg, tasks))
             return winograd_weight_adjoint(du)
         cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
         cols = cols.reshape(tasks + (-1, cols.shape[-1]))  # (T, N*OH*OW, kh*kw*C)
         rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
         # One GEMM per task: (O, N*OH*OW) @ (N*OH*OW, kh*kw*C), then back to (O, C, kh, kw).
-        gw = rows.swapaxes(-1, -2) @ cols
+        gw = blocked_gram(rows, cols)
         return to_nchw(gw.reshape(tasks + (o, kh, kw, c)))
 
     def backward(self, ggw):
