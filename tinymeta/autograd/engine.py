@@ -428,19 +428,11 @@ def _conformed(fn, x, gx):
 
 
 def _output_grads(fn, grads, targets, result):
-    """The gradients reaching ``fn``'s outputs (taken out of ``grads``), as a tuple for its
-    backward rule; None when none reached it. Hooks on the outputs run here, and a
-    gradient asked for by ``grad`` is put in ``result``."""
+    """The gradients reaching the outputs of ``fn``, a node with several (the walk takes
+    one-output nodes itself), taken out of ``grads``, as a tuple for its backward rule; None
+    when none reached it. Hooks on the outputs run here, and a gradient asked for by
+    ``grad`` is put in ``result``."""
     outputs = fn._held_outputs
-    if len(outputs) == 1:  # almost every op: one output, one dict look-up
-        y = outputs[0]
-        entry = grads.pop(id(y), None) if y is not None else None
-        if entry is None:
-            return None
-        g = _run_hooks(y, entry[1]) if y._hooks else entry[1]
-        if targets and id(y) in targets:
-            result[id(y)] = (y, g)
-        return (g,)
     gys = []
     for y in outputs:
         entry = grads.pop(id(y), None) if y is not None else None
