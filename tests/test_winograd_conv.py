@@ -287,7 +287,6 @@ TWO_LAYER_SHAPES = {"c1.w": (16, 1, 3, 3), "c1.b": (16,), "c2.w": (16, 16, 3, 3)
 def test_winograd_maml_step_replays_bit_identical(first_order, vectorized):
     from test_capture import _omniglot_batches, _params, _twins
 
-    from tinymeta import meta
     from tinymeta.optim import Adam
 
     assert conv.winograd_applies(np.zeros(1), 16, 16, (3, 3), (1, 1), (8, 8))
@@ -297,19 +296,11 @@ def test_winograd_maml_step_replays_bit_identical(first_order, vectorized):
         return {"params": params, "opt": Adam(list(params.values()), lr=1e-3)}
 
     def make_step(state):
-        params, opt = state["params"], state["opt"]
-
-        def xent(logits, labels):
-            return F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1))
-
-        def step(xs, ys, xq, yq):
-            opt.zero_grad()
-            loss = meta.maml_loss(
-                _two_layer_convnet, params, (xs, ys), (xq, yq), xent, 0.4, 1,
-                first_order=first_order, vectorized=vectorized,
-            )  # fmt: skip
+        def step(*batch):
+            state["opt"].zero_grad()
+            loss = _meta_loss(state["params"], batch, first_order, vectorized)
             loss.backward()
-            opt.step()
+            state["opt"].step()
             return loss
 
         return step
@@ -317,10 +308,23 @@ def test_winograd_maml_step_replays_bit_identical(first_order, vectorized):
     _twins(make_state, make_step, _omniglot_batches(3))
 
 
-def test_winograd_maml_meta_gradient_matches_the_im2col_path(monkeypatch):
-    """Second-order MAML through the shared tiles against the same net on im2col (float64)."""
+def _meta_loss(params, batch, first_order=False, vectorized=True):
+    """MAML's meta-loss of ``_two_layer_convnet``: 3-way tasks, one inner step."""
     from tinymeta import meta
 
+    xs, ys, xq, yq = batch
+
+    def xent(logits, labels):
+        return F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1))
+
+    return meta.maml_loss(
+        _two_layer_convnet, params, (xs, ys), (xq, yq), xent, 0.4, 1,
+        first_order=first_order, vectorized=vectorized,
+    )  # fmt: skip
+
+
+def test_winograd_maml_meta_gradient_matches_the_im2col_path(monkeypatch):
+    """Second-order MAML through the shared tiles against the same net on im2col (float64)."""
     batch = [tm.tensor(a.astype(np.float64)) if a.dtype.kind == "f" else a
              for a in _omniglot_batch()]  # fmt: skip
 
@@ -330,12 +334,7 @@ def test_winograd_maml_meta_gradient_matches_the_im2col_path(monkeypatch):
         params = {k: tm.tensor(rng.standard_normal(s) / np.sqrt(np.prod(s[1:])),
                                requires_grad=True)
                   for k, s in TWO_LAYER_SHAPES.items()}  # fmt: skip
-        xs, ys, xq, yq = batch
-
-        def xent(logits, labels):
-            return F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1))
-
-        loss = meta.maml_loss(_two_layer_convnet, params, (xs, ys), (xq, yq), xent, 0.4, 1)
+        loss = _meta_loss(params, batch)
         return [g.numpy() for g in tm.grad(loss, list(params.values()))]
 
     for got, want in zip(meta_gradient(16), meta_gradient(10**9)):
