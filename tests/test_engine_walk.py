@@ -25,6 +25,26 @@ def test_rule_reads_an_output_that_only_the_graph_kept():
     np.testing.assert_allclose(x.grad.numpy(), 3.0 * np.exp(x.numpy()), rtol=1e-12)
 
 
+class _Cube(Function):
+    """y = x**3, whose rule reads self.output without declaring saves_output."""
+
+    def forward(self, x):
+        return x * x * x
+
+    def backward(self, gy):
+        (x,) = self.inputs
+        return gy * 3.0 * self.output / x  # 3 x**2, from the output
+
+
+def test_rule_reads_its_output_through_the_node_while_it_runs():
+    x = f64([0.5, -2.0])
+    loss = (_Cube.apply(x) * 2.0).sum()
+    node = loss.grad_fn.inputs[0].grad_fn
+    loss.backward()
+    np.testing.assert_allclose(x.grad.numpy(), 6.0 * x.numpy() ** 2, rtol=1e-12)
+    assert node.output is None  # nothing holds the output once the pass is over
+
+
 def test_multi_output_node_with_a_dropped_output_gets_a_zero_gradient():
     # LinearGradWeight has two outputs (gw, gb); only gw is used, gb is dropped before
     # backward: its gradient is zero, built from the shape the node kept.

@@ -48,6 +48,7 @@ class Function:
     outputs = None
     xp = np  # the array module of the inputs; set per node only for CuPy ones
     input_versions = None  # set by _record when saves_inputs
+    _held_outputs = None  # set by the engine for multi-output nodes while it runs backward
     output_versions = None  # set by _record when saves_output
 
     @classmethod
@@ -179,8 +180,11 @@ class Function:
     # --- helpers for backward rules ---------------------------------------
     @property
     def output(self):
-        """The (single) output tensor, alive while the engine runs backward."""
-        return self._held_outputs[0]
+        """The (first) output tensor, alive while the engine runs this node's backward rule
+        (the engine holds the outputs of a multi-output node in ``_held_outputs``; a
+        one-output node's output is held by the engine's walk itself)."""
+        held = self._held_outputs
+        return held[0] if held is not None else self.outputs[0]()
 
     @classmethod
     def op_name(cls) -> str:

@@ -244,8 +244,15 @@ def _collect(roots, targets):
     if targets:
         needed = set()
         for fn in order:  # oldest first: the creators of fn's inputs are already decided
-            if _leads_to_target(fn, needed, targets):
-                needed.add(fn)
+            inputs = fn.inputs
+            if inputs is None:
+                if _leads_to_target(fn, needed, targets):
+                    needed.add(fn)
+                continue
+            for x in inputs:  # _leads_to_target inlined: this runs for every node
+                if id(x) in targets or x.grad_fn in needed:
+                    needed.add(fn)
+                    break
         order = [fn for fn in order if fn in needed]
     order.reverse()
     if freed_seen:  # a node freed by an earlier backward is fine only where it is not run
@@ -295,7 +302,7 @@ def _leads_to_target(fn, needed, targets) -> bool:
         return any(
             creator in needed or (x is not None and id(x) in targets) for x, creator in _edges(fn)
         )
-    for x in fn.inputs:  # _edges(fn) without building the pairs: this runs for every node
+    for x in fn.inputs:  # _edges(fn) without building the pairs
         if id(x) in targets or x.grad_fn in needed:
             return True
     return False
@@ -319,7 +326,8 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
     # Keep the outputs of multi-output nodes alive until their node has run: freeing a
     # consumer node drops its references to its inputs, which may be such outputs, and a
     # rule may read one that no gradient reached. (A one-output node is run only when a
-    # gradient reached its output, and the gradient's entry keeps the output alive.)
+    # gradient reached its output, and the gradient's entry keeps the output alive: its
+    # rule reads it through the node's weak reference, see Function.output.)
     for fn in order:
         refs = fn.outputs
         if len(refs) > 1:
@@ -357,8 +365,7 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                 entry = take(id(y), None)
                 if entry is None:
                     gys = None
-                else:
-                    fn._held_outputs = (y,)  # Function.output, while the rule runs
+                else:  # (y, alive here, is what Function.output reads while the rule runs)
                     g = entry[1]
                     if y._hooks:
                         g = _run_hooks(y, g)
@@ -406,7 +413,8 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                     grads[key] = (x, entry[1] + gx)
                 else:  # grad mode is off, so no Add node would be recorded: add the arrays
                     grads[key] = (x, Tensor._wrap(entry[1]._data + gx._data))
-            fn._held_outputs = None  # _release(fn, retain_graph), inlined
+            if len(refs) > 1:  # _release(fn, retain_graph), inlined
+                fn._held_outputs = None
             if not retain_graph:
                 _free(fn)
     finally:
@@ -484,7 +492,9 @@ def _check_versions(fn):
             if x._version != v:
                 _version_error(fn, "input", i, x, v)
     if fn.output_versions is not None:
-        for i, (y, v) in enumerate(zip(fn._held_outputs, fn.output_versions)):
+        held = fn._held_outputs
+        outputs = held if held is not None else [ref() for ref in fn.outputs]
+        for i, (y, v) in enumerate(zip(outputs, fn.output_versions)):
             if y is not None and y._version != v:
                 _version_error(fn, "output", i, y, v)
 
