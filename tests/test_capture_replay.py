@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
 import tracemalloc
 
 import numpy as np
+import pytest
 
 import tinymeta as tm
+from tinymeta import kernels
 
 
 def _peak_bytes_of(fn) -> int:
@@ -147,3 +151,51 @@ def test_a_constant_the_step_returns_is_a_new_array_every_replay():
     first.data[...] = -1.0
     _, third = captured(x)
     assert np.array_equal(third.data, np.full((2, 3), 3.0, np.float32))
+
+
+# A kernel called on computed arrays outside an op's forward: each must be followed, or the
+# replay would hand back the capturing call's result (a compiled kernel returns a plain array).
+_DIRECT_KERNEL_CALLS = {
+    "winograd_input": lambda a: kernels.winograd_input(a[:576].reshape(2, 8, 6, 6), 1, 1),
+    "winograd_output": lambda a: kernels.winograd_output(a.reshape(16, 2, 3, 3, 8), 6, 6),
+    "winograd_output_adjoint": lambda a: kernels.winograd_output_adjoint(
+        a[:576].reshape(2, 8, 6, 6), 3, 3
+    ),
+    "winograd_input_adjoint": lambda a: kernels.winograd_input_adjoint(
+        a.reshape(16, 2, 3, 3, 8), 6, 6, 1, 1
+    ),
+    "relu_backward": lambda a: kernels.relu_backward(a, a - 0.5),
+    "erf": lambda a: kernels.erf(a),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DIRECT_KERNEL_CALLS))
+def test_a_kernel_called_outside_a_forward_is_replayed(name):
+    call = _DIRECT_KERNEL_CALLS[name]
+
+    def step(x):
+        return tm.Tensor(call((x * 2.0).data)).sum()
+
+    captured = tm.capture(step)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        x = rng.standard_normal(16 * 2 * 3 * 3 * 8).astype(np.float32)
+        assert captured(x).numpy() == step(tm.tensor(x)).numpy()
+    assert captured.captures == 1
+
+
+def test_capture_follows_every_array_kernel():
+    """Every public function of tinymeta.kernels is followed, except the few that take no
+    array (so a kernel added later is followed without anyone remembering to list it)."""
+    capture_module = sys.modules["tinymeta.capture"]
+    public = {
+        name
+        for name, fn in vars(kernels).items()
+        if inspect.isfunction(fn) and fn.__module__ == kernels.__name__ and name[0] != "_"
+    }
+    followed = set(capture_module.kernel_names(kernels))
+    assert {"adam_update_", "sgd_update_", "winograd_input", "bn_double_backward"} <= followed
+    assert public - followed == set(capture_module._NOT_KERNELS)
+    for name in capture_module._NOT_KERNELS:  # ints and strings only
+        for parameter in inspect.signature(getattr(kernels, name)).parameters.values():
+            assert parameter.annotation in ("int", "str", inspect.Parameter.empty), name

@@ -41,6 +41,7 @@ import copy
 import functools
 import gc
 import importlib
+import inspect
 import os
 import sys
 import threading
@@ -762,13 +763,23 @@ def _kernel(name, original):
     return kernel
 
 
-# The kernels of tinymeta.kernels (arrays in, arrays out; sgd_update_ in place).
-_KERNELS = (
-    "bn_stats", "bn_forward", "bn_backward", "bn_double_backward", "maxpool2d_argmax",
-    "maxpool2d_scatter", "maxpool2d_gather", "im2col", "col2im", "softmax_xent_forward",
-    "softmax_xent_backward", "relu_backward", "sgd_update_", "lstm_pointwise_forward",
-    "lstm_pointwise_backward", "gru_pointwise_forward", "gru_pointwise_backward", "erf",
-)  # fmt: skip
+# Public functions of tinymeta.kernels that take no arrays (the backend choice, tile counts).
+_NOT_KERNELS = frozenset({"backend", "set_backend", "winograd_tiles"})
+
+
+def kernel_names(kernels) -> list:
+    """Every public function of tinymeta.kernels that computes on arrays (arrays in, arrays
+    out; ``..._`` in place). All of them are followed while capturing: a compiled kernel
+    hands back a plain array, so one left out would turn a computed value into a constant
+    of the replay without a word."""
+    return [
+        name
+        for name, fn in vars(kernels).items()
+        if inspect.isfunction(fn)
+        and fn.__module__ == kernels.__name__
+        and not name.startswith("_")
+        and name not in _NOT_KERNELS
+    ]
 
 
 def _same(index):
@@ -825,7 +836,7 @@ class _Patches:
         from tinymeta.nn.module import Module
 
         patch(Module, "__call__", _module_call(Module.__dict__["__call__"]))
-        for name in _KERNELS:
+        for name in kernel_names(kernels):
             patch(kernels, name, _kernel(name, getattr(kernels, name)))
         # These read "not exactly a NumPy array" as "a CuPy array"; a capture runs on the CPU.
         from tinymeta.ops import shape
