@@ -1,4 +1,4 @@
-"""W1-W4 of BENCHMARKS.md on the CPU: tinymeta next to PyTorch and HIPS autograd, side by side.
+"""W1-W4 of benchmarks/README.md on the CPU: tinymeta next to PyTorch and HIPS autograd.
 
 W1 sinusoid MAML (1 and 5 inner steps second order, 1 step first order), W2
 Omniglot-size conv MAML (second and first order), W3 MLP training step, W4

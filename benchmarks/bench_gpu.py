@@ -1,4 +1,4 @@
-"""W1 and W2 of BENCHMARKS.md on a GPU: tinymeta (device="cuda", CuPy) next to PyTorch CUDA.
+"""W1 and W2 of benchmarks/README.md on a GPU: tinymeta (device="cuda", CuPy) next to PyTorch CUDA.
 
 W1, sinusoid MAML: MLP 1-40-40-1 (ReLU), 25 tasks, K=10 support and 10 query
 points, inner SGD lr 0.01 on MSE, second-order meta-gradient, Adam outer step

@@ -1,4 +1,4 @@
-"""W5 of BENCHMARKS.md: an LSTM, tinymeta vs PyTorch's CPU LSTM, in the same process.
+"""W5 of benchmarks/README.md: an LSTM, tinymeta vs PyTorch's CPU LSTM, in the same process.
 
 nn.LSTM(32, 128), sequence 50, batch 32, float32:
 

@@ -1,6 +1,6 @@
 """W1 (sinusoid MAML meta-iteration) on the CPU, tinymeta only: time, op counts, profile.
 
-W1 of BENCHMARKS.md: MLP 1-40-40-1 (ReLU), 25 tasks run as one batched
+W1 of benchmarks/README.md: MLP 1-40-40-1 (ReLU), 25 tasks run as one batched
 computation (per-task weights along a leading task axis), K=10 support and 10
 query points, inner SGD (lr 0.01) on MSE, Adam outer step (lr 1e-3). Three
 variants: second order with 1 and with 5 inner steps, and first order with 1.

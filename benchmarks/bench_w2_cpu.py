@@ -1,4 +1,4 @@
-"""W2 of BENCHMARKS.md on the CPU: tinymeta's Omniglot-size MAML meta-iteration, with the
+"""W2 of benchmarks/README.md on the CPU: tinymeta's Omniglot-size MAML meta-iteration, with the
 meta-batch looped over tasks and task-vectorized, second and first order.
 
 The network is the MAML Omniglot CNN built from ``tinymeta.nn`` modules (``build_w2``):

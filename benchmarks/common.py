@@ -1,5 +1,5 @@
 """Shared by the benchmark scripts: thread setup, interleaved timing, the BLAS ceiling, and W1
-and W2 of BENCHMARKS.md written once for tinymeta and once for PyTorch.
+and W2 of benchmarks/README.md written once for tinymeta and once for PyTorch.
 
 ``setup_threads`` must run before NumPy (or anything that imports it) is
 imported: BLAS libraries read their thread count once, when they load. This

@@ -49,8 +49,8 @@ def test_replay_drops_each_intermediate_after_its_last_use():
 
 
 def _w1_step(params, opt):
-    from tinymeta import meta
     import tinymeta.nn.functional as F
+    from tinymeta import meta
 
     def mlp(p, x):
         h = F.relu(F.linear(x, p["w1"], p["b1"]))
@@ -77,7 +77,9 @@ def _w1_params(seed=0):
 
 def _w1_batches(n, seed=1):
     rng = np.random.default_rng(seed)
-    return [tuple(rng.standard_normal((3, 4, 1)).astype(np.float32) for _ in range(4)) for _ in range(n)]
+    return [
+        tuple(rng.standard_normal((3, 4, 1)).astype(np.float32) for _ in range(4)) for _ in range(n)
+    ]
 
 
 def test_seeds_and_broadcasts_of_parameters_are_folded_and_replay_bit_identical():

@@ -218,7 +218,9 @@ def test_an_operand_that_does_not_fit_is_refused_before_any_write():
     x = f64(np.ones((2, 3)))
     with pytest.raises(ValueError, match=r"add_: the other operand of shape \(4, 2, 3\) does not"):
         x += np.ones((4, 2, 3))
-    with pytest.raises(ValueError, match=r"mul_: .*shape \(3, 3\) does not broadcast to .*\(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"mul_: .*shape \(3, 3\) does not broadcast to .*\(2, 3\)"
+    ):
         x.mul_(f64(np.ones((3, 3)), True))
     np.testing.assert_array_equal(x.numpy(), np.ones((2, 3)))
     assert x._version == 0 and not x.requires_grad
@@ -238,7 +240,9 @@ def test_a_use_from_before_the_change_is_refused_at_backward():
     x = a * 1.0
     y = x * a  # Mul saved x as it was
     x += a
-    with pytest.raises(RuntimeError, match=r"Mul: input 0 .* changed in place by a recorded SetItem"):
+    with pytest.raises(
+        RuntimeError, match=r"Mul: input 0 .* changed in place by a recorded SetItem"
+    ):
         y.sum().backward()
     t = a.tanh()  # Tanh saves its output, which the change overwrites (PyTorch refuses too)
     t.mul_(2.0)

@@ -348,7 +348,11 @@ FLAGS = [
     ("MultiheadAttention", "batch_first", lambda v: nn.MultiheadAttention(4, 2, batch_first=v)),
     ("MultiheadAttention", "bias", lambda v: nn.MultiheadAttention(4, 2, bias=v)),
     ("Sequential.train", "mode", lambda v: nn.Sequential(nn.Linear(2, 2)).train(v)),
-    ("SGD (the constructor's settings)", "nesterov", lambda v: SGD([_w()], lr=0.1, momentum=0.9, nesterov=v)),
+    (
+        "SGD (the constructor's settings)",
+        "nesterov",
+        lambda v: SGD([_w()], lr=0.1, momentum=0.9, nesterov=v),
+    ),
     ("dropout", "training", lambda v: nn.functional.dropout(_x3, 0.5, training=v)),
     ("Adam (the constructor's settings)", "amsgrad", lambda v: Adam([_w()], lr=0.1, amsgrad=v)),
     ("AdamW (the constructor's settings)", "amsgrad", lambda v: AdamW([_w()], lr=0.1, amsgrad=v)),

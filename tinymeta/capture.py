@@ -1164,8 +1164,7 @@ def _draws(call) -> bool:
     if call[0] != "forward":
         return False
     return any(
-        isinstance(v, (np.random.Generator, np.random.RandomState))
-        for v in vars(call[1]).values()
+        isinstance(v, (np.random.Generator, np.random.RandomState)) for v in vars(call[1]).values()
     )
 
 

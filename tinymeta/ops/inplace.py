@@ -75,7 +75,9 @@ def fill_(x: Tensor, value) -> Tensor:
     """x <- value everywhere, in place. Recorded (a SetItem over the whole tensor: x as it was
     gets no gradient) when x requires grad and grad mode is on."""
     if isinstance(value, Tensor) and value.ndim != 0:
-        raise ValueError(f"fill_: the value must be a number or a 0-d tensor, got shape {value.shape}")
+        raise ValueError(
+            f"fill_: the value must be a number or a 0-d tensor, got shape {value.shape}"
+        )
     if grad_mode.is_grad_enabled() and (
         x.requires_grad or (isinstance(value, Tensor) and value.requires_grad)
     ):
@@ -104,7 +106,9 @@ def _inplace(x: Tensor, op: str, other, array_op, tensor_op, saves_x: bool) -> T
             f"{o.device} (shape {o.shape}); move one with .to(device)"
         )
     _check_fits(x, op, other)
-    records = grad_mode.is_grad_enabled() and (x.requires_grad or (o is not None and o.requires_grad))
+    records = grad_mode.is_grad_enabled() and (
+        x.requires_grad or (o is not None and o.requires_grad)
+    )
     if not records:
         x._check_graph_memory(op)
         _write(x, op, lambda a: array_op(a, _array(other)))
