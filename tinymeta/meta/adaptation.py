@@ -110,6 +110,7 @@ def maml_loss(
     xq, yq = query
     num_tasks = len(xs)
     weights = _step_weights(step_weights, steps)
+    rule = as_update_rule(rule)  # once, not once per task (a learning rate becomes a rule)
     if vectorized:
         task_params = per_task(params, num_tasks, keys)
         path = adapt(
