@@ -3,15 +3,11 @@
 Run:  python examples/check_meta_gradient.py
 """
 
-import argparse
-
 import numpy as np
 
 import tinymeta as tm
 import tinymeta.nn.functional as F
 from tinymeta.testing import check_meta_grads
-
-argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
 
 rng = np.random.default_rng(0)
 params = {  # a 1-8-1 tanh network, in float64 (NumPy arrays keep their dtype)
