@@ -37,6 +37,7 @@ from tinymeta.nn.softmax_xent import softmax_cross_entropy
 from tinymeta.ops.elementwise import relu as _relu
 from tinymeta.ops.reductions import mean as _mean
 from tinymeta.ops.reductions import sum as _sum
+from tinymeta.ops.reductions import mean_square, squared_sum
 from tinymeta.ops.shape import broadcast_to, expand_dims, reshape
 from tinymeta.ops.softmax import log_softmax, softmax
 from tinymeta.tensor import Tensor, as_input, constant
@@ -488,4 +489,8 @@ def mse_loss(pred, target, reduction: str = "mean") -> Tensor:
             "they must match (reshape one of them)"
         )
     diff = pred - target
+    if reduction == "mean":
+        return mean_square(diff)
+    if reduction == "sum":
+        return squared_sum(diff)
     return _reduce(diff * diff, reduction, "mse_loss")

@@ -6,6 +6,8 @@ recurrent and attention layers build on it without importing ``functional``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from tinymeta.function import Function
@@ -82,7 +84,7 @@ class LinearGradWeight(Function):
     def forward(self, x, gy):
         out, n_in = self.w_shape[-2:]
         if len(self.w_shape) == 2:  # one weight shared by every row: fold all leading axes
-            rows = int(np.prod(gy.shape[:-1]))  # not -1: that fails on an empty axis
+            rows = math.prod(gy.shape[:-1])  # not -1: that fails on an empty axis
             gy2 = gy.reshape(rows, out)  # into one GEMM (its result is laid out like w)
             gw = _matmul(gy2.T, x.reshape(rows, n_in))
             gb = gy2.sum(axis=0)
