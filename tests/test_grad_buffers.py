@@ -105,13 +105,13 @@ def test_changing_a_gradient_leaves_saved_tensors_alone():
     np.testing.assert_array_equal(gx2.numpy(), [1.0, 2.0])
 
 
-def test_accumulated_gradients_are_new_buffers():
+def test_accumulating_into_one_gradient_leaves_the_others_alone():
     a = f64([1.0, 2.0])
     b = f64([1.0, 2.0])
-    (a + b).sum().backward()
+    (a + b).sum().backward()  # the backward of + hands both the same array: copied apart
     first = a.grad
     (a * 2.0).sum().backward()
-    assert a.grad is not first and not np.shares_memory(a.grad.data, b.grad.data)
+    assert a.grad is first and not np.shares_memory(a.grad.data, b.grad.data)
     np.testing.assert_array_equal(a.grad.numpy(), [3.0, 3.0])
     np.testing.assert_array_equal(b.grad.numpy(), [1.0, 1.0])
 
@@ -148,3 +148,42 @@ def test_gradients_of_shape_ops_are_writable_and_apart(data):
                 # a computed tensor, which no_grad may not change in place (test_adversarial)
                 with pytest.raises(RuntimeError, match="in-place change of a tensor computed"):
                     g.add_(1.0)
+
+
+# --- accumulation into an existing .grad ---------------------------------------------------
+
+
+def test_a_second_backward_accumulates_into_the_grad_buffer_itself():
+    """As in PyTorch: without create_graph the sum is written into .grad's memory, so a
+    reference taken after the first backward sees it (an optimizer holding it, a user's)."""
+    w = tm.tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True)
+    (w * w).sum().backward()
+    held = w.grad
+    (w * 3.0).sum().backward()
+    assert w.grad is held
+    np.testing.assert_array_equal(held.numpy(), [5.0, 7.0, 9.0])
+
+
+def test_accumulation_bumps_the_version_a_graph_saved():
+    w = tm.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    v = tm.tensor(np.array([0.5, 0.5]), requires_grad=True)
+    (w * w).sum().backward()
+    uses_grad = (w.grad * v).sum()  # Mul saved w.grad
+    (w * 2.0).sum().backward()
+    with pytest.raises(RuntimeError, match="modified in place"):
+        uses_grad.backward()
+
+
+def test_a_differentiable_grad_is_never_written_in_place():
+    """A .grad made by backward(create_graph=True) has a graph: the next sum is a new tensor
+    (recorded with create_graph, plain without), and the old one keeps its values."""
+    w = tm.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    (w**3).sum().backward(create_graph=True)
+    first = w.grad
+    first_values = first.numpy().copy()
+    (w * 2.0).sum().backward()
+    assert w.grad is not first and w.grad.grad_fn is None
+    np.testing.assert_array_equal(first.numpy(), first_values)
+    np.testing.assert_array_equal(w.grad.numpy(), 3 * np.array([1.0, 4.0]) + 2.0)
+    (w**3).sum().backward(create_graph=True)
+    assert w.grad.grad_fn is not None  # the recorded sum: still differentiable

@@ -306,3 +306,32 @@ def test_fill_and_zero_of_a_computed_tensor_are_recorded():
         z.fill_(f64([1.0, 2.0]))
     with pytest.raises(RuntimeError, match=r"fill_: .*leaf of shape \(2,\)"):
         a.fill_(0.0)
+
+
+def test_a_captured_step_that_copies_and_fills_in_place():
+    """copy_ and fill_ under no_grad inside a captured step (a target network's update)."""
+
+    def make():
+        w = f64(np.linspace(0.5, 1.5, 3), True)
+        target = f64(np.zeros(3))
+        marks = f64(np.zeros(3))
+
+        def step(x):
+            w.grad = None
+            loss = (((x * w).sum(axis=0) - target) ** 2).sum()
+            loss.backward()
+            with tm.no_grad():
+                w.sub_(w.grad, alpha=0.01)
+                target.copy_(w * 0.5)
+                marks.fill_(2.0)
+            return loss
+
+        return step, (w, target, marks)
+
+    (eager, eager_state), (captured, captured_state) = make(), make()
+    captured = tm.capture(captured)
+    for x in [RNG.standard_normal((4, 3)) for _ in range(4)]:
+        assert eager(tm.tensor(x)).numpy() == captured(tm.tensor(x)).numpy()
+        for a, b in zip(eager_state, captured_state):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert captured.captures == 1

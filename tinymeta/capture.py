@@ -839,10 +839,10 @@ class _Patches:
         for name in kernel_names(kernels):
             patch(kernels, name, _kernel(name, getattr(kernels, name)))
         # These read "not exactly a NumPy array" as "a CuPy array"; a capture runs on the CPU.
-        from tinymeta.ops import shape
+        from tinymeta.ops import inplace, shape
 
         patch(shape, "_index_on_device", _same)
-        for module in (sys.modules["tinymeta.tensor"], shape):
+        for module in (sys.modules["tinymeta.tensor"], shape, inplace):
             patch(module, "_on_device_of", _host_value)
         for module_name, names in _CHECKED.items():
             module = importlib.import_module(module_name)

@@ -268,14 +268,6 @@ class Tensor:
     # bumps the version that the graphs which saved any of them compare at backward.
     # FRESH, one read-only (0, False) for all, stands for a counter not made yet: op
     # outputs, almost all never aliased nor changed in place, skip the allocation.
-    def _check_inplace(self, op: str) -> None:
-        if self.requires_grad and is_grad_enabled():
-            raise RuntimeError(
-                f"{op}: in-place change of a tensor that requires grad while grad mode is on; "
-                "wrap it in `with tm.no_grad():`"
-            )
-        self._check_graph_memory(op)
-
     def _check_graph_memory(self, op: str) -> None:
         """Refuse an in-place change that no graph records of memory a graph computed.
 
@@ -304,39 +296,9 @@ class Tensor:
             self._vc[0] += 1
         return self
 
-    def add_(self, other, alpha=1.0) -> Tensor:
-        self._check_inplace("add_")
-        other = other.data if isinstance(other, Tensor) else other
-        self._data += other if alpha == 1.0 else alpha * other
-        return self._bump()
-
-    def sub_(self, other, alpha=1.0) -> Tensor:
-        return self.add_(other, alpha=-alpha)
-
-    def mul_(self, other) -> Tensor:
-        self._check_inplace("mul_")
-        self._data *= other.data if isinstance(other, Tensor) else other
-        return self._bump()
-
-    def copy_(self, other) -> Tensor:
-        self._check_inplace("copy_")
-        src = _on_device_of(self._data, other.data if isinstance(other, Tensor) else other)
-        try:
-            fits = np.broadcast_shapes(np.shape(src), self.shape) == self.shape
-        except ValueError:
-            fits = False
-        if not fits:
-            raise ValueError(f"copy_: cannot copy shape {np.shape(src)} into {self.shape}")
-        self._data[...] = src
-        return self._bump()
-
-    def zero_(self) -> Tensor:
-        return self.fill_(0)
-
-    def fill_(self, value) -> Tensor:
-        self._check_inplace("fill_")
-        self._data[...] = value
-        return self._bump()
+    # In-place arithmetic (add_, sub_, mul_, div_, pow_, copy_, fill_, zero_, +=, -=, ...)
+    # lives in tinymeta/ops/inplace.py and is attached by tinymeta.ops.methods: recording a
+    # change that must be differentiated takes ops, which this module does not import.
 
     def __setitem__(self, index, value) -> None:
         from tinymeta.ops.shape import setitem  # recorded when it has to be differentiated

@@ -43,11 +43,32 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
     for leaf, g in grads.values():
         if leaf.grad is None:
             first.append((leaf, g))
-        else:  # a sum: a new array
-            leaf.grad = leaf.grad + g if create_graph else Tensor._wrap(leaf.grad._data + g._data)
+        elif create_graph:  # a recorded sum: the gradient stays differentiable
+            leaf.grad = leaf.grad + g
+        else:
+            leaf.grad = _accumulated(leaf.grad, g)
     owned = _own_memory([g for _, g in first], root_grads, create_graph)
     for (leaf, _), g in zip(first, owned):
         leaf.grad = g
+
+
+def _accumulated(grad: Tensor, g: Tensor) -> Tensor:
+    """``grad + g`` written into ``grad``'s memory, as PyTorch accumulates without
+    ``create_graph``: a reference to ``.grad`` taken before sees the sum. A new tensor where
+    writing would be wrong: a ``.grad`` that a graph computed (``backward(create_graph=True)``
+    made it) or an alias of such memory, a read-only array, or a sum of another dtype."""
+    a, b = grad._data, g._data
+    vc = grad._vc
+    computed = grad.grad_fn is not None or (len(vc) > 2 and vc[2])
+    if (
+        computed
+        or not getattr(a.flags, "writeable", True)
+        or a.dtype != b.dtype
+        or a.shape != b.shape
+    ):
+        return Tensor._wrap(a + b)
+    a += b
+    return grad._bump()  # graphs that saved the old .grad see the change
 
 
 def _own_memory(grads: list, root_grads: list, create_graph: bool) -> list:
