@@ -420,3 +420,54 @@ def test_row_blocks_fit_the_narrow_side_in_the_block_size():
     assert blocks(19600, 9) == 14  # the first layer's 9-wide products: 1400-row blocks
     assert blocks(211, 64) == 1  # prime: blocks of one row would be slower, none instead
     assert conv.row_blocks(np.zeros((1225, 64)).tolist(), 64) == 1  # not NumPy: no blocking
+
+
+def test_images_per_chunk_fit_the_tiles_in_the_block_size():
+    # W2 (float32, 64 channels, 200-row chunks): 4 images of 49 tiles (14x14), 12 of 16 (7x7).
+    assert conv.images_per_chunk(25, 49, 64, 4) == 4
+    assert conv.images_per_chunk(25, 16, 64, 4) == 12
+    assert conv.images_per_chunk(5, 16, 64, 4) == 5  # never more than there are
+    assert conv.images_per_chunk(25, 400, 64, 4) == 1  # an image bigger than a chunk: one
+    assert conv.images_per_chunk(25, 49, 64, 8) == 2  # float64: half the rows
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+def test_winograd_chunks_equal_one_pass_to_second_order(monkeypatch, dtype, tol):
+    """The three Winograd ops transform and multiply their images chunk by chunk (2 of 5 per
+    task here, the last chunk short; with tiles given by a backward rule and without): the
+    convolution and its derivatives equal those of one pass over all images, and the
+    transforms really ran per chunk."""
+    rng = np.random.default_rng(10)
+    arrays = [rng.standard_normal((2, 5, 16, 6, 5)), rng.standard_normal((2, 16, 16, 3, 3)) / 12]
+    arrays = [a.astype(dtype) for a in arrays]
+    assert conv.winograd_applies(arrays[0], 16, 16, (3, 3), (1, 1), (6, 5))
+    monkeypatch.setattr(conv, "MIN_BLOCK_ROWS", 1)
+    calls = []
+    original = kernels.winograd_input
+
+    def counted(x, *args):
+        calls.append(len(x))
+        return original(x, *args)
+
+    monkeypatch.setattr(kernels, "winograd_input", counted)
+
+    def run(block_bytes):
+        monkeypatch.setattr(conv, "BLOCK_BYTES", block_bytes)
+        calls.clear()
+        x, w = (tm.tensor(a, requires_grad=True) for a in arrays)
+        y = F.conv2d(x, w, padding=1)
+        gx, gw = tm.grad((y * y).sum(), [x, w], create_graph=True)
+        second = tm.grad((gx * gx).sum() + (gw * gw).sum(), [x, w])
+        return [a.numpy() for a in (y, gx, gw, *second)], list(calls)
+
+    itemsize = np.dtype(dtype).itemsize
+    chunked, chunk_sizes = run(2 * 9 * 16 * itemsize)  # 2 images of 9 tiles, 16 channels
+    whole, whole_sizes = run(None)
+    # Chunks of 2, 2, 1 images per task; all 5 at once. (10: a backward rule's shared tiles
+    # of both tasks' images, made in one pass by WinogradTiles either way.)
+    assert {1, 2} <= set(chunk_sizes) and 5 not in chunk_sizes
+    assert 5 in whole_sizes and not {1, 2} & set(whole_sizes)
+    for got, want in zip(chunked, whole):
+        assert got.dtype == dtype
+        # Other summation orders: float rounding relative to the result's scale.
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())

@@ -27,6 +27,7 @@ every 2x2 block of outputs comes from a 4x4 input tile through 16 matrix product
 (``kernels.winograd_*``; the weight transform is two small tensor contractions here). The
 three ops stay exact adjoints of one another (the transforms are linear and each op uses the
 adjoint ones), so every derivative is the convolution's, up to float rounding.
+On the CPU each op runs its transforms and products a few images at a time, in the cache.
 
 Memory layout: tensors are NCHW (the shape users see), but internally the
 arrays are laid out channels-last (NHWC in memory, an NCHW view on top). Then
@@ -212,6 +213,98 @@ def winograd_rows(tiles, w, tasks: tuple, out_hw: tuple):
     return nhwc(y).reshape(tasks + (-1, y.shape[1]))
 
 
+# The three Winograd ops make the tiles they are not given a chunk of images at a time: the
+# transform, the 16 products and the transform back (or the weight gradient's sum) run while
+# the chunk's tiles (4x the images' size) are still in the cache, instead of writing every
+# tile to memory and reading it back twice. Chunks of about BLOCK_BYTES' rows, like the
+# products' row blocks. Tiles a backward rule shares between two ops are made whole, once.
+
+
+def images_per_chunk(n: int, tiles_per_image: int, width: int, itemsize: int) -> int:
+    """How many of n images the fused Winograd path transforms and multiplies at once."""
+    if BLOCK_BYTES is None:
+        return n
+    rows = max(BLOCK_BYTES // (itemsize * max(width, 1)), 1)
+    return min(max(rows // tiles_per_image, 1), n)
+
+
+def by_task(a, tasks: tuple):
+    """(..., N, C, H, W) as (T*, N*, C, H, W): one row per task of ``tasks`` (a weight's
+    leading axes), every image of that task along the second axis (a view here)."""
+    return a.reshape((int(np.prod(tasks)), -1) + a.shape[-3:])
+
+
+def winograd_conv(x, w, tasks: tuple, padding: tuple, out_hw: tuple):
+    """Conv2d's Winograd path from x itself, chunk by chunk: (..., N*OH*OW, O) rows."""
+    u = winograd_weight(w)  # (16, ..., C, O)
+    u = u.reshape((16, -1) + u.shape[-2:])
+    xs = by_task(x, tasks)
+    n, (oh, ow), o = xs.shape[1], out_hw, u.shape[-1]
+    _, _, th, tw = kernels.winograd_tiles(*x.shape[-2:], *padding)
+    y = np.empty((xs.shape[0], n, oh, ow, o), np.result_type(x.dtype, u.dtype))
+    step = images_per_chunk(n, th * tw, min(x.shape[-3], o), y.itemsize)
+    for t in range(xs.shape[0]):
+        for first in range(0, n, step):
+            v = kernels.winograd_input(xs[t, first : first + step], *padding)
+            m = v.reshape(16, -1, v.shape[-1]) @ u[:, t]
+            chunk = kernels.winograd_output(m.reshape(v.shape[:-1] + (o,)), oh, ow)
+            y[t, first : first + step] = nhwc(chunk)
+    return y.reshape(tasks + (-1, o))
+
+
+def winograd_conv_grad_input(gy, w, tasks: tuple, x_hw: tuple, padding: tuple):
+    """Conv2dGradInput's Winograd path from gy itself, chunk by chunk: gx (..., N, C, h, w),
+    channels-last."""
+    ut = winograd_weight(w).swapaxes(-1, -2)  # (16, ..., O, C)
+    ut = ut.reshape((16, -1) + ut.shape[-2:])
+    gys = by_task(gy, tasks)
+    n, (h, wd), c = gys.shape[1], x_hw, ut.shape[-1]
+    _, _, th, tw = kernels.winograd_tiles(h, wd, *padding)
+    gx = np.empty((gys.shape[0], n, h, wd, c), np.result_type(gy.dtype, ut.dtype))
+    step = images_per_chunk(n, th * tw, min(gy.shape[-3], c), gx.itemsize)
+    for t in range(gys.shape[0]):
+        for first in range(0, n, step):
+            mg = kernels.winograd_output_adjoint(gys[t, first : first + step], th, tw)
+            vg = mg.reshape(16, -1, mg.shape[-1]) @ ut[:, t]
+            chunk = kernels.winograd_input_adjoint(
+                vg.reshape(mg.shape[:-1] + (c,)), h, wd, *padding
+            )
+            gx[t, first : first + step] = nhwc(chunk)
+    return to_nchw(gx).reshape(tasks + (-1, c, h, wd))
+
+
+def chunk_tiles(given, make, a, t: int, first: int, step: int):
+    """Task t's tiles of images first..first+step: a slice of the given tiles (16, N*, th, tw,
+    K) of a (T*, N, ...), or ``make`` (a transform) applied to those images of a."""
+    if given is None:
+        return make(a[t, first : first + step])
+    per_task = given.reshape((16, a.shape[0], a.shape[1]) + given.shape[2:])
+    return per_task[:, t, first : first + step]
+
+
+def winograd_conv_grad_weight(x, gy, tasks: tuple, padding: tuple, x_tiles=None, gy_tiles=None):
+    """Conv2dGradWeight's Winograd path, chunk by chunk: the tiles it is not given are made a
+    chunk at a time and multiplied while in the cache. gw (..., O, C, 3, 3)."""
+    xs, gys = by_task(x, tasks), by_task(gy, tasks)
+    n, c, o = xs.shape[1], x.shape[-3], gy.shape[-3]
+    _, _, th, tw = kernels.winograd_tiles(*x.shape[-2:], *padding)
+    du = np.zeros((16, xs.shape[0], c, o), np.result_type(x.dtype, gy.dtype))
+    step = images_per_chunk(n, th * tw, min(c, o), du.itemsize)
+
+    def x_transform(images):
+        return kernels.winograd_input(images, *padding)
+
+    def gy_transform(images):
+        return kernels.winograd_output_adjoint(images, th, tw)
+
+    for t in range(xs.shape[0]):
+        for first in range(0, n, step):
+            v = chunk_tiles(x_tiles, x_transform, xs, t, first, step)
+            mg = chunk_tiles(gy_tiles, gy_transform, gys, t, first, step)
+            du[:, t] += v.reshape(16, -1, c).swapaxes(-1, -2) @ mg.reshape(16, -1, o)
+    return winograd_weight_adjoint(du.reshape((16,) + tasks + (c, o)))
+
+
 class WinogradTiles(Function):
     """The Winograd tiles of a tensor (``kind`` "input": ``input_tiles``; "output":
     ``output_tiles``), for a backward rule that hands them to two convolution ops.
@@ -268,8 +361,9 @@ class Conv2d(Function):
             self.winograd = True
             tiles = self.given_x_tiles
             if tiles is None:
-                tiles = input_tiles(x, self.padding)
-            y = winograd_rows(tiles, w, tasks, (oh, ow))
+                y = winograd_conv(x, w, tasks, self.padding, (oh, ow))
+            else:
+                y = winograd_rows(tiles, w, tasks, (oh, ow))
         else:
             cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
             # One GEMM per task, (N*OH*OW, kh*kw*C) @ (kh*kw*C, O), all in one matmul call.
@@ -332,7 +426,7 @@ class Conv2dGradInput(Function):
             self.winograd = True
             mg = self.given_gy_tiles
             if mg is None:
-                mg = output_tiles(gy, (h, wd), self.padding)
+                return winograd_conv_grad_input(gy, w, tasks, (h, wd), self.padding)
             vg = blocked_matmul(tile_matrices(mg, tasks), winograd_weight(w).swapaxes(-1, -2))
             gx = kernels.winograd_input_adjoint(
                 vg.reshape(mg.shape[:-1] + (c,)), h, wd, *self.padding
@@ -389,10 +483,8 @@ class Conv2dGradWeight(Function):
             # sum over tiles of (input tile transform)^T (adjoint output transform of gy),
             # per position and task, then the adjoint of the weight transform.
             v, mg = self.given_x_tiles, self.given_gy_tiles
-            if v is None:
-                v = input_tiles(x, self.padding)
-            if mg is None:
-                mg = output_tiles(gy, x.shape[-2:], self.padding)
+            if v is None or mg is None:
+                return winograd_conv_grad_weight(x, gy, tasks, self.padding, v, mg)
             du = blocked_gram(tile_matrices(v, tasks), tile_matrices(mg, tasks))
             return winograd_weight_adjoint(du)
         cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
