@@ -348,42 +348,6 @@ def _omniglot_batch(tasks=2, ways=3):
     return images[0], labels, images[1], labels
 
 
-def test_backward_rules_transform_each_array_once(monkeypatch):
-    """A second-order gradient through one Winograd convolution: each backward rule that hands
-    an array to two ops (gy to both gradients, ggx to conv2d and the weight gradient) has its
-    tiles made once; without the sharing, every op makes its own."""
-    rng = np.random.default_rng(8)
-    x = tm.tensor(rng.standard_normal((2, 16, 6, 6)), requires_grad=True)
-    w = tm.tensor(rng.standard_normal((16, 16, 3, 3)) / 12, requires_grad=True)
-    calls = {"winograd_input": 0, "winograd_output_adjoint": 0}
-    for name in calls:
-        original = getattr(kernels, name)
-
-        def counted(*args, _name=name, _original=original):
-            calls[_name] += 1
-            return _original(*args)
-
-        monkeypatch.setattr(kernels, name, counted)
-
-    def transforms(share: bool):
-        monkeypatch.setattr(conv, "tiles_of", tiles_of if share else lambda *args: None)
-        for name in calls:
-            calls[name] = 0
-        y = F.conv2d(x, w, padding=1)
-        gx, gw = tm.grad((y * y).sum(), [x, w], create_graph=True)
-        second = tm.grad((gx * gx).sum() + (gw * gw).sum(), [x, w])
-        return dict(calls), [g.numpy() for g in (gx, gw, *second)]
-
-    tiles_of = conv.tiles_of
-    shared, values = transforms(share=True)
-    unshared, expected = transforms(share=False)
-    # gy's tiles: one pass instead of two (first order) and ggx's likewise (second order).
-    assert shared["winograd_output_adjoint"] < unshared["winograd_output_adjoint"]
-    assert shared["winograd_input"] < unshared["winograd_input"]
-    for got, want in zip(values, expected):
-        np.testing.assert_array_equal(got, want)
-
-
 @pytest.mark.parametrize("path", ["winograd", "im2col"])
 def test_products_in_row_blocks_equal_the_whole_products(monkeypatch, path):
     """The convolution products run in blocks of rows (a limit of 4 rows here, so that small
@@ -434,9 +398,8 @@ def test_images_per_chunk_fit_the_tiles_in_the_block_size():
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
 def test_winograd_chunks_equal_one_pass_to_second_order(monkeypatch, dtype, tol):
     """The three Winograd ops transform and multiply their images chunk by chunk (2 of 5 per
-    task here, the last chunk short; with tiles given by a backward rule and without): the
-    convolution and its derivatives equal those of one pass over all images, and the
-    transforms really ran per chunk."""
+    task here, the last chunk short): the convolution and its derivatives equal those of one
+    pass over all images, and the transforms really ran per chunk."""
     rng = np.random.default_rng(10)
     arrays = [rng.standard_normal((2, 5, 16, 6, 5)), rng.standard_normal((2, 16, 16, 3, 3)) / 12]
     arrays = [a.astype(dtype) for a in arrays]
@@ -463,10 +426,8 @@ def test_winograd_chunks_equal_one_pass_to_second_order(monkeypatch, dtype, tol)
     itemsize = np.dtype(dtype).itemsize
     chunked, chunk_sizes = run(2 * 9 * 16 * itemsize)  # 2 images of 9 tiles, 16 channels
     whole, whole_sizes = run(None)
-    # Chunks of 2, 2, 1 images per task; all 5 at once. (10: a backward rule's shared tiles
-    # of both tasks' images, made in one pass by WinogradTiles either way.)
-    assert {1, 2} <= set(chunk_sizes) and 5 not in chunk_sizes
-    assert 5 in whole_sizes and not {1, 2} & set(whole_sizes)
+    # Every op, in every order, transforms chunks of 2, 2 and 1 images per task, or all 5.
+    assert set(chunk_sizes) == {1, 2} and set(whole_sizes) == {5}
     for got, want in zip(chunked, whole):
         assert got.dtype == dtype
         # Other summation orders: float rounding relative to the result's scale.

@@ -45,7 +45,6 @@ from tinymeta import kernels
 from tinymeta._checks import check_int
 from tinymeta.backend import get_array_module
 from tinymeta.function import Function
-from tinymeta.grad_mode import no_grad
 from tinymeta.ops.reductions import sum as _sum
 
 
@@ -145,11 +144,6 @@ def winograd_weight_adjoint(du):
     return xp.ascontiguousarray(gw.transpose(lead + (gw.ndim - 1, gw.ndim - 2, 0, 1)))
 
 
-def tile_matrices(tiles, tasks: tuple):
-    """(16, N*, th, tw, K) tiles as (16, ..., rows, K): one matrix per position and task."""
-    return tiles.reshape((16,) + tasks + (-1, tiles.shape[-1]))
-
-
 # The products of a convolution (im2col's and Winograd's) run in blocks of rows on the CPU.
 # Their operands are narrow (64 channels; 9 window elements in a first layer) and tall (every
 # pixel or tile a row), and come from memory, not the cache. OpenBLAS (one core) ran W2's
@@ -195,29 +189,12 @@ def blocked_gram(a, b):
     return (a.swapaxes(-1, -2) @ b).sum(axis=-3)
 
 
-def input_tiles(x, padding: tuple):
-    """Winograd's input tiles of x (..., N, C, H, W), tasks folded: (16, N*, th, tw, C)."""
-    return kernels.winograd_input(fold_tasks(x), *padding)
-
-
-def output_tiles(gy, x_hw: tuple, padding: tuple):
-    """The adjoint output transform of gy (..., N, O, OH, OW): (16, N*, th, tw, O)."""
-    _, _, th, tw = kernels.winograd_tiles(*x_hw, *padding)
-    return kernels.winograd_output_adjoint(fold_tasks(gy), th, tw)
-
-
-def winograd_rows(tiles, w, tasks: tuple, out_hw: tuple):
-    """The convolution of x (given by its input tiles) with w, as (..., N*OH*OW, O) rows."""
-    m = blocked_matmul(tile_matrices(tiles, tasks), winograd_weight(w))
-    y = kernels.winograd_output(m.reshape(tiles.shape[:-1] + (-1,)), *out_hw)
-    return nhwc(y).reshape(tasks + (-1, y.shape[1]))
-
-
-# The three Winograd ops make the tiles they are not given a chunk of images at a time: the
-# transform, the 16 products and the transform back (or the weight gradient's sum) run while
-# the chunk's tiles (4x the images' size) are still in the cache, instead of writing every
-# tile to memory and reading it back twice. Chunks of about BLOCK_BYTES' rows, like the
-# products' row blocks. Tiles a backward rule shares between two ops are made whole, once.
+# The three Winograd ops make their tiles a chunk of images at a time: the transform, the 16
+# products and the transform back (or the weight gradient's sum) run while the chunk's tiles
+# (4x the images' size) are still in the cache, instead of writing every tile to memory and
+# reading it back. Chunks of about BLOCK_BYTES' rows, like the products' row blocks. Each op
+# makes its own tiles: handing one array's tiles to two ops (made whole, kept in memory) was
+# slower than transforming it twice in the cache.
 
 
 def images_per_chunk(n: int, tiles_per_image: int, width: int, itemsize: int) -> int:
@@ -273,65 +250,21 @@ def winograd_conv_grad_input(gy, w, tasks: tuple, x_hw: tuple, padding: tuple):
     return to_nchw(gx).reshape(tasks + (-1, c, h, wd))
 
 
-def chunk_tiles(given, make, a, t: int, first: int, step: int):
-    """Task t's tiles of images first..first+step: a slice of the given tiles (16, N*, th, tw,
-    K) of a (T*, N, ...), or ``make`` (a transform) applied to those images of a."""
-    if given is None:
-        return make(a[t, first : first + step])
-    per_task = given.reshape((16, a.shape[0], a.shape[1]) + given.shape[2:])
-    return per_task[:, t, first : first + step]
-
-
-def winograd_conv_grad_weight(x, gy, tasks: tuple, padding: tuple, x_tiles=None, gy_tiles=None):
-    """Conv2dGradWeight's Winograd path, chunk by chunk: the tiles it is not given are made a
-    chunk at a time and multiplied while in the cache. gw (..., O, C, 3, 3)."""
+def winograd_conv_grad_weight(x, gy, tasks: tuple, padding: tuple):
+    """Conv2dGradWeight's Winograd path, chunk by chunk: the products of x's and gy's tiles
+    summed over chunks, per position and task, then the adjoint of the weight transform:
+    gw (..., O, C, 3, 3)."""
     xs, gys = by_task(x, tasks), by_task(gy, tasks)
     n, c, o = xs.shape[1], x.shape[-3], gy.shape[-3]
     _, _, th, tw = kernels.winograd_tiles(*x.shape[-2:], *padding)
     du = np.zeros((16, xs.shape[0], c, o), np.result_type(x.dtype, gy.dtype))
     step = images_per_chunk(n, th * tw, min(c, o), du.itemsize)
-
-    def x_transform(images):
-        return kernels.winograd_input(images, *padding)
-
-    def gy_transform(images):
-        return kernels.winograd_output_adjoint(images, th, tw)
-
     for t in range(xs.shape[0]):
         for first in range(0, n, step):
-            v = chunk_tiles(x_tiles, x_transform, xs, t, first, step)
-            mg = chunk_tiles(gy_tiles, gy_transform, gys, t, first, step)
+            v = kernels.winograd_input(xs[t, first : first + step], *padding)
+            mg = kernels.winograd_output_adjoint(gys[t, first : first + step], th, tw)
             du[:, t] += v.reshape(16, -1, c).swapaxes(-1, -2) @ mg.reshape(16, -1, o)
     return winograd_weight_adjoint(du.reshape((16,) + tasks + (c, o)))
-
-
-class WinogradTiles(Function):
-    """The Winograd tiles of a tensor (``kind`` "input": ``input_tiles``; "output":
-    ``output_tiles``), for a backward rule that hands them to two convolution ops.
-
-    Applied without recording (``tiles_of``), so it is never differentiated: the tiles are a
-    cache of the ops' inputs, not a value in the graph. Being an op, a ``tm.capture`` replay
-    recomputes them from the replayed arrays like any other forward.
-    """
-
-    saves_inputs = False
-
-    def __init__(self, kind: str, x_hw: tuple, padding: tuple):
-        self.kind, self.x_hw, self.padding = kind, tuple(x_hw), padding
-
-    def forward(self, a):
-        if self.kind == "input":
-            return input_tiles(a, self.padding)
-        return output_tiles(a, self.x_hw, self.padding)
-
-    def backward(self, g):
-        raise RuntimeError("WinogradTiles: the tiles are a cache, not differentiable")
-
-
-def tiles_of(t, kind: str, x_hw: tuple, padding: tuple):
-    """The array of ``WinogradTiles`` of tensor t, applied outside the graph."""
-    with no_grad():
-        return WinogradTiles.apply(t, kind=kind, x_hw=x_hw, padding=padding).data
 
 
 class Conv2d(Function):
@@ -340,16 +273,10 @@ class Conv2d(Function):
 
     With a task axis: x (T, N, C, H, W), w (T, O, C, kh, kw), b (T, O), and the
     same formulas for every t (y[t] = conv(x[t], w[t]) + b[t]).
-
-    On the Winograd path, ``x_tiles`` (Winograd's input tiles of x) may be given by a
-    backward rule that hands the same tiles to a second op; its backward shares gy's tiles
-    between the two gradients the same way.
     """
 
-    winograd = False  # did the forward take the Winograd path?
-
-    def __init__(self, stride: tuple, padding: tuple, x_tiles=None):
-        self.stride, self.padding, self.given_x_tiles = stride, padding, x_tiles
+    def __init__(self, stride: tuple, padding: tuple):
+        self.stride, self.padding = stride, padding
 
     def forward(self, x, w, b=None):
         tasks = w.shape[:-4]  # () for one weight, (T,) for one weight per task
@@ -358,12 +285,7 @@ class Conv2d(Function):
         oh = output_size(x.shape[-2], kh, self.stride[0], self.padding[0])
         ow = output_size(x.shape[-1], kw, self.stride[1], self.padding[1])
         if winograd_applies(x, w.shape[-3], o, (kh, kw), self.stride, (oh, ow)):
-            self.winograd = True
-            tiles = self.given_x_tiles
-            if tiles is None:
-                y = winograd_conv(x, w, tasks, self.padding, (oh, ow))
-            else:
-                y = winograd_rows(tiles, w, tasks, (oh, ow))
+            y = winograd_conv(x, w, tasks, self.padding, (oh, ow))
         else:
             cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
             # One GEMM per task, (N*OH*OW, kh*kw*C) @ (kh*kw*C, O), all in one matmul call.
@@ -379,25 +301,9 @@ class Conv2d(Function):
     def backward(self, gy):
         x, w = self.inputs[:2]
         need_x, need_w = self.needs_input_grad[:2]
-        # Both gradients read the tiles of gy on the Winograd path: transformed once, here.
-        gy_tiles = (
-            tiles_of(gy, "output", x.shape[-2:], self.padding)
-            if self.winograd and need_x and need_w
-            else None
-        )
         geometry = {"stride": self.stride, "padding": self.padding}
-        gx = (
-            Conv2dGradInput.apply(gy, w, x_shape=x.shape, gy_tiles=gy_tiles, **geometry)
-            if need_x
-            else None
-        )
-        gw = (
-            Conv2dGradWeight.apply(
-                x, gy, w_shape=w.shape, x_tiles=self.given_x_tiles, gy_tiles=gy_tiles, **geometry
-            )
-            if need_w
-            else None
-        )
+        gx = Conv2dGradInput.apply(gy, w, x_shape=x.shape, **geometry) if need_x else None
+        gw = Conv2dGradWeight.apply(x, gy, w_shape=w.shape, **geometry) if need_w else None
         if len(self.inputs) == 2:
             return gx, gw
         gb = _sum(gy, axis=(-4, -2, -1)) if self.needs_input_grad[2] else None
@@ -406,15 +312,10 @@ class Conv2d(Function):
 
 class Conv2dGradInput(Function):
     """gx_pad[n,c,i*sh+p,j*sw+q] += sum_o gy[n,o,i,j] w[o,c,p,q]  (col2im);
-    ggy = conv2d(ggx, w), gw = Conv2dGradWeight(ggx, gy).  (Per task with a task axis.)
+    ggy = conv2d(ggx, w), gw = Conv2dGradWeight(ggx, gy).  (Per task with a task axis.)"""
 
-    ``gy_tiles``: the Winograd tiles of gy, when the caller has them (see Conv2d)."""
-
-    winograd = False
-
-    def __init__(self, x_shape: tuple, stride: tuple, padding: tuple, gy_tiles=None):
+    def __init__(self, x_shape: tuple, stride: tuple, padding: tuple):
         self.x_shape, self.stride, self.padding = tuple(x_shape), stride, padding
-        self.given_gy_tiles = gy_tiles
 
     def forward(self, gy, w):
         tasks = w.shape[:-4]
@@ -423,15 +324,7 @@ class Conv2dGradInput(Function):
         oh, ow = gy.shape[-2:]
         if winograd_applies(gy, c, o, (kh, kw), self.stride, (oh, ow)):
             # The adjoint of Conv2d's Winograd path: tiles of gy, products with U^T, back to x.
-            self.winograd = True
-            mg = self.given_gy_tiles
-            if mg is None:
-                return winograd_conv_grad_input(gy, w, tasks, (h, wd), self.padding)
-            vg = blocked_matmul(tile_matrices(mg, tasks), winograd_weight(w).swapaxes(-1, -2))
-            gx = kernels.winograd_input_adjoint(
-                vg.reshape(mg.shape[:-1] + (c,)), h, wd, *self.padding
-            )
-            return gx.reshape(tasks + (n, c, h, wd))
+            return winograd_conv_grad_input(gy, w, tasks, (h, wd), self.padding)
         rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
         # Every window's share of the gradient, (N*OH*OW, O) @ (O, kh*kw*C) per task in one
         # GEMM, then col2im adds each window element back onto the pixel it was read from.
@@ -443,38 +336,18 @@ class Conv2dGradInput(Function):
     def backward(self, ggx):
         gy, w = self.inputs
         need_gy, need_w = self.needs_input_grad
-        # conv2d(ggx, w) and the weight gradient both read ggx's tiles: transformed once.
-        ggx_tiles = (
-            tiles_of(ggx, "input", ggx.shape[-2:], self.padding)
-            if self.winograd and need_gy and need_w
-            else None
-        )
         geometry = {"stride": self.stride, "padding": self.padding}
-        ggy = Conv2d.apply(ggx, w, x_tiles=ggx_tiles, **geometry) if need_gy else None
-        gw = (
-            Conv2dGradWeight.apply(
-                ggx,
-                gy,
-                w_shape=w.shape,
-                x_tiles=ggx_tiles,
-                gy_tiles=self.given_gy_tiles,
-                **geometry,
-            )
-            if need_w
-            else None
-        )
+        ggy = Conv2d.apply(ggx, w, **geometry) if need_gy else None
+        gw = Conv2dGradWeight.apply(ggx, gy, w_shape=w.shape, **geometry) if need_w else None
         return ggy, gw
 
 
 class Conv2dGradWeight(Function):
     """gw[o,c,p,q] = sum_{n,i,j} gy[n,o,i,j] x_pad[n,c,i*sh+p,j*sw+q];
-    gx = Conv2dGradInput(gy, ggw), ggy = conv2d(x, ggw).  (Per task with a task axis.)
+    gx = Conv2dGradInput(gy, ggw), ggy = conv2d(x, ggw).  (Per task with a task axis.)"""
 
-    ``x_tiles``, ``gy_tiles``: the Winograd tiles of x and gy, when the caller has them."""
-
-    def __init__(self, w_shape: tuple, stride: tuple, padding: tuple, x_tiles=None, gy_tiles=None):
+    def __init__(self, w_shape: tuple, stride: tuple, padding: tuple):
         self.w_shape, self.stride, self.padding = tuple(w_shape), stride, padding
-        self.given_x_tiles, self.given_gy_tiles = x_tiles, gy_tiles
 
     def forward(self, x, gy):
         tasks = self.w_shape[:-4]
@@ -482,11 +355,7 @@ class Conv2dGradWeight(Function):
         if winograd_applies(x, c, o, (kh, kw), self.stride, gy.shape[-2:]):
             # sum over tiles of (input tile transform)^T (adjoint output transform of gy),
             # per position and task, then the adjoint of the weight transform.
-            v, mg = self.given_x_tiles, self.given_gy_tiles
-            if v is None or mg is None:
-                return winograd_conv_grad_weight(x, gy, tasks, self.padding, v, mg)
-            du = blocked_gram(tile_matrices(v, tasks), tile_matrices(mg, tasks))
-            return winograd_weight_adjoint(du)
+            return winograd_conv_grad_weight(x, gy, tasks, self.padding)
         cols = im2col(fold_tasks(x), kh, kw, self.stride, self.padding)
         cols = cols.reshape(tasks + (-1, cols.shape[-1]))  # (T, N*OH*OW, kh*kw*C)
         rows = rows_nhwc(fold_tasks(gy)).reshape(tasks + (-1, o))  # (T, N*OH*OW, O)
@@ -497,16 +366,7 @@ class Conv2dGradWeight(Function):
     def backward(self, ggw):
         x, gy = self.inputs
         geometry = {"stride": self.stride, "padding": self.padding}
-        gx = (
-            Conv2dGradInput.apply(
-                gy, ggw, x_shape=x.shape, gy_tiles=self.given_gy_tiles, **geometry
-            )
-            if self.needs_input_grad[0]
-            else None
-        )
-        ggy = (
-            Conv2d.apply(x, ggw, x_tiles=self.given_x_tiles, **geometry)
-            if self.needs_input_grad[1]
-            else None
-        )
+        need_x, need_gy = self.needs_input_grad
+        gx = Conv2dGradInput.apply(gy, ggw, x_shape=x.shape, **geometry) if need_x else None
+        ggy = Conv2d.apply(x, ggw, **geometry) if need_gy else None
         return gx, ggy
