@@ -201,6 +201,20 @@ def test_winograd_conv2d_gradcheck_orders_1_to_3(winograd_everywhere, padding):
     assert check_grads(lambda x, w, b: F.conv2d(x, w, b, padding=padding), [x, w, b], order)
 
 
+def test_winograd_conv2d_gradcheck_in_chunks_of_one_image_orders_1_to_3(
+    winograd_everywhere, monkeypatch
+):
+    """Every op runs its images one chunk at a time (3 images per task, one per chunk): the
+    derivatives to third order still match float64 finite differences."""
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 8)  # one 8-byte row: a chunk is one image
+    monkeypatch.setattr(conv, "MIN_BLOCK_ROWS", 1)
+    assert conv.images_per_chunk(3, 6, 2, 8) == 1
+    rng = np.random.default_rng(5)
+    x = tm.tensor(rng.standard_normal((2, 3, 2, 4, 5)))
+    w = tm.tensor(rng.standard_normal((2, 3, 2, 3, 3)))
+    assert check_grads(lambda x, w: F.conv2d(x, w, padding=1), [x, w], 3)
+
+
 @given(
     n=st.integers(1, 2),
     c=st.integers(1, 3),
