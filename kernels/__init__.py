@@ -407,6 +407,11 @@ def _check_same_shape(op: str, a_name: str, a, b_name: str, b):
 # and float64, every other dtype (or a mix) takes the reference.
 
 
+def relu_forward(x):
+    """y = max(x, 0), as NumPy's maximum gives it (NaN stays NaN, -0.0 becomes +0.0)."""
+    return _impl_for(x).relu_forward(x)
+
+
 def relu_backward(gy, x):
     """gx = gy * [x > 0]: the ReLU's gradient (zero where x <= 0), in gy's dtype."""
     _check_same_shape("relu_backward", "gy", gy, "x", x)

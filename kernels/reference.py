@@ -319,6 +319,11 @@ def softmax_xent_backward(probs, labels, gloss):
 # --- elementwise steps of a training loop ---------------------------------------------------
 
 
+def relu_forward(x):
+    """y = max(x, 0), NumPy's maximum: NaN stays NaN, -0.0 becomes +0.0."""
+    return _array_module(x).maximum(x, 0)
+
+
 def relu_backward(gy, x):
     """gx = gy * [x > 0]: the ReLU's gradient; the derivative at 0 is taken as 0."""
     return gy * (x > 0)

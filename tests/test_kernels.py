@@ -426,6 +426,31 @@ def same_layout_arrays(draw, n: int = 2, special_values: bool = True):
     return (*arrays, dtype)
 
 
+@given(case=same_layout_arrays(n=1))
+def test_relu_forward_numba_matches_reference_bit_for_bit(case):
+    x, dtype = case
+    with _loops_for_any_size():
+        y = numba_impl.relu_forward(x)
+    expected = reference.relu_forward(x)
+    assert y.dtype == np.dtype(dtype) and y.shape == x.shape
+    np.testing.assert_array_equal(y, expected)  # NaN where the reference has NaN
+    assert (np.signbit(y) == np.signbit(expected)).all()  # -0.0 becomes +0.0 in both
+    # The reference is the definition: x where x > 0 or NaN, +0 elsewhere.
+    np.testing.assert_array_equal(expected, np.where((x > 0) | np.isnan(x), x, 0))
+    assert not np.signbit(expected[~np.isnan(expected)]).any()
+
+
+def test_relu_forward_keeps_channels_last_memory_and_other_dtypes():
+    x = np.random.default_rng(0).standard_normal((2, 5, 6, 7)).astype(np.float32)
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # NHWC memory
+    with _loops_for_any_size():
+        y = numba_impl.relu_forward(x)
+    assert y.strides == x.strides
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    ints = np.array([-2, 0, 3])
+    np.testing.assert_array_equal(kernels.relu_forward(ints), [0, 0, 3])
+
+
 @given(case=same_layout_arrays())
 def test_relu_backward_numba_matches_reference_bit_for_bit(case):
     gy, x, dtype = case
