@@ -45,7 +45,9 @@ def test_forward_and_backward_are_the_composition_bit_for_bit(c):
 def test_maml_second_order_is_the_composition_bit_for_bit(c):
     # an inner gradient with create_graph, then the outer gradient through it
     def meta_gradient(loss_of):
-        w = tm.tensor(np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(4, 3), requires_grad=True)
+        w = tm.tensor(
+            np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(4, 3), requires_grad=True
+        )
         x = tm.tensor(np.arange(12, dtype=np.float32).reshape(3, 4) / 10.0)
         (g,) = tm.grad(loss_of(w @ x - 0.3), w, create_graph=True)
         adapted = w - 0.1 * g

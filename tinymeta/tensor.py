@@ -14,7 +14,6 @@ import weakref
 import numpy as np
 
 from tinymeta import backend
-from tinymeta.grad_mode import is_grad_enabled
 
 DEFAULT_FLOAT = np.dtype(np.float32)
 

@@ -36,8 +36,8 @@ from tinymeta.nn.functional_recurrent import (
 from tinymeta.nn.softmax_xent import softmax_cross_entropy
 from tinymeta.ops.elementwise import relu as _relu
 from tinymeta.ops.reductions import mean as _mean
-from tinymeta.ops.reductions import sum as _sum
 from tinymeta.ops.reductions import mean_square, squared_sum
+from tinymeta.ops.reductions import sum as _sum
 from tinymeta.ops.shape import broadcast_to, expand_dims, reshape
 from tinymeta.ops.softmax import log_softmax, softmax
 from tinymeta.tensor import Tensor, as_input, constant

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from tinymeta.function import Function
 from tinymeta.ops.shape import sum_to_array
 from tinymeta.tensor import Tensor, as_input

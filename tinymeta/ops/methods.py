@@ -8,8 +8,8 @@ import Tensor): this module runs once, when tinymeta is imported.
 from __future__ import annotations
 
 from tinymeta import ops
-from tinymeta.ops import inplace
 from tinymeta.autograd import engine
+from tinymeta.ops import inplace
 from tinymeta.tensor import Tensor
 
 
