@@ -23,10 +23,10 @@ import operator
 
 import numpy as np
 
-from tinymeta import backend, function, grad_mode
+from tinymeta import backend, grad_mode
 from tinymeta.ops.arithmetic import add, div, mul, power, sub
 from tinymeta.ops.selection import astype
-from tinymeta.ops.shape import Copy, SetItem, _stand_in, setitem
+from tinymeta.ops.shape import Copy, _stand_in, check_recordable, record_assignment, setitem
 from tinymeta.tensor import Tensor, _on_device_of
 
 
@@ -62,12 +62,11 @@ def pow_(x: Tensor, exponent) -> Tensor:
 def copy_(x: Tensor, src) -> Tensor:
     """x <- src (broadcast to x's shape, cast to x's dtype), in place. Unrecorded, src may be
     on another device (loading a checkpoint into a cuda model); recorded, it must not."""
-    if not (isinstance(src, Tensor) and src.requires_grad and grad_mode.is_grad_enabled()):
-        if not (grad_mode.is_grad_enabled() and x.requires_grad):
-            _check_fits(x, "copy_", src)
-            x._check_graph_memory("copy_")
-            x._data[...] = _on_device_of(x._data, _array(src))
-            return x._bump()
+    if not _records(x, src):
+        _check_fits(x, "copy_", src)
+        x._check_graph_memory("copy_")
+        x._data[...] = _on_device_of(x._data, _array(src))
+        return x._bump()
     return _inplace(x, "copy_", src, None, lambda old, value: value, saves_x=False)
 
 
@@ -78,10 +77,8 @@ def fill_(x: Tensor, value) -> Tensor:
         raise ValueError(
             f"fill_: the value must be a number or a 0-d tensor, got shape {value.shape}"
         )
-    if grad_mode.is_grad_enabled() and (
-        x.requires_grad or (isinstance(value, Tensor) and value.requires_grad)
-    ):
-        _check_recordable(x, "fill_")
+    if _records(x, value):
+        check_recordable(x, "fill_")
         setitem(x, Ellipsis, value)
         return x
     x._check_graph_memory("fill_")
@@ -92,6 +89,13 @@ def fill_(x: Tensor, value) -> Tensor:
 def zero_(x: Tensor) -> Tensor:
     """x <- 0, in place (see fill_)."""
     return fill_(x, 0)
+
+
+def _records(x: Tensor, other) -> bool:
+    """Whether the change must be differentiated: grad mode on, and x or other requires grad."""
+    if not grad_mode.is_grad_enabled():
+        return False
+    return x.requires_grad or (isinstance(other, Tensor) and other.requires_grad)
 
 
 def _array(value):
@@ -106,14 +110,11 @@ def _inplace(x: Tensor, op: str, other, array_op, tensor_op, saves_x: bool) -> T
             f"{o.device} (shape {o.shape}); move one with .to(device)"
         )
     _check_fits(x, op, other)
-    records = grad_mode.is_grad_enabled() and (
-        x.requires_grad or (o is not None and o.requires_grad)
-    )
-    if not records:
+    if not _records(x, other):
         x._check_graph_memory(op)
         _write(x, op, lambda a: array_op(a, _array(other)))
         return x._bump()
-    _check_recordable(x, op)
+    check_recordable(x, op)
     before = _stand_in(x)  # x as it was: it takes x's creator and hooks
     old = Copy.apply(before) if saves_x else before  # the node saving it keeps its own copy
     if o is x:
@@ -124,12 +125,8 @@ def _inplace(x: Tensor, op: str, other, array_op, tensor_op, saves_x: bool) -> T
     if value.dtype != x.dtype:
         value = astype(value, x.dtype)
     x._data[...] = value._data
-    x._bump()  # before shares the counter: graphs that saved x (as it was) see the change
-    fn = SetItem(Ellipsis, value.shape)
-    fn._record((before, value), (False, value.requires_grad), (x,))
-    function.inplace_recorded = True  # engine._collect now checks for stale uses of x
-    if function._forward_hook is not None:
-        function._forward_hook(fn, [x])
+    # x as it was reaches the result through value's graph: the node's own path to it is off
+    record_assignment(x, before, Ellipsis, value, x_needs_grad=False)
     return x
 
 
@@ -154,26 +151,3 @@ def _write(x: Tensor, op: str, update) -> None:
         update(x._data)
     except TypeError as e:  # NumPy's casting rule: float into an int tensor, say
         raise TypeError(f"{op}: {e} (tensor of shape {x.shape}, dtype {x.dtype})") from e
-
-
-def _check_recordable(x: Tensor, op: str) -> None:
-    """Refuse an in-place change that would have to be differentiated but cannot be."""
-    if x.is_leaf and x.requires_grad:
-        raise RuntimeError(
-            f"{op}: in-place change of a tensor that requires grad while grad mode is on (a "
-            f"leaf of shape {x.shape}: no creator to record the change after). Change its "
-            "values under `with tm.no_grad():` (as an optimizer does), or change a copy "
-            "(y = x * 1.0)"
-        )
-    if x.dtype.kind not in "fc":
-        raise TypeError(
-            f"{op}: the other operand requires grad but the tensor has dtype {x.dtype} "
-            f"(shape {x.shape}); only a floating-point tensor can take a differentiable value"
-        )
-    if x._vc[1]:
-        raise RuntimeError(
-            f"{op}: in-place change, to be differentiated, of a tensor of shape {x.shape} that "
-            "shares memory with a view (made by indexing, reshape, transpose, ...; or it is "
-            "one), which would not see the change's gradient. Change a tensor with memory of "
-            "its own (y = x * 1.0), or use the out-of-place operator (y = x + w)"
-        )

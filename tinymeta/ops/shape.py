@@ -326,7 +326,7 @@ def setitem(x: Tensor, index, value) -> None:
             raise type(e)(f"__setitem__: {e} (tensor of shape {x.shape}, {x.dtype})") from e
         x._bump()
         return
-    _check_recordable(x, index, v)
+    check_recordable(x, "__setitem__", index)
     if v is None:  # a constant: it takes part in the node without requiring grad
         v = Tensor._wrap(backend.get_array_module(x.data).asarray(_on_device_of(x.data, value)))
     if v.device != x.device:
@@ -341,43 +341,50 @@ def setitem(x: Tensor, index, value) -> None:
             f"__setitem__: {e} (tensor of shape {x.shape}, value of shape {v.shape})"
         ) from e
     before = _stand_in(x)
+    record_assignment(x, before, index, v, before.requires_grad)
+
+
+def record_assignment(x: Tensor, before: Tensor, index, v: Tensor, x_needs_grad: bool) -> None:
+    """Give x, whose memory now holds ``v`` at ``index``, a SetItem creator over ``before``
+    (the stand-in for x as it was, from ``_stand_in``) and ``v``."""
     x._bump()  # before shares the counter: graphs that saved x (as it was) see the change
     fn = SetItem(index, v.shape)
-    fn._record((before, v), (before.requires_grad, v.requires_grad), (x,))
+    fn._record((before, v), (x_needs_grad, v.requires_grad), (x,))
     function.inplace_recorded = True  # engine._collect now checks for stale uses of x
     if function._forward_hook is not None:
         function._forward_hook(fn, [x])
 
 
-def _check_recordable(x: Tensor, index, v) -> None:
-    """Refuse an assignment that would have to be differentiated but cannot be."""
-    where = f"__setitem__ into a tensor of shape {x.shape}"
+def check_recordable(x: Tensor, op: str, index=Ellipsis) -> None:
+    """Refuse an in-place change of x (``x[index] = v``, ``x += w``, ...) that would have to be
+    differentiated but cannot be; ``op`` names it in the message."""
     if x.is_leaf and x.requires_grad:
         raise RuntimeError(
-            f"__setitem__: in-place change of a tensor that requires grad while grad mode is "
-            f"on (a leaf of shape {x.shape}: no creator to record the change after). Change "
-            "its values under `with tm.no_grad():`, or assign into a copy (y = x * 1.0; "
-            "y[i] = v)"
+            f"{op}: in-place change of a tensor that requires grad while grad mode is on (a "
+            f"leaf of shape {x.shape}: no creator to record the change after). Change its "
+            "values under `with tm.no_grad():` (as an optimizer does), or change a copy "
+            "(y = x * 1.0)"
         )
     if x.dtype.kind not in "fc":
         raise TypeError(
-            f"{where}: the value requires grad but the tensor has dtype {x.dtype}; "
-            "only a floating-point tensor can take a differentiable assignment"
+            f"{op}: the value requires grad but the tensor (shape {x.shape}) has dtype "
+            f"{x.dtype}; only a floating-point tensor can take a differentiable value"
         )
     if x._vc[1]:
         raise RuntimeError(
-            f"{where}: the tensor shares memory with a view (made by indexing, reshape, "
-            "transpose, ...; or it is one), which would not see the assignment's gradient. "
-            "Assign into a tensor with memory of its own (y = x * 1.0), or build the "
-            "result with tm.where / tm.stack / tm.concatenate"
+            f"{op}: the tensor (shape {x.shape}) shares memory with a view (made by indexing, "
+            "reshape, transpose, ...; or it is one), which would not see the change's "
+            "gradient. Change a tensor with memory of its own (y = x * 1.0), or build the "
+            "result out of place (y = x + w; tm.where / tm.stack / tm.concatenate)"
         )
     if not _is_basic(index):
         xp = backend.get_array_module(x.data)
         positions = xp.arange(x.size).reshape(x.shape)[index]
         if xp.unique(positions).size != positions.size:
             raise RuntimeError(
-                f"{where}: the index names some elements more than once; which value lands "
-                "there is not defined, nor is its gradient. Use unique indices"
+                f"{op}: the index names some elements of the tensor (shape {x.shape}) more than "
+                "once; which value lands there is not defined, nor is its gradient. Use unique "
+                "indices"
             )
 
 
