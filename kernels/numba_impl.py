@@ -711,8 +711,9 @@ def _relu_forward_flat(x, y):
 
 
 def relu_forward(x):
-    """See ``reference.relu_forward``: y in x's dtype and memory layout. NumPy's maximum
-    with a scalar does not vectorise here (about 3x this loop on 128 x 256 float32)."""
+    """See ``reference.relu_forward``: y in x's dtype and memory layout. NumPy's maximum of
+    an array and a scalar took about twice this loop's time on W3's activations
+    (benchmarks/PROFILE.md, "ReLU's forward")."""
     flat = _flat_views(x)
     if flat is None:
         return reference.relu_forward(x)

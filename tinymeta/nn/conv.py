@@ -39,6 +39,8 @@ channels-last without anyone noticing.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from tinymeta import kernels
@@ -208,7 +210,7 @@ def images_per_chunk(n: int, tiles_per_image: int, width: int, itemsize: int) ->
 def by_task(a, tasks: tuple):
     """(..., N, C, H, W) as (T*, N*, C, H, W): one row per task of ``tasks`` (a weight's
     leading axes), every image of that task along the second axis (a view here)."""
-    return a.reshape((int(np.prod(tasks)), -1) + a.shape[-3:])
+    return a.reshape((math.prod(tasks), -1) + a.shape[-3:])
 
 
 def winograd_conv(x, w, tasks: tuple, padding: tuple, out_hw: tuple):
