@@ -1,15 +1,19 @@
 """Compiled kernels (shipped as ``tinymeta.kernels``): arrays in, arrays out.
 
-This package never imports tinymeta. Every kernel has two implementations with the same
-signature and results:
+This package never imports tinymeta. Every kernel has up to three implementations with the
+same signature and results:
 
-  ``reference``   vectorized NumPy (and CuPy: the same code runs on device arrays)
-  ``numba_impl``  Numba-compiled loops, CPU only
+  ``reference``        vectorized NumPy (and CuPy: the same code runs on device arrays)
+  ``numba_impl``       Numba-compiled loops, CPU only
+  ``cuda_impl``,       CUDA kernels (kernels/cuda/*.cu, compiled by NVRTC through CuPy on first
+  ``cuda_batchnorm``   use) for CuPy arrays: the fused ops that have one
 
-The environment variable ``TINYMETA_KERNELS`` picks one: ``numba`` (the default, when Numba
-imports) or ``numpy`` (the reference). ``backend()`` says which is active and
-``set_backend(name)`` switches (tests and benchmarks compare the two). CuPy arrays always go to
-the reference, whatever the backend.
+The environment variable ``TINYMETA_KERNELS`` picks the backend: ``numba`` (the default, when
+Numba imports) or ``numpy`` (the reference). ``backend()`` says which is active and
+``set_backend(name)`` switches (tests and benchmarks compare the two). Under ``numba``, NumPy
+arrays go to the Numba loops and CuPy arrays to the CUDA kernels (a kernel without a CUDA
+version runs the reference on the device arrays); under ``numpy`` both go to the reference:
+the escape hatch, and what the CUDA kernels are tested against.
 
 Numba is imported on the first kernel call, not with this package: its import and set-up take
 about half a second, which ``import tinymeta`` (and code that never calls a kernel) should not
@@ -47,6 +51,7 @@ implementations expect and dispatch:
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -101,9 +106,45 @@ def set_backend(name: str) -> str:
     return previous
 
 
+class _CudaKernels:
+    """The CUDA implementation of each kernel, looked up by name: the first of
+    ``_CUDA_MODULES`` that defines it, else the reference (which runs on CuPy arrays)."""
+
+    _CUDA_MODULES = ("cuda_impl", "cuda_batchnorm")
+
+    def __getattr__(self, name: str):
+        for module_name in self._CUDA_MODULES:
+            module = self._module(module_name)
+            if module is not None and hasattr(module, name):
+                kernel = getattr(module, name)
+                break
+        else:
+            kernel = getattr(reference, name)
+        setattr(self, name, kernel)  # __getattr__ runs once per kernel name
+        return kernel
+
+    @staticmethod
+    def _module(name: str):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:  # a module not written (yet)
+            if error.name != f"{__name__}.{name}":
+                raise
+            return None
+
+
+_cuda = _CudaKernels()
+
+
 def _impl_for(array):
-    """Numba loops run on host arrays only: device (CuPy) arrays take the reference."""
-    return (_impl or _active()) if isinstance(array, np.ndarray) else reference
+    """Host arrays take the active backend; device (CuPy) arrays the CUDA kernels, or the
+    reference under the ``numpy`` backend."""
+    impl = _impl or _active()
+    if isinstance(array, np.ndarray):
+        return impl
+    if impl is not reference and type(array).__module__.startswith("cupy"):
+        return _cuda
+    return reference
 
 
 def _check_float(op: str, **arrays) -> np.dtype:

@@ -62,6 +62,10 @@ assert np.array_equal(K.relu_backward(gy, a), np.where(a > 0, gy, 0.0))
 cache = Path(K.__file__).parent / "__pycache__"
 assert any(cache.glob("numba_impl._relu_backward_flat*.nbi")), sorted(cache.iterdir())
 
+# The CUDA kernels' sources ship beside their wrappers (compiled on a GPU's first use).
+from tinymeta.kernels import cuda_impl
+assert cuda_impl._ELEMENTWISE.path.is_file(), cuda_impl._ELEMENTWISE.path
+
 # The viewer's template ships, and the viewer writes its page.
 assert resources.files("tinymeta.viz").joinpath("viewer.html").is_file()
 w = tm.tensor([1.0, 2.0], requires_grad=True)
@@ -72,12 +76,13 @@ print("smoke test passed")
 
 
 def _source_modules() -> set[str]:
-    """Every module file of the checkout, as a path inside the installed package."""
+    """Every module file (and CUDA source) of the checkout, as a path inside the installed
+    package."""
     files = {f"tinymeta/{p.relative_to(REPO / 'tinymeta')}" for p in (REPO / "tinymeta").rglob("*")}
     files |= {
         f"tinymeta/kernels/{p.relative_to(REPO / 'kernels')}" for p in (REPO / "kernels").rglob("*")
     }
-    return {f for f in files if f.endswith((".py", ".html")) and "__pycache__" not in f}
+    return {f for f in files if f.endswith((".py", ".html", ".cu")) and "__pycache__" not in f}
 
 
 def _fresh_env(where: Path) -> Path:

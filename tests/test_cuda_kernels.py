@@ -1,0 +1,275 @@
+"""The CUDA kernels (kernels/cuda/*.cu through kernels/cuda_impl.py) against the reference.
+
+Every comparison runs once per device: ``cpu`` runs the kernels' sources compiled by g++ in
+the emulator (tests/cuda_emulator.py) on NumPy arrays, ``cuda`` on CuPy arrays on a GPU
+(marked ``gpu``; skipped without CuPy or a device). Both check that the wrapper launched its
+kernel (no silent fallback) and compare with ``kernels.reference`` on the same NumPy data:
+exactly where the kernel does the reference's arithmetic in its order, else with tolerances
+scaled to the dtype and the data's magnitude. The emulator's own checks, the nvcc build of
+every .cu file and the dispatch of CuPy arrays are tested below them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+from unittest import mock
+
+import cuda_emulator
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from tinymeta.kernels import cuda_impl, cuda_launch, reference
+
+import tinymeta as tm
+from tinymeta import kernels
+
+HAVE_CUDA = tm.cuda.is_available()
+FLOATS = (np.float32, np.float64)
+SPECIALS = (np.nan, np.inf, -np.inf, -0.0, 0.0)
+# Tolerances of a kernel whose arithmetic differs from the reference's (summation order, FMA
+# on the GPU): relative, and absolute in units of the data's magnitude.
+TOLERANCE = {np.dtype(np.float32): (1e-5, 1e-6), np.dtype(np.float64): (1e-12, 1e-13)}
+
+
+# --- running on a device ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running_on(device: str):
+    """(array module, launches): inside, cuda_impl's kernels run on ``device``: the emulator
+    on the CPU, CuPy on "cuda"; launches lists the kernels launched as "name<float|double>"."""
+    if device == "cpu":
+        with cuda_emulator.emulate() as emulation:
+            yield np, emulation.launches
+        return
+    import cupy
+
+    launches = []
+    launch = cuda_launch.CudaSource.launch
+
+    def recording(source, kernel, dtype, threads, args):
+        launches.append(f"{kernel}<{cuda_launch.c_type(kernel, dtype)}>")
+        launch(source, kernel, dtype, threads, args)
+
+    with mock.patch.object(cuda_launch.CudaSource, "launch", recording):
+        yield cupy, launches
+        cupy.cuda.get_current_stream().synchronize()
+
+
+def on_device(xp, a, layout: str = "c"):
+    """A NumPy array's copy in module ``xp``, laid out in memory as ``layout`` says: "c"
+    (C order), "permuted" (dense, axes reversed in memory) or "strided" (not dense)."""
+    if layout == "permuted":
+        axes = tuple(range(a.ndim))[::-1]
+        return xp.array(xp.asarray(a).transpose(axes), order="C").transpose(axes)
+    if layout == "strided" and a.ndim:
+        wide = xp.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        wide[..., ::2] = xp.asarray(a)
+        return wide[..., ::2]
+    return xp.array(a)
+
+
+def to_host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def assert_same(actual, expected, exact: bool = False):
+    """actual (any device) equals expected (NumPy) in dtype, shape and values: exactly, or
+    within the dtype's tolerance relative to the data's magnitude; NaN where expected is."""
+    actual = to_host(actual)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if exact:
+        np.testing.assert_array_equal(actual, expected)
+        return
+    rtol, atol = TOLERANCE[expected.dtype]
+    finite = np.abs(expected[np.isfinite(expected)])
+    scale = max(1.0, float(finite.max())) if finite.size else 1.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale)
+
+
+def expect_launch(launches: list, kernel: str, dtype):
+    assert f"{kernel}<{cuda_launch.C_TYPES[np.dtype(dtype)]}>" in launches, launches
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+
+def values(dtype, specials: bool = True, bound: float = 10.0):
+    finite = st.floats(-bound, bound, width=np.finfo(dtype).bits)
+    return finite | st.sampled_from(SPECIALS) if specials else finite
+
+
+@st.composite
+def float_arrays(draw, shape, dtype, specials: bool = True, bound: float = 10.0):
+    return draw(hnp.arrays(dtype, shape, elements=values(dtype, specials, bound)))
+
+
+shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=5)
+layouts = st.sampled_from(("c", "permuted", "strided"))
+
+
+# --- elementwise ------------------------------------------------------------------------------
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOATS), shape=shapes, layout=layouts)
+def test_relu_forward(device, data, dtype, shape, layout):
+    x = data.draw(float_arrays(shape, dtype))
+    with running_on(device) as (xp, launches):
+        y = cuda_impl.relu_forward(on_device(xp, x, layout))
+    expect_launch(launches, "relu_forward", dtype)
+    assert_same(y, reference.relu_forward(x), exact=True)
+    assert np.array_equal(np.signbit(to_host(y)), np.signbit(reference.relu_forward(x)))
+
+
+@given(
+    data=st.data(), dtype=st.sampled_from(FLOATS), shape=shapes, layouts=st.tuples(layouts, layouts)
+)
+def test_relu_backward(device, data, dtype, shape, layouts):
+    gy, x = data.draw(float_arrays(shape, dtype)), data.draw(float_arrays(shape, dtype))
+    with running_on(device) as (xp, launches):
+        gx = cuda_impl.relu_backward(on_device(xp, gy, layouts[0]), on_device(xp, x, layouts[1]))
+        assert gx.strides == on_device(xp, gy, layouts[0]).strides or layouts[0] == "strided"
+    expect_launch(launches, "relu_backward", dtype)
+    assert_same(gx, reference.relu_backward(gy, x), exact=True)
+
+
+def test_relu_other_dtypes_take_the_reference(device):
+    with running_on(device) as (xp, launches):
+        x = xp.asarray(np.array([-1.5, 0.0, 2.5], np.float16))
+        assert to_host(cuda_impl.relu_forward(x)).tolist() == [0.0, 0.0, 2.5]
+        gy = xp.asarray(np.array([1.0, 2.0, 3.0], np.float32))
+        assert to_host(cuda_impl.relu_backward(gy, x)).tolist() == [0.0, 0.0, 3.0]
+    assert launches == []
+
+
+# --- the emulator's own checks ----------------------------------------------------------------
+
+
+def _relu_args(n=5, dtype=np.float32):
+    return np.linspace(-1, 1, n).astype(dtype), np.empty(n, dtype), np.int64(n)
+
+
+@pytest.mark.parametrize("scalar, got", [(5, "int"), (np.int32(5), "int32 scalar"), (5.0, "float")])
+def test_emulator_refuses_a_scalar_of_the_wrong_type(scalar, got):
+    x, y, _ = _relu_args()
+    with cuda_emulator.emulate(), pytest.raises(TypeError) as error:
+        cuda_impl._ELEMENTWISE.launch("relu_forward", np.float32, 5, (x, y, scalar))
+    assert "relu_forward<float>: parameter n (long long)" in str(error.value)
+    assert f"expects a NumPy int64 scalar, got {got}" in str(error.value)
+
+
+def test_emulator_refuses_arrays_of_the_wrong_dtype_or_layout():
+    x, y, n = _relu_args()
+    with cuda_emulator.emulate():
+        with pytest.raises(
+            TypeError,
+            match=r"relu_forward<double>: parameter x expects a "
+            r"C-contiguous float64 array, got a C-contiguous float32 array",
+        ):
+            cuda_impl._ELEMENTWISE.launch(
+                "relu_forward", np.float64, 5, (x, y.astype(np.float64), n)
+            )
+        wide = np.zeros(10, np.float32)
+        with pytest.raises(
+            TypeError,
+            match=r"relu_forward<float>: parameter y expects a "
+            r"C-contiguous float32 array, got a non-contiguous float32 array",
+        ):
+            cuda_impl._ELEMENTWISE.launch("relu_forward", np.float32, 5, (x, wide[::2], n))
+        with pytest.raises(TypeError, match=r"relu_forward<float>: expects 3 arguments, got 2"):
+            cuda_impl._ELEMENTWISE.launch("relu_forward", np.float32, 5, (x, y))
+        cuda_impl._ELEMENTWISE.launch("relu_forward", np.float32, 5, (x, y, n))  # all correct
+    assert np.array_equal(y, np.maximum(x, 0))
+
+
+OUT_OF_BOUNDS = """
+// y[i] = x[i] for i <= n: one element too many (the test's deliberate bug).
+template <typename T>
+__global__ void copy_one_too_many(const T* x, T* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i <= n;
+         i += (long long)blockDim.x * gridDim.x) {
+        y[i] = x[i < n ? i : 0];
+    }
+}
+
+// y[i - 1] = x[i]: one element before y.
+template <typename T>
+__global__ void copy_shifted_left(const T* x, T* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        y[i - 1] = x[i];
+    }
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "kernel, side", [("copy_one_too_many", "after"), ("copy_shifted_left", "before")]
+)
+def test_emulator_catches_writes_out_of_bounds(tmp_path, kernel, side):
+    (tmp_path / "bad.cu").write_text(OUT_OF_BOUNDS)
+    source = cuda_launch.CudaSource(
+        str(tmp_path / "bad.cu"), ("copy_one_too_many", "copy_shifted_left")
+    )
+    x, y, n = _relu_args(7, np.float64)
+    with cuda_emulator.emulate(), pytest.raises(IndexError) as error:
+        source.launch(kernel, np.float64, 7, (x, y, n))
+    message = f"{kernel}<double>: wrote outside array parameter y (float64 (7,)): into the bytes"
+    assert f"{message} {side} it" in str(error.value)
+
+
+# --- every source compiles for the GPU ----------------------------------------------------------
+
+
+def _cu_files():
+    return sorted(cuda_launch.SOURCE_DIR.glob("*.cu"))
+
+
+@pytest.mark.parametrize("path", _cu_files(), ids=lambda p: p.name)
+def test_source_compiles_with_nvcc(tmp_path, path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("needs nvcc (the CUDA toolkit) to compile the kernels for a GPU")
+    names = list(cuda_emulator.kernel_parameters(path.read_text()))
+    assert names, f"{path.name} defines no templated __global__ kernel"
+    # Host code taking each kernel's address instantiates it for float and double.
+    instances = ", ".join(f"(void*)&{k}<{t}>" for k in names for t in ("float", "double"))
+    program = tmp_path / path.name
+    program.write_text(f"{path.read_text()}\nvoid* all_kernels[] = {{{instances}}};\n")
+    done = subprocess.run(
+        [nvcc, "-ptx", "-arch=sm_90", "-std=c++17", "-o", str(tmp_path / "out.ptx"), str(program)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    entries = re.findall(r"^\.visible \.entry (\w+)\(", (tmp_path / "out.ptx").read_text(), re.M)
+    assert len(entries) == 2 * len(names), entries
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+
+def test_cuda_kernels_are_looked_up_by_name():
+    assert kernels._cuda.relu_backward is cuda_impl.relu_backward
+    assert kernels._cuda.erf is reference.erf  # no CUDA version: the reference on the device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs CuPy and a CUDA GPU")
+def test_cupy_arrays_take_the_cuda_kernels_unless_the_backend_is_numpy():
+    gy, x = np.linspace(-1, 1, 9), np.linspace(1, -1, 9)
+    expected = reference.relu_backward(gy, x)
+    for backend, launched in (("numba", ["relu_backward<double>"]), ("numpy", [])):
+        previous = kernels.set_backend(backend)
+        try:
+            with running_on("cuda") as (xp, launches):
+                gx = kernels.relu_backward(xp.asarray(gy), xp.asarray(x))
+        finally:
+            kernels.set_backend(previous)
+        assert launches == launched, backend
+        assert_same(gx, expected, exact=True)
