@@ -62,8 +62,9 @@ class Function:
         if n == 1:
             a = inputs[0]
             if isinstance(a, Tensor) and type(da := a._data) is np.ndarray:
-                arrays, tensors, needs = (da,), inputs, (a.requires_grad,)
-                need = needs[0]
+                arrays, tensors = (da,), inputs
+                need = a.requires_grad
+                needs = _NEEDS_1.get(need) or (need,)
             else:
                 arrays, tensors, needs, need = _arrays_of(fn, inputs)
         elif n == 2:
@@ -76,6 +77,7 @@ class Function:
             ):
                 arrays, tensors = (da, db), inputs
                 needs = (a.requires_grad, b.requires_grad)
+                needs = _FLAGS.get(needs, needs)
                 need = needs[0] or needs[1]
             else:
                 arrays, tensors, needs, need = _arrays_of(fn, inputs)
@@ -91,6 +93,7 @@ class Function:
             ):
                 arrays, tensors = (da, db, dc), inputs
                 needs = (a.requires_grad, b.requires_grad, c.requires_grad)
+                needs = _FLAGS.get(needs, needs)
                 need = needs[0] or needs[1] or needs[2]
             else:
                 arrays, tensors, needs, need = _arrays_of(fn, inputs)
@@ -131,17 +134,20 @@ class Function:
         generation = a.generation
         if len(tensors) == 1:
             if self.saves_inputs:
-                self.input_versions = (a._vc[0],)
+                seen = (a._vc[0],)
+                self.input_versions = _ZERO_VERSIONS.get(seen, seen)
         else:
             b = tensors[1]
             if b.generation > generation:
                 generation = b.generation
             if self.saves_inputs:
-                self.input_versions = (a._vc[0], b._vc[0])
+                seen = (a._vc[0], b._vc[0])
+                self.input_versions = _ZERO_VERSIONS.get(seen, seen)
         self.generation = generation
         self.seq = _next_seq()  # see _record
         if self.saves_output:
-            self.output_versions = (y._vc[0],)
+            seen = (y._vc[0],)
+            self.output_versions = _ZERO_VERSIONS.get(seen, seen)
         y.grad_fn = self
         y.requires_grad = True
         y.generation = generation + 1
@@ -149,7 +155,8 @@ class Function:
 
     def _record(self, tensors, needs, outputs):
         self.inputs = tensors = tuple(tensors)
-        self.needs_input_grad = tuple(needs)
+        needs = tuple(needs)
+        self.needs_input_grad = _FLAGS.get(needs, needs)
         # map() with attrgetter instead of comprehensions: no Python frame per op
         self.generation = generation = max(map(_generation_of, tensors))
         # The recording order: an in-place op that gives a tensor a new creator (x[i] = v)
@@ -157,9 +164,9 @@ class Function:
         self.seq = _next_seq()
         # Versions are checked in backward only for what backward reads (see saves_inputs).
         if self.saves_inputs:
-            self.input_versions = versions(tensors)
+            self.input_versions = _interned_versions(versions(tensors))
         if self.saves_output:
-            self.output_versions = versions(outputs)
+            self.output_versions = _interned_versions(versions(outputs))
         for o in outputs:
             o.grad_fn = self
             o.requires_grad = True
@@ -262,6 +269,21 @@ def versions(tensors) -> tuple:
 
 
 _counter_of = operator.attrgetter("_vc")
+
+
+# Every recorded node keeps a tuple of flags (needs_input_grad) and, when it saves its inputs,
+# one of versions: almost always one of these few. Sharing them spares a tuple per node that
+# the cyclic garbage collector would count (its collections run about once per 700 tracked
+# objects allocated and kept, and a graph keeps all of its nodes' tuples until backward).
+# (Two tables: (0,) == (False,), and a version must stay an int in error messages.)
+_FLAGS = {t: t for n in (1, 2, 3) for t in itertools.product((False, True), repeat=n)}
+_NEEDS_1 = {False: (False,), True: (True,)}
+_ZERO_VERSIONS = {(0,) * n: (0,) * n for n in (1, 2, 3)}
+
+
+def _interned_versions(seen: tuple) -> tuple:
+    """The shared tuple equal to ``seen`` (versions of fresh tensors: zeros), else ``seen``."""
+    return _ZERO_VERSIONS.get(seen, seen)
 _first = operator.itemgetter(0)
 
 

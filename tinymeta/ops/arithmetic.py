@@ -13,31 +13,40 @@ from tinymeta.ops.shape import sum_to
 from tinymeta.tensor import Tensor
 
 
-class Add(Function):
-    """y = a + b;  ga = gy, gb = gy (summed to each shape)."""
+class _BroadcastShapes(Function):
+    """A two-input op with NumPy broadcasting whose backward sums ``gy`` back to each input's
+    shape: ``shapes`` is (a.shape, b.shape) when they differ, None when they are equal (the
+    output, and so ``gy``, then has that shape). The common equal case stores nothing: a
+    graph keeps every node's attributes until backward, and three tuples per node add up to
+    many collections of the cyclic garbage collector in a MAML step."""
 
     saves_inputs = False
+    shapes = None
+
+
+class Add(_BroadcastShapes):
+    """y = a + b;  ga = gy, gb = gy (summed to each shape)."""
 
     def forward(self, a, b):
-        self.shapes = (a.shape, b.shape)
+        if a.shape != b.shape:  # (equal shapes are kept as None: see _BroadcastShapes)
+            self.shapes = (a.shape, b.shape)
         return a + b
 
     def backward(self, gy):
-        sa, sb = self.shapes
+        sa, sb = self.shapes or (gy.shape, gy.shape)
         return sum_to(gy, sa), sum_to(gy, sb)
 
 
-class Sub(Function):
+class Sub(_BroadcastShapes):
     """y = a - b;  ga = gy, gb = -gy."""
 
-    saves_inputs = False
-
     def forward(self, a, b):
-        self.shapes = (a.shape, b.shape)
+        if a.shape != b.shape:  # (equal shapes are kept as None: see _BroadcastShapes)
+            self.shapes = (a.shape, b.shape)
         return a - b
 
     def backward(self, gy):
-        sa, sb = self.shapes
+        sa, sb = self.shapes or (gy.shape, gy.shape)
         ga = sum_to(gy, sa) if self.needs_input_grad[0] else None
         gb = _negated(sum_to(gy, sb)) if self.needs_input_grad[1] else None
         return ga, gb
@@ -101,24 +110,23 @@ def _scaled(gy, c):
     return Scale.apply(gy, c=c)
 
 
-class AddScaled(Function):
+class AddScaled(_BroadcastShapes):
     """y = a + c * b for a constant number c;  ga = gy, gb = c * gy.
 
     The SGD step p - lr * g as one node (c = -lr) instead of Scale then Sub: the
     inner loop of MAML runs it for every parameter at every step.
     """
 
-    saves_inputs = False
-
     def __init__(self, c):
         self.c = c
 
     def forward(self, a, b):
-        self.shapes = (a.shape, b.shape)
+        if a.shape != b.shape:  # (equal shapes are kept as None: see _BroadcastShapes)
+            self.shapes = (a.shape, b.shape)
         return a + self.c * b
 
     def backward(self, gy):
-        sa, sb = self.shapes
+        sa, sb = self.shapes or (gy.shape, gy.shape)
         ga = sum_to(gy, sa) if self.needs_input_grad[0] else None
         gb = sum_to(_scaled(gy, self.c), sb) if self.needs_input_grad[1] else None
         return ga, gb
