@@ -78,28 +78,28 @@ __global__ void bn_sum_partial(const T* x, long long tasks, long long outer, lon
     }
 }
 
-// mean[row] = sum(x) / count, kept in double (exact_mean) for the second pass.
+// exact[0][row] = mean = sum(x) / count in double, for the next passes; mean[row] in T.
 template <typename T>
 __global__ void bn_mean_finish(const double* partial, long long rows, long long chunks,
-                               long long count, double* exact_mean, T* mean) {
+                               long long count, double* exact, T* mean) {
     for (long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x; row < rows;
          row += (long long)blockDim.x * gridDim.x) {
-        exact_mean[row] = bn_add_chunks(partial, row * chunks, chunks) / (double)count;
-        mean[row] = (T)exact_mean[row];
+        exact[row] = bn_add_chunks(partial, row * chunks, chunks) / (double)count;
+        mean[row] = (T)exact[row];
     }
 }
 
 // partial[row][chunk] = sum of (x - mean)^2 over the chunk: the variance around the mean,
 // free of the cancellation of E[x^2] - E[x]^2.
 template <typename T>
-__global__ void bn_centred_square_partial(const T* x, const double* exact_mean, long long tasks,
+__global__ void bn_centred_square_partial(const T* x, const double* exact, long long tasks,
                                           long long outer, long long channels, long long inner,
                                           long long chunks, double* partial) {
     const long long slots = tasks * channels * chunks;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < slots;
          i += (long long)blockDim.x * gridDim.x) {
         BnChunk ch = bn_chunk(i, outer, channels, inner, chunks);
-        const double mean = exact_mean[ch.row];
+        const double mean = exact[ch.row];
         double sum = 0.0;
         for (; ch.more(); ch.next()) {
             const double d = (double)x[ch.offset] - mean;
@@ -109,27 +109,29 @@ __global__ void bn_centred_square_partial(const T* x, const double* exact_mean, 
     }
 }
 
-// inv_std[row] = 1 / sqrt(var + eps), var = sum((x - mean)^2) / count (biased).
+// exact[1][row] = inv_std = 1 / sqrt(var + eps) in double, var = sum((x - mean)^2) / count
+// (biased); inv_std[row] in T.
 template <typename T>
 __global__ void bn_inv_std_finish(const double* partial, long long rows, long long chunks,
-                                  long long count, double eps, T* inv_std) {
+                                  long long count, double eps, double* exact, T* inv_std) {
     for (long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x; row < rows;
          row += (long long)blockDim.x * gridDim.x) {
         const double var = bn_add_chunks(partial, row * chunks, chunks) / (double)count;
-        inv_std[row] = (T)(1.0 / sqrt(var + eps));
+        exact[rows + row] = 1.0 / sqrt(var + eps);
+        inv_std[row] = (T)exact[rows + row];
     }
 }
 
-// y = (x - mean) * inv_std * weight + bias.
+// y = (x - mean) * inv_std * weight + bias, from the statistics in double (exact[0], exact[1]).
 template <typename T>
-__global__ void bn_normalize(const T* x, const T* mean, const T* inv_std, const T* weight,
-                             const T* bias, long long tasks, long long outer, long long channels,
+__global__ void bn_normalize(const T* x, const double* exact, const T* weight, const T* bias,
+                             long long tasks, long long outer, long long channels,
                              long long inner, T* y) {
-    const long long size = tasks * outer * channels * inner;
+    const long long rows = tasks * channels, size = rows * outer * inner;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size;
          i += (long long)blockDim.x * gridDim.x) {
         const long long row = bn_row(i, outer, channels, inner);
-        const double xhat = ((double)x[i] - (double)mean[row]) * (double)inv_std[row];
+        const double xhat = ((double)x[i] - exact[row]) * exact[rows + row];
         y[i] = (T)(xhat * (double)weight[row] + (double)bias[row]);
     }
 }
