@@ -114,7 +114,10 @@ class Captured:
                 "on_change='recapture' to capture it again"
             )
         self.program = None
-        result, self.program = _record(self.step_fn, args, key)
+        if _cuda_graph().on_cuda(args):  # CUDA graphs: tinymeta/cuda_graph.py
+            result, self.program = _cuda_graph().warm_up(self.step_fn, args, key)
+        else:
+            result, self.program = _record(self.step_fn, args, key)
         self.program.python_state = python_state
         self.captures += 1
         return result
@@ -122,6 +125,12 @@ class Captured:
     def reset(self) -> None:
         """Forget the captured program: the next call captures again."""
         self.program = None
+
+
+def _cuda_graph():
+    from tinymeta import cuda_graph  # imports this module: imported when first needed
+
+    return cuda_graph
 
 
 def _name(fn) -> str:
@@ -136,8 +145,12 @@ def _signature(args) -> tuple:
             key.append(("tensor", a.shape, a.dtype.str, type(a.data), a.requires_grad))
         elif isinstance(a, np.ndarray):
             key.append(("array", a.shape, a.dtype.str, type(a)))
+        elif type(a).__module__.startswith("cupy"):
+            key.append(("array", a.shape, a.dtype.str, type(a)))
         elif hasattr(a, "__cuda_array_interface__"):
-            raise CaptureError("capture: device arrays are not supported yet (CPU only)")
+            raise CaptureError(
+                f"capture: a {type(a).__name__} input; device inputs are CuPy arrays or tensors"
+            )
         else:
             key.append(("value", type(a), a))
     return tuple(key)
@@ -371,7 +384,8 @@ class _Recorder:
         if type(own) is not np.ndarray:
             raise CaptureError(
                 f"capture: a tensor of type {type(own).__name__} (shape {t.shape}) is read "
-                f"{_where()}; only CPU (NumPy) tensors can be captured now"
+                f"{_where()} by a step whose inputs are on cpu; a step on cuda is captured "
+                "as CUDA graphs when its inputs are on cuda: pass them in"
             )
         slot = self.new_slot(own)
         self.fixed[slot] = own
