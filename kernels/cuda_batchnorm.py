@@ -144,7 +144,7 @@ def bn_backward(gy, x, mean, inv_std, weight):
     gw, gb = batch.empty_stat(), batch.empty_stat()
     batch.launch_rows("bn_backward_finish", partial, *batch.sizes, sums, gw, gb)
     gx = batch.empty_full()
-    weight = batch.per_row(weight, 1.0)
+    weight = batch.per_row(weight)
     batch.launch_elements("bn_backward_input", gy, x, *stats, weight, sums, *batch.dims, gx)
     return batch.view(gx), gw, gb
 

@@ -274,6 +274,11 @@ def _public_calls(cupy, dtype):
     }
 
 
+@pytest.mark.parametrize("kernel", sorted(LAST_LAUNCH))
+def test_cupy_dispatch_finds_these_kernels_by_name(kernel):
+    assert getattr(kernels._cuda, kernel) is getattr(cuda_batchnorm, kernel)
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
