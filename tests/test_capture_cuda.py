@@ -235,7 +235,9 @@ def test_a_step_returning_an_array_is_refused():
 
 def test_a_library_refusal_while_capturing_names_the_user_line():
     def refuses():
-        raise NotImplementedError("calling cuBLAS API during stream capture is currently unsupported")
+        raise NotImplementedError(
+            "calling cuBLAS API during stream capture is currently unsupported"
+        )
 
     def step():
         refuses()

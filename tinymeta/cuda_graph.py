@@ -123,7 +123,7 @@ class Facts:
         self.thread = threading.get_ident()
         self.tensors = []  # every device tensor alive when the run started
         self.grad_at_start = {}  # id(tensor) -> its .grad then
-        self.grads_before = {}  # id(a .grad tensor then) -> shape, for the message
+        self.grads_before = {}  # id(a .grad tensor then) -> (it, its tensor's shape)
         self.kept = []  # arrays a graph may read: kept alive with it
         self.read = {}  # id(tensor) -> (tensor, array): tensors from before that ops read
         self.steps = []  # (optimizer, [(parameter, its .grad array or None)])
@@ -144,7 +144,8 @@ class Facts:
                 self.kept.append(obj._data)
                 self.grad_at_start[id(obj)] = obj.grad
                 if obj.grad is not None:
-                    self.grads_before[id(obj.grad)] = tuple(obj.shape)
+                    # held: a freed .grad's id could be a new tensor's
+                    self.grads_before[id(obj.grad)] = (obj.grad, tuple(obj.shape))
                     self.kept.append(obj.grad._data)
             elif isinstance(obj, Module):
                 self.module_state[id(obj)] = (obj, _capture._attributes(obj))
@@ -154,7 +155,7 @@ class Facts:
         for t in tensors:
             if id(t) in self.grads_before:
                 raise CaptureError(
-                    f"capture: the step reads the .grad (shape {self.grads_before[id(t)]}) "
+                    f"capture: the step reads the .grad (shape {self.grads_before[id(t)][1]}) "
                     f"that a tensor had before the step started {_capture._where()}; a replay "
                     "would read that same stale .grad: call opt.zero_grad() in the step, "
                     "before the backward"
@@ -190,11 +191,7 @@ class Facts:
 def _facts():
     """The run being recorded on this thread, outside op forwards; else None."""
     facts = _capture._active
-    if (
-        not isinstance(facts, Facts)
-        or facts.depth
-        or threading.get_ident() != facts.thread
-    ):
+    if not isinstance(facts, Facts) or facts.depth or threading.get_ident() != facts.thread:
         return None
     return facts
 
@@ -240,9 +237,7 @@ def _optimizer_step(original):
         if facts is None:
             return original(self, closure)
         if closure is not None:
-            raise CaptureError(
-                f"capture: {type(self).__name__}.step(closure) {_capture._where()}"
-            )
+            raise CaptureError(f"capture: {type(self).__name__}.step(closure) {_capture._where()}")
         facts.note_step(self)
         if facts.mode == "capture":
             return None  # runs after the graphs are launched (see GraphProgram)
@@ -356,7 +351,9 @@ class _Patches:
         patch(creation, "_global_rng", _capture._RefusingRng())
         for name in _capture._NUMPY_RANDOM:
             if hasattr(np.random, name):
-                patch(np.random, name, _capture._refuse(f"numpy.random.{name}() draws random numbers"))
+                patch(
+                    np.random, name, _capture._refuse(f"numpy.random.{name}() draws random numbers")
+                )
         patch(Optimizer, "step", _optimizer_step(Optimizer.__dict__["step"]))
         patch(Tensor, "_bump", _bump(Tensor.__dict__["_bump"]))
         patch(Module, "__call__", _capture._module_call(Module.__dict__["__call__"]))
@@ -365,7 +362,11 @@ class _Patches:
         if cp is not None:
             for name in _CUPY_RANDOM:
                 if hasattr(cp.random, name):
-                    patch(cp.random, name, _capture._refuse(f"cupy.random.{name}() draws random numbers"))
+                    patch(
+                        cp.random,
+                        name,
+                        _capture._refuse(f"cupy.random.{name}() draws random numbers"),
+                    )
             patch(cp, "asnumpy", _refused_asnumpy(cp.asnumpy))
             for name in _HOST_TO_DEVICE:
                 patch(cp, name, _host_to_device(name, getattr(cp, name)))
@@ -400,8 +401,9 @@ class _Segments:
     is launched as soon as it is captured, so that a forward run eagerly after it sees real
     values: the capturing call computes its result the way every replay will."""
 
-    def __init__(self, cp, stream):
+    def __init__(self, cp, stream, marker):
         self.cp, self.stream = cp, stream
+        self.marker = marker  # a 1-element array: each graph writes it, so none is empty
         self.replay = []
         self.constants = []  # host data copied to the device while capturing
         self.capturing = False
@@ -412,6 +414,7 @@ class _Segments:
 
     def cut(self) -> None:
         """End the graph being captured and launch it."""
+        self.marker.fill(0)
         self.capturing = False
         graph = self.stream.end_capture()
         self.replay.append(("graph", graph))
@@ -427,7 +430,10 @@ class _Segments:
                 pass
 
     def eagerly(self, make):
-        """Run ``make()`` between two graphs, once: its result is a constant of the replay."""
+        """Run ``make()`` between two graphs, once: its result is a constant of the replay
+        (inside a forward run eagerly, it is run again on every replay)."""
+        if not self.capturing:
+            return make()
         self.cut()
         try:
             constant = make()
@@ -455,7 +461,9 @@ class _Segments:
             self.begin()
         node = copy.copy(fn)
         kept = {
-            k: v for k, v in fn.__dict__.items() if before.get(k) is not v and _is_array_or_arrays(v)
+            k: v
+            for k, v in fn.__dict__.items()
+            if before.get(k) is not v and _is_array_or_arrays(v)
         }
         outputs = ys if type(ys) is tuple else (ys,)
         self.replay.append(("eager", _eager_forward(self.cp, node, list(arrays), outputs, kept)))
@@ -519,9 +527,7 @@ def plan(facts: Facts, result, input_tensors: dict, static_inputs: list) -> Plan
         if t.grad is not facts.grad_at_start.get(id(t)):
             p.input_grads.append((i, None if t.grad is None else t.grad._data))
     p.steps = [(opt, [(weakref.ref(q), g) for q, g in bindings]) for opt, bindings in facts.steps]
-    p.optimizers = [
-        (weakref.ref(opt), _capture._optimized(opt)) for opt, _ in facts.steps
-    ]
+    p.optimizers = [(weakref.ref(opt), _capture._optimized(opt)) for opt, _ in facts.steps]
     p.watched = [(weakref.ref(t), a) for i, (t, a) in facts.read.items() if i not in input_ids]
     p.label_checks = _label_checks(facts, static_inputs)
     p.bumps = list(facts.bumps)
@@ -604,7 +610,9 @@ def _where_in(tb) -> str:
         if path.startswith(skipped) or path == os.path.abspath(__file__):
             continue
         if path.startswith(here) or "/kernels/" in path:
-            inner = f"{frame.f_code.co_name} ({os.path.relpath(path, os.path.dirname(here))}:{line})"
+            inner = (
+                f"{frame.f_code.co_name} ({os.path.relpath(path, os.path.dirname(here))}:{line})"
+            )
         else:
             user, inner = f"{frame.f_code.co_filename}:{line}", None
     if user is None:
@@ -621,6 +629,7 @@ def warm_up(step_fn, args, key):
     cp = backend.cupy_or_none()
     if cp is None:
         raise CaptureError("capture: cuda inputs but CuPy or a CUDA GPU is not available")
+    _release_retired()
     facts = Facts("warm-up", lambda a: isinstance(a, cp.ndarray))
     call_args = [Tensor._wrap(a) if isinstance(a, cp.ndarray) else a for a in args]
     input_tensors = {i: a for i, a in enumerate(args) if isinstance(a, Tensor)}
@@ -678,9 +687,11 @@ class GraphProgram:
 
     def _capture(self, args):
         cp = backend.cupy_or_none()
+        _release_retired()
         self.pool = cp.cuda.MemoryPool()
         self.stream = cp.cuda.Stream(non_blocking=True)
         with cp.cuda.using_allocator(self.pool.malloc):
+            marker = cp.zeros(1, np.int8)
             self.static_inputs = [
                 cp.empty(_input_array(a).shape, _input_array(a).dtype)
                 if _device_of_input(a) == "cuda" else None
@@ -688,7 +699,7 @@ class GraphProgram:
             ]  # fmt: skip
         self._copy_inputs(cp, args)
         facts = Facts("capture", lambda a: isinstance(a, cp.ndarray))
-        facts.segments = _Segments(cp, self.stream)
+        facts.segments = _Segments(cp, self.stream, marker)
         swapped, call_args, input_tensors = [], [], {}
         for i, (a, static) in enumerate(zip(args, self.static_inputs)):
             if isinstance(a, Tensor):
@@ -707,7 +718,9 @@ class GraphProgram:
             for t, own in swapped:
                 swap_array(t, own)
         user_stream.wait_event(self.stream.record())
-        self.plan = plan(facts, result, input_tensors, [s for s in self.static_inputs if s is not None])
+        self.plan = plan(
+            facts, result, input_tensors, [s for s in self.static_inputs if s is not None]
+        )
         self.replay_list = facts.segments.replay
         self.constants = facts.segments.constants
         graphs = sum(kind == "graph" for kind, _ in self.replay_list)
@@ -792,14 +805,21 @@ def _build(template, copy: bool):
     return kind(_build(v, copy) for v in body)
 
 
-# Private pools of dropped programs that still hold arrays someone may use: kept until empty.
+# Private pools of dropped programs. A pool is released (its free blocks given back with
+# cudaFree) only before a warm-up or a capture begins: a program may be collected in the middle
+# of another step's capture, where cudaFree is not allowed; and a pool whose arrays are still
+# used somewhere (a tensor the step stored) is kept until they are gone.
 _retired = []
 
 
 def _retire(pool) -> None:
-    pool.free_all_blocks()
     _retired.append(pool)
-    _retired[:] = [p for p in _retired if p.used_bytes() > 0]
+
+
+def _release_retired() -> None:
+    for pool in _retired:
+        pool.free_all_blocks()
+    _retired[:] = [pool for pool in _retired if pool.used_bytes() > 0]
 
 
 __all__ = ["Facts", "GraphProgram", "Plan", "on_cuda", "plan", "run", "warm_up"]
