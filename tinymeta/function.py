@@ -295,6 +295,15 @@ def arrays_only() -> bool:
     return not _grad_enabled() and _capture_hook is None and _forward_hook is None
 
 
+def arrays_only_on_host(*tensors) -> bool:
+    """arrays_only(), and the tensors hold NumPy arrays: a backward rule may then call its
+    ops' array functions itself (CuPy arrays take Function.apply, which sets ``xp``)."""
+    for t in tensors:
+        if type(t._data) is not np.ndarray:
+            return False
+    return not _grad_enabled() and _capture_hook is None and _forward_hook is None
+
+
 # grad mode's switch, read once per op (grad_mode.is_grad_enabled without the extra call)
 _grad_enabled = grad_mode._enabled.get
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from tinymeta.function import Function
+from tinymeta.function import Function, arrays_only_on_host
 from tinymeta.ops.shape import sum_to_array
 from tinymeta.tensor import Tensor, as_input
 
@@ -25,23 +25,15 @@ class Linear(Function):
     """
 
     def forward(self, x, w, b=None):
-        y = _matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes adds a Python wrapper
-        if b is not None:
-            if b.ndim > 1:  # batched bias (B..., out): one row per batch element
-                b = b[..., None, :]
-            if b.dtype == y.dtype:
-                y += b  # y is a fresh array, and b's axes are all among y's: add in place
-            else:
-                y = y + b
-        return y
+        return _linear_array(x, w, b)
 
     def backward(self, gy):
         x, w = self.inputs[:2]
         has_bias = len(self.inputs) == 3
-        gx = LinearGradInput.apply(gy, w, x_shape=x.shape) if self.needs_input_grad[0] else None
+        gx = _input_grad(gy, w, x.shape) if self.needs_input_grad[0] else None
         if not any(self.needs_input_grad[1:]):
             return (gx, None, None) if has_bias else (gx, None)
-        gw = LinearGradWeight.apply(x, gy, w_shape=w.shape, with_bias=has_bias)
+        gw = _weight_grad(x, gy, w.shape, has_bias)
         return (gx, *gw) if has_bias else (gx, gw)
 
 
@@ -56,14 +48,12 @@ class LinearGradInput(Function):
         self.x_shape = tuple(x_shape)
 
     def forward(self, gy, w):
-        return sum_to_array(self.xp, _matmul(gy, w), self.x_shape)
+        return _input_grad_array(gy, w, self.x_shape)
 
     def backward(self, ggx):
         gy, w = self.inputs
-        ggy = Linear.apply(ggx, w) if self.needs_input_grad[0] else None
-        gw = None
-        if self.needs_input_grad[1]:
-            gw = LinearGradWeight.apply(ggx, gy, w_shape=w.shape, with_bias=False)
+        ggy = _linear(ggx, w, None) if self.needs_input_grad[0] else None
+        gw = _weight_grad(ggx, gy, w.shape, False) if self.needs_input_grad[1] else None
         return ggy, gw
 
 
@@ -80,25 +70,79 @@ class LinearGradWeight(Function):
         self.w_shape, self.with_bias = tuple(w_shape), with_bias
 
     def forward(self, x, gy):
-        out, n_in = self.w_shape[-2:]
-        if len(self.w_shape) == 2:  # one weight shared by every row: fold all leading axes
-            rows = math.prod(gy.shape[:-1])  # not -1: that fails on an empty axis
-            gy2 = gy.reshape(rows, out)  # into one GEMM (its result is laid out like w)
-            gw = _matmul(gy2.T, x.reshape(rows, n_in))
-            gb = gy2.sum(axis=0)
-        else:  # per-batch-element weights: a batched GEMM, summed over broadcast axes
-            xp = self.xp
-            gw = sum_to_array(xp, _matmul(gy.swapaxes(-1, -2), x), self.w_shape)
-            gb = sum_to_array(xp, gy.sum(axis=-2), self.w_shape[:-1])
-        return (gw, gb) if self.with_bias else gw
+        return _weight_grad_arrays(x, gy, self.w_shape, self.with_bias)
 
     def backward(self, ggw, ggb=None):
         x, gy = self.inputs
-        gx = LinearGradInput.apply(gy, ggw, x_shape=x.shape) if self.needs_input_grad[0] else None
-        ggy = None
-        if self.needs_input_grad[1]:
-            ggy = Linear.apply(x, ggw, ggb) if self.with_bias else Linear.apply(x, ggw)
+        gx = _input_grad(gy, ggw, x.shape) if self.needs_input_grad[0] else None
+        ggy = _linear(x, ggw, ggb if self.with_bias else None) if self.needs_input_grad[1] else None
         return gx, ggy
+
+
+# --- the arrays: the forwards above, and the backward rules where nothing records ------------
+
+
+def _linear_array(x, w, b):
+    y = _matmul(x, w.swapaxes(-1, -2))  # the method: np.swapaxes adds a Python wrapper
+    if b is not None:
+        if b.ndim > 1:  # batched bias (B..., out): one row per batch element
+            b = b[..., None, :]
+        if b.dtype == y.dtype:
+            y += b  # y is a fresh array, and b's axes are all among y's: add in place
+        else:
+            y = y + b
+    return y
+
+
+def _input_grad_array(gy, w, x_shape: tuple):
+    return sum_to_array(None, _matmul(gy, w), x_shape)
+
+
+def _weight_grad_arrays(x, gy, w_shape: tuple, with_bias: bool):
+    out, n_in = w_shape[-2:]
+    if len(w_shape) == 2:  # one weight shared by every row: fold all leading axes
+        rows = math.prod(gy.shape[:-1])  # not -1: that fails on an empty axis
+        gy2 = gy.reshape(rows, out)  # into one GEMM (its result is laid out like w)
+        gw = _matmul(gy2.T, x.reshape(rows, n_in))
+        gb = gy2.sum(axis=0)
+    else:  # per-batch-element weights: a batched GEMM, summed over broadcast axes
+        gw = sum_to_array(None, _matmul(gy.swapaxes(-1, -2), x), w_shape)
+        gb = sum_to_array(None, gy.sum(axis=-2), w_shape[:-1])
+    return (gw, gb) if with_bias else gw
+
+
+# The backward rules apply these ops, recorded when the backward is (create_graph). Where
+# nothing would record (function.arrays_only_on_host: the last backward of a MAML step, about
+# half of its op applications) they call the forwards' array functions themselves: the same
+# array calls without a Function, its keyword parameters and Function.apply's dispatch.
+
+
+def _linear(x, w, b):
+    """Linear.apply(x, w[, b])."""
+    if b is None:
+        if arrays_only_on_host(x, w):
+            return Tensor._wrap(_linear_array(x._data, w._data, None))
+        return Linear.apply(x, w)
+    if arrays_only_on_host(x, w, b):
+        return Tensor._wrap(_linear_array(x._data, w._data, b._data))
+    return Linear.apply(x, w, b)
+
+
+def _input_grad(gy, w, x_shape: tuple):
+    """LinearGradInput.apply(gy, w, x_shape=x_shape)."""
+    if arrays_only_on_host(gy, w):
+        return Tensor._wrap(_input_grad_array(gy._data, w._data, x_shape))
+    return LinearGradInput.apply(gy, w, x_shape=x_shape)
+
+
+def _weight_grad(x, gy, w_shape: tuple, with_bias: bool):
+    """LinearGradWeight.apply(x, gy, w_shape=w_shape, with_bias=with_bias): gw, or (gw, gb)."""
+    if arrays_only_on_host(x, gy):
+        grads = _weight_grad_arrays(x._data, gy._data, w_shape, with_bias)
+        if with_bias:
+            return Tensor._wrap(grads[0]), Tensor._wrap(grads[1])
+        return Tensor._wrap(grads)
+    return LinearGradWeight.apply(x, gy, w_shape=w_shape, with_bias=with_bias)
 
 
 def _matmul(a, b):

@@ -4,8 +4,8 @@ read it from ``self.output`` instead of recomputing it."""
 from __future__ import annotations
 
 from tinymeta import kernels
-from tinymeta.function import Function
-from tinymeta.tensor import constant
+from tinymeta.function import Function, arrays_only_on_host
+from tinymeta.tensor import Tensor, constant
 
 
 class Exp(Function):
@@ -148,7 +148,7 @@ class Relu(Function):
 
     def backward(self, gy):
         (x,) = self.inputs
-        return ReluGrad.apply(gy, x)
+        return _relu_grad(gy, x)
 
 
 class ReluGrad(Function):
@@ -163,7 +163,15 @@ class ReluGrad(Function):
 
     def backward(self, ggx):
         _, x = self.inputs
-        return ReluGrad.apply(ggx, x), None
+        return _relu_grad(ggx, x), None
+
+
+def _relu_grad(gy, x):
+    """ReluGrad.apply(gy, x); its kernel call alone where nothing would record (see
+    function.arrays_only_on_host)."""
+    if arrays_only_on_host(gy, x):
+        return Tensor._wrap(kernels.relu_backward(gy._data, x._data))
+    return ReluGrad.apply(gy, x)
 
 
 def exp(x):
