@@ -14,6 +14,11 @@ then linear to 5 classes; 5-way 1-shot, 5 query images per class, meta-batch
 order. Both frameworks loop over tasks, on random images (the data does not
 change the work).
 
+"tm captured" is the same tinymeta step under ``tm.capture`` with the data as its inputs: on
+cuda, CUDA graphs launched with the matmuls (which CuPy will not capture) run between them
+(tinymeta/cuda_graph.py); on the cpu, the CPU replay. Before timing, three captured
+iterations are checked to give bit for bit what three eager ones give from equal weights.
+
 Both frameworks run in this process, on the same device, from the same initial
 weights and data; before timing, one meta-gradient of each implementation is
 compared with tinymeta's (float32: agreement to ~1e-4 is expected). PyTorch's
@@ -41,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402  (the models, data and checks shared with bench_cpu)
+    W1_LR,
     W1_TASKS,
+    W2_LR,
     W2_SHOTS,
     W2_TASKS,
     W2_WAYS,
@@ -73,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "workload would overrun its share",
     )
     parser.add_argument("--no-torch", action="store_true", help="time tinymeta alone")
+    parser.add_argument(
+        "--no-capture", action="store_true", help="leave out the captured (CUDA graph) rows"
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds each (a smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -140,6 +150,9 @@ def run_w1(args, tmeta, torch_impl, sync, budget_s, rows, checks):
     for steps in (1, 5):
         fns, grads = {}, {}
         fns["tinymeta"], grads["tinymeta"] = tmeta.w1(weights, data, steps)
+        if not args.no_capture:
+            add_captured(fns, checks, f"W1 {steps} inner step(s)", tmeta, weights, data,
+                         tmeta.mlp, tmeta.F.mse_loss, W1_LR, steps, False)  # fmt: skip
         if torch_impl is not None:
             fns["torch loop"], grads["torch loop"] = torch_impl.w1_loop(weights, data, steps)
             fns["torch vmap"], grads["torch vmap"] = torch_impl.w1_vmap(weights, data, steps)
@@ -158,6 +171,10 @@ def run_w2(args, tmeta, torch_impl, sync, budget_s, rows, checks):
     for first_order in (False, True):
         fns, grads = {}, {}
         fns["tinymeta"], grads["tinymeta"] = tmeta.w2(weights, data, first_order)
+        if not args.no_capture:
+            order = "1st" if first_order else "2nd"
+            add_captured(fns, checks, f"W2 {order}-order", tmeta, weights, data,
+                         tmeta.convnet, tmeta.cross_entropy, W2_LR, 1, first_order)  # fmt: skip
         if torch_impl is not None:
             fns["torch loop"], grads["torch loop"] = torch_impl.w2_loop(weights, data, first_order)
         label = (
@@ -169,6 +186,59 @@ def run_w2(args, tmeta, torch_impl, sync, budget_s, rows, checks):
         )
         rows.append(row)
         checks.extend(found)
+
+
+def captured_step(tmeta, weights, data, forward, loss_fn, lr, steps, first_order):
+    """tinymeta's meta-iteration with the data as inputs, and its state: (step, params, batch)."""
+    params, opt, batch = tmeta._setup(weights, data)
+
+    def step(xs, ys, xq, yq):
+        opt.zero_grad()
+        loss = tmeta.meta.maml_loss(
+            forward, params, (xs, ys), (xq, yq), loss_fn, lr, steps, first_order=first_order
+        )
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, params, batch
+
+
+def add_captured(fns, checks, label, tmeta, weights, *config) -> None:
+    """Add the captured step to ``fns`` after checking that three captured iterations give
+    bit for bit what three eager ones give; a step that cannot be captured is reported, and
+    left out of the table."""
+    try:
+        eager, eager_params, eager_batch = captured_step(tmeta, weights, *config)
+        step, params, batch = captured_step(tmeta, weights, *config)
+        captured = tmeta.tm.capture(step)
+        for _ in range(3):  # the warm-up, the capture, a replay
+            eager(*eager_batch)
+            captured(*batch)
+        diffs = [
+            float(abs(tmeta.tm.backend.to_numpy(a.data) - tmeta.tm.backend.to_numpy(b.data)).max())
+            for a, b in zip(eager_params.values(), params.values())
+        ]
+    except Exception as e:  # a refusal or a device error: report it, time the others
+        print(f"  tm captured: FAILED ({type(e).__name__}: {e})", flush=True)
+        checks.append({"workload": label, "against": "tm captured", "error": str(e), "ok": False})
+        return
+    ok = max(diffs) == 0.0
+    print(
+        f"  tm captured ({describe_program(captured.program)}) vs eager after 3 iterations: "
+        f"{'bit-identical' if ok else f'max abs diff {max(diffs):.2e} (NOT bit-identical)'}",
+        flush=True,
+    )
+    checks.append(
+        {"workload": label, "against": "tm captured", "max_abs_diff": max(diffs), "ok": ok}
+    )
+    fns["tm captured"] = lambda: captured(*batch)
+
+
+def describe_program(program) -> str:
+    """What a replay runs: the graphs and optimizer steps on cuda, a count of calls on the cpu."""
+    names = program.names
+    return ", ".join(names) if len(names) <= 4 else f"{len(names)} recorded calls"
 
 
 def check_and_time(label, fns, grads, repeats, warmup, sync, budget_s) -> tuple:
@@ -200,22 +270,30 @@ def check_and_time(label, fns, grads, repeats, warmup, sync, budget_s) -> tuple:
 
 
 def print_table(rows, device: str) -> None:
-    print(f"\nResults (median ms per meta-iteration, device {device}; ratio = tinymeta / peer)")
-    header = (
-        f"{'workload':<44} {'tinymeta':>9} {'torch loop':>11} {'torch vmap':>11} "
-        f"{'tm/loop':>8} {'tm/vmap':>8}"
+    print(
+        f"\nResults (median ms per meta-iteration, device {device}; ratio = tinymeta / peer; "
+        "cap = tm captured)"
     )
+    names = ("tinymeta", "tm captured", "torch loop", "torch vmap")
+    ratios = [("tinymeta", "torch loop"), ("tinymeta", "torch vmap"),
+              ("tm captured", "torch loop"), ("tm captured", "torch vmap")]  # fmt: skip
+    header = f"{'workload':<44} " + " ".join(f"{n:>11}" for n in names)
+    header += " " + " ".join(f"{short(a) + '/' + short(b):>9}" for a, b in ratios)
     print(header)
     print("-" * len(header))
     for row in rows:
-        tm_ms = row["tinymeta"]["median_ms"]
-        cells = [f"{row['workload']:<44}", f"{tm_ms:>9.2f}"]
-        for peer in ("torch loop", "torch vmap"):
-            cells.append(f"{row[peer]['median_ms']:>11.2f}" if peer in row else f"{'-':>11}")
-        for peer in ("torch loop", "torch vmap"):
-            ratio = tm_ms / row[peer]["median_ms"] if peer in row else None
-            cells.append(f"{ratio:>8.2f}" if ratio is not None else f"{'-':>8}")
+        cells = [f"{row['workload']:<44}"]
+        cells += [f"{row[n]['median_ms']:>11.2f}" if n in row else f"{'-':>11}" for n in names]
+        for a, b in ratios:
+            ratio = row[a]["median_ms"] / row[b]["median_ms"] if a in row and b in row else None
+            cells.append(f"{ratio:>9.2f}" if ratio is not None else f"{'-':>9}")
         print(" ".join(cells))
+
+
+def short(name: str) -> str:
+    return {"tinymeta": "tm", "tm captured": "cap", "torch loop": "loop", "torch vmap": "vmap"}[
+        name
+    ]
 
 
 def describe(np, cupy, torch, device: str) -> str:
@@ -281,8 +359,9 @@ def main(argv=None) -> int:
     print_table(rows, args.device)
     bad = [c for c in checks if not c["ok"]]
     print(
-        f"\nmeta-gradient checks: {len(checks) - len(bad)}/{len(checks)} agree "
-        f"(max rel diff < 1e-3); total {time.perf_counter() - started:.0f} s"
+        f"\nchecks: {len(checks) - len(bad)}/{len(checks)} agree (meta-gradients: max rel "
+        f"diff < 1e-3; tm captured: bit-identical to eager); "
+        f"total {time.perf_counter() - started:.0f} s"
     )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "checks": checks}, indent=2))

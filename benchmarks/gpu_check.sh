@@ -8,7 +8,8 @@
 #    `pip --no-deps --no-build-isolation --no-index` (setuptools must be there already), else a
 #    PYTHONPATH shim (the repository root, plus a sitecustomize.py that maps tinymeta.kernels
 #    to kernels/, as pyproject.toml's package-dir does for an install);
-# 3. runs the test suite: the cuda cases (`-m gpu`: the op tables on cuda, tests/test_cuda.py)
+# 3. runs the test suite: the cuda cases (`-m gpu`: the op tables on cuda, tests/test_cuda.py,
+#    tests/test_capture_cuda.py: tm.capture as CUDA graphs)
 #    in the foreground with HYPOTHESIS_PROFILE=ci-gpu (5 examples a test, no shrinking), and
 #    the rest (`-m "not gpu"`, HYPOTHESIS_PROFILE=ci, 4 BLAS threads) in the background, at
 #    the same time. Both go on past a failure (--maxfail rather than -x: this run is the only
@@ -16,7 +17,8 @@
 #    pytest, as a script (`python tests/test_cuda.py`). The README and data tests read the
 #    Omniglot archives from $TINYMETA_DATA, else from runs/gpu_check_data/omniglot when it
 #    was carried along (see the report);
-# 4. runs benchmarks/bench_gpu.py (W1 and W2, tinymeta on cuda next to PyTorch CUDA).
+# 4. runs benchmarks/bench_gpu.py (W1 and W2, tinymeta on cuda, eager and captured as CUDA
+#    graphs, next to PyTorch CUDA).
 #
 # Every phase has a time limit, so the whole script ends within about 6 minutes. The log
 # goes to $OUT/gpu_log.txt (or /tmp/tinymeta_gpu_check/ without $OUT), with the benchmark's
@@ -128,7 +130,8 @@ assert tm.__file__.startswith('$REPO'), 'another tinymeta shadows this checkout'
         # SIGINT at the time limit: pytest then still prints the failures it has seen.
         HYPOTHESIS_PROFILE=ci-gpu timeout -s INT -k 15 170 "$PY" -m pytest -q -p no:cacheprovider \
             -m "gpu and not slow" -rfEx --maxfail=30 --durations=10 \
-            tests/test_cuda.py tests/test_errors.py tests/test_optim.py tests/test_nn_functional.py \
+            tests/test_cuda.py tests/test_capture_cuda.py tests/test_errors.py tests/test_optim.py \
+            tests/test_nn_functional.py \
             tests
         local rc=$?
         [ $rc = 0 ] || failed=1

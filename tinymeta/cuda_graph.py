@@ -579,14 +579,17 @@ def _label_checks(facts: Facts, static_inputs: list) -> list:
 # --- errors raised while capturing --------------------------------------------------------------
 
 
-def _explained(error: BaseException) -> BaseException:
-    """A CuPy or driver error raised while a stream was captured, as a CaptureError naming
-    what failed and the line of user code; other errors as they are."""
+def _explained(error: BaseException, while_capturing: bool = False) -> BaseException:
+    """A CuPy or driver error raised by a capture (or any RuntimeError raised while a stream
+    was captured: the warm-up ran the same code without it), as a CaptureError naming what
+    failed and the line of user code; other errors as they are."""
     if isinstance(error, CaptureError):
         return error
     module = type(error).__module__ or ""
-    from_cupy = module.startswith(("cupy", "cupy_backends")) or "capture" in str(error)
-    if not from_cupy or not isinstance(error, (RuntimeError, NotImplementedError)):
+    from_capture = (
+        while_capturing or module.startswith(("cupy", "cupy_backends")) or "captur" in str(error)
+    )
+    if not from_capture or not isinstance(error, (RuntimeError, NotImplementedError)):
         return error
     return CaptureError(
         f"capture: {type(error).__name__}: {error} {_where_in(error.__traceback__)}; inside a "
@@ -737,11 +740,12 @@ class GraphProgram:
             result = run(self.step_fn, call_args, facts)
             segments.cut()
         except BaseException as e:
+            while_capturing = segments.capturing
             segments.abort()
             _retire(self.pool)  # arrays of the failed run may live on (in the traceback)
             for t in facts.tensors:  # .grad as before the run, not arrays never computed
                 t.grad = facts.grad_at_start[id(t)]
-            error = _explained(e)
+            error = _explained(e, while_capturing)
             if error is e:
                 raise
             raise error from e
