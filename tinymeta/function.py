@@ -125,14 +125,15 @@ class Function:
         return outputs
 
     def _record_one(self, tensors, needs, y):
-        """_record for one output and one or two inputs (almost every op), without loops."""
-        if len(tensors) > 2:
+        """_record for one output and one to three inputs (almost every op), without loops."""
+        n = len(tensors)
+        if n > 3:
             return self._record(tensors, needs, (y,))
         self.inputs = tensors
         self.needs_input_grad = needs
         a = tensors[0]
         generation = a.generation
-        if len(tensors) == 1:
+        if n == 1:
             if self.saves_inputs:
                 seen = (a._vc[0],)
                 self.input_versions = _ZERO_VERSIONS.get(seen, seen)
@@ -140,9 +141,17 @@ class Function:
             b = tensors[1]
             if b.generation > generation:
                 generation = b.generation
-            if self.saves_inputs:
-                seen = (a._vc[0], b._vc[0])
-                self.input_versions = _ZERO_VERSIONS.get(seen, seen)
+            if n == 2:
+                if self.saves_inputs:
+                    seen = (a._vc[0], b._vc[0])
+                    self.input_versions = _ZERO_VERSIONS.get(seen, seen)
+            else:  # Linear with a bias
+                c = tensors[2]
+                if c.generation > generation:
+                    generation = c.generation
+                if self.saves_inputs:
+                    seen = (a._vc[0], b._vc[0], c._vc[0])
+                    self.input_versions = _ZERO_VERSIONS.get(seen, seen)
         self.generation = generation
         self.seq = _next_seq()  # see _record
         if self.saves_output:

@@ -482,7 +482,8 @@ def cross_entropy(logits, labels, reduction: str = "mean") -> Tensor:
 def mse_loss(pred, target, reduction: str = "mean") -> Tensor:
     """loss = (pred - target)**2, reduced by ``reduction`` ('mean', 'sum' or 'none')."""
     pred = as_input(pred, "mse_loss", "pred")
-    target_shape = tuple(np.shape(target.data if isinstance(target, Tensor) else target))
+    # (a tensor's shape without the .data property's bookkeeping nor np.shape's dispatch)
+    target_shape = target.shape if isinstance(target, Tensor) else tuple(np.shape(target))
     if target_shape != pred.shape:
         raise ValueError(
             f"mse_loss: pred has shape {pred.shape} but target has shape {target_shape}; "

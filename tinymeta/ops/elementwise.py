@@ -3,6 +3,8 @@ read it from ``self.output`` instead of recomputing it."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from tinymeta import kernels
 from tinymeta.function import Function, arrays_only_on_host
 from tinymeta.tensor import Tensor, constant
@@ -144,6 +146,8 @@ class Relu(Function):
     """y = max(x, 0);  gx = gy * [x > 0]  (the derivative at 0 is taken as 0)."""
 
     def forward(self, x):
+        if type(x) is np.ndarray and x.size < _KERNEL_SIZE:
+            return np.maximum(x, 0)  # the kernel's reference, what it computes at this size
         return kernels.relu_forward(x)
 
     def backward(self, gy):
@@ -159,7 +163,7 @@ class ReluGrad(Function):
     """
 
     def forward(self, gy, x):
-        return kernels.relu_backward(gy, x)
+        return _relu_grad_array(gy, x)
 
     def backward(self, ggx):
         _, x = self.inputs
@@ -170,8 +174,25 @@ def _relu_grad(gy, x):
     """ReluGrad.apply(gy, x); its kernel call alone where nothing would record (see
     function.arrays_only_on_host)."""
     if arrays_only_on_host(gy, x):
-        return Tensor._wrap(kernels.relu_backward(gy._data, x._data))
+        return Tensor._wrap(_relu_grad_array(gy._data, x._data))
     return ReluGrad.apply(gy, x)
+
+
+# Below this many elements tinymeta.kernels' ReLU loops hand the array to their reference
+# formulas (np.maximum(x, 0), gy * (x > 0)) after several Python calls of dispatch (about
+# 2 us, more than the formula on a MAML layer's activations): the ops write them directly.
+_KERNEL_SIZE = 4096
+
+
+def _relu_grad_array(gy, x):
+    if (
+        type(gy) is np.ndarray
+        and type(x) is np.ndarray
+        and gy.size < _KERNEL_SIZE
+        and gy.shape == x.shape  # (the kernel names a mismatch in its error)
+    ):
+        return gy * (x > 0)
+    return kernels.relu_backward(gy, x)
 
 
 def exp(x):
