@@ -603,24 +603,30 @@ def _explained(error: BaseException, while_capturing: bool = False) -> BaseExcep
 def _where_in(tb) -> str:
     """'in <function> (file:line), called from <user file>:<line>' for a traceback."""
     here = os.path.dirname(os.path.abspath(__file__))
-    skipped = (os.path.dirname(np.__file__),)
-    cp = backend.cupy_or_none()
-    if cp is not None:
-        skipped += (os.path.dirname(os.path.dirname(cp.__file__)),)
     inner, user = None, None
     for frame, line in traceback.walk_tb(tb):
         path = os.path.abspath(frame.f_code.co_filename)
-        if path.startswith(skipped) or path == os.path.abspath(__file__):
+        if _is_library(frame.f_code.co_filename) or path == os.path.abspath(__file__):
             continue
         if path.startswith(here) or "/kernels/" in path:
-            inner = (
-                f"{frame.f_code.co_name} ({os.path.relpath(path, os.path.dirname(here))}:{line})"
-            )
+            where = os.path.relpath(path, os.path.dirname(here))
+            inner = f"{frame.f_code.co_name} ({where}:{line})"
         else:
             user, inner = f"{frame.f_code.co_filename}:{line}", None
     if user is None:
         return f"in {inner}" if inner else "(no user frame)"
     return f"in {inner}, called from {user}" if inner else f"at {user}"
+
+
+def _is_library(filename: str) -> bool:
+    """NumPy's and CuPy's frames (CuPy's compiled ones name a relative .pyx file)."""
+    if filename.endswith((".pyx", ".pxd", ".pxi")):
+        return True
+    path = os.path.abspath(filename)
+    parts = path.split(os.sep)
+    return (
+        path.startswith(os.path.dirname(np.__file__)) or "cupy" in parts or "cupy_backends" in parts
+    )
 
 
 # --- the program ----------------------------------------------------------------------------------
