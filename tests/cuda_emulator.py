@@ -34,7 +34,9 @@ from unittest import mock
 import numpy as np
 from tinymeta.kernels import cuda_launch
 
-GXX_FLAGS = ("-O1", "-std=c++17", "-shared", "-fPIC")
+# No contraction of a * b + c into a fused multiply-add (GCC's default where the CPU has one):
+# each operation rounds as NumPy's do, so kernels doing the reference's arithmetic match it.
+GXX_FLAGS = ("-O1", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off")
 GUARD_BYTES = 4096  # on each side of every array: a multiple of any alignment
 
 PRELUDE = r"""

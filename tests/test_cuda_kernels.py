@@ -4,8 +4,9 @@ Every comparison runs once per device: ``cpu`` runs the kernels' sources compile
 the emulator (tests/cuda_emulator.py) on NumPy arrays, ``cuda`` on CuPy arrays on a GPU
 (marked ``gpu``; skipped without CuPy or a device). Both check that the wrapper launched its
 kernel (no silent fallback) and compare with ``kernels.reference`` on the same NumPy data:
-exactly where the kernel does the reference's arithmetic in its order, else with tolerances
-scaled to the dtype and the data's magnitude. The emulator's own checks, the nvcc build of
+exactly where the kernel does the reference's arithmetic in its order (on a GPU: where no
+multiply-add can be fused either), else with tolerances scaled to the dtype and the data's
+magnitude. The emulator's own checks, the nvcc build of
 every .cu file and the dispatch of CuPy arrays are tested below them.
 """
 
@@ -63,10 +64,12 @@ def running_on(device: str):
 
 def on_device(xp, a, layout: str = "c"):
     """A NumPy array's copy in module ``xp``, laid out in memory as ``layout`` says: "c"
-    (C order), "permuted" (dense, axes reversed in memory) or "strided" (not dense)."""
-    if layout == "permuted":
-        axes = tuple(range(a.ndim))[::-1]
-        return xp.array(xp.asarray(a).transpose(axes), order="C").transpose(axes)
+    (C order), "permuted" (dense, axes reversed in memory), "channels_last" (an NCHW array
+    dense as NHWC) or "strided" (not dense)."""
+    if layout in ("permuted", "channels_last"):
+        axes = tuple(range(a.ndim))[::-1] if layout == "permuted" else (0, 2, 3, 1)
+        inverse = tuple(np.argsort(axes).tolist())
+        return xp.array(xp.asarray(a).transpose(axes), order="C").transpose(inverse)
     if layout == "strided" and a.ndim:
         wide = xp.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
         wide[..., ::2] = xp.asarray(a)
@@ -92,11 +95,25 @@ def assert_same(actual, expected, exact: bool = False):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale)
 
 
+def in_memory_order_of(a, b) -> bool:
+    """Whether ``a`` is dense in ``b``'s memory order (its axes by decreasing stride)."""
+    order = sorted(range(b.ndim), key=lambda axis: -b.strides[axis])
+    return a.transpose(tuple(order)).flags.c_contiguous
+
+
+C_TYPE = {np.float32: "float", np.float64: "double"}
+
+
 def expect_launch(launches: list, kernel: str, dtype):
-    assert f"{kernel}<{cuda_launch.C_TYPES[np.dtype(dtype)]}>" in launches, launches
+    assert f"{kernel}<{C_TYPE[dtype]}>" in launches, launches
 
 
 # --- strategies -------------------------------------------------------------------------------
+
+
+def magnitude(a):
+    """|a| as an array, also for a 0-d one (np.abs gives a scalar)."""
+    return np.asarray(np.abs(a))
 
 
 def values(dtype, specials: bool = True, bound: float = 10.0):
@@ -133,7 +150,8 @@ def test_relu_backward(device, data, dtype, shape, layouts):
     gy, x = data.draw(float_arrays(shape, dtype)), data.draw(float_arrays(shape, dtype))
     with running_on(device) as (xp, launches):
         gx = cuda_impl.relu_backward(on_device(xp, gy, layouts[0]), on_device(xp, x, layouts[1]))
-        assert gx.strides == on_device(xp, gy, layouts[0]).strides or layouts[0] == "strided"
+        if layouts[0] != "strided":  # gx is laid out like gy
+            assert in_memory_order_of(gx, on_device(xp, gy, layouts[0]))
     expect_launch(launches, "relu_backward", dtype)
     assert_same(gx, reference.relu_backward(gy, x), exact=True)
 
@@ -145,6 +163,226 @@ def test_relu_other_dtypes_take_the_reference(device):
         gy = xp.asarray(np.array([1.0, 2.0, 3.0], np.float32))
         assert to_host(cuda_impl.relu_backward(gy, x)).tolist() == [0.0, 0.0, 3.0]
     assert launches == []
+
+
+def in_place(device, layout, function, arrays: dict, **scalars):
+    """Runs ``function`` (a cuda_impl in-place kernel) on ``device`` copies of ``arrays`` (grad
+    in C order, the others laid out as ``layout``; None stays None) and the reference on NumPy
+    copies; asserts that both return param and leave every array equal: exactly in the
+    emulator (the reference's operations in its order, no fused multiply-add), within
+    tolerances on a GPU. Returns the launches."""
+    expected = {name: None if a is None else a.copy() for name, a in arrays.items()}
+    with np.errstate(all="ignore"):
+        returned = getattr(reference, function.__name__)(*expected.values(), **scalars)
+    assert returned is expected["param"]
+    with running_on(device) as (xp, launches), np.errstate(all="ignore"):
+        given = {
+            name: None if a is None else on_device(xp, a, "c" if name == "grad" else layout)
+            for name, a in arrays.items()
+        }
+        assert function(*given.values(), **scalars) is given["param"]
+    for name, a in given.items():
+        if a is not None:  # grad left alone; the others as the reference's rounding gives them
+            assert_same(a, expected[name], exact=name == "grad" or device == "cpu")
+    return launches
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOATS), shape=shapes, layout=layouts)
+def test_sgd_update(device, data, dtype, shape, layout):
+    arrays = {name: data.draw(float_arrays(shape, dtype)) for name in ("param", "grad")}
+    lr = data.draw(st.floats(1e-4, 2.0))
+    launches = in_place(device, layout, cuda_impl.sgd_update_, arrays, lr=lr)
+    dense = in_memory_order_of(*[on_device(np, arrays["param"], layout)] * 2)
+    assert launches == ([f"sgd_update<{C_TYPE[dtype]}>"] if dense else [])  # else the reference
+
+
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(FLOATS),
+    shape=shapes,
+    layout=layouts,
+    amsgrad=st.booleans(),
+    decay=st.sampled_from(("none", "adam", "adamw")),
+)
+def test_adam_update(device, data, dtype, shape, layout, amsgrad, decay):
+    draw = data.draw
+    arrays = {
+        "param": draw(float_arrays(shape, dtype)),
+        "grad": draw(float_arrays(shape, dtype)),
+        "exp_avg": draw(float_arrays(shape, dtype, specials=False)),
+        "exp_avg_sq": magnitude(draw(float_arrays(shape, dtype, specials=False))),
+        "max_exp_avg_sq": magnitude(draw(float_arrays(shape, dtype))) if amsgrad else None,
+    }
+    t = draw(st.integers(1, 1000))
+    beta1, beta2 = draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999))
+    lr = draw(st.floats(1e-4, 1e-1))
+    scalars = dict(
+        beta1=beta1,
+        beta2=beta2,
+        eps=draw(st.sampled_from((0.0, 1e-8, 1e-3))),
+        step_size=-lr / (1 - beta1**t),
+        bias_correction2_sqrt=(1 - beta2**t) ** 0.5,
+        weight_decay=0.01 if decay == "adam" else 0.0,
+        param_decay=1 - lr * 0.01 if decay == "adamw" else 1.0,
+    )
+    launches = in_place(device, layout, cuda_impl.adam_update_, arrays, **scalars)
+    dense = in_memory_order_of(*[on_device(np, arrays["param"], layout)] * 2)
+    assert launches == ([f"adam_update<{C_TYPE[dtype]}>"] if dense else [])  # else the reference
+
+
+# --- max-pooling ------------------------------------------------------------------------------
+
+
+@st.composite
+def pooling(draw, big_windows=False):
+    """(x shape, (kh, kw, sh, sw)): windows that fit, strides below, equal to or above them;
+    windows of 128+ elements (an int32 arg-max) when ``big_windows``."""
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    if big_windows:
+        h, w = draw(st.integers(12, 13)), draw(st.integers(11, 13))
+        kh, kw = draw(st.integers(12, h)), draw(st.integers(11, w))  # 132+ elements
+    else:
+        h, w = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+        kh, kw = draw(st.integers(1, h)), draw(st.integers(1, w))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return (n, c, h, w), (kh, kw, sh, sw)
+
+
+def tied_values(dtype):
+    """Few distinct values, so that windows have ties (the first offset wins), and specials."""
+    return st.integers(-2, 2).map(float) | st.sampled_from(SPECIALS)
+
+
+pool_layouts = st.sampled_from(("c", "channels_last"))
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOATS), big=st.booleans(), layout=pool_layouts)
+def test_maxpool2d_argmax(device, data, dtype, big, layout):
+    shape, window = data.draw(pooling(big))
+    x = data.draw(hnp.arrays(dtype, shape, elements=tied_values(dtype)))
+    with running_on(device) as (xp, launches):
+        y, argmax = cuda_impl.maxpool2d_argmax(on_device(xp, x, layout), *window)
+    expected_y, expected_argmax = reference.maxpool2d_argmax(x, *window)
+    expect_launch(launches, f"maxpool2d_argmax_{'i32' if big else 'i8'}", dtype)
+    assert_same(y, expected_y, exact=True)
+    assert_same(argmax, expected_argmax, exact=True)
+
+
+def _argmax_for(data, out_shape, window):
+    kh, kw = window[:2]
+    dtype = np.int8 if kh * kw < 128 else np.int32
+    return data.draw(hnp.arrays(dtype, out_shape, elements=st.integers(0, kh * kw - 1)))
+
+
+def _out_shape(shape, window):
+    (n, c, h, w), (kh, kw, sh, sw) = shape, window
+    return n, c, (h - kh) // sh + 1, (w - kw) // sw + 1
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOATS), big=st.booleans(), layout=pool_layouts)
+def test_maxpool2d_scatter(device, data, dtype, big, layout):
+    shape, window = data.draw(pooling(big))
+    out_shape = _out_shape(shape, window)
+    gy = data.draw(float_arrays(out_shape, dtype))
+    argmax = _argmax_for(data, out_shape, window)
+    with running_on(device) as (xp, launches):
+        gx = cuda_impl.maxpool2d_scatter(
+            on_device(xp, gy, layout), on_device(xp, argmax, layout), *window, *shape[2:]
+        )
+    expect_launch(launches, f"maxpool2d_scatter_{'i32' if big else 'i8'}", dtype)
+    with np.errstate(invalid="ignore"):
+        expected = reference.maxpool2d_scatter(gy, argmax, *window, *shape[2:])
+    assert_same(gx, expected, exact=True)  # the reference's sums, in its order
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOATS), big=st.booleans(), layout=pool_layouts)
+def test_maxpool2d_gather(device, data, dtype, big, layout):
+    shape, window = data.draw(pooling(big))
+    x = data.draw(float_arrays(shape, dtype))
+    argmax = _argmax_for(data, _out_shape(shape, window), window)
+    with running_on(device) as (xp, launches):
+        y = cuda_impl.maxpool2d_gather(
+            on_device(xp, x, layout), on_device(xp, argmax, layout), *window
+        )
+    expect_launch(launches, f"maxpool2d_gather_{'i32' if big else 'i8'}", dtype)
+    with np.errstate(invalid="ignore"):
+        expected = reference.maxpool2d_gather(x, argmax, *window)
+    assert_same(y, expected, exact=True)
+
+
+# --- convolution windows ----------------------------------------------------------------------
+
+
+@st.composite
+def conv_windows(draw):
+    """(x shape (N, C, H, W), (kh, kw, sh, sw, ph, pw)): windows that fit the padded image."""
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    h, w, ph, pw = (draw(st.integers(lo, hi)) for lo, hi in ((1, 6), (1, 6), (0, 2), (0, 2)))
+    kh, kw = draw(st.integers(1, h + 2 * ph)), draw(st.integers(1, w + 2 * pw))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    return (n, c, h, w), (kh, kw, sh, sw, ph, pw)
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOATS), layout=pool_layouts)
+def test_im2col(device, data, dtype, layout):
+    shape, window = data.draw(conv_windows())
+    x = data.draw(float_arrays(shape, dtype))
+    with running_on(device) as (xp, launches):
+        cols = cuda_impl.im2col(on_device(xp, x, layout), *window)
+        assert cols.flags.c_contiguous
+    expect_launch(launches, "im2col", dtype)
+    assert_same(cols, reference.im2col(x, *window), exact=True)
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOATS))
+def test_col2im(device, data, dtype):
+    (n, c, h, w), (kh, kw, sh, sw, ph, pw) = data.draw(conv_windows())
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    cols = data.draw(float_arrays((n, oh, ow, kh, kw, c), dtype))
+    with running_on(device) as (xp, launches):
+        gx = cuda_impl.col2im(on_device(xp, cols), h, w, sh, sw, ph, pw)
+    expect_launch(launches, "col2im", dtype)
+    with np.errstate(invalid="ignore"):
+        expected = reference.col2im(cols, h, w, sh, sw, ph, pw)
+    assert_same(gx, expected, exact=True)  # the reference's sums, in its order
+
+
+# --- softmax cross-entropy --------------------------------------------------------------------
+
+
+@st.composite
+def classification(draw, dtype):
+    """(logits-shaped floats (N, C) with specials, labels (N,) of some integer dtype)."""
+    n, c = draw(st.integers(1, 5)), draw(st.integers(1, 8))
+    values = draw(float_arrays((n, c), dtype, bound=50.0))
+    label_dtype = draw(st.sampled_from((np.int64, np.int32, np.uint8)))
+    return values, draw(hnp.arrays(label_dtype, n, elements=st.integers(0, c - 1)))
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOATS), layout=st.sampled_from(("c", "permuted")))
+def test_softmax_xent_forward(device, data, dtype, layout):
+    logits, labels = data.draw(classification(dtype))
+    with running_on(device) as (xp, launches):
+        loss, probs = cuda_impl.softmax_xent_forward(on_device(xp, logits, layout), labels)
+    expect_launch(launches, "softmax_xent_forward", dtype)
+    with np.errstate(invalid="ignore"):
+        expected_loss, expected_probs = reference.softmax_xent_forward(logits, labels)
+    assert_same(loss, expected_loss)
+    assert_same(probs, expected_probs)
+
+
+@given(data=st.data(), dtype=st.sampled_from(FLOATS))
+def test_softmax_xent_backward(device, data, dtype):
+    probs, labels = data.draw(classification(dtype))
+    gloss = data.draw(float_arrays(probs.shape[:1], dtype))
+    with running_on(device) as (xp, launches):
+        glogits = cuda_impl.softmax_xent_backward(
+            on_device(xp, probs), on_device(xp, labels), on_device(xp, gloss, "strided")
+        )
+    expect_launch(launches, "softmax_xent_backward", dtype)
+    with np.errstate(invalid="ignore"):
+        expected = reference.softmax_xent_backward(probs, labels, gloss)
+    assert_same(glogits, expected, exact=device == "cpu")  # a GPU may fuse * and -
 
 
 # --- the emulator's own checks ----------------------------------------------------------------
