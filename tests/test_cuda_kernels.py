@@ -6,16 +6,19 @@ the emulator (tests/cuda_emulator.py) on NumPy arrays, ``cuda`` on CuPy arrays o
 kernel (no silent fallback) and compare with ``kernels.reference`` on the same NumPy data:
 exactly where the kernel does the reference's arithmetic in its order (on a GPU: where no
 multiply-add can be fused either), else with tolerances scaled to the dtype and the data's
-magnitude. The emulator's own checks, the nvcc build of
-every .cu file and the dispatch of CuPy arrays are tested below them.
+magnitude. Below them: the emulator's own checks, the launcher (with a stand-in for CuPy),
+the nvcc build of every .cu file and the dispatch of CuPy arrays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 import shutil
 import subprocess
+import sys
+import types
 from unittest import mock
 
 import cuda_emulator
@@ -248,7 +251,7 @@ def pooling(draw, big_windows=False):
     return (n, c, h, w), (kh, kw, sh, sw)
 
 
-def tied_values(dtype):
+def tied_values():
     """Few distinct values, so that windows have ties (the first offset wins), and specials."""
     return st.integers(-2, 2).map(float) | st.sampled_from(SPECIALS)
 
@@ -259,7 +262,7 @@ pool_layouts = st.sampled_from(("c", "channels_last"))
 @given(data=st.data(), dtype=st.sampled_from(FLOATS), big=st.booleans(), layout=pool_layouts)
 def test_maxpool2d_argmax(device, data, dtype, big, layout):
     shape, window = data.draw(pooling(big))
-    x = data.draw(hnp.arrays(dtype, shape, elements=tied_values(dtype)))
+    x = data.draw(hnp.arrays(dtype, shape, elements=tied_values()))
     with running_on(device) as (xp, launches):
         y, argmax = cuda_impl.maxpool2d_argmax(on_device(xp, x, layout), *window)
     expected_y, expected_argmax = reference.maxpool2d_argmax(x, *window)
@@ -459,6 +462,60 @@ def test_emulator_catches_writes_out_of_bounds(tmp_path, kernel, side):
         source.launch(kernel, np.float64, 7, (x, y, n))
     message = f"{kernel}<double>: wrote outside array parameter y (float64 (7,)): into the bytes"
     assert f"{message} {side} it" in str(error.value)
+
+
+# --- the launcher, as it runs on a GPU ------------------------------------------------------
+
+
+class FakeRawModule:
+    """Stands in for cupy.RawModule: records the build and the launches of its functions."""
+
+    builds: list = []
+
+    def __init__(self, code, options, name_expressions):
+        self.builds.append((code, options, tuple(name_expressions)))
+        self.launches = []
+
+    def get_function(self, name):
+        return lambda grid, block, args: self.launches.append((name, grid, block, args))
+
+
+def test_launch_builds_the_source_once_and_covers_the_work(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(RawModule=FakeRawModule))
+    FakeRawModule.builds = []
+    source = cuda_launch.CudaSource("elementwise.cu", ("relu_forward", "relu_backward"))
+    args = (np.zeros(3), np.zeros(3), np.int64(3))
+    for threads in (1, 256, 257, 10**9):
+        source.launch("relu_forward", np.float64, threads, args)
+    source.launch("relu_backward", np.float32, 0, args)  # no work: nothing launched
+    ((code, _, names),) = FakeRawModule.builds  # one build for all launches
+    assert code == (cuda_launch.SOURCE_DIR / "elementwise.cu").read_text()
+    assert set(names) == {
+        f"relu_{d}<{t}>" for d in ("forward", "backward") for t in C_TYPE.values()
+    }
+    blocks = [1, 1, 2, cuda_launch.MAX_BLOCKS]  # the grid-stride loops cover the rest
+    assert source._module.launches == [
+        ("relu_forward<double>", (b,), (cuda_launch.BLOCK,), args) for b in blocks
+    ]
+    with pytest.raises(TypeError, match="relu_forward: expected float32 or float64 arrays"):
+        source.launch("relu_forward", np.float16, 3, args)
+    with pytest.raises(ValueError, match="sgd_update is not one of the kernels of CudaSource"):
+        source.launch("sgd_update", np.float32, 3, args)
+
+
+def test_each_cuda_source_lists_exactly_its_kernels_and_names_are_unique():
+    defined = {p.name: list(cuda_emulator.kernel_parameters(p.read_text())) for p in _cu_files()}
+    everywhere = [name for names in defined.values() for name in names]
+    assert len(everywhere) == len(set(everywhere)), defined
+    modules = [
+        importlib.import_module(f"tinymeta.kernels.{m}") for m in kernels._CudaKernels._CUDA_MODULES
+    ]
+    sources = [
+        v for m in modules for v in vars(m).values() if isinstance(v, cuda_launch.CudaSource)
+    ]
+    assert sorted(s.path.name for s in sources) == sorted(defined)  # every file, used once
+    for source in sources:
+        assert sorted(source.kernels) == sorted(defined[source.path.name]), source
 
 
 # --- every source compiles for the GPU ----------------------------------------------------------
