@@ -45,11 +45,18 @@ class Function:
     saves_output = False
 
     inputs = None
-    outputs = None
+    # The weak reference to the output of a one-output node (almost every op), read by the
+    # engine; those of a multi-output node. ``outputs`` gives either as a tuple: a node keeps
+    # no one-element tuple for the cyclic garbage collector to count (see _FLAGS).
+    _output = None
+    _outputs = None
     xp = np  # the array module of the inputs; set per node only for CuPy ones
     input_versions = None  # set by _record when saves_inputs
     _held_outputs = None  # set by the engine for multi-output nodes while it runs backward
     output_versions = None  # set by _record when saves_output
+    # A multi-output op whose ``output_specs`` ((shape, dtype) of each output) are a property
+    # derived from its parameters sets False: _record then keeps no tuples of them per node.
+    keeps_output_specs = True
 
     @classmethod
     def apply(cls, *inputs, **params):
@@ -160,7 +167,7 @@ class Function:
         y.grad_fn = self
         y.requires_grad = True
         y.generation = generation + 1
-        self.outputs = (weakref.ref(y),)
+        self._output = weakref.ref(y)
 
     def _record(self, tensors, needs, outputs):
         self.inputs = tensors = tuple(tensors)
@@ -180,8 +187,8 @@ class Function:
             o.grad_fn = self
             o.requires_grad = True
             o.generation = generation + 1
-        self.outputs = tuple(map(weakref.ref, outputs))
-        if len(outputs) > 1:
+        self.outputs = map(weakref.ref, outputs)
+        if len(outputs) > 1 and self.keeps_output_specs:
             # An output may be garbage before backward runs; its zero gradient is then built
             # from the shape and dtype kept here.
             self.output_specs = tuple(zip(map(_shape_of, outputs), map(_dtype_of, outputs)))
@@ -193,6 +200,20 @@ class Function:
     def backward(self, *gys):
         raise NotImplementedError(f"{self.op_name()} has no backward rule")
 
+    @property
+    def outputs(self):
+        """Weak references to the output tensors, a tuple (None before recording)."""
+        ref = self._output
+        return (ref,) if ref is not None else self._outputs
+
+    @outputs.setter
+    def outputs(self, refs):
+        refs = tuple(refs)
+        if len(refs) == 1:
+            self._output, self._outputs = refs[0], None
+        else:
+            self._output, self._outputs = None, refs
+
     # --- helpers for backward rules ---------------------------------------
     @property
     def output(self):
@@ -200,7 +221,10 @@ class Function:
         (the engine holds the outputs of a multi-output node in ``_held_outputs``; a
         one-output node's output is held by the engine's walk itself)."""
         held = self._held_outputs
-        return held[0] if held is not None else self.outputs[0]()
+        if held is not None:
+            return held[0]
+        ref = self._output
+        return (ref if ref is not None else self._outputs[0])()
 
     @classmethod
     def op_name(cls) -> str:

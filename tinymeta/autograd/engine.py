@@ -350,9 +350,8 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
     # gradient reached its output, and the gradient's entry keeps the output alive: its
     # rule reads it through the node's weak reference, see Function.output.)
     for fn in order:
-        refs = fn.outputs
-        if len(refs) > 1:
-            fn._held_outputs = tuple([ref() for ref in refs])
+        if fn._output is None:  # (a recorded node has one output reference or several)
+            fn._held_outputs = tuple([ref() for ref in fn._outputs])
     try:
         _propagate(order, grads, targets, result, retain_graph, create_graph)
     except BaseException:
@@ -380,9 +379,9 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
     mode = grad_mode._enabled.set(create_graph)
     try:
         for fn in order:
-            refs = fn.outputs
-            if len(refs) == 1:  # almost every op: _output_grads inlined (one dict look-up)
-                y = refs[0]()  # None if the output is gone: no gradient can have reached it
+            ref = fn._output
+            if ref is not None:  # one output, almost every op: _output_grads inlined
+                y = ref()  # None if the output is gone: no gradient can have reached it
                 entry = take(id(y), None)
                 if entry is None:
                     gys = None
@@ -434,7 +433,7 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                     grads[key] = (x, entry[1] + gx)
                 else:  # grad mode is off, so no Add node would be recorded: add the arrays
                     grads[key] = (x, Tensor._wrap(entry[1]._data + gx._data))
-            if len(refs) > 1:  # _release(fn, retain_graph), inlined
+            if ref is None:  # _release(fn, retain_graph), inlined
                 fn._held_outputs = None
             if not retain_graph:
                 _free(fn)

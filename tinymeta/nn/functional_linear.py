@@ -69,8 +69,18 @@ class LinearGradWeight(Function):
     def __init__(self, w_shape: tuple, with_bias: bool):
         self.w_shape, self.with_bias = tuple(w_shape), with_bias
 
+    keeps_output_specs = False  # see output_specs
+
     def forward(self, x, gy):
-        return _weight_grad_arrays(x, gy, self.w_shape, self.with_bias)
+        grads = _weight_grad_arrays(x, gy, self.w_shape, self.with_bias)
+        if self.with_bias:  # (dtypes are shared objects: kept without a tuple per node)
+            self.gw_dtype, self.gb_dtype = grads[0].dtype, grads[1].dtype
+        return grads
+
+    @property
+    def output_specs(self):
+        """((shape, dtype) of gw, of gb): what Function._record keeps for other ops."""
+        return ((self.w_shape, self.gw_dtype), (self.w_shape[:-1], self.gb_dtype))
 
     def backward(self, ggw, ggb=None):
         x, gy = self.inputs
