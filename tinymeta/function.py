@@ -302,6 +302,7 @@ def versions(tensors) -> tuple:
 
 
 _counter_of = operator.attrgetter("_vc")
+_first = operator.itemgetter(0)
 
 
 # Every recorded node keeps a tuple of flags (needs_input_grad) and, when it saves its inputs,
@@ -317,7 +318,6 @@ _ZERO_VERSIONS = {(0,) * n: (0,) * n for n in (1, 2, 3)}
 def _interned_versions(seen: tuple) -> tuple:
     """The shared tuple equal to ``seen`` (versions of fresh tensors: zeros), else ``seen``."""
     return _ZERO_VERSIONS.get(seen, seen)
-_first = operator.itemgetter(0)
 
 
 def arrays_only() -> bool:
