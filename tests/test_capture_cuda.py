@@ -249,6 +249,8 @@ def test_a_library_refusal_while_capturing_names_the_user_line():
     assert isinstance(error, CaptureError)
     assert f":{_line_of(refuses, 'raise')}" in str(error) and "cuBLAS" in str(error)
     assert cuda_graph._explained(ValueError("a user's error")).__class__ is ValueError
+    # CuPy's compiled frames name relative .pyx files: never taken for the user's line
+    assert cuda_graph._is_library("cupy/_core/core.pyx") and not cuda_graph._is_library(__file__)
 
 
 def test_cpu_inputs_take_the_cpu_path():

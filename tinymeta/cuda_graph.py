@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import copy
 import gc
-import importlib
 import os
+import sys
 import threading
 import traceback
 import weakref
@@ -56,11 +56,14 @@ import numpy as np
 
 from tinymeta import backend
 from tinymeta import function as _function
-from tinymeta.capture import CaptureError
 from tinymeta.tensor import Tensor, swap_array
 
-# The module: the package's `capture` attribute is the function of the same name.
-_capture = importlib.import_module("tinymeta.capture")
+# capture.py hands a step on cuda to this module, and this module applies capture.py's
+# refusals (its recorder slot, read-back and random-draw patches, _where): capture.py is
+# looked up rather than imported, so that the two modules do not import one another. The
+# package imports it first (tm.capture), and the package's `capture` is the function.
+_capture = sys.modules["tinymeta.capture"]
+CaptureError = _capture.CaptureError
 
 # cupy.random's functions over its global generator: refused while a step runs.
 _CUPY_RANDOM = (
@@ -183,7 +186,8 @@ class Facts:
                         f"with a .grad that the step did not compute {_capture._where()}"
                     )
                 bindings.append((p, None if g is None else g._data))
-                self.stepped[id(p)] = name
+                if g is not None:  # a parameter without a .grad is not updated
+                    self.stepped[id(p)] = name
         self.steps.append((opt, bindings))
         return bindings
 
