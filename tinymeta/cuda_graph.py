@@ -705,6 +705,7 @@ class GraphProgram:
         self.stream = cp.cuda.Stream(non_blocking=True)
         with cp.cuda.using_allocator(self.pool.malloc):
             marker = cp.zeros(1, np.int8)
+            marker.fill(0)  # whatever fill launches is loaded now, not while capturing
             self.static_inputs = [
                 cp.empty(_input_array(a).shape, _input_array(a).dtype)
                 if _device_of_input(a) == "cuda" else None
