@@ -95,6 +95,37 @@ def test_linear_rules_go_through_op_nodes_while_watched(applied):
     assert {"LinearGradInput", "LinearGradWeight", "Linear", "ReluGrad"} <= set(applied)
 
 
+MATMUL_CASES = {
+    "x_wT": (lambda x, w: x @ w.T, (5, 3), (4, 3)),
+    "wT_x": (lambda x, w: w.T @ x.T, (5, 3), (3, 4)),
+    "batched": (lambda x, w: x @ tm.ops.swapaxes(w, -1, -2), (2, 5, 3), (2, 4, 3)),
+    "broadcast": (lambda x, w: x @ w, (2, 5, 3), (3, 4)),
+}
+
+
+@pytest.mark.parametrize("case", list(MATMUL_CASES))
+def test_matmul_and_transpose_rules_from_arrays_equal_the_op_nodes(case, applied):
+    product, x_shape, w_shape = MATMUL_CASES[case]
+    rng = np.random.default_rng(5)
+    x, w = (
+        tm.tensor(rng.standard_normal(s).astype(np.float32), requires_grad=True)
+        for s in (x_shape, w_shape)
+    )
+    y = product(x, w)
+    seed = tm.tensor(rng.standard_normal(y.shape).astype(np.float32))
+    through_nodes = [g.numpy() for g in tm.grad(y, [x, w], grad_outputs=seed, create_graph=True)]
+    assert "MatMul" in applied
+    applied.clear()
+    direct = tm.grad(y, [x, w], grad_outputs=seed, retain_graph=True)
+    assert not {"MatMul", "Transpose"} & set(applied), applied
+    for g_nodes, g_direct, t in zip(through_nodes, direct, (x, w)):
+        assert g_direct.shape == t.shape
+        assert np.array_equal(g_nodes, g_direct.numpy())
+        g_direct.data[...] = 0.0  # a gradient handed out is the caller's to change
+    assert np.array_equal(tm.grad(y, [x, w], grad_outputs=seed)[0].numpy(), through_nodes[0])
+    assert gradcheck(lambda x, w: product(x, w) * seed, [x, w], full=True, name=case)
+
+
 RELU_VALUES = np.array([np.nan, -np.inf, -1.5, -0.0, 0.0, 2.5, np.inf], dtype=np.float32)
 
 

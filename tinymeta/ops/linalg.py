@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 
-from tinymeta.function import Function, ViewFunction
+from tinymeta.function import Function, ViewFunction, arrays_only_on_host
 from tinymeta.ops.shape import broadcast_to, reshape, sum_to, swapaxes
 from tinymeta.tensor import Tensor, constant
 
@@ -22,13 +22,7 @@ class MatMul(Function):
         self.trans_a, self.trans_b = trans_a, trans_b
 
     def forward(self, a, b):
-        # The array's own swapaxes (NumPy and CuPy alike): xp.swapaxes adds a Python
-        # wrapper and NumPy's __array_function__ dispatch (several times the view's cost).
-        if self.trans_a:
-            a = a.swapaxes(-1, -2)
-        if self.trans_b:
-            b = b.swapaxes(-1, -2)
-        return a @ b
+        return _matmul_array(a, b, self.trans_a, self.trans_b)
 
     def backward(self, gy):
         a, b = self.inputs
@@ -45,15 +39,36 @@ class MatMul(Function):
             elif b.ndim == 2 and not ta and _is_transposed(b._data):
                 # b is W^T (x @ W.T): form (gy^T a)^T = a^T gy so that W's gradient comes
                 # out laid out like W, saving a strided copy later.
-                gb = swapaxes(_mm(gy, a, True, False), -1, -2)
+                gb = _swapped(_mm(gy, a, True, False))
             else:
                 gb = _mm(a, gy, not ta, False)
             gb = sum_to(gb, b.shape)
         return ga, gb
 
 
+def _matmul_array(a, b, trans_a: bool, trans_b: bool):
+    # The array's own swapaxes (NumPy and CuPy alike): xp.swapaxes adds a Python
+    # wrapper and NumPy's __array_function__ dispatch (several times the view's cost).
+    if trans_a:
+        a = a.swapaxes(-1, -2)
+    if trans_b:
+        b = b.swapaxes(-1, -2)
+    return a @ b
+
+
 def _mm(a, b, trans_a: bool, trans_b: bool):
+    """MatMul.apply(a, b, ...); its array call alone where nothing would record (see
+    function.arrays_only_on_host)."""
+    if arrays_only_on_host(a, b):
+        return Tensor._wrap(_matmul_array(a._data, b._data, trans_a, trans_b))
     return MatMul.apply(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+def _swapped(x):
+    """swapaxes(x, -1, -2), the view alone where nothing would record."""
+    if arrays_only_on_host(x):
+        return Tensor._wrap(x._data.swapaxes(-1, -2))
+    return swapaxes(x, -1, -2)
 
 
 def _is_transposed(array) -> bool:
