@@ -172,24 +172,27 @@ def linear(x, w, b=None) -> Tensor:
     batch axes broadcast). This is how a model runs with per-task parameters in
     task-vectorized MAML (``functional_call`` with a leading task axis).
     """
-    x, w = as_input(x, "linear", "x"), as_input(w, "linear", "w")
-    if w.ndim < 2:
+    # (isinstance first, and the arrays' shapes: a layer runs this at every forward)
+    x = x if isinstance(x, Tensor) else as_input(x, "linear", "x")
+    w = w if isinstance(w, Tensor) else as_input(w, "linear", "w")
+    x_shape, w_shape = x._data.shape, w._data.shape
+    if len(w_shape) < 2:
         raise ValueError(
-            f"linear: weight must be (out, in) or (B..., out, in), got shape {w.shape}"
+            f"linear: weight must be (out, in) or (B..., out, in), got shape {w_shape}"
         )
-    if x.ndim < 1 or x.shape[-1] != w.shape[-1]:
+    if not x_shape or x_shape[-1] != w_shape[-1]:
         raise ValueError(
-            f"linear: input of shape {x.shape} has {x.shape[-1] if x.ndim else 0} features "
-            f"but the weight (shape {w.shape}) expects {w.shape[-1]}"
+            f"linear: input of shape {x_shape} has {x_shape[-1] if x_shape else 0} features "
+            f"but the weight (shape {w_shape}) expects {w_shape[-1]}"
         )
-    if w.ndim > 2 and x.ndim < 2:
+    if len(w_shape) > 2 and len(x_shape) < 2:
         raise ValueError(
-            f"linear: batched weights of shape {w.shape} need an input of shape (B..., N, in), "
-            f"got {x.shape}"
+            f"linear: batched weights of shape {w_shape} need an input of shape (B..., N, in), "
+            f"got {x_shape}"
         )
     if b is None:
         return Linear.apply(x, w)
-    b = as_input(b, "linear", "b")
-    if b.shape != w.shape[:-1]:
-        raise ValueError(f"linear: bias must have shape {w.shape[:-1]}, got {b.shape}")
+    b = b if isinstance(b, Tensor) else as_input(b, "linear", "b")
+    if b._data.shape != w_shape[:-1]:
+        raise ValueError(f"linear: bias must have shape {w_shape[:-1]}, got {b.shape}")
     return Linear.apply(x, w, b)
