@@ -814,7 +814,47 @@ _CHECKED = {
 }
 
 
-class _Patches:
+def refuse_read_backs_and_draws(patch) -> None:
+    """Install, with ``patch(obj, name, value)``, the refusals that the CPU capture and the
+    CUDA graphs (tinymeta/cuda_graph.py) share: a tensor's value read into Python, and random
+    draws from tinymeta's and NumPy's global generators (a replay would repeat the numbers)."""
+    import tinymeta
+    from tinymeta import creation
+
+    for what in ("item", "numpy", "tolist", "__array__", "__float__", "__int__", "__bool__"):
+        if what in Tensor.__dict__:
+            _ORIGINAL_TENSOR[what] = Tensor.__dict__[what]
+            patch(Tensor, what, _tensor_read_back(what))
+    for module in (tinymeta, creation):
+        for name in ("randn", "rand"):
+            if hasattr(module, name):
+                patch(module, name, _refuse(f"tm.{name}() draws random numbers"))
+    patch(creation, "_global_rng", _RefusingRng())
+    for name in _NUMPY_RANDOM:
+        if hasattr(np.random, name):
+            patch(np.random, name, _refuse(f"numpy.random.{name}() draws random numbers"))
+
+
+class PatchSet:
+    """Attributes swapped in for the time of one captured call, and put back in reverse."""
+
+    def __init__(self):
+        self.saved = []
+
+    def patch(self, obj, name, value) -> None:
+        # A class's own attribute (not one it inherits), so that putting it back is exact.
+        self.saved.append(
+            (obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name))
+        )
+        setattr(obj, name, value)
+
+    def restore(self) -> None:
+        for obj, name, value in reversed(self.saved):
+            setattr(obj, name, value)
+        self.saved = []
+
+
+class _Patches(PatchSet):
     """Everything capturing swaps in for the time of one captured call, and back."""
 
     def __enter__(self):
@@ -822,31 +862,13 @@ class _Patches:
         from tinymeta import creation, kernels
         from tinymeta.optim.optimizer import Optimizer
 
-        self.saved = []
-
-        def patch(obj, name, value):
-            self.saved.append(
-                (obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name))
-            )
-            setattr(obj, name, value)
-
-        for what in ("item", "numpy", "tolist", "__array__", "__float__", "__int__", "__bool__"):
-            if what in Tensor.__dict__:
-                _ORIGINAL_TENSOR[what] = Tensor.__dict__[what]
-                patch(Tensor, what, _tensor_read_back(what))
+        patch = self.patch
+        refuse_read_backs_and_draws(patch)
         for module in (tinymeta, creation):
-            for name in ("randn", "rand"):
-                if hasattr(module, name):
-                    patch(module, name, _refuse(f"tm.{name}() draws random numbers"))
             if hasattr(module, "tensor"):
                 patch(module, "tensor", _copying_tensor(creation.__dict__["tensor"]))
-        patch(creation, "_global_rng", _RefusingRng())
         patch(Optimizer, "step", _optimizer_step(Optimizer.__dict__["step"]))
         patch(Tensor, "_bump", _bump(Tensor.__dict__["_bump"]))
-        # NumPy's global generator: a replay would repeat the capturing call's numbers.
-        for name in _NUMPY_RANDOM:
-            if hasattr(np.random, name):
-                patch(np.random, name, _refuse(f"numpy.random.{name}() draws random numbers"))
         from tinymeta.nn.module import Module
 
         patch(Module, "__call__", _module_call(Module.__dict__["__call__"]))
@@ -867,8 +889,7 @@ class _Patches:
 
     def __exit__(self, *exc):
         _function._capture_hook = None
-        for obj, name, value in reversed(self.saved):
-            setattr(obj, name, value)
+        self.restore()
         return False
 
 
@@ -988,19 +1009,7 @@ class _Program:
         ]
 
     def state_unchanged(self) -> bool:
-        for ref, own in self.watched:
-            t = ref()
-            if t is not None and t.data is not own:
-                return False
-        for ref, attributes in self.modules:
-            m = ref()
-            if m is not None and _attributes(m) != attributes:
-                return False
-        for ref, params in self.optimizers:
-            opt = ref()
-            if opt is not None and _optimized(opt) != params:
-                return False
-        return True
+        return state_unchanged(self.watched, self.modules, self.optimizers)
 
     def replay(self, args):
         values = [None] * self.size
@@ -1026,6 +1035,25 @@ class _Program:
 
     def __len__(self):
         return len(self.calls)
+
+
+def state_unchanged(watched, modules, optimizers) -> bool:
+    """Whether what a replay reads by reference is as it was at capture: each watched tensor
+    (a weakref) still holds its array, each module its plain attributes, each optimizer its
+    parameters (the CPU replay and the CUDA graphs both ask before replaying)."""
+    for ref, own in watched:
+        t = ref()
+        if t is not None and t._data is not own:
+            return False
+    for ref, attributes in modules:
+        m = ref()
+        if m is not None and _attributes(m) != attributes:
+            return False
+    for ref, params in optimizers:
+        opt = ref()
+        if opt is not None and _optimized(opt) != params:
+            return False
+    return True
 
 
 def _slots_used(calls, outputs) -> set:

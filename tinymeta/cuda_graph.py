@@ -323,41 +323,20 @@ def _host_to_device(name, original):
     return convert
 
 
-class _Patches:
+class _Patches(_capture.PatchSet):
     """What a run of the step swaps in while it runs, and back."""
 
     def __init__(self, facts: Facts):
+        super().__init__()
         self.facts = facts
 
     def __enter__(self):
-        import tinymeta
-        from tinymeta import creation
         from tinymeta.nn import functional
         from tinymeta.nn.module import Module
         from tinymeta.optim.optimizer import Optimizer
 
-        self.saved = []
-
-        def patch(obj, name, value):
-            self.saved.append(
-                (obj, name, obj.__dict__[name] if isinstance(obj, type) else getattr(obj, name))
-            )
-            setattr(obj, name, value)
-
-        for what in ("item", "numpy", "tolist", "__array__", "__float__", "__int__", "__bool__"):
-            if what in Tensor.__dict__:
-                _capture._ORIGINAL_TENSOR[what] = Tensor.__dict__[what]
-                patch(Tensor, what, _capture._tensor_read_back(what))
-        for module in (tinymeta, creation):
-            for name in ("randn", "rand"):
-                if hasattr(module, name):
-                    patch(module, name, _capture._refuse(f"tm.{name}() draws random numbers"))
-        patch(creation, "_global_rng", _capture._RefusingRng())
-        for name in _capture._NUMPY_RANDOM:
-            if hasattr(np.random, name):
-                patch(
-                    np.random, name, _capture._refuse(f"numpy.random.{name}() draws random numbers")
-                )
+        patch = self.patch
+        _capture.refuse_read_backs_and_draws(patch)
         patch(Optimizer, "step", _optimizer_step(Optimizer.__dict__["step"]))
         patch(Tensor, "_bump", _bump(Tensor.__dict__["_bump"]))
         patch(Module, "__call__", _capture._module_call(Module.__dict__["__call__"]))
@@ -381,8 +360,7 @@ class _Patches:
     def __exit__(self, *exc):
         _capture._active = None
         _function._capture_hook = None
-        for obj, name, value in reversed(self.saved):
-            setattr(obj, name, value)
+        self.restore()
         return False
 
 
@@ -792,21 +770,8 @@ class GraphProgram:
 
 
 def _state_unchanged(p: Plan) -> bool:
-    """Whether what the graphs read is as when they were captured: each watched tensor still
-    holds its array, each module its plain attributes, each optimizer its parameters."""
-    for ref, array in p.watched:
-        t = ref()
-        if t is not None and t._data is not array:
-            return False
-    for ref, attributes in p.modules:
-        m = ref()
-        if m is not None and _capture._attributes(m) != attributes:
-            return False
-    for ref, params in p.optimizers:
-        opt = ref()
-        if opt is not None and _capture._optimized(opt) != params:
-            return False
-    return True
+    """Whether what the graphs read is as when they were captured (see capture.py)."""
+    return _capture.state_unchanged(p.watched, p.modules, p.optimizers)
 
 
 def _build(template, copy: bool):
