@@ -28,6 +28,9 @@ limits (documented in docs/capture.md): a ``numpy.random.Generator`` passed in b
 ``np.asarray``/``np.array`` of a captured array (NumPy offers no hook for them) and state
 kept outside tensors, their ``.grad`` and the optimizers.
 
+On cuda (inputs on cuda), the step becomes CUDA graphs instead: tinymeta/cuda_graph.py,
+which applies the same refusals (:func:`refuse_read_backs_and_draws`).
+
 The replay keeps everything else fixed: arrays that the step only read (constants, the
 parameters, which optimizers change in place) are used by reference. Calls whose results are
 the same on every replay (the engine's seeds and what is computed from them alone, view ops
