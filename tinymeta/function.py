@@ -200,6 +200,24 @@ class Function:
     def backward(self, *gys):
         raise NotImplementedError(f"{self.op_name()} has no backward rule")
 
+    _freed = None  # set by the engine's _free: weak references to the inputs, then creators
+
+    @property
+    def freed_edges(self):
+        """(weak reference to the input, its creator) for each input of a node that a backward
+        pass freed (``inputs`` is None then); None while the node keeps its inputs."""
+        freed = self._freed
+        if freed is None:
+            return None
+        n = len(freed) // 2
+        return tuple(zip(freed[:n], freed[n:]))
+
+    @property
+    def freed_creators(self) -> tuple:
+        """The creators of the inputs of a freed node (see freed_edges)."""
+        freed = self._freed
+        return freed[len(freed) // 2 :]
+
     @property
     def outputs(self):
         """Weak references to the output tensors, a tuple (None before recording)."""

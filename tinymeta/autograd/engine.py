@@ -256,7 +256,7 @@ def _collect(roots, targets):
         if inputs is not None:
             creators = map(_grad_fn_of, compress(inputs, fn.needs_input_grad))
         else:
-            creators = [creator for _, creator in fn.freed_edges]
+            creators = fn.freed_creators
         for creator in creators:
             if creator is not None and creator not in seen:
                 stack.append(creator)
@@ -542,9 +542,10 @@ def _release(fn, retain_graph):
 
 def _free(fn):
     """Drop the saved tensors (their arrays can now be freed); keep only where the edges
-    led, so that a second backward can say what is wrong."""
+    led, so that a second backward can say what is wrong (Function.freed_edges: one flat
+    tuple, not a pair per input, for the cyclic GC to count while the graph lives)."""
     inputs = fn.inputs
-    fn.freed_edges = tuple(zip(map(weakref.ref, inputs), map(_grad_fn_of, inputs)))
+    fn._freed = tuple(map(weakref.ref, inputs)) + tuple(map(_grad_fn_of, inputs))
     fn.inputs = None
 
 
