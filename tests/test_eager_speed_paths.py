@@ -214,24 +214,58 @@ def test_outputs_of_one_and_several_output_nodes():
     assert ggy.shape == (5, 4)
 
 
-def test_a_recorded_node_keeps_at_most_four_objects_for_the_cyclic_gc():
+def _tracked_objects() -> int:
+    """How many objects the cyclic garbage collector tracks now (its collections run after
+    every ~700 more, and a full one walks all of them)."""
+    return len(gc.get_objects())
+
+
+@pytest.fixture
+def gc_off():
+    """No collection while a test counts tracked objects (one would untrack some tuples)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    yield
+    if was_enabled:
+        gc.enable()
+
+
+def test_a_recorded_node_keeps_at_most_four_objects_for_the_cyclic_gc(gc_off):
     """The node, its output tensor, the output's weak reference and the inputs tuple: no
     tuples of flags, versions, shapes or output references (they made the collector run
     about twice as often in a MAML step)."""
     p = tm.tensor(np.ones(8, np.float32), requires_grad=True)
     g = tm.tensor(np.ones(8, np.float32), requires_grad=True)
     n = 300
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        before = gc.get_count()[0]
-        y = p
-        for _ in range(n):
-            y = AddScaled.apply(y, g * 1.0, c=-0.01)  # two recorded nodes per step
-        per_node = (gc.get_count()[0] - before) / (2 * n)
-    finally:
-        if was_enabled:
-            gc.enable()
+    before = _tracked_objects()
+    y = p
+    for _ in range(n):
+        y = AddScaled.apply(y, g * 1.0, c=-0.01)  # two recorded nodes per step
+    per_node = (_tracked_objects() - before) / (2 * n)
     assert y.grad_fn is not None
     assert per_node <= 4.05, per_node
+
+
+def test_backward_frees_nodes_without_keeping_objects_for_the_cyclic_gc(gc_off):
+    """Freeing a node swaps its inputs tuple for one tuple of edges (no pair per input); the
+    edges still say where the node led, and a second backward is still refused."""
+    a = tm.tensor(np.ones(3, np.float32), requires_grad=True)
+    n = 300
+    y = a
+    for _ in range(n):
+        y = y * a
+    loss = y.sum()
+    before = _tracked_objects()
+    loss.backward()
+    per_node = (_tracked_objects() - before) / n
+    assert per_node <= 0.5, per_node
+    node = y.grad_fn
+    assert node.inputs is None
+    (x_ref, x_creator), (a_ref, a_creator) = node.freed_edges
+    assert x_ref() is None  # the product before: nothing holds it once its node is freed
+    assert x_creator is not None and x_creator.op_name() == "Mul"
+    assert a_ref() is a and a_creator is None
+    assert node.freed_creators == (x_creator, None)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
