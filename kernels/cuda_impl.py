@@ -22,10 +22,7 @@ _ELEMENTWISE = CudaSource(
     "elementwise.cu", ("relu_forward", "relu_backward", "sgd_update", "adam_update")
 )
 
-_POOLING = CudaSource(
-    "pooling.cu",
-    [f"maxpool2d_{op}_{a}" for op in ("argmax", "scatter", "gather") for a in ("i8", "i32")],
-)
+_POOLING = CudaSource("pooling.cu", ("maxpool2d_argmax", "maxpool2d_scatter", "maxpool2d_gather"))
 
 _WINDOWS = CudaSource("windows.cu", ("im2col", "col2im"))
 
@@ -165,8 +162,10 @@ def _channels_last(a):
     return reference._array_module(a).ascontiguousarray(a.transpose(0, 2, 3, 1))
 
 
-def _argmax_suffix(argmax) -> str:
-    return "i8" if argmax.dtype == np.int8 else "i32"
+def _offsets(argmax) -> tuple:
+    """A C-contiguous (N, OH, OW, C) arg-max (int8, or int32 for big windows) as the kernels
+    take it: its bytes, and whether they are int32."""
+    return argmax.reshape(-1).view(np.int8), _count(argmax.dtype == np.int32)
 
 
 def _pooling_sizes(n, c, h, w, oh, ow, kh, kw, sh, sw) -> tuple:
@@ -181,8 +180,8 @@ def maxpool2d_argmax(x, kh: int, kw: int, sh: int, sw: int):
     y = xp.empty((n, oh, ow, c), x.dtype)
     argmax = xp.empty((n, oh, ow, c), np.int8 if kh * kw < 128 else np.int32)
     sizes = _pooling_sizes(n, c, h, w, oh, ow, kh, kw, sh, sw)
-    kernel = f"maxpool2d_argmax_{_argmax_suffix(argmax)}"
-    _POOLING.launch(kernel, x.dtype, y.size, (_channels_last(x), y, argmax, *sizes))
+    args = (_channels_last(x), y, *_offsets(argmax), *sizes)
+    _POOLING.launch("maxpool2d_argmax", x.dtype, y.size, args)
     return y.transpose(0, 3, 1, 2), argmax.transpose(0, 3, 1, 2)
 
 
@@ -192,8 +191,8 @@ def maxpool2d_scatter(gy, argmax, kh: int, kw: int, sh: int, sw: int, h: int, w:
     n, c, oh, ow = gy.shape
     gx = xp.empty((n, h, w, c), gy.dtype)
     sizes = _pooling_sizes(n, c, h, w, oh, ow, kh, kw, sh, sw)
-    args = (_channels_last(gy), _channels_last(argmax), gx, *sizes)
-    _POOLING.launch(f"maxpool2d_scatter_{_argmax_suffix(argmax)}", gy.dtype, gx.size, args)
+    args = (_channels_last(gy), *_offsets(_channels_last(argmax)), gx, *sizes)
+    _POOLING.launch("maxpool2d_scatter", gy.dtype, gx.size, args)
     return gx.transpose(0, 3, 1, 2)
 
 
@@ -204,8 +203,8 @@ def maxpool2d_gather(x, argmax, kh: int, kw: int, sh: int, sw: int):
     oh, ow = argmax.shape[2:]
     y = xp.empty((n, oh, ow, c), x.dtype)
     sizes = _pooling_sizes(n, c, h, w, oh, ow, kh, kw, sh, sw)
-    args = (_channels_last(x), _channels_last(argmax), y, *sizes)
-    _POOLING.launch(f"maxpool2d_gather_{_argmax_suffix(argmax)}", x.dtype, y.size, args)
+    args = (_channels_last(x), *_offsets(_channels_last(argmax)), y, *sizes)
+    _POOLING.launch("maxpool2d_gather", x.dtype, y.size, args)
     return y.transpose(0, 3, 1, 2)
 
 
