@@ -259,6 +259,8 @@ class Emulation:
         if kernel not in source.kernels:
             raise ValueError(f"{kernel} is not one of the kernels of {source!r}")
         build = _Build.of(source)
+        if kernel not in build.parameters:
+            raise ValueError(f"{source.path.name} defines no templated __global__ kernel {kernel}")
         parameters = build.parameters[kernel]
         if len(args) != len(parameters):
             raise TypeError(f"{name}: expects {len(parameters)} arguments, got {len(args)}")
