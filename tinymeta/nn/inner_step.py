@@ -10,7 +10,6 @@ Outside any inner loop the answer is None.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 from tinymeta._checks import check_int
@@ -20,15 +19,22 @@ __all__ = ["current_inner_step", "inner_step"]
 _STEP: ContextVar = ContextVar("tinymeta_inner_step", default=None)
 
 
-@contextmanager
-def inner_step(step: int):
-    """Run the body as inner step ``step`` (0 = the forward on the initial parameters)."""
-    step = check_int("step", step, "inner_step", low=0)
-    token = _STEP.set(step)
-    try:
-        yield
-    finally:
-        _STEP.reset(token)
+class inner_step:  # noqa: N801 - used as a function: ``with inner_step(k):``
+    """Run the body as inner step ``step`` (0 = the forward on the initial parameters).
+
+    A class, not a generator context manager: MAML's inner loop enters one per task and
+    step, and the generator machinery cost several times the variable's set and reset."""
+
+    __slots__ = ("_step", "_token")
+
+    def __init__(self, step: int):
+        self._step = check_int("step", step, "inner_step", low=0)
+
+    def __enter__(self) -> None:
+        self._token = _STEP.set(self._step)
+
+    def __exit__(self, *exc_info) -> None:
+        _STEP.reset(self._token)
 
 
 def current_inner_step() -> int | None:
