@@ -429,8 +429,12 @@ class _Segments:
         refuses to capture it (a cuBLAS call); then every replay runs it there as well."""
         try:
             return fn.forward(*arrays)
-        except NotImplementedError as e:
-            if "capture" not in str(e):
+        except CaptureError:
+            raise
+        except (NotImplementedError, RuntimeError) as e:
+            # CuPy refuses cuBLAS while capturing (NotImplementedError); a driver error that
+            # invalidated the capture makes the cut below fail, loudly.
+            if "captur" not in str(e):
                 raise
         # The refused forward may have captured kernels before its library call: they stay
         # in the graph, writing memory nothing reads. Its node is put back as it was.
