@@ -40,42 +40,45 @@ def cell_arrays(draw):
     return m, h, dtype, arr
 
 
-def _close(got, want, dtype):
+def _check(name, inputs, dtype):
+    """numba_impl.<name> against reference.<name> on the same inputs. In float32 both are
+    compared with the reference evaluated in float64, to an absolute tolerance scaled by the
+    inputs' magnitude: terms such as 1 - n^2 with n near 1 cancel, so an element can be far
+    below the size of its factors, and an elementwise relative bound between two float32
+    results would measure rounding, not the kernel."""
+    outputs = lambda impl: _as_tuple(getattr(impl, name)(*inputs))  # noqa: E731
+    got, want = outputs(numba_impl), outputs(reference)
     for g, w in zip(got, want):
         assert g.dtype == np.dtype(dtype) and g.shape == w.shape
-        np.testing.assert_allclose(g, w, **TOL[dtype])
+    if dtype == np.float64:
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, **TOL[dtype])
+        return
+    truth = _as_tuple(getattr(reference, name)(*(a.astype(np.float64) for a in inputs)))
+    scale = max(float(np.abs(a).max()) for a in inputs) ** 2
+    for g, w, t in zip(got, want, truth):
+        np.testing.assert_allclose(g, t, rtol=1e-5, atol=1e-6 * scale)
+        np.testing.assert_allclose(w, t, rtol=1e-5, atol=1e-6 * scale)
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
 
 
 @given(case=cell_arrays())
 def test_lstm_kernels_match_the_reference(case):
     m, h, dtype, arr = case
     gates, c, gh, gc = arr(4 * h), arr(h), arr(h), arr(h)
-    _close(
-        numba_impl.lstm_pointwise_forward(gates, c),
-        reference.lstm_pointwise_forward(gates, c),
-        dtype,
-    )
-    _close(
-        numba_impl.lstm_pointwise_backward(gates, c, gh, gc),
-        reference.lstm_pointwise_backward(gates, c, gh, gc),
-        dtype,
-    )
+    _check("lstm_pointwise_forward", (gates, c), dtype)
+    _check("lstm_pointwise_backward", (gates, c, gh, gc), dtype)
 
 
 @given(case=cell_arrays())
 def test_gru_kernels_match_the_reference(case):
     m, h, dtype, arr = case
     gi, gh, hx, gy = arr(3 * h), arr(3 * h), arr(h), arr(h)
-    _close(
-        [numba_impl.gru_pointwise_forward(gi, gh, hx)],
-        [reference.gru_pointwise_forward(gi, gh, hx)],
-        dtype,
-    )
-    _close(
-        numba_impl.gru_pointwise_backward(gi, gh, hx, gy),
-        reference.gru_pointwise_backward(gi, gh, hx, gy),
-        dtype,
-    )
+    _check("gru_pointwise_forward", (gi, gh, hx), dtype)
+    _check("gru_pointwise_backward", (gi, gh, hx, gy), dtype)
 
 
 def _sig(x):
