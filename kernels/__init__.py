@@ -107,30 +107,21 @@ def set_backend(name: str) -> str:
 
 
 class _CudaKernels:
-    """The CUDA implementation of each kernel, looked up by name: the first of
-    ``_CUDA_MODULES`` that defines it, else the reference (which runs on CuPy arrays)."""
+    """The CUDA implementation of each kernel, looked up by name: the first of cuda_impl and
+    cuda_batchnorm that defines it, else the reference (which runs on CuPy arrays)."""
 
     _CUDA_MODULES = ("cuda_impl", "cuda_batchnorm")
 
     def __getattr__(self, name: str):
-        for module_name in self._CUDA_MODULES:
-            module = self._module(module_name)
-            if module is not None and hasattr(module, name):
+        for module_name in self._CUDA_MODULES:  # imported on the first CuPy array
+            module = importlib.import_module(f".{module_name}", __name__)
+            if hasattr(module, name):
                 kernel = getattr(module, name)
                 break
         else:
             kernel = getattr(reference, name)
         setattr(self, name, kernel)  # __getattr__ runs once per kernel name
         return kernel
-
-    @staticmethod
-    def _module(name: str):
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as error:  # a module not written (yet)
-            if error.name != f"{__name__}.{name}":
-                raise
-            return None
 
 
 _cuda = _CudaKernels()
