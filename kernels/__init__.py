@@ -173,6 +173,9 @@ def _check_stats(op: str, x, **stats):
                 f"{op}: {name} must have shape {stat_shape} for x of shape {x.shape}, "
                 f"got {tuple(stat.shape)}"
             )
+        # Mixed dtypes would promote in the reference but not in the compiled kernels.
+        if np.dtype(stat.dtype) != np.dtype(x.dtype):
+            raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {stat.dtype}")
 
 
 def bn_stats(x, eps: float):

@@ -722,6 +722,11 @@ def test_kernel_argument_errors_name_the_kernel_and_shapes():
         kernels.bn_double_backward(x, x, np.zeros((1, 3)), np.ones((1, 3)), ggw=np.ones(2))
     with pytest.raises(ValueError, match=r"bn_double_backward: inv_std must have shape \(1, 3\)"):
         kernels.bn_double_backward(x, x, np.zeros((1, 3)), np.ones(3))
+    # float32 statistics with float64 data: the reference would promote, the kernels would not.
+    with pytest.raises(TypeError, match=r"bn_backward: mean must have x's dtype float64, got fl"):
+        kernels.bn_backward(x, x, np.zeros((1, 3), np.float32), np.ones((1, 3)), np.ones(3))
+    with pytest.raises(TypeError, match=r"bn_double_backward: inv_std must have x's dtype"):
+        kernels.bn_double_backward(x, x, np.zeros((1, 3)), np.ones((1, 3), np.float32))
     with pytest.raises(ValueError, match=r"maxpool2d_argmax: .* window \(5, 1\)"):
         kernels.maxpool2d_argmax(np.zeros((1, 1, 4, 4)), 5, 1, 1, 1)
     y, argmax = kernels.maxpool2d_argmax(np.zeros((1, 2, 4, 4)), 2, 2, 2, 2)
