@@ -44,7 +44,12 @@ def _register_kernels() -> None:
 
 _register_kernels()
 
-from tinymeta import autograd, cuda, testing  # noqa: E402
+from tinymeta import (  # noqa: E402
+    autograd,
+    cuda,
+    cuda_graph,  # registers the CUDA-graph path of capture
+    testing,
+)
 from tinymeta import ops as _ops
 from tinymeta.autograd import backward, grad
 from tinymeta.capture import CaptureError, capture

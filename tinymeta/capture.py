@@ -117,8 +117,8 @@ class Captured:
                 "on_change='recapture' to capture it again"
             )
         self.program = None
-        if _cuda_graph().on_cuda(args):  # CUDA graphs: tinymeta/cuda_graph.py
-            result, self.program = _cuda_graph().warm_up(self.step_fn, args, key)
+        if _cuda_path is not None and _cuda_path.on_cuda(args):  # CUDA graphs
+            result, self.program = _cuda_path.warm_up(self.step_fn, args, key)
         else:
             result, self.program = _record(self.step_fn, args, key)
         self.program.python_state = python_state
@@ -130,10 +130,16 @@ class Captured:
         self.program = None
 
 
-def _cuda_graph():
-    from tinymeta import cuda_graph  # imports this module: imported when first needed
+# The CUDA-graph path, tinymeta/cuda_graph.py, which builds on this module: it registers itself
+# here (the package imports it), so that the dependency runs one way.
+_cuda_path = None
 
-    return cuda_graph
+
+def register_cuda_path(module) -> None:
+    """Hand steps whose inputs are on cuda to ``module`` (``on_cuda(args)``,
+    ``warm_up(step_fn, args, key)``)."""
+    global _cuda_path
+    _cuda_path = module
 
 
 def _name(fn) -> str:

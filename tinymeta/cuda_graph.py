@@ -56,14 +56,13 @@ import numpy as np
 
 from tinymeta import backend
 from tinymeta import function as _function
+from tinymeta.capture import CaptureError, register_cuda_path
 from tinymeta.tensor import Tensor, swap_array
 
-# capture.py hands a step on cuda to this module, and this module applies capture.py's
-# refusals (its recorder slot, read-back and random-draw patches, _where): capture.py is
-# looked up rather than imported, so that the two modules do not import one another. The
-# package imports it first (tm.capture), and the package's `capture` is the function.
+# This module applies capture.py's refusals (its recorder slot, read-back and random-draw
+# patches, _where) and registers itself there as the path of steps on cuda (the last line).
+# The module is reached through sys.modules: the package's `capture` attribute is the function.
 _capture = sys.modules["tinymeta.capture"]
-CaptureError = _capture.CaptureError
 
 # cupy.random's functions over its global generator: refused while a step runs.
 _CUPY_RANDOM = (
@@ -807,3 +806,6 @@ def _release_retired() -> None:
 
 
 __all__ = ["Facts", "GraphProgram", "Plan", "on_cuda", "plan", "run", "warm_up"]
+
+
+register_cuda_path(sys.modules[__name__])
