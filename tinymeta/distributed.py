@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+import traceback
 import zlib
 
 import numpy as np
@@ -33,6 +35,7 @@ from tinymeta.grad_mode import no_grad
 from tinymeta.tensor import Tensor
 
 OPS = ("mean", "sum")
+ABORT_GRACE_S = 0.5  # how long a failing rank waits for its report to be forwarded
 
 # Environment variables that process managers set in the processes they launch: MPICH's and
 # Intel MPI's Hydra (PMI_*), Open MPI, MVAPICH. The first one present gives the world size.
@@ -94,11 +97,18 @@ def _install_abort_hook(comm) -> None:
     """Print an uncaught exception's traceback (naming the rank), then abort every rank."""
     previous = sys.excepthook
 
-    def abort(kind, value, traceback):
-        sys.stderr.write(f"tinymeta.distributed: uncaught exception on rank {comm.Get_rank()}:\n")
-        previous(kind, value, traceback)
+    def abort(kind, value, tb):
+        header = f"tinymeta.distributed: uncaught exception on rank {comm.Get_rank()}:\n"
+        if previous is sys.__excepthook__:  # the report in one write, which the launcher
+            sys.stderr.write(header + "".join(traceback.format_exception(kind, value, tb)))
+        else:  # forwards whole; a user's hook prints its own way
+            sys.stderr.write(header)
+            previous(kind, value, tb)
         sys.stderr.flush()
         sys.stdout.flush()
+        # The launcher forwards the ranks' output asynchronously, and MPI_Abort has it kill
+        # every process: without a pause the end of the traceback could be lost.
+        time.sleep(ABORT_GRACE_S)
         comm.Abort(1)
 
     sys.excepthook = abort
