@@ -17,10 +17,14 @@ from tinymeta.optim import SGD, Adam, AdamW
 ITERATIONS = 4  # one capture, three replays
 
 
-def _params(shapes: dict, seed: int = 0, dtype=np.float32) -> dict:
+def _params(shapes: dict, seed: int = 0, dtype=np.float32, device="cpu") -> dict:
     rng = np.random.default_rng(seed)
     return {
-        k: tm.tensor((rng.standard_normal(s) / np.sqrt(s[-1])).astype(dtype), requires_grad=True)
+        k: tm.tensor(
+            (rng.standard_normal(s) / np.sqrt(s[-1])).astype(dtype),
+            device=device,
+            requires_grad=True,
+        )
         for k, s in shapes.items()
     }
 
@@ -204,11 +208,13 @@ def test_w2_conv_batchnorm_maml_replays_bit_identical(first_order, vectorized):
 # --- W3: a plain training step (MLP, cross-entropy, SGD with momentum) -------------------------
 
 
-def test_w3_mlp_sgd_momentum_replays_bit_identical():
+def w3_case(device="cpu"):
+    """W3 (an MLP step with SGD and momentum): make_state, make_step and the batches, for
+    _twins here and for the same check on cuda (tests/test_capture_cuda.py)."""
     shapes = {"w1": (16, 20), "b1": (16,), "w2": (16, 16), "b2": (16,), "w3": (10, 16), "b3": (10,)}
 
     def make_state():
-        params = _params(shapes, seed=4)
+        params = _params(shapes, seed=4, device=device)
         return {"params": params, "opt": SGD(list(params.values()), lr=0.1, momentum=0.9)}
 
     def make_step(state):
@@ -228,16 +234,21 @@ def test_w3_mlp_sgd_momentum_replays_bit_identical():
         (rng.standard_normal((8, 20)).astype(np.float32), rng.integers(0, 10, 8))
         for _ in range(ITERATIONS)
     ]
-    _twins(make_state, make_step, batches)
+    return make_state, make_step, batches
+
+
+def test_w3_mlp_sgd_momentum_replays_bit_identical():
+    _twins(*w3_case())
 
 
 # --- W4: double backward alone ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_w4_double_backward_replays_bit_identical(dtype):
+def w4_case(dtype, device="cpu"):
+    """W4 (a double backward alone): make_state, make_step and the batches, as w3_case."""
+
     def make_state():
-        return {"params": _params({"W1": (10, 10), "W2": (10, 1)}, seed=6, dtype=dtype)}
+        return {"params": _params({"W1": (10, 10), "W2": (10, 1)}, 6, dtype, device)}
 
     def make_step(state):
         W1, W2 = state["params"]["W1"], state["params"]["W2"]
@@ -251,7 +262,12 @@ def test_w4_double_backward_replays_bit_identical(dtype):
         return step
 
     rng = np.random.default_rng(7)
-    _twins(make_state, make_step, [(rng.standard_normal((8, 10)).astype(dtype),) for _ in range(4)])
+    return make_state, make_step, [(rng.standard_normal((8, 10)).astype(dtype),) for _ in range(4)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_w4_double_backward_replays_bit_identical(dtype):
+    _twins(*w4_case(dtype))
 
 
 # --- signatures: a new shape or dtype captures again, or raises -----------------------------

@@ -14,6 +14,9 @@ import inspect
 import numpy as np
 import pytest
 
+# The CPU capture's steps, checked here on cuda (tests/ is on sys.path, as for cuda_emulator).
+from test_capture import _mlp, _params, w3_case, w4_case  # noqa: E402
+
 import tinymeta as tm
 import tinymeta.nn.functional as F
 from tinymeta import cuda_graph, function, meta
@@ -31,24 +34,6 @@ def on_gpu(test):
 
 ITERATIONS = 4  # the warm-up, the capture, two replays
 W1_SHAPES = {"w1": (40, 1), "b1": (40,), "w2": (40, 40), "b2": (40,), "w3": (1, 40), "b3": (1,)}
-
-
-def _params(shapes: dict, seed=0, dtype=np.float32, device="cpu") -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        k: tm.tensor(
-            (rng.standard_normal(s) / np.sqrt(s[-1])).astype(dtype),
-            device=device,
-            requires_grad=True,
-        )
-        for k, s in shapes.items()
-    }
-
-
-def _mlp(p, x):
-    h = F.relu(F.linear(x, p["w1"], p["b1"]))
-    h = F.relu(F.linear(h, p["w2"], p["b2"]))
-    return F.linear(h, p["w3"], p["b3"])
 
 
 def _sinusoid_batches(n, tasks=5, k=10, seed=1):
@@ -329,52 +314,13 @@ def test_cuda_w1_meta_sgd_learned_rates():
 
 @on_gpu
 def test_cuda_w3_mlp_sgd_momentum():
-    shapes = {"w1": (16, 20), "b1": (16,), "w2": (16, 16), "b2": (16,), "w3": (10, 16), "b3": (10,)}
-
-    def make_state():
-        params = _params(shapes, seed=4, device="cuda")
-        return {"params": params, "opt": SGD(list(params.values()), lr=0.1, momentum=0.9)}
-
-    def make_step(state):
-        params, opt = state["params"], state["opt"]
-
-        def step(x, y):
-            opt.zero_grad()
-            loss = F.cross_entropy(_mlp(params, x), y)
-            loss.backward()
-            opt.step()
-            return loss
-
-        return step
-
-    rng = np.random.default_rng(5)
-    batches = [
-        (rng.standard_normal((8, 20)).astype(np.float32), rng.integers(0, 10, 8))
-        for _ in range(ITERATIONS)
-    ]
-    _cuda_twins(make_state, make_step, batches)
+    _cuda_twins(*w3_case(device="cuda"))
 
 
 @on_gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cuda_w4_double_backward(dtype):
-    def make_state():
-        return {"params": _params({"W1": (10, 10), "W2": (10, 1)}, 6, dtype, "cuda")}
-
-    def make_step(state):
-        W1, W2 = state["params"]["W1"], state["params"]["W2"]
-
-        def step(x):
-            f = (tm.tanh(x @ W1) @ W2).sum()
-            (g,) = tm.grad(f, W1, create_graph=True)
-            (h,) = tm.grad((g * g).sum(), W1)
-            return h, f
-
-        return step
-
-    rng = np.random.default_rng(7)
-    batches = [(rng.standard_normal((8, 10)).astype(dtype),) for _ in range(ITERATIONS)]
-    _cuda_twins(make_state, make_step, batches)
+    _cuda_twins(*w4_case(dtype, device="cuda"))
 
 
 def _cuda_linear_step():
