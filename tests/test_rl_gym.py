@@ -184,3 +184,18 @@ def test_no_mujoco_log_in_the_working_directory(gymnasium, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     make_task_family("cheetah-dir").reset(np.array([[1.0]]), 1, seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mujoco_deprecations_are_deprecation_warnings_and_others_runtime_warnings(gymnasium):
+    import mujoco
+
+    from tinymeta.rl.gym_tasks import _mujoco_warnings_as_python_warnings
+
+    with pytest.warns() as record, _mujoco_warnings_as_python_warnings():
+        mujoco.get_mju_user_warning()("compiler attribute 'x' is deprecated")
+        mujoco.get_mju_user_warning()("Nan, Inf or huge value in QACC at DOF 0")
+    categories = {str(w.message): w.category for w in record}
+    assert categories == {
+        "MuJoCo: compiler attribute 'x' is deprecated": DeprecationWarning,
+        "MuJoCo: Nan, Inf or huge value in QACC at DOF 0": RuntimeWarning,
+    }

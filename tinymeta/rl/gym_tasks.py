@@ -51,7 +51,12 @@ def _import_gymnasium():
 @contextlib.contextmanager
 def _mujoco_warnings_as_python_warnings():
     """Route MuJoCo's warnings (printed and appended to ``MUJOCO_LOG.TXT`` in the working
-    directory by default) to Python's ``warnings`` while environments are built."""
+    directory by default) to Python's ``warnings`` while environments are built.
+
+    A deprecation (Gymnasium's own HalfCheetah model still uses a compiler attribute that
+    MuJoCo 4 deprecates) becomes a DeprecationWarning, which Python shows to the developers of
+    the code that triggers it and not to every user of a training script; others stay
+    RuntimeWarnings."""
     try:
         import mujoco
     except ImportError:
@@ -65,7 +70,8 @@ def _mujoco_warnings_as_python_warnings():
     finally:
         mujoco.set_mju_user_warning(previous)
         for message in dict.fromkeys(messages):
-            warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=4)
+            category = DeprecationWarning if "deprecated" in message else RuntimeWarning
+            warnings.warn(f"MuJoCo: {message}", category, stacklevel=4)
 
 
 def _positive_int(value, what: str) -> int:
