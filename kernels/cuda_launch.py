@@ -24,6 +24,10 @@ SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 BLOCK = 256  # threads per block
 MAX_BLOCKS = 8192  # enough to fill any current GPU; the grid-stride loops cover the rest
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+# NVRTC options of every .cu file. CuPy adds its own after them (-ftz=true, -arch=sm_XY, ...)
+# and NVRTC takes the last of a repeated option: float32 kernels flush subnormals to zero, as
+# CuPy's own kernels do.
+OPTIONS = ("-std=c++17",)
 
 
 def blocks_for(threads: int) -> int:
@@ -56,6 +60,16 @@ class CudaSource:
     def __repr__(self):
         return f"CudaSource({self.path.name!r}, {self.kernels})"
 
+    def name_expressions(self) -> list:
+        """name<float> and name<double> of each kernel: the instantiations NVRTC compiles."""
+        return [f"{k}<{t}>" for k in self.kernels for t in C_TYPES.values()]
+
+    def raw_module(self, cupy):
+        """The ``cupy.RawModule`` of this file; NVRTC compiles it on its first use."""
+        return cupy.RawModule(
+            code=self.path.read_text(), options=OPTIONS, name_expressions=self.name_expressions()
+        )
+
     def _function(self, kernel: str, dtype):
         key = (kernel, c_type(kernel, dtype))
         function = self._functions.get(key)
@@ -65,10 +79,7 @@ class CudaSource:
             if self._module is None:
                 import cupy
 
-                names = [f"{k}<{t}>" for k in self.kernels for t in C_TYPES.values()]
-                self._module = cupy.RawModule(
-                    code=self.path.read_text(), options=("-std=c++17",), name_expressions=names
-                )
+                self._module = self.raw_module(cupy)
             function = self._functions[key] = self._module.get_function(f"{key[0]}<{key[1]}>")
         return function
 

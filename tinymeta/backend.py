@@ -13,21 +13,32 @@ import numpy as np
 
 _cupy = None
 _cupy_checked = False
+_cupy_problem = ""  # why CuPy is not usable, once checked
 
 
 def cupy_or_none():
-    """Import CuPy lazily (importing it is slow and it is optional)."""
-    global _cupy, _cupy_checked
+    """Import CuPy lazily (importing it is slow and it is optional); None unless it imports
+    and sees a CUDA device (CuPy imports without a driver and fails on first use)."""
+    global _cupy, _cupy_checked, _cupy_problem
     if not _cupy_checked:
         _cupy_checked = True
-        try:
-            import cupy
-
-            cupy.cuda.runtime.getDeviceCount()
-            _cupy = cupy
-        except Exception:  # no CuPy, no driver or no device: the CPU still works
-            _cupy = None
+        _cupy, _cupy_problem = _usable_cupy()
     return _cupy
+
+
+def _usable_cupy():
+    """(cupy, "") where CuPy sees a CUDA device, else (None, why not)."""
+    try:
+        import cupy
+    except Exception as e:  # not installed, or a broken install: the CPU still works
+        return None, f"CuPy is not importable ({type(e).__name__}: {e})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, a driver older than CuPy's CUDA, no device
+        return None, f"CuPy {cupy.__version__} finds no usable CUDA GPU ({type(e).__name__}: {e})"
+    if count < 1:
+        return None, f"CuPy {cupy.__version__} finds no CUDA GPU"
+    return cupy, ""
 
 
 def get_array_module(array):
@@ -58,8 +69,9 @@ def array_module_for(device: str):
     cp = cupy_or_none()
     if cp is None:
         raise RuntimeError(
-            "device 'cuda' was requested but CuPy or a CUDA GPU is not available "
-            "(install the extra: pip install 'tinymeta[cuda]')"
+            f"device 'cuda' was requested but CuPy or a CUDA GPU is not available: "
+            f"{_cupy_problem}. Install the extra (pip install 'tinymeta[cuda]'); CuPy needs a "
+            "driver at least as recent as its CUDA version"
         )
     return cp
 
