@@ -316,3 +316,55 @@ def test_capture_sees_a_parameter_replaced_by_a_new_tensor():
     for a, b in zip(*results):
         assert np.array_equal(a, b)
     assert run.captures == 3
+
+
+# --- found by random programs (tests/test_random_programs.py) ---------------------------------
+
+
+def test_capture_of_a_tensor_power_replays_zero_bases_exactly():
+    """Pow's backward chose its formula with a Python branch on the values (is any base 0?):
+    capturing a step with ``a ** b`` of two tensors raised CaptureError. It now takes the
+    masked formula while capturing, so a replay that meets a = 0 gives eager's gradients."""
+    results = []
+    for captured in (False, True):
+        a = tm.tensor(np.array([0.5, 2.0, 1.0]), requires_grad=True)
+        b = tm.tensor(np.array([1.5, 3.0, 2.0]), requires_grad=True)
+
+        def step(x, a=a, b=b):
+            a.grad = b.grad = None
+            ((a + x) ** b).sum().backward()
+            return a.grad, b.grad
+
+        run = tm.capture(step) if captured else step
+        shifts = ([0.0, 0.0, 0.0], [0.5, 0.0, 1.0], [-0.5, -2.0, -1.0])  # the last: every base 0
+        results.append([[g.numpy().copy() for g in run(tm.tensor(np.array(s)))] for s in shifts])
+    assert run.captures == 1
+    for eager, replayed in zip(*results):
+        for g_eager, g_replayed in zip(eager, replayed):
+            assert np.array_equal(g_eager, g_replayed)
+    assert np.array_equal(results[0][2][0], [0.0, 0.0, 0.0])  # d/da (0 ** b) = b * 0 ** (b - 1)
+    assert np.array_equal(results[0][2][1], [0.0, 0.0, 0.0])  # d/db (0 ** b), b >= 0: convention
+
+
+def test_capture_replays_a_where_condition_computed_in_the_step():
+    """tm.where converted its condition with asarray, which turned the traced mask of a
+    captured step into a plain array: every replay reused the capturing call's condition,
+    for the value and the gradient, without a word."""
+    results = []
+    for captured in (False, True):
+        a = tm.tensor(np.array([0.5, 2.0, 1.0]), requires_grad=True)
+
+        def step(x, a=a):
+            a.grad = None
+            y = tm.where(x > 0, a * 2.0, a * 3.0)
+            y.sum().backward()
+            return y, a.grad
+
+        run = tm.capture(step) if captured else step
+        signs = ([1.0, 1.0, 1.0], [-1.0, 1.0, -1.0])
+        results.append([[t.numpy().copy() for t in run(tm.tensor(np.array(s)))] for s in signs])
+    assert run.captures == 1
+    assert np.array_equal(results[0][1][1], [3.0, 2.0, 3.0])
+    for eager, replayed in zip(*results):
+        for t_eager, t_replayed in zip(eager, replayed):
+            assert np.array_equal(t_eager, t_replayed)

@@ -43,8 +43,12 @@ def where(cond, a, b):
     """Elements of ``a`` where ``cond`` holds, else of ``b`` (broadcasting all three)."""
     cond = _array(cond)
     xp = get_array_module(cond)
+    if not (isinstance(cond, xp.ndarray) and cond.dtype == bool):
+        # Only then: asarray would turn the traced mask of a step that tm.capture records into
+        # a plain array, which its replays would read as a constant.
+        cond = xp.asarray(cond, dtype=bool)
     a, b = promote(a, b)  # PyTorch's dtype rule (int tensor with 2.5 gives float32)
-    return Where.apply(a, b, cond=xp.asarray(cond, dtype=bool))
+    return Where.apply(a, b, cond=cond)
 
 
 class Maximum(Function):

@@ -1,0 +1,194 @@
+"""Random programs (tests/random_programs.py) against finite differences, PyTorch, the engine's
+own slow path, and eager execution (for tm.capture).
+
+Each program reuses values (gradients accumulate), takes views, broadcasts into reductions and
+runs through the speed paths that engage when nothing records (function.arrays_only_on_host).
+The default run draws few programs; ``-m slow`` draws thousands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import random_programs as rp
+import tinymeta as tm
+from tinymeta.optim import SGD, Adam
+from tinymeta.testing import check_grads, gradcheck
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="needs PyTorch (the comparison library)")
+# Drawing a program evaluates its steps; a step outside its op's domain is skipped, not the program.
+FEW = settings(max_examples=12, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=2000, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _leaves(program):
+    return [tm.tensor(x.copy(), requires_grad=True) for x in program.inputs]
+
+
+# --- finite differences (no PyTorch) ---------------------------------------------------------
+
+
+@FEW
+@given(rp.programs())
+def test_first_and_second_derivatives_match_finite_differences(program):
+    def fn(*xs):
+        return rp.run(program, xs)
+
+    gradcheck(fn, _leaves(program), full=True)
+    check_grads(fn, _leaves(program), order=2)
+
+
+# --- PyTorch, to third order -----------------------------------------------------------------
+
+
+def _grads(lib: str, out, xs, create_graph: bool) -> list:
+    """d out / d xs in ``lib``, zeros where out does not depend on an input."""
+    if lib == "tm":
+        if not out.requires_grad:
+            return [tm.zeros_like(x) for x in xs]
+        gs = tm.grad(out, xs, create_graph=create_graph, allow_unused=True)
+        return [tm.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
+    torch = rp.import_torch()
+    if not out.requires_grad:
+        return [torch.zeros_like(x) for x in xs]
+    gs = torch.autograd.grad(out, xs, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
+
+
+def _derivatives(program, lib: str, directions) -> list:
+    """[value, first, second, third derivatives], each a list of arrays per input: the second
+    and third as gradients of <previous gradients, direction> (random directions)."""
+    if lib == "tm":
+        xs = _leaves(program)
+    else:
+        torch = rp.import_torch()
+        xs = [torch.tensor(x, requires_grad=True) for x in program.inputs]
+    out = rp.run(program, xs, lib)
+    found = [[_numpy(out)]]
+    for order, vs in enumerate(directions, start=1):
+        gs = _grads(lib, out, xs, create_graph=order < len(directions))
+        found.append([_numpy(g) for g in gs])
+        if order < len(directions):
+            out = sum((g * rp._const(lib, v)).sum() for g, v in zip(gs, vs))
+    return found
+
+
+def _numpy(t) -> np.ndarray:
+    return t.numpy() if isinstance(t, tm.Tensor) else t.detach().numpy()
+
+
+def _compare_with_pytorch(program, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    directions = [[rng.standard_normal(x.shape) for x in program.inputs] for _ in range(3)]
+    ours = _derivatives(program, "tm", directions)
+    theirs = _derivatives(program, "torch", directions)
+    for order, (mine, ref) in enumerate(zip(ours, theirs)):
+        for i, (a, b) in enumerate(zip(mine, ref)):
+            assert a.shape == b.shape, (order, i, a.shape, b.shape)
+            scale = 1.0 + np.max(np.abs(b), initial=0.0)  # the summation order differs
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11 * scale, err_msg=f"order {order}, input {i}")
+
+
+@needs_torch
+@FEW
+@given(rp.programs(), st.integers(0, 2**16))
+def test_value_and_derivatives_to_third_order_match_pytorch(program, seed):
+    _compare_with_pytorch(program, seed)
+
+
+@pytest.mark.slow
+@needs_torch
+@MANY
+@given(rp.programs(), st.integers(0, 2**16))
+def test_many_programs_match_pytorch_to_third_order(program, seed):
+    _compare_with_pytorch(program, seed)
+
+
+# --- the engine's speed paths against its op nodes -------------------------------------------
+
+
+def _backward_grads(program, forced_nodes: bool) -> list:
+    """First-order .grad of every input after a plain backward. ``forced_nodes``: under
+    detect_anomaly, whose forward hook turns off function.arrays_only_on_host, so every backward
+    rule builds its gradient through Function.apply."""
+    xs = _leaves(program)
+    with tm.autograd.detect_anomaly() if forced_nodes else contextlib.nullcontext():
+        rp.run(program, xs).backward()
+    return [None if x.grad is None else x.grad.numpy() for x in xs]
+
+
+def _assert_same_grads(fast, slow) -> None:
+    for a, b in zip(fast, slow):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert np.array_equal(a, b), np.max(np.abs(a - b))
+
+
+@FEW
+@given(rp.programs())
+def test_speed_paths_give_bit_identical_gradients(program):
+    _assert_same_grads(_backward_grads(program, False), _backward_grads(program, True))
+
+
+@FEW
+@given(rp.programs())
+def test_a_second_backward_through_a_retained_graph_doubles_grad_exactly(program):
+    xs = _leaves(program)
+    out = rp.run(program, xs)
+    out.backward(retain_graph=True)
+    once = [None if x.grad is None else x.grad.numpy().copy() for x in xs]
+    out.backward()
+    for x, g in zip(xs, once):
+        if g is not None:
+            assert np.array_equal(x.grad.numpy(), 2 * g)
+
+
+# --- tm.capture against eager ----------------------------------------------------------------
+
+
+def _train(program, optimizer: str, batches, captured: bool):
+    """Three optimizer steps on the program's loss at (parameters + batch); returns the losses,
+    parameters and gradients after each step."""
+    params = _leaves(program)
+    opt = SGD(params, lr=1e-2, momentum=0.9) if optimizer == "sgd" else Adam(params, lr=1e-2)
+
+    def step(*batch):
+        opt.zero_grad()
+        loss = rp.run(program, [p + d for p, d in zip(params, batch)])
+        loss.backward()
+        opt.step()
+        return loss
+
+    run = tm.capture(step) if captured else step
+    history = []
+    for batch in batches:
+        loss = run(*(tm.tensor(d) for d in batch))
+        grads = [None if p.grad is None else p.grad.numpy().copy() for p in params]
+        history.append((loss.numpy().copy(), [p.numpy().copy() for p in params], grads))
+    return history, run
+
+
+@FEW
+@given(rp.programs(), st.sampled_from(["sgd", "adam"]))
+def test_captured_training_steps_are_bit_identical_to_eager(program, optimizer):
+    rng = np.random.default_rng(0)
+    # Batches big enough to move values across relu/abs/max kinks between calls: the replay
+    # must recompute masks and arg-maxes, not reuse the captured ones.
+    batches = [[0.3 * rng.standard_normal(x.shape) for x in program.inputs] for _ in range(3)]
+    eager, _ = _train(program, optimizer, batches, captured=False)
+    replayed, run = _train(program, optimizer, batches, captured=True)
+    assert run.captures == 1  # calls 2 and 3 were replays
+    for (loss_e, params_e, grads_e), (loss_r, params_r, grads_r) in zip(eager, replayed):
+        assert np.array_equal(loss_e, loss_r, equal_nan=True)
+        for a, b in zip(params_e, params_r):
+            assert np.array_equal(a, b, equal_nan=True)
+        for a, b in zip(grads_e, grads_r):
+            assert (a is None) == (b is None)
+            assert a is None or np.array_equal(a, b, equal_nan=True)
