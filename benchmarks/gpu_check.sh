@@ -8,8 +8,10 @@
 #    `pip --no-deps --no-build-isolation --no-index` (setuptools must be there already), else a
 #    PYTHONPATH shim (the repository root, plus a sitecustomize.py that maps tinymeta.kernels
 #    to kernels/, as pyproject.toml's package-dir does for an install);
-# 3. runs the test suite: the cuda cases (`-m gpu`: the op tables on cuda, tests/test_cuda.py,
-#    tests/test_capture_cuda.py: tm.capture as CUDA graphs)
+# 3. runs the test suite: first tests/test_cuda_nvrtc.py (every kernels/cuda/*.cu through
+#    CuPy's NVRTC path: a failure there explains the kernel failures that follow), then the cuda
+#    cases (`-m gpu`: the op tables on cuda, tests/test_cuda.py, tests/test_capture_cuda.py:
+#    tm.capture as CUDA graphs)
 #    in the foreground with HYPOTHESIS_PROFILE=ci-gpu (5 examples a test, no shrinking), and
 #    the rest (`-m "not gpu"`, HYPOTHESIS_PROFILE=ci, 4 BLAS threads) in the background, at
 #    the same time. Both go on past a failure (--maxfail rather than -x: this run is the only
@@ -38,6 +40,9 @@ stamp() { echo; echo "=== [$(($(date +%s) - START))s] $*"; }
 main() {
     PY=${PYTHON:-$(command -v python || command -v python3)}
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PYTHONDONTWRITEBYTECODE=1
+    # CuPy saves every kernel it compiles under $CUPY_CACHE_DIR (default ~/.cupy/kernel_cache)
+    # and fails if it cannot write there; a fresh machine has an empty cache either way.
+    export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$(mktemp -d)}
     local summary=() failed=0
 
     stamp "machine"
@@ -61,6 +66,11 @@ try:
           "| driver", cupy.cuda.runtime.driverGetVersion())
 except Exception as e:
     print("cupy device query failed:", type(e).__name__, e)
+try:
+    import cupy.cuda.nvrtc
+    print("nvrtc", cupy.cuda.nvrtc.getVersion())
+except Exception as e:
+    print("nvrtc MISSING (RawModule kernels cannot compile):", type(e).__name__, e)
 try:
     import torch
     print("torch cuda:", torch.version.cuda, "available:", torch.cuda.is_available(),
@@ -124,8 +134,13 @@ assert tm.__file__.startswith('$REPO'), 'another tinymeta shadows this checkout'
         HYPOTHESIS_PROFILE=ci OMP_NUM_THREADS=4 OPENBLAS_NUM_THREADS=4 MKL_NUM_THREADS=4 \
             NUMBA_NUM_THREADS=4 timeout -s INT -k 15 $(($(left) > 105 ? $(left) - 75 : 30)) \
             "$PY" -m pytest -q --maxfail=10 -rfE -p no:cacheprovider -m "not gpu and not slow" \
-            >"$LOG_DIR/pytest_cpu.txt" 2>&1 &
+            --ignore=tests/test_cuda_nvrtc.py >"$LOG_DIR/pytest_cpu.txt" 2>&1 &
         cpu_pid=$!
+        echo "NVRTC build of every .cu file (tests/test_cuda_nvrtc.py):"
+        timeout -s INT -k 15 60 "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_cuda_nvrtc.py
+        local nvrtc_rc=$?
+        [ $nvrtc_rc = 0 ] || failed=1
+        summary+=("pytest tests/test_cuda_nvrtc.py: exit $nvrtc_rc")
         echo "cuda cases (-m gpu, HYPOTHESIS_PROFILE=ci-gpu), device checks first:"
         # SIGINT at the time limit: pytest then still prints the failures it has seen.
         HYPOTHESIS_PROFILE=ci-gpu timeout -s INT -k 15 170 "$PY" -m pytest -q -p no:cacheprovider \
