@@ -67,8 +67,8 @@ try:
 except Exception as e:
     print("cupy device query failed:", type(e).__name__, e)
 try:
-    import cupy.cuda.nvrtc
-    print("nvrtc", cupy.cuda.nvrtc.getVersion())
+    from cupy.cuda import nvrtc  # an attribute of cupy.cuda, not a module of that name
+    print("nvrtc", nvrtc.getVersion())
 except Exception as e:
     print("nvrtc MISSING (RawModule kernels cannot compile):", type(e).__name__, e)
 try:

@@ -246,6 +246,45 @@ def test_cpu_inputs_take_the_cpu_path():
     assert not isinstance(step.program, cuda_graph.GraphProgram)
 
 
+# The CuPy calls of the cuda path (tinymeta/cuda_graph.py, kernels/cuda_launch.py) as CuPy's
+# compiled classes state them: the first line of their docstrings (Cython's embedded signature).
+CUPY_SIGNATURES = {
+    "cuda.Stream.__init__": "(self, null=False, non_blocking=False, ptds=False, priority=None)",
+    "cuda.Stream.begin_capture": "begin_capture(self, mode=None)",
+    "cuda.Stream.end_capture": "end_capture(self)",
+    "cuda.Stream.is_capturing": "is_capturing(self)",
+    "cuda.Stream.wait_event": "wait_event(self, event)",
+    "cuda.Stream.record": "record(self, event=None)",
+    "cuda.graph.Graph.launch": "launch(self, stream=None)",
+    "RawModule": "RawModule(str code=None, *, str path=None, tuple options=(),",
+    "RawModule.get_function": "get_function(self, str name)",
+    "RawKernel.__call__": "__call__(self, grid, block, args, **kwargs)",
+}
+CUPY_FUNCTIONS = (
+    "cuda.MemoryPool.malloc", "cuda.MemoryPool.free_all_blocks", "cuda.MemoryPool.used_bytes",
+    "cuda.using_allocator", "cuda.get_current_stream", "copyto", "asnumpy", "asarray", "zeros",
+    "empty",
+)  # fmt: skip
+
+
+def _cupy_attribute(cupy, dotted: str):
+    for name in dotted.split("."):
+        cupy = getattr(cupy, name)
+    return cupy
+
+
+def test_the_cupy_calls_of_the_cuda_path_exist_as_called():
+    """Runs wherever CuPy imports (a GPU is not needed): the installed CuPy has each call with
+    the parameters the cuda path passes, and a capture's default mode is the relaxed one."""
+    cupy = pytest.importorskip("cupy", reason="needs CuPy (pip install 'tinymeta[cuda]')")
+    for dotted, signature in CUPY_SIGNATURES.items():
+        doc = _cupy_attribute(cupy, dotted).__doc__ or ""
+        assert signature in doc.split("\n")[0], (dotted, doc.split("\n")[0])
+    for dotted in CUPY_FUNCTIONS:
+        assert callable(_cupy_attribute(cupy, dotted)), dotted
+    assert "streamCaptureModeRelaxed" in cupy.cuda.Stream.begin_capture.__doc__
+
+
 # --- on a GPU ------------------------------------------------------------------------------------
 
 
