@@ -368,3 +368,50 @@ def test_capture_replays_a_where_condition_computed_in_the_step():
     for eager, replayed in zip(*results):
         for t_eager, t_replayed in zip(eager, replayed):
             assert np.array_equal(t_eager, t_replayed)
+
+
+def test_capture_replays_the_mask_of_clip():
+    """Clip's backward built its mask with ``mask &= x >= lo`` on a fresh np.ones: the capture
+    recorded the in-place call into an array it did not follow, and every replay used the
+    capturing call's mask (the gradient of clip at the old values). Such a write is now
+    refused while capturing, and Clip builds its mask out of place."""
+    results = []
+    for captured in (False, True):
+        p = tm.tensor(np.array([1.3, -0.7, -0.62, 0.04]), requires_grad=True)
+
+        def step(x, p=p):
+            p.grad = None
+            ((p + x).clip(-1.0, -0.5) * np.array([1.0, 2.0, 3.0, 4.0])).sum().backward()
+            return p.grad
+
+        run = tm.capture(step) if captured else step
+        shifts = ([0.0, 0.0, 0.0, 0.0], [-2.0, 1.0, 0.0, -0.6])
+        results.append([run(tm.tensor(np.array(s))).numpy().copy() for s in shifts])
+    assert run.captures == 1
+    assert np.array_equal(results[0][1], [1.0, 0.0, 3.0, 4.0])
+    for eager, replayed in zip(*results):
+        assert np.array_equal(eager, replayed)
+
+
+def test_capture_refuses_an_in_place_write_into_an_array_it_does_not_follow():
+    """The general case behind Clip's: a refusal, not a silently stale replay."""
+    from tinymeta.function import Function as Op
+
+    class Positive(Op):  # y = x * [x > 0], its mask built in place on a fresh array
+        def forward(self, x):
+            return x * (x > 0)
+
+        def backward(self, gy):
+            mask = np.ones(gy.shape, dtype=bool)
+            mask &= self.inputs[0].data > 0
+            return gy * mask
+
+    w = tm.tensor(np.array([1.0, -1.0]), requires_grad=True)
+
+    def step(x):
+        w.grad = None
+        Positive.apply(w + x).sum().backward()
+        return w.grad
+
+    with pytest.raises(CaptureError, match="writes a computed value into an array"):
+        tm.capture(step)(tm.tensor(np.zeros(2)))

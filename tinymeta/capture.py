@@ -369,6 +369,15 @@ class _Recorder:
         args_t, kwargs_t = self.template(args), self.template(kwargs)
         out = kwargs.get("out")
         if out is not None:  # in place: the result is the out= array(s) the caller passed
+            for o in out if type(out) is tuple else (out,):
+                if isinstance(o, np.ndarray) and not isinstance(o, _Traced):
+                    # (mask &= x > 0 on a fresh np.ones): a replay would start from the
+                    # capturing call's result instead of the array's state before the call.
+                    raise CaptureError(
+                        f"capture: {name} writes a computed value into an array that the "
+                        f"capture does not follow (shape {o.shape}) {_where()}: a replay "
+                        "would start from the capturing call's result; compute it out of place"
+                    )
             self.calls.append(("call", call, name, args_t, kwargs_t, None))
             return out[0] if type(out) is tuple and len(out) == 1 else out
         if name in ("ndarray.__setitem__", "ndarray.fill", "ndarray.put", "ndarray.sort"):

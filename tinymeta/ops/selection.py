@@ -101,12 +101,14 @@ class Clip(Function):
         return self.xp.clip(x, self.lo, self.hi)
 
     def backward(self, gy):
-        (x,) = self.inputs
-        inside = self.xp.ones(x.shape, dtype=bool)
-        if self.lo is not None:
-            inside &= x.data >= self.lo
-        if self.hi is not None:
-            inside &= x.data <= self.hi
+        x = self.inputs[0].data
+        # Out of place: an in-place &= on a fresh array is one that tm.capture cannot replay.
+        if self.lo is None:
+            inside = x <= self.hi
+        elif self.hi is None:
+            inside = x >= self.lo
+        else:
+            inside = (x >= self.lo) & (x <= self.hi)
         return gy * constant(inside)
 
 
