@@ -14,6 +14,7 @@ launch.
 from __future__ import annotations
 
 import functools
+import io
 import types
 
 import numpy as np
@@ -44,8 +45,8 @@ def _cupy_with_nvrtc():
 
 @pytest.fixture
 def nvrtc_build(monkeypatch):
-    """``build(raw_module)``: its cubin and {name expression: lowered name}, compiled by the
-    code path of ``RawModule.get_function`` on an sm_90 device."""
+    """``build(raw_module)``: its cubin, {name expression: lowered name} and NVRTC's log
+    (warnings), compiled by the code path of ``RawModule.get_function`` on an sm_90 device."""
     cupy = _cupy_with_nvrtc()
     from cupy._core import core
     from cupy.cuda import compiler
@@ -67,15 +68,17 @@ def nvrtc_build(monkeypatch):
     monkeypatch.setenv("CUPY_CACHE_IN_MEMORY", "1")  # neither read nor write the disk cache
 
     def build(module):
+        log = io.StringIO()
         compiled = core.compile_with_cache(
             module.code,
             module.options,
             prepend_cupy_headers=False,  # as RawModule compiles its code
             backend=module.backend,
             name_expressions=module.name_expressions,
+            log_stream=log,
             jitify=False,
         )
-        return compiled.cubin, compiled.mapping
+        return compiled.cubin, compiled.mapping, log.getvalue()
 
     build.cupy = cupy
     return build
@@ -147,7 +150,8 @@ def test_every_kernel_is_launched_by_a_wrapper_in_both_dtypes():
 @pytest.mark.parametrize("source", SOURCES, ids=lambda s: s.path.name)
 def test_source_compiles_with_cupys_nvrtc_and_lowers_every_launched_kernel(nvrtc_build, source):
     module = source.raw_module(nvrtc_build.cupy)
-    cubin, lowered = nvrtc_build(module)
+    cubin, lowered, log = nvrtc_build(module)
+    assert log == "", f"NVRTC warns about {source.path.name}:\n{log}"
     assert cubin[:4] == b"\x7fELF", "NVRTC gave no cubin"
     assert sorted(lowered) == sorted(source.name_expressions())
     for name in launched_by_wrappers()[source.path.name]:
@@ -160,9 +164,9 @@ def test_source_compiles_with_cupys_nvrtc_and_lowers_every_launched_kernel(nvrtc
         assert lowered[name].encode() in cubin, f"{name} ({lowered[name]}) is not in the cubin"
 
 
-def test_a_name_expression_that_names_no_kernel_fails_to_compile(nvrtc_build, tmp_path):
+def test_a_name_expression_that_names_no_kernel_fails_to_compile(nvrtc_build):
     from cupy.cuda.compiler import CompileException
 
-    source = cuda_launch.CudaSource(str(cuda_launch.SOURCE_DIR / "elementwise.cu"), ("relu_forwrd",))
+    source = cuda_launch.CudaSource("elementwise.cu", ("relu_forwrd",))
     with pytest.raises(CompileException, match="relu_forwrd"):
         nvrtc_build(source.raw_module(nvrtc_build.cupy))
