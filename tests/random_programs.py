@@ -80,14 +80,20 @@ class Program:
 
 def run(program: Program, xs, lib: str = "tm"):
     """The program's scalar, computed from the inputs ``xs`` (tensors of ``lib``)."""
-    values = list(xs)
-    for step in program.steps:
-        values.append(OPS[step.op].call(lib)(*(values[i] for i in step.args), *step.params))
+    values = run_values(program, xs, lib)
     out = None
     for i, w in zip(program.ends, program.weights):
         term = (values[i] * _const(lib, w)).sum()
         out = term if out is None else out + term
     return out
+
+
+def run_values(program: Program, xs, lib: str = "tm") -> list:
+    """Every value of the program: the inputs, then one per step."""
+    values = list(xs)
+    for step in program.steps:
+        values.append(OPS[step.op].call(lib)(*(values[i] for i in step.args), *step.params))
+    return values
 
 
 def _const(lib: str, a):
@@ -279,7 +285,8 @@ def pick_basic_index(draw, shapes):
     if i is None:
         return None
     spec = []
-    for d in shapes[i][: draw(st.integers(1, len(shapes[i])))]:
+    used = draw(st.integers(1, len(shapes[i])))  # the leading axes that spec indexes
+    for d in shapes[i][:used]:
         kind = draw(st.sampled_from(["int", "slice", "all", "none"]))
         if kind == "int":
             spec.append(draw(st.integers(-d, d - 1)))
@@ -290,8 +297,8 @@ def pick_basic_index(draw, shapes):
             spec += [None, slice(None)]
         else:
             spec.append(slice(None))
-    if draw(st.booleans()):
-        spec.insert(draw(st.sampled_from([0, len(spec)])), Ellipsis)
+    if draw(st.booleans()):  # in front only when spec names every axis (it then stands for none)
+        spec.insert(draw(st.sampled_from([0, len(spec)])) if used == len(shapes[i]) else len(spec), Ellipsis)
     return (i,), (tuple(spec),)
 
 

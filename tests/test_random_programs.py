@@ -111,6 +111,36 @@ def test_many_programs_match_pytorch_to_third_order(program, seed):
     _compare_with_pytorch(program, seed)
 
 
+def _vector_jacobian_products(program, lib: str, grad_outputs) -> list:
+    """tm.grad / torch.autograd.grad of the program's ends at once (non-scalar outputs that
+    share their graph), with the given grad_outputs."""
+    if lib == "tm":
+        xs = _leaves(program)
+        values = rp.run_values(program, xs)
+        outs = [values[i] for i in program.ends]
+        gs = tm.grad(outs, xs, grad_outputs=[tm.tensor(g) for g in grad_outputs], allow_unused=True)
+    else:
+        torch = rp.import_torch()
+        xs = [torch.tensor(x, requires_grad=True) for x in program.inputs]
+        values = rp.run_values(program, xs, lib)
+        outs = [values[i] for i in program.ends]
+        gos = [torch.tensor(g) for g in grad_outputs]
+        gs = torch.autograd.grad(outs, xs, grad_outputs=gos, allow_unused=True)
+    return [np.zeros(x.shape) if g is None else _numpy(g) for x, g in zip(program.inputs, gs)]
+
+
+@needs_torch
+@FEW
+@given(rp.programs())
+def test_gradients_of_several_non_scalar_outputs_match_pytorch(program):
+    grad_outputs = program.weights  # one random array per output, of its shape
+    ours = _vector_jacobian_products(program, "tm", grad_outputs)
+    theirs = _vector_jacobian_products(program, "torch", grad_outputs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        scale = 1.0 + np.max(np.abs(b), initial=0.0)
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11 * scale, err_msg=f"input {i}")
+
+
 # --- the engine's speed paths against its op nodes -------------------------------------------
 
 
@@ -139,7 +169,7 @@ def test_speed_paths_give_bit_identical_gradients(program):
 
 @FEW
 @given(rp.programs())
-def test_a_second_backward_through_a_retained_graph_doubles_grad_exactly(program):
+def test_backward_through_a_retained_graph_accumulates_exactly_then_the_freed_one_refuses(program):
     xs = _leaves(program)
     out = rp.run(program, xs)
     out.backward(retain_graph=True)
@@ -148,6 +178,16 @@ def test_a_second_backward_through_a_retained_graph_doubles_grad_exactly(program
     for x, g in zip(xs, once):
         if g is not None:
             assert np.array_equal(x.grad.numpy(), 2 * g)
+    # A third backward, through the graph that the second freed: a clear error where a node
+    # needs what was freed; otherwise (no node saved anything) exactly 3x, as in PyTorch.
+    try:
+        out.backward()
+    except RuntimeError as e:
+        assert "backward" in str(e) and "retain_graph" in str(e), str(e)
+    else:
+        for x, g in zip(xs, once):
+            if g is not None:
+                assert np.array_equal(x.grad.numpy(), 3 * g)
 
 
 # --- tm.capture against eager ----------------------------------------------------------------
