@@ -72,6 +72,12 @@ try:
 except Exception as e:
     print("nvrtc MISSING (RawModule kernels cannot compile):", type(e).__name__, e)
 try:
+    from cupy_backends.cuda.libs import cublas  # CuPy loads libcublas here, not with cupy
+    print("cublas found:", cublas.__name__)
+except Exception as e:
+    print("cuBLAS MISSING (every matmul on cuda fails):", type(e).__name__,
+          str(e).splitlines()[0])
+try:
     import torch
     print("torch cuda:", torch.version.cuda, "available:", torch.cuda.is_available(),
           torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
