@@ -415,3 +415,54 @@ def test_capture_refuses_an_in_place_write_into_an_array_it_does_not_follow():
 
     with pytest.raises(CaptureError, match="writes a computed value into an array"):
         tm.capture(step)(tm.tensor(np.zeros(2)))
+
+
+def test_capture_returns_the_replayed_grad_read_after_an_optimizer_step():
+    """A .grad handed to Optimizer.step() kept a plain array for the rest of the capture, so a
+    step that returned it (or computed from it) after opt.step() had it read as a constant:
+    every replay returned the capturing call's gradient."""
+    from tinymeta.optim import SGD
+
+    results = []
+    for captured in (False, True):
+        a = tm.tensor(np.array([1.0, -0.3]), requires_grad=True)
+        opt = SGD([a], lr=1e-2)
+
+        def step(x, a=a, opt=opt):
+            opt.zero_grad()
+            ((a + x) ** 3.0).sum().backward()
+            opt.step()
+            return a.grad, (a.grad * a.grad).sum()
+
+        run = tm.capture(step) if captured else step
+        shifts = ([0.0, 0.0], [0.5, -0.2], [-1.0, 0.4])
+        results.append([[t.numpy().copy() for t in run(tm.tensor(np.array(s)))] for s in shifts])
+    assert run.captures == 1
+    for eager, replayed in zip(*results):
+        for t_eager, t_replayed in zip(eager, replayed):
+            assert np.array_equal(t_eager, t_replayed)
+
+
+def test_second_order_capture_of_a_tensor_power_is_bit_identical_to_eager():
+    """Pow's backward took the masked formula while capturing and the plain one in eager mode:
+    the same values, but different graphs, so a second-order backward added its terms in
+    another order and the captured meta-gradient differed from eager in the last bits."""
+    results = []
+    for captured in (False, True):
+        a = tm.tensor(np.array([[0.03, 0.55, -0.74, -0.16]]), requires_grad=True)
+        b = tm.tensor(np.array([[-0.48, 0.6, 0.04, -0.29], [-0.78, -0.26, 0.01, -0.28]]), requires_grad=True)
+
+        def step(x, a=a, b=b):
+            a.grad = b.grad = None
+            base = 1 + (a + x) * (a + x)
+            ga, gb = tm.grad((base**b).sum(), [a, b], create_graph=True)
+            ((1 + (a - 0.1 * ga) ** 2) ** (b - 0.1 * gb)).sum().backward()
+            return a.grad, b.grad
+
+        run = tm.capture(step) if captured else step
+        rng = np.random.default_rng(0)
+        results.append([[g.numpy().copy() for g in run(tm.tensor(0.3 * rng.standard_normal((1, 4))))] for _ in range(3)])
+    assert run.captures == 1
+    for eager, replayed in zip(*results):
+        for g_eager, g_replayed in zip(eager, replayed):
+            assert np.array_equal(g_eager, g_replayed)

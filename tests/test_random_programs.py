@@ -193,15 +193,21 @@ def test_backward_through_a_retained_graph_accumulates_exactly_then_the_freed_on
 # --- tm.capture against eager ----------------------------------------------------------------
 
 
-def _train(program, optimizer: str, batches, captured: bool):
-    """Three optimizer steps on the program's loss at (parameters + batch); returns the losses,
+def _train(program, optimizer: str, second_order: bool, batches, captured: bool):
+    """Three optimizer steps on the program's loss at (parameters + batch), or, with
+    ``second_order``, at the parameters after one inner gradient step on that loss (MAML's
+    meta-loss: its backward differentiates the inner gradient). Returns the losses,
     parameters and gradients after each step."""
     params = _leaves(program)
     opt = SGD(params, lr=1e-2, momentum=0.9) if optimizer == "sgd" else Adam(params, lr=1e-2)
 
     def step(*batch):
         opt.zero_grad()
-        loss = rp.run(program, [p + d for p, d in zip(params, batch)])
+        xs = [p + d for p, d in zip(params, batch)]
+        if second_order:
+            inner = tm.grad(rp.run(program, xs), params, create_graph=True, allow_unused=True)
+            xs = [x if g is None else x - 0.1 * g for x, g in zip(xs, inner)]
+        loss = rp.run(program, xs)
         loss.backward()
         opt.step()
         return loss
@@ -216,14 +222,14 @@ def _train(program, optimizer: str, batches, captured: bool):
 
 
 @FEW
-@given(rp.programs(), st.sampled_from(["sgd", "adam"]))
-def test_captured_training_steps_are_bit_identical_to_eager(program, optimizer):
+@given(rp.programs(), st.sampled_from(["sgd", "adam"]), st.booleans())
+def test_captured_training_steps_are_bit_identical_to_eager(program, optimizer, second_order):
     rng = np.random.default_rng(0)
     # Batches big enough to move values across relu/abs/max kinks between calls: the replay
     # must recompute masks and arg-maxes, not reuse the captured ones.
     batches = [[0.3 * rng.standard_normal(x.shape) for x in program.inputs] for _ in range(3)]
-    eager, _ = _train(program, optimizer, batches, captured=False)
-    replayed, run = _train(program, optimizer, batches, captured=True)
+    eager, _ = _train(program, optimizer, second_order, batches, captured=False)
+    replayed, run = _train(program, optimizer, second_order, batches, captured=True)
     assert run.captures == 1  # calls 2 and 3 were replays
     for (loss_e, params_e, grads_e), (loss_r, params_r, grads_r) in zip(eager, replayed):
         assert np.array_equal(loss_e, loss_r, equal_nan=True)

@@ -613,6 +613,7 @@ def _optimizer_step(original):
         if closure is not None:
             raise CaptureError(f"capture: {type(self).__name__}.step(closure) {_where()}")
         bindings = []
+        lent = []  # (a .grad tensor, its traced array): given back after the step
         # The step runs on the parameters' own arrays (updated in place) and plain gradients.
         for t, own, _ in rec.swapped:
             swap_array(t, own)
@@ -626,6 +627,7 @@ def _optimizer_step(original):
                         slot = rec.template(g.data).i
                         bindings.append((p, slot))
                         rec.grad_tensor_slot[id(g)] = slot
+                        lent.append((g, g.data))
                         swap_array(g, _plain(g.data))
                     elif id(g) in rec.grad_tensor_slot:
                         bindings.append((p, rec.grad_tensor_slot[id(g)]))
@@ -642,6 +644,10 @@ def _optimizer_step(original):
         finally:
             for t, _, traced in rec.swapped:
                 swap_array(t, traced)
+            # A .grad read after the step (returned, logged) is the replayed gradient: with its
+            # plain array it would be read as a constant, the capturing call's gradient.
+            for g, traced in lent:
+                swap_array(g, traced)
         rec.calls.append(("step", self, type(self).__name__, bindings))
 
     return step
