@@ -949,10 +949,13 @@ def _record(step_fn, args, key):
             # norm's running statistics, say); a replay keeps those it used.
             from tinymeta.nn.module import Module
 
+            # (By type(obj): isinstance also asks obj.__class__, which some objects of other
+            # libraries compute, with a deprecation warning, e.g. torch.distributed.reduce_op.)
             for obj in gc.get_objects():
-                if isinstance(obj, Tensor) and type(obj.data) is np.ndarray:
+                kind = type(obj)
+                if issubclass(kind, Tensor) and type(obj.data) is np.ndarray:
                     rec.swap_in(obj)
-                elif isinstance(obj, Module):  # training, momentum, ...: checked at replay
+                elif issubclass(kind, Module):  # training, momentum, ...: checked at replay
                     rec.module_state[id(obj)] = (obj, _attributes(obj))
             try:
                 result = step_fn(*call_args)
