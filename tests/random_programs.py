@@ -80,7 +80,11 @@ class Program:
 
 def run(program: Program, xs, lib: str = "tm"):
     """The program's scalar, computed from the inputs ``xs`` (tensors of ``lib``)."""
-    values = run_values(program, xs, lib)
+    return scalar_of(program, run_values(program, xs, lib), lib)
+
+
+def scalar_of(program: Program, values: list, lib: str = "tm"):
+    """The program's scalar from its values (see run_values): its ends times their weights."""
     out = None
     for i, w in zip(program.ends, program.weights):
         term = (values[i] * _const(lib, w)).sum()
