@@ -47,11 +47,13 @@ implementations expect and dispatch:
   gru_pointwise_forward(gi, gh, h) -> h_new                     gi, gh: (M, 3H), h: (M, H)
   gru_pointwise_backward(gi, gh, h, gy) -> dgi, dgh, dh
   erf(x) -> y                                                   any shape
+  matmul(a, b) -> a @ b          NumPy: a @ b; CuPy: our kernel or cuBLAS (cuda_matmul_choice)
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import numpy as np
@@ -549,3 +551,85 @@ def erf(x):
     """y = erf(x) elementwise, in x's dtype (float32 or float64)."""
     _check_float("erf", x=x)
     return _impl_for(x).erf(x)
+
+
+# --- matrix products on CUDA: our kernel or cuBLAS ------------------------------------------
+
+_CUDA_MATMUL_SETTINGS = ("auto", "kernel", "cublas")
+# "auto" takes the kernel for products of at most KERNEL_MAX_PRODUCT multiply-adds each
+# (M * N * K) and KERNEL_MAX_TOTAL in the batch. Products that small take microseconds either
+# way, so the launch is the cost: ours is one kernel, which a CUDA graph can hold, where CuPy
+# refuses any cuBLAS call during stream capture (a captured step then becomes a chain of
+# graphs with the matmuls run between them). Larger ones go to cuBLAS's tiled GEMM: the kernel
+# gives each output element one thread, which sums over K alone, without shared memory. Every
+# product of W1 (the 1-40-40-1 sinusoid MLP over 25 tasks) lies well below: 10x40 @ 40x40
+# (16,000 multiply-adds) per task is the largest.
+KERNEL_MAX_PRODUCT = 64**3
+KERNEL_MAX_TOTAL = 2**24
+
+
+def _initial_cuda_matmul() -> str:
+    name = os.environ.get("TINYMETA_CUDA_MATMUL", "auto").strip().lower() or "auto"
+    if name not in _CUDA_MATMUL_SETTINGS:
+        raise ValueError(
+            f"TINYMETA_CUDA_MATMUL must be one of {_CUDA_MATMUL_SETTINGS}, got {name!r}"
+        )
+    return name
+
+
+_cuda_matmul_setting = _initial_cuda_matmul()
+
+
+def cuda_matmul_setting() -> str:
+    """How CuPy matmuls are done: "auto" (the default), "kernel" or "cublas"."""
+    return _cuda_matmul_setting
+
+
+def set_cuda_matmul(name: str) -> str:
+    """Switch CuPy matmuls to ``"auto"``, ``"kernel"`` or ``"cublas"``; returns the previous
+    setting. A captured step keeps the choices made when it was captured."""
+    global _cuda_matmul_setting
+    if name not in _CUDA_MATMUL_SETTINGS:
+        raise ValueError(f"set_cuda_matmul: expected one of {_CUDA_MATMUL_SETTINGS}, got {name!r}")
+    previous, _cuda_matmul_setting = _cuda_matmul_setting, name
+    return previous
+
+
+def cuda_matmul_choice(a_shape: tuple, b_shape: tuple, a_dtype, b_dtype, setting=None) -> str:
+    """``"kernel"`` or ``"cublas"``: what a product of CuPy arrays of these shapes and dtypes
+    runs on under ``setting`` (default: the current one). Only shapes and dtypes decide, so an
+    eager step and its capture make the same choices. Products the kernel does not take (other
+    dtypes, mixed dtypes, a 1-D operand, shapes that do not line up) go to cuBLAS (``a @ b``,
+    which raises CuPy's error for bad shapes), whatever the setting."""
+    setting = _cuda_matmul_setting if setting is None else setting
+    a_dtype, b_dtype = np.dtype(a_dtype), np.dtype(b_dtype)
+    if (
+        setting == "cublas"
+        or a_dtype != b_dtype
+        or a_dtype not in (np.float32, np.float64)
+        or len(a_shape) < 2
+        or len(b_shape) < 2
+        or a_shape[-1] != b_shape[-2]
+    ):
+        return "cublas"
+    if setting == "kernel":
+        return "kernel"
+    product = a_shape[-2] * a_shape[-1] * b_shape[-1]
+    try:
+        batch = math.prod(np.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
+    except ValueError:
+        return "cublas"
+    small = product <= KERNEL_MAX_PRODUCT and batch * product <= KERNEL_MAX_TOTAL
+    return "kernel" if small else "cublas"
+
+
+def matmul(a, b):
+    """``a @ b`` with NumPy's semantics. NumPy arrays: ``a @ b`` itself. CuPy arrays: our
+    kernel (``cuda_matmul.matmul``) or cuBLAS, as ``cuda_matmul_choice`` says."""
+    if isinstance(a, np.ndarray):
+        return a @ b
+    if cuda_matmul_choice(a.shape, b.shape, a.dtype, b.dtype) == "kernel":
+        from . import cuda_matmul  # imported on the first CuPy product
+
+        return cuda_matmul.matmul(a, b)
+    return a @ b

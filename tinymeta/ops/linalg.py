@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 
+from tinymeta import kernels
 from tinymeta.function import Function, ViewFunction, arrays_only_on_host
 from tinymeta.ops.shape import broadcast_to, reshape, sum_to, swapaxes
 from tinymeta.tensor import Tensor, constant
@@ -53,7 +54,7 @@ def _matmul_array(a, b, trans_a: bool, trans_b: bool):
         a = a.swapaxes(-1, -2)
     if trans_b:
         b = b.swapaxes(-1, -2)
-    return a @ b
+    return kernels.matmul(a, b)  # NumPy: a @ b; CuPy: a kernel a CUDA graph can hold, or cuBLAS
 
 
 def _mm(a, b, trans_a: bool, trans_b: bool):
