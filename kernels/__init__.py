@@ -109,10 +109,11 @@ def set_backend(name: str) -> str:
 
 
 class _CudaKernels:
-    """The CUDA implementation of each kernel, looked up by name: the first of cuda_impl and
-    cuda_batchnorm that defines it, else the reference (which runs on CuPy arrays)."""
+    """The CUDA implementation of each kernel, looked up by name: the first of cuda_impl,
+    cuda_batchnorm and cuda_matmul that defines it, else the reference (which runs on CuPy
+    arrays)."""
 
-    _CUDA_MODULES = ("cuda_impl", "cuda_batchnorm")
+    _CUDA_MODULES = ("cuda_impl", "cuda_batchnorm", "cuda_matmul")
 
     def __getattr__(self, name: str):
         for module_name in self._CUDA_MODULES:  # imported on the first CuPy array
@@ -629,7 +630,5 @@ def matmul(a, b):
     if isinstance(a, np.ndarray):
         return a @ b
     if cuda_matmul_choice(a.shape, b.shape, a.dtype, b.dtype) == "kernel":
-        from . import cuda_matmul  # imported on the first CuPy product
-
-        return cuda_matmul.matmul(a, b)
+        return _cuda.matmul(a, b)  # cuda_matmul.matmul, imported on the first CuPy product
     return a @ b
