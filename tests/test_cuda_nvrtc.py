@@ -19,12 +19,12 @@ import types
 
 import numpy as np
 import pytest
-from tinymeta.kernels import cuda_batchnorm, cuda_impl, cuda_launch
+from tinymeta.kernels import cuda_batchnorm, cuda_impl, cuda_launch, cuda_matmul
 
 ARCH = "90"
 SOURCES = [
     v
-    for m in (cuda_impl, cuda_batchnorm)
+    for m in (cuda_impl, cuda_batchnorm, cuda_matmul)
     for v in vars(m).values()
     if isinstance(v, cuda_launch.CudaSource)
 ]
@@ -90,7 +90,7 @@ def nvrtc_build(monkeypatch):
 @functools.cache
 def launched_by_wrappers() -> dict:
     """{source file: the instantiations "name<float|double>" that the wrappers of
-    kernels/cuda_impl.py and kernels/cuda_batchnorm.py launch}, from running each of them on
+    kernels/cuda_impl.py, kernels/cuda_batchnorm.py and kernels/cuda_matmul.py launch}, from running each of them on
     small NumPy inputs, in float32 and float64, with launches recorded instead of run."""
     launched = {}
 
@@ -135,6 +135,7 @@ def _call_every_wrapper(dtype) -> None:
     cuda_batchnorm.bn_double_backward(
         bx, bx, per_channel, per_channel, per_channel, bx, per_channel, per_channel
     )
+    cuda_matmul.matmul(a(2, 3, 4), a(5, 4).T)
 
 
 def test_every_kernel_is_launched_by_a_wrapper_in_both_dtypes():
