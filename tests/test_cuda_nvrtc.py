@@ -90,8 +90,9 @@ def nvrtc_build(monkeypatch):
 @functools.cache
 def launched_by_wrappers() -> dict:
     """{source file: the instantiations "name<float|double>" that the wrappers of
-    kernels/cuda_impl.py, kernels/cuda_batchnorm.py and kernels/cuda_matmul.py launch}, from running each of them on
-    small NumPy inputs, in float32 and float64, with launches recorded instead of run."""
+    kernels/cuda_impl.py, kernels/cuda_batchnorm.py and kernels/cuda_matmul.py launch}, from
+    running each of them on small NumPy inputs, in float32 and float64, with launches recorded
+    instead of run."""
     launched = {}
 
     def record(source, kernel, dtype, threads, args):
