@@ -613,13 +613,13 @@ def cuda_matmul_choice(a_shape: tuple, b_shape: tuple, a_dtype, b_dtype, setting
         or a_shape[-1] != b_shape[-2]
     ):
         return "cublas"
-    if setting == "kernel":
-        return "kernel"
-    product = a_shape[-2] * a_shape[-1] * b_shape[-1]
     try:
         batch = math.prod(np.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
     except ValueError:
         return "cublas"
+    if setting == "kernel":
+        return "kernel"
+    product = a_shape[-2] * a_shape[-1] * b_shape[-1]
     small = product <= KERNEL_MAX_PRODUCT and batch * product <= KERNEL_MAX_TOTAL
     return "kernel" if small else "cublas"
 

@@ -20,10 +20,14 @@ What the host keeps doing on every call, outside the graphs:
   that a graph would freeze. So reading a parameter after ``opt.step()`` in the step is
   refused (the graph would read it before the update).
 * **Forwards CuPy will not capture.** CuPy refuses cuBLAS calls during a stream capture
-  (``NotImplementedError``; cupy/cupy#6290), and every matmul calls cuBLAS. An op forward
-  that raises it ends the current graph: it runs eagerly between two graph launches, on the
+  (``NotImplementedError``; cupy/cupy#6290). Small matmuls do not call it: they take
+  tinymeta's own kernel (``tinymeta.kernels.matmul``; kernels/cuda/matmul.cu), which a graph
+  holds, so a step whose products are all small (W1's) is one graph. A larger product calls
+  cuBLAS (or every product, with ``TINYMETA_CUDA_MATMUL=cublas``). An op forward that raises
+  the refusal ends the current graph: it runs eagerly between two graph launches, on the
   same static arrays, and its results (and the arrays it keeps for its backward) are copied
   into the arrays the next graph reads. A step is then a few graphs with matmuls between.
+  ``GraphProgram.graphs`` and ``.eager_forwards`` count them.
 * **Label-range checks** (cross-entropy's): they read values back, which a graph cannot;
   they run on the new labels before the launch when the labels are an input (or a view of
   one), and are refused when the step computes them.
@@ -650,6 +654,16 @@ class GraphProgram:
     def __len__(self):
         return len(self.names)
 
+    @property
+    def graphs(self) -> int:
+        """The CUDA graphs a replay launches (0 until captured)."""
+        return sum(kind == "graph" for kind, _ in self.replay_list or ())
+
+    @property
+    def eager_forwards(self) -> int:
+        """The op forwards a replay runs eagerly between its graphs (cuBLAS calls)."""
+        return sum(kind == "eager" for kind, _ in self.replay_list or ())
+
     def state_unchanged(self) -> bool:
         return _state_unchanged(self.plan)
 
@@ -718,8 +732,7 @@ class GraphProgram:
         )
         self.replay_list = facts.segments.replay
         self.constants = facts.segments.constants
-        graphs = sum(kind == "graph" for kind, _ in self.replay_list)
-        self.names = [f"{graphs} CUDA graph(s)"] + [
+        self.names = [f"{self.graphs} CUDA graph(s)"] + [
             f"{type(opt).__name__}.step" for opt, _ in self.plan.steps
         ]
         weakref.finalize(self, _retire, self.pool)
