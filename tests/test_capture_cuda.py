@@ -19,7 +19,7 @@ from test_capture import _mlp, _params, w3_case, w4_case  # noqa: E402
 
 import tinymeta as tm
 import tinymeta.nn.functional as F
-from tinymeta import cuda_graph, function, meta
+from tinymeta import cuda_graph, function, kernels, meta
 from tinymeta.capture import CaptureError
 from tinymeta.optim import SGD, Adam
 
@@ -333,6 +333,32 @@ def test_cuda_w1_maml_adam(steps, first_order):
         return _maml_step(state["params"], state["opt"], steps, first_order)
 
     _cuda_twins(make_state, make_step, _sinusoid_batches(ITERATIONS))
+
+
+@on_gpu
+@pytest.mark.parametrize("setting", ["auto", "kernel", "cublas"])
+def test_cuda_w1_is_one_graph_when_its_matmuls_take_the_kernel(setting):
+    """With the matmul kernel (W1's products are all small: "auto" takes it) the whole
+    meta-iteration is one CUDA graph, nothing run eagerly between graphs; with cuBLAS a chain
+    of graphs with the matmuls between. Either way bit for bit the eager step's."""
+
+    def make_state():
+        params = _params(W1_SHAPES, device="cuda")
+        return {"params": params, "opt": Adam(list(params.values()), lr=1e-3)}
+
+    def make_step(state):
+        return _maml_step(state["params"], state["opt"], steps=2)
+
+    previous = kernels.set_cuda_matmul(setting)
+    try:
+        program = _cuda_twins(make_state, make_step, _sinusoid_batches(ITERATIONS)).program
+    finally:
+        kernels.set_cuda_matmul(previous)
+    if setting == "cublas":
+        assert program.graphs > 1 and program.eager_forwards == program.graphs - 1
+    else:
+        assert (program.graphs, program.eager_forwards) == (1, 0)
+    assert program.names[0] == f"{program.graphs} CUDA graph(s)"
 
 
 @on_gpu
