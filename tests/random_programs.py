@@ -547,6 +547,8 @@ def programs(draw, min_steps: int = 3, max_steps: int = 12, ops=None):
     names = [n for n in OP_NAMES if n in ops] if ops is not None else OP_NAMES
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     inputs = [rng.standard_normal(s) for s in input_shapes(rng)]
+    if draw(st.booleans()):  # column-major inputs: the matmul paths look at the memory layout
+        inputs = [np.asfortranarray(x) for x in inputs]
     values = list(inputs)
     steps = []
     wanted = draw(st.integers(min_steps, max_steps))
