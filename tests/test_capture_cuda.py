@@ -238,6 +238,28 @@ def test_a_library_refusal_while_capturing_names_the_user_line():
     assert cuda_graph._is_library("cupy/_core/core.pyx") and not cuda_graph._is_library(__file__)
 
 
+def test_a_forward_run_between_graphs_takes_the_matmul_setting_of_its_capture():
+    """A product run eagerly between two graphs (cuBLAS, captured under "cublas") is done so on
+    every replay, even after the setting changed (the kernel's bits would differ); its result
+    is copied into the array the capture made, and the setting is left as it was."""
+
+    class Node:
+        def forward(self, a, b):
+            self.setting = kernels.cuda_matmul_setting()
+            return a @ b
+
+    node, static = Node(), np.zeros((2, 2))
+    a, b = np.arange(4.0).reshape(2, 2), np.ones((2, 2))
+    run = cuda_graph._eager_forward(np, node, [a, b], (static,), {}, "cublas")
+    previous = kernels.set_cuda_matmul("kernel")
+    try:
+        run()
+        assert node.setting == "cublas" and kernels.cuda_matmul_setting() == "kernel"
+    finally:
+        kernels.set_cuda_matmul(previous)
+    assert np.array_equal(static, a @ b)
+
+
 def test_cpu_inputs_take_the_cpu_path():
     x = np.ones(3, np.float32)
     assert not cuda_graph.on_cuda([x, tm.tensor(x), 2.0, "flag"])

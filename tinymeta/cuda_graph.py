@@ -58,7 +58,7 @@ import weakref
 
 import numpy as np
 
-from tinymeta import backend
+from tinymeta import backend, kernels
 from tinymeta import function as _function
 from tinymeta.capture import CaptureError, register_cuda_path
 from tinymeta.tensor import Tensor, swap_array
@@ -455,7 +455,9 @@ class _Segments:
             if before.get(k) is not v and _is_array_or_arrays(v)
         }
         outputs = ys if type(ys) is tuple else (ys,)
-        self.replay.append(("eager", _eager_forward(self.cp, node, list(arrays), outputs, kept)))
+        matmul = kernels.cuda_matmul_setting()
+        run = _eager_forward(self.cp, node, list(arrays), outputs, kept, matmul)
+        self.replay.append(("eager", run))
         return ys
 
 
@@ -465,12 +467,18 @@ def _is_array_or_arrays(v) -> bool:
     return type(v) in (tuple, list) and bool(v) and all(backend.is_cupy_array(x) for x in v)
 
 
-def _eager_forward(cp, node, inputs, outputs, kept):
+def _eager_forward(cp, node, inputs, outputs, kept, matmul_setting: str):
     """A forward rerun between two graphs: its results and the arrays it keeps for its
-    backward are copied into the arrays that the capturing call made (which the graphs read)."""
+    backward are copied into the arrays that the capturing call made (which the graphs read).
+    It runs under the CUDA matmul setting of the capture (kernels.set_cuda_matmul), so that
+    its products are done as they were then, whatever the setting is now."""
 
     def run():
-        ys = node.forward(*inputs)
+        previous = kernels.set_cuda_matmul(matmul_setting)
+        try:
+            ys = node.forward(*inputs)
+        finally:
+            kernels.set_cuda_matmul(previous)
         for static, y in zip(outputs, ys if type(ys) is tuple else (ys,)):
             cp.copyto(static, y)
         for k, static in kept.items():
