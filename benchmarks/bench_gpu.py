@@ -15,9 +15,14 @@ order. Both frameworks loop over tasks, on random images (the data does not
 change the work).
 
 "tm captured" is the same tinymeta step under ``tm.capture`` with the data as its inputs: on
-cuda, CUDA graphs launched with the matmuls (which CuPy will not capture) run between them
-(tinymeta/cuda_graph.py); on the cpu, the CPU replay. Before timing, three captured
-iterations are checked to give bit for bit what three eager ones give from equal weights.
+cuda, CUDA graphs (tinymeta/cuda_graph.py); on the cpu, the CPU replay. On cuda it runs twice,
+under the two CUDA matmul settings (``tinymeta.kernels.set_cuda_matmul``): "tm captured" with
+every matmul and linear product in tinymeta's kernel, which a graph holds (W1 is then one
+graph), and "tm cap cublas" with them in cuBLAS, which CuPy will not capture (a chain of
+graphs, the products run between them); the convolutions of W2 are cuBLAS in both. The plain
+"tinymeta" rows run under the default setting ("auto": the kernel for small products). The
+number of graphs per step is printed. Before timing, three captured iterations are checked to
+give bit for bit what three eager ones give (under the same setting) from equal weights.
 
 Both frameworks run in this process, on the same device, from the same initial
 weights and data; before timing, one meta-gradient of each implementation is
@@ -151,8 +156,9 @@ def run_w1(args, tmeta, torch_impl, sync, budget_s, rows, checks):
         fns, grads = {}, {}
         fns["tinymeta"], grads["tinymeta"] = tmeta.w1(weights, data, steps)
         if not args.no_capture:
-            add_captured(fns, checks, f"W1 {steps} inner step(s)", tmeta, weights, data,
-                         tmeta.mlp, tmeta.F.mse_loss, W1_LR, steps, False)  # fmt: skip
+            add_captured_rows(fns, checks, f"W1 {steps} inner step(s)", args.device, tmeta,
+                              weights, data, tmeta.mlp, tmeta.F.mse_loss, W1_LR, steps,
+                              False)  # fmt: skip
         if torch_impl is not None:
             fns["torch loop"], grads["torch loop"] = torch_impl.w1_loop(weights, data, steps)
             fns["torch vmap"], grads["torch vmap"] = torch_impl.w1_vmap(weights, data, steps)
@@ -173,8 +179,9 @@ def run_w2(args, tmeta, torch_impl, sync, budget_s, rows, checks):
         fns["tinymeta"], grads["tinymeta"] = tmeta.w2(weights, data, first_order)
         if not args.no_capture:
             order = "1st" if first_order else "2nd"
-            add_captured(fns, checks, f"W2 {order}-order", tmeta, weights, data,
-                         tmeta.convnet, tmeta.cross_entropy, W2_LR, 1, first_order)  # fmt: skip
+            add_captured_rows(fns, checks, f"W2 {order}-order", args.device, tmeta, weights,
+                              data, tmeta.convnet, tmeta.cross_entropy, W2_LR, 1,
+                              first_order)  # fmt: skip
         if torch_impl is not None:
             fns["torch loop"], grads["torch loop"] = torch_impl.w2_loop(weights, data, first_order)
         label = (
@@ -204,14 +211,42 @@ def captured_step(tmeta, weights, data, forward, loss_fn, lr, steps, first_order
     return step, params, batch
 
 
-def add_captured(fns, checks, label, tmeta, weights, *config) -> None:
-    """Add the captured step to ``fns`` after checking that three captured iterations give
-    bit for bit what three eager ones give; a step that cannot be captured is reported, and
-    left out of the table."""
+# The captured rows on cuda: (row name, CUDA matmul setting); on the cpu the setting does
+# nothing (NumPy arrays always take NumPy's matmul): one row.
+CAPTURED_ROWS = {"cuda": (("tm captured", "kernel"), ("tm cap cublas", "cublas")),
+                 "cpu": (("tm captured", "kernel"),)}  # fmt: skip
+
+
+def add_captured_rows(fns, checks, label, device, tmeta, weights, *config) -> None:
+    for name, setting in CAPTURED_ROWS[device]:
+        add_captured(fns, checks, label, name, setting, tmeta, weights, *config)
+
+
+def under_setting(tmeta, setting: str, fn):
+    """``fn`` made to run under the CUDA matmul setting ``setting``, and restore the one before."""
+    kernels = tmeta.tm.kernels
+
+    def run(*args):
+        previous = kernels.set_cuda_matmul(setting)
+        try:
+            return fn(*args)
+        finally:
+            kernels.set_cuda_matmul(previous)
+
+    run.__wrapped__ = fn
+    return run
+
+
+def add_captured(fns, checks, label, name, setting, tmeta, weights, *config) -> None:
+    """Add the captured step to ``fns`` as ``name``, run under the CUDA matmul setting
+    ``setting``, after checking that three captured iterations give bit for bit what three
+    eager ones give under that setting; a step that cannot be captured is reported, and left
+    out of the table."""
     try:
         eager, eager_params, eager_batch = captured_step(tmeta, weights, *config)
         step, params, batch = captured_step(tmeta, weights, *config)
-        captured = tmeta.tm.capture(step)
+        eager = under_setting(tmeta, setting, eager)
+        captured = under_setting(tmeta, setting, tmeta.tm.capture(step))
         for _ in range(3):  # the warm-up, the capture, a replay
             eager(*eager_batch)
             captured(*batch)
@@ -220,19 +255,26 @@ def add_captured(fns, checks, label, tmeta, weights, *config) -> None:
             for a, b in zip(eager_params.values(), params.values())
         ]
     except Exception as e:  # a refusal or a device error: report it, time the others
-        print(f"  tm captured: FAILED ({type(e).__name__}: {e})", flush=True)
-        checks.append({"workload": label, "against": "tm captured", "error": str(e), "ok": False})
+        print(f"  {name}: FAILED ({type(e).__name__}: {e})", flush=True)
+        checks.append({"workload": label, "against": name, "error": str(e), "ok": False})
         return
     ok = max(diffs) == 0.0
+    program = captured.__wrapped__.program
     print(
-        f"  tm captured ({describe_program(captured.program)}) vs eager after 3 iterations: "
+        f"  {name} ({describe_program(program)}) vs eager after 3 iterations: "
         f"{'bit-identical' if ok else f'max abs diff {max(diffs):.2e} (NOT bit-identical)'}",
         flush=True,
     )
-    checks.append(
-        {"workload": label, "against": "tm captured", "max_abs_diff": max(diffs), "ok": ok}
-    )
-    fns["tm captured"] = lambda: captured(*batch)
+    check = {"workload": label, "against": name, "max_abs_diff": max(diffs), "ok": ok}
+    if hasattr(program, "graphs"):  # on cuda
+        print(
+            f"    matmuls in {setting}: {program.graphs} CUDA graph(s) per step, "
+            f"{program.eager_forwards} forward(s) run eagerly between them",
+            flush=True,
+        )
+        check.update(graphs=program.graphs, eager_forwards=program.eager_forwards)
+    checks.append(check)
+    fns[name] = lambda: captured(*batch)
 
 
 def describe_program(program) -> str:
@@ -262,7 +304,7 @@ def check_and_time(label, fns, grads, repeats, warmup, sync, budget_s) -> tuple:
         q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
         row[name] = {"median_ms": 1e3 * statistics.median(xs), "iqr_ms": 1e3 * (q[2] - q[0])}
         print(
-            f"  {name:<11} median {row[name]['median_ms']:9.2f} ms  "
+            f"  {name:<13} median {row[name]['median_ms']:9.2f} ms  "
             f"(IQR {row[name]['iqr_ms']:.2f} ms, {len(xs)} rounds)",
             flush=True,
         )
@@ -272,28 +314,28 @@ def check_and_time(label, fns, grads, repeats, warmup, sync, budget_s) -> tuple:
 def print_table(rows, device: str) -> None:
     print(
         f"\nResults (median ms per meta-iteration, device {device}; ratio = tinymeta / peer; "
-        "cap = tm captured)"
+        "cap = tm captured, its matmuls in tinymeta's kernel; cublas = tm cap cublas)"
     )
-    names = ("tinymeta", "tm captured", "torch loop", "torch vmap")
+    names = ("tinymeta", "tm captured", "tm cap cublas", "torch loop", "torch vmap")
     ratios = [("tinymeta", "torch loop"), ("tinymeta", "torch vmap"),
-              ("tm captured", "torch loop"), ("tm captured", "torch vmap")]  # fmt: skip
-    header = f"{'workload':<44} " + " ".join(f"{n:>11}" for n in names)
-    header += " " + " ".join(f"{short(a) + '/' + short(b):>9}" for a, b in ratios)
+              ("tm captured", "torch loop"), ("tm captured", "torch vmap"),
+              ("tm captured", "tm cap cublas")]  # fmt: skip
+    header = f"{'workload':<44} " + " ".join(f"{n:>13}" for n in names)
+    header += " " + " ".join(f"{short(a) + '/' + short(b):>10}" for a, b in ratios)
     print(header)
     print("-" * len(header))
     for row in rows:
         cells = [f"{row['workload']:<44}"]
-        cells += [f"{row[n]['median_ms']:>11.2f}" if n in row else f"{'-':>11}" for n in names]
+        cells += [f"{row[n]['median_ms']:>13.2f}" if n in row else f"{'-':>13}" for n in names]
         for a, b in ratios:
             ratio = row[a]["median_ms"] / row[b]["median_ms"] if a in row and b in row else None
-            cells.append(f"{ratio:>9.2f}" if ratio is not None else f"{'-':>9}")
+            cells.append(f"{ratio:>10.2f}" if ratio is not None else f"{'-':>10}")
         print(" ".join(cells))
 
 
 def short(name: str) -> str:
-    return {"tinymeta": "tm", "tm captured": "cap", "torch loop": "loop", "torch vmap": "vmap"}[
-        name
-    ]
+    return {"tinymeta": "tm", "tm captured": "cap", "tm cap cublas": "cublas",
+            "torch loop": "loop", "torch vmap": "vmap"}[name]  # fmt: skip
 
 
 def describe(np, cupy, torch, device: str) -> str:

@@ -10,7 +10,8 @@
 #    to kernels/, as pyproject.toml's package-dir does for an install);
 # 3. runs the test suite: first tests/test_cuda_nvrtc.py (every kernels/cuda/*.cu through
 #    CuPy's NVRTC path: a failure there explains the kernel failures that follow), then the cuda
-#    cases (`-m gpu`: the op tables on cuda, tests/test_cuda.py, tests/test_capture_cuda.py:
+#    cases (`-m gpu`: the op tables on cuda, tests/test_cuda.py, tests/test_cuda_matmul.py (the
+#    matmul kernel against a naive loop and cuBLAS), tests/test_capture_cuda.py:
 #    tm.capture as CUDA graphs)
 #    in the foreground with HYPOTHESIS_PROFILE=ci-gpu (5 examples a test, no shrinking), and
 #    the rest (`-m "not gpu"`, HYPOTHESIS_PROFILE=ci, 4 BLAS threads) in the background, at
@@ -20,7 +21,7 @@
 #    Omniglot archives from $TINYMETA_DATA, else from runs/gpu_check_data/omniglot when it
 #    was carried along (see the report);
 # 4. runs benchmarks/bench_gpu.py (W1 and W2, tinymeta on cuda, eager and captured as CUDA
-#    graphs, next to PyTorch CUDA).
+#    graphs with the matmuls in tinymeta's kernel and in cuBLAS, next to PyTorch CUDA).
 #
 # Every phase has a time limit, so the whole script ends within about 6 minutes. The log
 # goes to $OUT/gpu_log.txt (or /tmp/tinymeta_gpu_check/ without $OUT), with the benchmark's
@@ -151,8 +152,8 @@ assert tm.__file__.startswith('$REPO'), 'another tinymeta shadows this checkout'
         # SIGINT at the time limit: pytest then still prints the failures it has seen.
         HYPOTHESIS_PROFILE=ci-gpu timeout -s INT -k 15 170 "$PY" -m pytest -q -p no:cacheprovider \
             -m "gpu and not slow" -rfEx --maxfail=30 --durations=10 \
-            tests/test_cuda.py tests/test_capture_cuda.py tests/test_errors.py tests/test_optim.py \
-            tests/test_nn_functional.py \
+            tests/test_cuda.py tests/test_cuda_matmul.py tests/test_capture_cuda.py \
+            tests/test_errors.py tests/test_optim.py tests/test_nn_functional.py \
             tests
         local rc=$?
         [ $rc = 0 ] || failed=1
