@@ -162,13 +162,17 @@ def _clip_ok(x, lo, hi):
 
 def _extreme_apart(x, axis, keepdims):
     """max/min: the two largest (and the two smallest) along the reduced axes differ."""
-    axes = sorted({int(a) % x.ndim for a in (range(x.ndim) if axis is None else np.atleast_1d(axis))})
+    axes = sorted(
+        {int(a) % x.ndim for a in (range(x.ndim) if axis is None else np.atleast_1d(axis))}
+    )
     kept = x.ndim - len(axes)
     moved = np.moveaxis(x, axes, range(kept, x.ndim))
     flat = np.sort(moved.reshape(moved.shape[:kept] + (-1,)), axis=-1)
     if flat.shape[-1] < 2:
         return True
-    return bool(np.all(np.diff(flat[..., :2]) > MARGIN) and np.all(np.diff(flat[..., -2:]) > MARGIN))
+    return bool(
+        np.all(np.diff(flat[..., :2]) > MARGIN) and np.all(np.diff(flat[..., -2:]) > MARGIN)
+    )
 
 
 def _where_ok(cond, a, b):
@@ -204,7 +208,9 @@ def _broadcasts(*shapes) -> bool:
 
 def pick_binary(draw, shapes):
     pairs = [
-        (i, j) for i, j in itertools.product(range(len(shapes)), repeat=2) if _broadcasts(shapes[i], shapes[j])
+        (i, j)
+        for i, j in itertools.product(range(len(shapes)), repeat=2)
+        if _broadcasts(shapes[i], shapes[j])
     ]
     return _choose(draw, pairs), ()
 
@@ -216,7 +222,9 @@ def pick_where(draw, shapes):
 
 
 def pick_same_shape(draw, shapes):
-    pairs = [(i, j) for i, j in itertools.product(range(len(shapes)), repeat=2) if shapes[i] == shapes[j]]
+    pairs = [
+        (i, j) for i, j in itertools.product(range(len(shapes)), repeat=2) if shapes[i] == shapes[j]
+    ]
     return _choose(draw, pairs), ()
 
 
@@ -264,7 +272,9 @@ def pick_swapaxes(draw, shapes):
 
 def pick_broadcast_to(draw, shapes):
     (i,), _ = pick_unary(draw, shapes)
-    shape = tuple(draw(st.sampled_from([2, 3])) if d == 1 and draw(st.booleans()) else d for d in shapes[i])
+    shape = tuple(
+        draw(st.sampled_from([2, 3])) if d == 1 and draw(st.booleans()) else d for d in shapes[i]
+    )
     if draw(st.booleans()):
         shape = (2, *shape)
     return (i,), (shape,)
@@ -302,7 +312,9 @@ def pick_basic_index(draw, shapes):
         else:
             spec.append(slice(None))
     if draw(st.booleans()):  # in front only when spec names every axis (it then stands for none)
-        spec.insert(draw(st.sampled_from([0, len(spec)])) if used == len(shapes[i]) else len(spec), Ellipsis)
+        spec.insert(
+            draw(st.sampled_from([0, len(spec)])) if used == len(shapes[i]) else len(spec), Ellipsis
+        )
     return (i,), (tuple(spec),)
 
 
@@ -326,7 +338,11 @@ def _matmul_fits(a, b) -> bool:
 
 
 def pick_matmul(draw, shapes):
-    pairs = [(i, j) for i, j in itertools.product(range(len(shapes)), repeat=2) if _matmul_fits(shapes[i], shapes[j])]
+    pairs = [
+        (i, j)
+        for i, j in itertools.product(range(len(shapes)), repeat=2)
+        if _matmul_fits(shapes[i], shapes[j])
+    ]
     return _choose(draw, pairs), ()
 
 
@@ -340,7 +356,18 @@ def pick_matmul_bt(draw, shapes):  # a @ b.swapaxes(-1, -2)
     return _choose(draw, pairs), ()
 
 
-EINSUMS = ("ij,jk->ik", "bij,bjk->bik", "ij,ij->i", "i,j->ij", "ij->ji", "ii->i", "ij,j->i", "ijk->kj", "ij,kj->ik", "i,i->")
+EINSUMS = (
+    "ij,jk->ik",
+    "bij,bjk->bik",
+    "ij,ij->i",
+    "i,j->ij",
+    "ij->ji",
+    "ii->i",
+    "ij,j->i",
+    "ijk->kj",
+    "ij,kj->ik",
+    "i,i->",
+)
 
 
 def _einsum_fits(subscripts, shapes) -> bool:
@@ -379,7 +406,9 @@ def pick_concatenate(draw, shapes):
     axis = _axis(draw, len(shapes[i]))
     a = axis % len(shapes[i])
     partners = [
-        j for j, s in enumerate(shapes) if len(s) == len(shapes[i]) and s[:a] + s[a + 1 :] == shapes[i][:a] + shapes[i][a + 1 :]
+        j
+        for j, s in enumerate(shapes)
+        if len(s) == len(shapes[i]) and s[:a] + s[a + 1 :] == shapes[i][:a] + shapes[i][a + 1 :]
     ]
     return (i, _choose(draw, partners)), (axis,)
 
@@ -454,7 +483,59 @@ def _torch_linear(x, w, b=None):
     return _t().nn.functional.linear(x, w, b)
 
 
-# One line per op: (which values it applies to, tinymeta, PyTorch, domain).
+def _tm_reduce(method: str):
+    return lambda x, axis, keepdims: getattr(x, method)(axis=axis, keepdims=keepdims)
+
+
+def _torch_reduce(method: str, **fixed):
+    def call(x, axis, keepdims):
+        return getattr(x, method)(dim=_dims(x.ndim, axis), keepdim=keepdims, **fixed)
+
+    return call
+
+
+def _tm_relu_wide(x):  # broadcast to WIDE copies, ReLU through the kernel, mean back
+    return F.relu(x.broadcast_to((WIDE, *x.shape))).mean(axis=0)
+
+
+def _torch_relu_wide(x):
+    return x.broadcast_to((WIDE, *x.shape)).relu().mean(0)
+
+
+def _torch_where(c, a, b):
+    return _t().where(c > 0, a, b)
+
+
+def _tm_mse(a, b, reduction):
+    return F.mse_loss(a, b, reduction=reduction)
+
+
+def _torch_mse(a, b, reduction):
+    return _t().nn.functional.mse_loss(a, b, reduction=reduction)
+
+
+def _tm_matmul_bt(a, b):
+    return tm.matmul(a, b.swapaxes(-1, -2))
+
+
+def _torch_matmul_bt(a, b):
+    return a @ b.swapaxes(-1, -2)
+
+
+def _tm_einsum(*args):  # the operands, then the subscripts (the step's parameter)
+    return tm.einsum(args[-1], *args[:-1])
+
+
+def _torch_einsum(*args):
+    return _t().einsum(args[-1], *args[:-1])
+
+
+def _2d(shape) -> bool:  # .T of 2-D tensors only: PyTorch deprecates the rest
+    return len(shape) == 2
+
+
+# One line per op: (which values it applies to, tinymeta, PyTorch, domain); domain notes in
+# the comments, the domains themselves above. Arrays given as parameters are constants.
 # fmt: off
 OPS = {
     "add": Op(pick_binary, lambda a, b: a + b, lambda a, b: a + b),
@@ -463,50 +544,50 @@ OPS = {
     "div": Op(pick_binary, lambda a, b: a / _sq(b), lambda a, b: a / _sq(b)),  # divisor >= 1
     "rsub": Op(pick_unary, lambda x: 1.5 - x, lambda x: 1.5 - x),  # a Python scalar on the left
     "neg": Op(pick_unary, lambda x: -x, lambda x: -x),
-    "pow_int": Op(pick_pow_int, lambda x, k: x ** k, lambda x, k: x ** k),
-    "pow_const": Op(pick_pow_const, lambda x, c: _sq(x) ** c, lambda x, c: _sq(x) ** c),  # base >= 1
-    "pow_tensor": Op(pick_binary, lambda a, b: _sq(a) ** b, lambda a, b: _sq(a) ** b, _pow_ok),  # base >= 1
+    "pow_int": Op(pick_pow_int, lambda x, k: x**k, lambda x, k: x**k),
+    "pow_const": Op(pick_pow_const, lambda x, c: _sq(x) ** c, lambda x, c: _sq(x) ** c),  # >= 1
+    "pow_tensor": Op(pick_binary, lambda a, b: _sq(a) ** b, lambda a, b: _sq(a) ** b, _pow_ok),
     "exp": Op(pick_unary, lambda x: x.exp(), lambda x: x.exp(), _exp_ok),  # x < 4
     "log": Op(pick_unary, lambda x: _sq(x).log(), lambda x: _sq(x).log()),
     "sqrt": Op(pick_unary, lambda x: _sq(x).sqrt(), lambda x: _sq(x).sqrt()),
     "tanh": Op(pick_unary, lambda x: x.tanh(), lambda x: x.tanh()),
     "sigmoid": Op(pick_unary, lambda x: tm.sigmoid(x), lambda x: x.sigmoid()),
-    "relu": Op(pick_unary, lambda x: x.relu(), lambda x: x.relu(), _away_from_zero),  # kink at 0
-    "abs": Op(pick_unary, lambda x: tm.abs(x), lambda x: x.abs(), _away_from_zero),  # kink at 0
+    "relu": Op(pick_unary, lambda x: x.relu(), lambda x: x.relu(), _away_from_zero),  # kink
+    "abs": Op(pick_unary, lambda x: tm.abs(x), lambda x: x.abs(), _away_from_zero),  # kink
     "sin": Op(pick_unary, lambda x: x.sin(), lambda x: x.sin()),
     "cos": Op(pick_unary, lambda x: tm.cos(x), lambda x: x.cos()),
-    "sum": Op(pick_reduction, lambda x, a, k: x.sum(axis=a, keepdims=k), lambda x, a, k: x.sum(dim=_dims(x.ndim, a), keepdim=k)),
-    "mean": Op(pick_reduction, lambda x, a, k: x.mean(axis=a, keepdims=k), lambda x, a, k: x.mean(dim=_dims(x.ndim, a), keepdim=k)),
-    "var": Op(pick_reduction, lambda x, a, k: x.var(axis=a, keepdims=k), lambda x, a, k: x.var(dim=_dims(x.ndim, a), keepdim=k, correction=0)),
-    "max": Op(pick_reduction, lambda x, a, k: x.max(axis=a, keepdims=k), lambda x, a, k: x.amax(dim=_dims(x.ndim, a), keepdim=k), _extreme_apart),  # no ties
-    "min": Op(pick_reduction, lambda x, a, k: tm.min(x, axis=a, keepdims=k), lambda x, a, k: x.amin(dim=_dims(x.ndim, a), keepdim=k), _extreme_apart),  # no ties
-    "logsumexp": Op(pick_reduction, lambda x, a, k: x.logsumexp(axis=a, keepdims=k), lambda x, a, k: x.logsumexp(dim=_dims(x.ndim, a), keepdim=k)),
+    "sum": Op(pick_reduction, _tm_reduce("sum"), _torch_reduce("sum")),
+    "mean": Op(pick_reduction, _tm_reduce("mean"), _torch_reduce("mean")),
+    "var": Op(pick_reduction, _tm_reduce("var"), _torch_reduce("var", correction=0)),  # ddof 0
+    "max": Op(pick_reduction, _tm_reduce("max"), _torch_reduce("amax"), _extreme_apart),  # ties
+    "min": Op(pick_reduction, _tm_reduce("min"), _torch_reduce("amin"), _extreme_apart),  # ties
+    "logsumexp": Op(pick_reduction, _tm_reduce("logsumexp"), _torch_reduce("logsumexp")),
     "reshape": Op(pick_reshape, lambda x, s: x.reshape(*s), lambda x, s: x.reshape(*s)),
     "transpose": Op(pick_transpose, lambda x, p: x.transpose(*p), lambda x, p: x.permute(*p)),
-    "T": Op(_pick_unary_if(lambda s: len(s) == 2), lambda x: x.T, lambda x: x.T),  # 2-D only: PyTorch deprecates the rest
-    "swapaxes": Op(pick_swapaxes, lambda x, a, b: x.swapaxes(a, b), lambda x, a, b: x.swapaxes(a, b)),
-    "broadcast_to": Op(pick_broadcast_to, lambda x, s: x.broadcast_to(s), lambda x, s: x.broadcast_to(s)),
+    "T": Op(_pick_unary_if(_2d), lambda x: x.T, lambda x: x.T),
+    "swapaxes": Op(pick_swapaxes, lambda x, *a: x.swapaxes(*a), lambda x, *a: x.swapaxes(*a)),
+    "broadcast_to": Op(pick_broadcast_to, tm.broadcast_to, lambda x, s: x.broadcast_to(s)),
     "squeeze": Op(pick_squeeze, lambda x, a: x.squeeze(a), lambda x, a: x.squeeze(a)),
     "unsqueeze": Op(pick_unsqueeze, lambda x, a: x.unsqueeze(a), lambda x, a: x.unsqueeze(a)),
     "flatten": Op(pick_unary, lambda x: x.flatten(), lambda x: x.flatten()),
     "index": Op(pick_basic_index, lambda x, s: x[s], lambda x, s: x[s]),
-    "index_array": Op(pick_array_index, lambda x, s: x[_tm_index(s)], lambda x, s: x[_torch_index(s)]),  # repeats add up
-    "matmul": Op(pick_matmul, lambda a, b: a @ b, lambda a, b: a @ b),  # batched, 1-D operands too
-    "matmul_bt": Op(pick_matmul_bt, lambda a, b: tm.matmul(a, b.swapaxes(-1, -2)), lambda a, b: a @ b.swapaxes(-1, -2)),
-    "einsum": Op(pick_einsum, lambda *a: tm.einsum(a[-1], *a[:-1]), lambda *a: _t().einsum(a[-1], *a[:-1])),
-    "where": Op(pick_where, lambda c, a, b: tm.where(c > 0, a, b), lambda c, a, b: _t().where(c > 0, a, b), _where_ok),  # c away from 0
-    "maximum": Op(pick_binary, lambda a, b: tm.maximum(a, b), lambda a, b: _t().maximum(a, b), _apart),  # no ties
-    "minimum": Op(pick_binary, lambda a, b: tm.minimum(a, b), lambda a, b: _t().minimum(a, b), _apart),  # no ties
-    "clip": Op(pick_clip, lambda x, lo, hi: x.clip(lo, hi), lambda x, lo, hi: x.clamp(lo, hi), _clip_ok),  # away from the bounds
-    "concatenate": Op(pick_concatenate, lambda a, b, ax: tm.concatenate([a, b], ax), lambda a, b, ax: _t().cat([a, b], ax)),
-    "stack": Op(pick_stack, lambda a, b, ax: tm.stack([a, b], ax), lambda a, b, ax: _t().stack([a, b], ax)),
+    "index_array": Op(pick_array_index, lambda x, s: x[_tm_index(s)], lambda x, s: x[_torch_index(s)]),  # noqa: E501  (repeats add up)
+    "matmul": Op(pick_matmul, lambda a, b: a @ b, lambda a, b: a @ b),  # batched, 1-D too
+    "matmul_bt": Op(pick_matmul_bt, _tm_matmul_bt, _torch_matmul_bt),
+    "einsum": Op(pick_einsum, _tm_einsum, _torch_einsum),
+    "where": Op(pick_where, lambda c, a, b: tm.where(c > 0, a, b), _torch_where, _where_ok),
+    "maximum": Op(pick_binary, tm.maximum, lambda a, b: _t().maximum(a, b), _apart),  # ties
+    "minimum": Op(pick_binary, tm.minimum, lambda a, b: _t().minimum(a, b), _apart),  # ties
+    "clip": Op(pick_clip, lambda x, *b: x.clip(*b), lambda x, *b: x.clamp(*b), _clip_ok),
+    "concatenate": Op(pick_concatenate, lambda *a: tm.concatenate(a[:2], a[2]), lambda *a: _t().cat(a[:2], a[2])),  # noqa: E501
+    "stack": Op(pick_stack, lambda *a: tm.stack(a[:2], a[2]), lambda *a: _t().stack(a[:2], a[2])),
     "linear": Op(pick_linear, _tm_linear, _torch_linear),
     "linear_bias": Op(pick_linear_bias, _tm_linear, _torch_linear),
-    "F.relu": Op(pick_unary, lambda x: F.relu(x), lambda x: _t().nn.functional.relu(x), _away_from_zero),  # kink at 0
-    "relu_wide": Op(pick_unary, lambda x: F.relu(x.broadcast_to((WIDE, *x.shape))).mean(axis=0), lambda x: x.broadcast_to((WIDE, *x.shape)).relu().mean(0), _away_from_zero),
-    "softmax": Op(pick_softmax, lambda x, a: F.softmax(x, a), lambda x, a: x.softmax(a)),
-    "log_softmax": Op(pick_softmax, lambda x, a: F.log_softmax(x, a), lambda x, a: x.log_softmax(a)),
-    "mse_loss": Op(pick_mse, lambda a, b, r: F.mse_loss(a, b, reduction=r), lambda a, b, r: _t().nn.functional.mse_loss(a, b, reduction=r)),
+    "F.relu": Op(pick_unary, F.relu, lambda x: _t().nn.functional.relu(x), _away_from_zero),
+    "relu_wide": Op(pick_unary, _tm_relu_wide, _torch_relu_wide, _away_from_zero),
+    "softmax": Op(pick_softmax, F.softmax, lambda x, a: x.softmax(a)),
+    "log_softmax": Op(pick_softmax, F.log_softmax, lambda x, a: x.log_softmax(a)),
+    "mse_loss": Op(pick_mse, _tm_mse, _torch_mse),
     "cross_entropy": Op(pick_cross_entropy, _cross_entropy, _torch_cross_entropy),
 }
 # fmt: on
@@ -530,7 +611,7 @@ def input_shapes(rng) -> list:
 
 
 def _evaluate(op: Op, values, args, params):
-    """The step's value in tinymeta (float64 arrays in, an array out), or None outside the domain."""
+    """The step's value in tinymeta (float64 arrays in, an array out); None outside its domain."""
     arrays = [values[i] for i in args]
     if not op.ok(*arrays, *params):
         return None

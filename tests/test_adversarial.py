@@ -450,7 +450,9 @@ def test_second_order_capture_of_a_tensor_power_is_bit_identical_to_eager():
     results = []
     for captured in (False, True):
         a = tm.tensor(np.array([[0.03, 0.55, -0.74, -0.16]]), requires_grad=True)
-        b = tm.tensor(np.array([[-0.48, 0.6, 0.04, -0.29], [-0.78, -0.26, 0.01, -0.28]]), requires_grad=True)
+        b = tm.tensor(
+            np.array([[-0.48, 0.6, 0.04, -0.29], [-0.78, -0.26, 0.01, -0.28]]), requires_grad=True
+        )
 
         def step(x, a=a, b=b):
             a.grad = b.grad = None
@@ -461,7 +463,8 @@ def test_second_order_capture_of_a_tensor_power_is_bit_identical_to_eager():
 
         run = tm.capture(step) if captured else step
         rng = np.random.default_rng(0)
-        results.append([[g.numpy().copy() for g in run(tm.tensor(0.3 * rng.standard_normal((1, 4))))] for _ in range(3)])
+        batches = [tm.tensor(0.3 * rng.standard_normal((1, 4))) for _ in range(3)]
+        results.append([[g.numpy().copy() for g in run(x)] for x in batches])
     assert run.captures == 1
     for eager, replayed in zip(*results):
         for g_eager, g_replayed in zip(eager, replayed):

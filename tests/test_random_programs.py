@@ -13,10 +13,10 @@ import importlib.util
 
 import numpy as np
 import pytest
+import random_programs as rp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import random_programs as rp
 import tinymeta as tm
 from tinymeta.optim import SGD, Adam
 from tinymeta.testing import check_grads, gradcheck
@@ -29,7 +29,9 @@ MANY = settings(max_examples=2000, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _leaves(program):
-    return [tm.tensor(x.copy(order="K"), requires_grad=True) for x in program.inputs]  # (layout kept)
+    return [
+        tm.tensor(x.copy(order="K"), requires_grad=True) for x in program.inputs
+    ]  # (layout kept)
 
 
 # --- finite differences (no PyTorch) ---------------------------------------------------------
@@ -93,7 +95,9 @@ def _compare_with_pytorch(program, seed: int) -> None:
         for i, (a, b) in enumerate(zip(mine, ref)):
             assert a.shape == b.shape, (order, i, a.shape, b.shape)
             scale = 1.0 + np.max(np.abs(b), initial=0.0)  # the summation order differs
-            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11 * scale, err_msg=f"order {order}, input {i}")
+            np.testing.assert_allclose(
+                a, b, rtol=1e-9, atol=1e-11 * scale, err_msg=f"order {order}, input {i}"
+            )
 
 
 @needs_torch
@@ -149,7 +153,9 @@ def _gradients_wrt_every_value(program, lib: str) -> list:
         gs = tm.grad(rp.scalar_of(program, values), values, allow_unused=True)
     else:
         torch = rp.import_torch()
-        values = rp.run_values(program, [torch.tensor(x, requires_grad=True) for x in program.inputs], lib)
+        values = rp.run_values(
+            program, [torch.tensor(x, requires_grad=True) for x in program.inputs], lib
+        )
         gs = torch.autograd.grad(rp.scalar_of(program, values, lib), values, allow_unused=True)
     return [None if g is None else _numpy(g) for g in gs]
 
