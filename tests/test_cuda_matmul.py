@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_capture import W1_SHAPES, _mlp, _params, _sinusoid_batches
 from tinymeta.kernels import cuda_launch, cuda_matmul
 
 import tinymeta as tm
@@ -331,26 +332,11 @@ def test_the_setting_from_the_environment(monkeypatch, setting):
 
 # --- W1 through the kernel -----------------------------------------------------------------------
 
-W1_SHAPES = {"w1": (40, 1), "b1": (40,), "w2": (40, 40), "b2": (40,), "w3": (1, 40), "b3": (1,)}
 
-
-def _mlp(p, x):
-    h = F.relu(F.linear(x, p["w1"], p["b1"]))
-    h = F.relu(F.linear(h, p["w2"], p["b2"]))
-    return F.linear(h, p["w3"], p["b3"])
-
-
-def _w1_meta_gradient(steps: int, tasks: int = 25, k: int = 10):
-    """W1's task-vectorized second-order MAML meta-gradient, on the cpu, float32."""
-    rng = np.random.default_rng(9)
-    params = {
-        name: tm.tensor((rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32),
-                        requires_grad=True)
-        for name, s in W1_SHAPES.items()
-    }  # fmt: skip
-    xs, xq = (rng.uniform(-5, 5, (tasks, k, 1)).astype(np.float32) for _ in range(2))
-    amp = rng.uniform(0.1, 5, (tasks, 1, 1)).astype(np.float32)
-    batch = [tm.tensor(a) for a in (xs, amp * np.sin(xs), xq, amp * np.sin(xq))]
+def _w1_meta_gradient(steps: int):
+    """W1's task-vectorized second-order MAML meta-gradient (25 tasks), on the cpu, float32."""
+    params = _params(W1_SHAPES)
+    batch = [tm.tensor(a) for a in _sinusoid_batches(1, tasks=25)[0]]
     loss = meta.maml_loss(_mlp, params, batch[:2], batch[2:], F.mse_loss, 0.01, steps)
     loss.backward()
     return {name: p.grad.data for name, p in params.items()}
