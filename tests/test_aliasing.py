@@ -181,3 +181,42 @@ def test_version_counter_stays_out_of_the_hot_path():
     assert y._vc is FRESH and y._version == 0
     v = y[1:]
     assert y._vc is v._vc and y._vc == [0, True]
+
+
+# --- a view to the tensor's own shape is a tensor of its own ---------------------------------
+
+SAME_SHAPE = {
+    "reshape": lambda x: x.reshape(x.shape),
+    "tm.reshape": lambda x: tm.reshape(x, x.shape),
+    "broadcast_to": lambda x: x.broadcast_to(x.shape),
+    "squeeze (nothing to squeeze)": lambda x: x.squeeze(),
+    "flatten (one axis)": lambda x: x.flatten(1, 1),
+}
+
+
+@pytest.mark.parametrize("view", SAME_SHAPE.values(), ids=SAME_SHAPE.keys())
+def test_the_gradient_with_respect_to_a_same_shape_view_counts_only_its_own_uses(view):
+    # PyTorch makes a new view here; were y x itself, dL/dy would be dL/dx = 2x + 3.
+    x = tm.tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
+    y = view(x)
+    assert y is not x and y.shape == x.shape
+    seen = []
+    y.register_hook(lambda g: seen.append(g.numpy().copy()))
+    loss = (x * x).sum() + (3.0 * y).sum()
+    gy, gx = tm.grad(loss, [y, x], retain_graph=True)
+    np.testing.assert_array_equal(gy.numpy(), np.full((2, 3), 3.0))
+    np.testing.assert_array_equal(gx.numpy(), 2 * np.arange(6.0).reshape(2, 3) + 3.0)
+    assert len(seen) == 1 and np.array_equal(seen[0], np.full((2, 3), 3.0))
+
+
+@pytest.mark.parametrize("view", SAME_SHAPE.values(), ids=SAME_SHAPE.keys())
+def test_a_same_shape_view_without_grad_is_its_own_leaf_and_shares_memory(view):
+    x = tm.tensor(np.ones((2, 3)))
+    y = view(x)
+    y.requires_grad_()  # y becomes a leaf; x must not start requiring grad through it
+    assert not x.requires_grad
+    (gy,) = tm.grad((y * x).sum(), [y])
+    np.testing.assert_array_equal(gy.numpy(), x.numpy())
+    x.add_(1.0)  # a view: the change is seen through y, and counted on y's version
+    np.testing.assert_array_equal(y.numpy(), np.full((2, 3), 2.0))
+    assert y._version == x._version == 1

@@ -50,8 +50,9 @@ class Reshape(ViewFunction):
 def reshape(x, *shape):
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
-    if isinstance(x, Tensor) and x.shape == shape:
-        return x
+    # Always a new tensor, even to x's own shape, as in PyTorch: the gradient with respect
+    # to y = x.reshape(x.shape) counts the uses of y only, and a hook on y sees y's
+    # gradient; were y x itself, both would be x's, every use of x included.
     return Reshape.apply(x, shape=shape)
 
 
@@ -109,9 +110,7 @@ class BroadcastTo(ViewFunction):
 
 def broadcast_to(x, shape):
     shape = tuple(shape)
-    if isinstance(x, Tensor) and x.shape == shape:
-        return x
-    return BroadcastTo.apply(x, shape=shape)
+    return BroadcastTo.apply(x, shape=shape)  # a new tensor even to x's shape (see reshape)
 
 
 class SumTo(Function):
