@@ -144,8 +144,9 @@ class Facts:
         """Note every device tensor that exists, its array and its ``.grad``."""
         from tinymeta.nn.module import Module
 
-        for obj in gc.get_objects():
-            if isinstance(obj, Tensor) and self.is_device_array(obj._data):
+        for obj in gc.get_objects():  # by type(obj), as in capture.py's scan
+            kind = type(obj)
+            if issubclass(kind, Tensor) and self.is_device_array(obj._data):
                 self.tensors.append(obj)
                 self.kept.append(obj._data)
                 self.grad_at_start[id(obj)] = obj.grad
@@ -153,7 +154,7 @@ class Facts:
                     # held: a freed .grad's id could be a new tensor's
                     self.grads_before[id(obj.grad)] = (obj.grad, tuple(obj.shape))
                     self.kept.append(obj.grad._data)
-            elif isinstance(obj, Module):
+            elif issubclass(kind, Module):
                 self.module_state[id(obj)] = (obj, _capture._attributes(obj))
 
     def note_inputs(self, tensors) -> None:
