@@ -96,12 +96,76 @@ def run_values(program: Program, xs, lib: str = "tm") -> list:
     """Every value of the program: the inputs, then one per step."""
     values = list(xs)
     for step in program.steps:
-        values.append(OPS[step.op].call(lib)(*(values[i] for i in step.args), *step.params))
+        apply_step(step, values, lib)
     return values
+
+
+def apply_step(step: Step, values: list, lib: str = "tm") -> None:
+    """Append the step's value, computed from ``values`` (an in-place step changes one)."""
+    values.append(op_of(step.op).call(lib)(*(values[i] for i in step.args), *step.params))
 
 
 def _const(lib: str, a):
     return a if lib == "tm" else import_torch().from_numpy(np.asarray(a))
+
+
+# --- derivatives in either library (the tests' harness) ----------------------------------------
+
+
+def leaves(program: Program) -> list:
+    """The program's inputs as tinymeta leaves that require grad (their memory layout kept)."""
+    return [tm.tensor(x.copy(order="K"), requires_grad=True) for x in program.inputs]
+
+
+def to_numpy(t) -> np.ndarray:
+    return t.numpy() if isinstance(t, tm.Tensor) else t.detach().numpy(force=True)  # ZeroTensors
+
+
+def _grads(lib: str, out, xs, create_graph: bool) -> list:
+    """d out / d xs in ``lib``, zeros where out does not depend on an input."""
+    if lib == "tm":
+        if not out.requires_grad:
+            return [tm.zeros_like(x) for x in xs]
+        gs = tm.grad(out, xs, create_graph=create_graph, allow_unused=True)
+        return [tm.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
+    torch = import_torch()
+    if not out.requires_grad:
+        return [torch.zeros_like(x) for x in xs]
+    gs = torch.autograd.grad(out, xs, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(xs, gs)]
+
+
+def derivatives(program: Program, lib: str, directions) -> list:
+    """[value, first, second, third derivatives], each a list of arrays per input: the second
+    and third as gradients of <previous gradients, direction> (random directions)."""
+    if lib == "tm":
+        xs = leaves(program)
+    else:
+        xs = [import_torch().tensor(x, requires_grad=True) for x in program.inputs]
+    out = run(program, xs, lib)
+    found = [[to_numpy(out)]]
+    for order, vs in enumerate(directions, start=1):
+        gs = _grads(lib, out, xs, create_graph=order < len(directions))
+        found.append([to_numpy(g) for g in gs])
+        if order < len(directions):
+            out = sum((g * _const(lib, v)).sum() for g, v in zip(gs, vs))
+    return found
+
+
+def random_directions(program: Program, seed: int, orders: int = 3) -> list:
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal(x.shape) for x in program.inputs] for _ in range(orders)]
+
+
+def assert_derivatives_match(ours: list, theirs: list) -> None:
+    """Derivatives (from ``derivatives``) equal to rtol 1e-9 (the summation order differs)."""
+    for order, (mine, ref) in enumerate(zip(ours, theirs)):
+        for i, (a, b) in enumerate(zip(mine, ref)):
+            assert a.shape == b.shape, (order, i, a.shape, b.shape)
+            scale = 1.0 + np.max(np.abs(b), initial=0.0)
+            np.testing.assert_allclose(
+                a, b, rtol=1e-9, atol=1e-11 * scale, err_msg=f"order {order}, input {i}"
+            )
 
 
 # --- the op table ----------------------------------------------------------------------------
@@ -650,4 +714,363 @@ def programs(draw, min_steps: int = 3, max_steps: int = 12, ops=None):
     extra = draw(st.lists(st.integers(0, last - 1), max_size=2, unique=True)) if last else []
     ends = (last, *extra)
     weights = [rng.standard_normal(values[i].shape) for i in ends]
+    return Program(inputs, steps, ends, weights)
+
+
+# --- programs with in-place steps --------------------------------------------------------------
+#
+# An in-place step changes an earlier value's memory (``y += v``, ``y.mul_(v)``, ``y[idx] = v``,
+# ``y.copy_(v)``, ``y.zero_()`` ...) and makes a new value that is the same tensor: later steps
+# that name either index see the changed values, in both libraries. Its ``args[0]`` is the
+# target, always a computed value (never an input: both libraries refuse in-place changes of a
+# leaf that requires grad); the other args are operands.
+#
+# tinymeta refuses what it cannot differentiate faithfully (a change of memory that a view
+# shares, of a tensor a graph saved, or used before by a node that backward reaches; repeated
+# integer indices) where PyTorch may give a number: the tests accept a clear refusal or the
+# same numbers. Targets are drawn so that most programs are not refused: usually a value that
+# owns its memory and that nothing has read since it was last written.
+#
+# Kept out, because the libraries' aliasing differs (NumPy's rules, documented in
+# docs/autograd-rules.md): a target related by view ops (indexing, reshape, transpose, ...) to a
+# value whose memory it does not share in tinymeta; PyTorch may make a view there (``x[0]`` of
+# a 1-D tensor, a reshape of a column-major input) and its change would reach the other value.
+
+
+@dataclasses.dataclass(frozen=True)
+class InplaceOp:
+    pick: Callable  # (draw, shapes, target) -> (operand indices, params) or None
+    tm: Callable  # (target, *operands, *params) -> the target, changed in place
+    torch: Callable  # the same in PyTorch
+    uses_operands: bool = True  # whether the change reads its operands' values
+
+    def call(self, lib: str) -> Callable:
+        return self.tm if lib == "tm" else self.torch
+
+
+def _fits_into(shape, target) -> bool:
+    """An operand of ``shape`` broadcasts into ``target`` (never the other way)."""
+    return _broadcasts(shape, target) and np.broadcast_shapes(shape, target) == tuple(target)
+
+
+def pick_operand(draw, shapes, target):
+    j = _choose(draw, [j for j, s in enumerate(shapes) if _fits_into(s, shapes[target])])
+    return None if j is None else ((j,), ())
+
+
+def pick_no_operand(draw, shapes, target):
+    return (), ()
+
+
+SCALARS = (-1.5, -0.5, 0.5, 2.0)
+
+
+def pick_number(draw, shapes, target):
+    return (), (draw(st.sampled_from(SCALARS)),)
+
+
+def pick_scalar_tensor(draw, shapes, target):
+    j = _choose(draw, [j for j, s in enumerate(shapes) if s == ()])
+    return None if j is None else ((j,), ())
+
+
+def _basic_spec(draw, shape):
+    """An index of ints, slices, None and Ellipsis for a tensor of ``shape``, or None."""
+    if not shape:
+        return (Ellipsis,) if draw(st.booleans()) else None
+    picked = pick_basic_index(draw, [shape])
+    return picked[1][0]
+
+
+def _slot_shape(shape, spec):
+    return np.empty(shape)[_tm_index(spec)].shape
+
+
+def pick_setitem(draw, shapes, target):
+    """y[spec] = v: basic indices, v broadcast into the slot."""
+    spec = _basic_spec(draw, shapes[target])
+    if spec is None:
+        return None
+    slot = _slot_shape(shapes[target], spec)
+    j = _choose(draw, [j for j, s in enumerate(shapes) if _fits_into(s, slot)])
+    return None if j is None else ((j,), (spec,))
+
+
+def pick_setitem_number(draw, shapes, target):
+    spec = _basic_spec(draw, shapes[target])
+    return None if spec is None else ((), (spec, draw(st.sampled_from(SCALARS))))
+
+
+def _array_spec(draw, shape, repeated: bool):
+    """(:, ..., [i, j, k]) along one axis: unique indices, or one index twice (``repeated``)."""
+    if not shape:
+        return None
+    axis = draw(st.integers(0, len(shape) - 1))
+    d = shape[axis]
+    if repeated:
+        first = draw(st.integers(-d, d - 1))
+        others = draw(st.lists(st.integers(-d, d - 1), max_size=3))
+        twin = first % d - d if draw(st.booleans()) else first  # the same element, maybe negative
+        index = draw(st.permutations([first, twin, *others]))
+    else:
+        index = draw(st.permutations(range(d)))[: draw(st.integers(1, d))]
+        index = [i - d if draw(st.booleans()) else i for i in index]  # negative ones too
+    return (slice(None),) * axis + (list(index),)
+
+
+def _pick_setitem_array(repeated: bool):
+    def pick(draw, shapes, target):
+        spec = _array_spec(draw, shapes[target], repeated)
+        if spec is None:
+            return None
+        slot = _slot_shape(shapes[target], spec)
+        j = _choose(draw, [j for j, s in enumerate(shapes) if _fits_into(s, slot)])
+        return None if j is None else ((j,), (spec,))
+
+    return pick
+
+
+def _iadd(y, v):
+    y += v
+    return y
+
+
+def _isub(y, v):
+    y -= v
+    return y
+
+
+def _imul(y, v):
+    y *= v
+    return y
+
+
+def _idiv(y, v):
+    y /= _sq(v)  # divisor >= 1
+    return y
+
+
+def _set(y, v, spec):
+    y[spec] = v
+    return y
+
+
+def _set_number(y, spec, c):
+    y[spec] = c
+    return y
+
+
+def _tm_set_array(y, v, spec):
+    y[_tm_index(spec)] = v
+    return y
+
+
+def _torch_set_array(y, v, spec):
+    y[_torch_index(spec)] = v
+    return y
+
+
+def _same(f):  # one call for both libraries: their in-place APIs agree here
+    return f, f
+
+
+# One line per in-place kind: (operands and parameters, tinymeta, PyTorch).
+# fmt: off
+INPLACE_OPS = {
+    "add_": InplaceOp(pick_operand, *_same(lambda y, v: y.add_(v))),
+    "add_alpha": InplaceOp(pick_operand, *_same(lambda y, v: y.add_(v, alpha=-0.5))),
+    "sub_": InplaceOp(pick_operand, *_same(lambda y, v: y.sub_(v))),
+    "mul_": InplaceOp(pick_operand, *_same(lambda y, v: y.mul_(v))),
+    "div_": InplaceOp(pick_operand, *_same(lambda y, v: y.div_(_sq(v)))),  # divisor >= 1
+    "iadd": InplaceOp(pick_operand, *_same(_iadd)),
+    "isub": InplaceOp(pick_operand, *_same(_isub)),
+    "imul": InplaceOp(pick_operand, *_same(_imul)),
+    "idiv": InplaceOp(pick_operand, *_same(_idiv)),
+    "add_number": InplaceOp(pick_number, *_same(lambda y, c: y.add_(c))),
+    "mul_number": InplaceOp(pick_number, *_same(lambda y, c: y.mul_(c))),
+    "div_number": InplaceOp(pick_number, *_same(lambda y, c: y.div_(c))),
+    "iadd_number": InplaceOp(pick_number, *_same(_iadd)),
+    "imul_number": InplaceOp(pick_number, *_same(_imul)),
+    "pow_": InplaceOp(pick_no_operand, *_same(lambda y: y.pow_(2))),
+    "copy_": InplaceOp(pick_operand, *_same(lambda y, v: y.copy_(v))),
+    "zero_": InplaceOp(pick_no_operand, *_same(lambda y: y.zero_())),
+    "fill_": InplaceOp(pick_number, *_same(lambda y, c: y.fill_(c))),
+    "fill_tensor": InplaceOp(pick_scalar_tensor, *_same(lambda y, v: y.fill_(v))),  # 0-d value
+    "setitem": InplaceOp(pick_setitem, *_same(_set)),
+    "setitem_number": InplaceOp(pick_setitem_number, *_same(_set_number)),
+    "setitem_array": InplaceOp(_pick_setitem_array(False), _tm_set_array, _torch_set_array),
+}
+# fmt: on
+INPLACE_NAMES = list(INPLACE_OPS)
+# Integer indices that name an element twice: tinymeta refuses to differentiate the assignment.
+REPEATED_INDEX_OP = InplaceOp(_pick_setitem_array(True), _tm_set_array, _torch_set_array)
+ALL_INPLACE_OPS = {**INPLACE_OPS, "setitem_repeated": REPEATED_INDEX_OP}
+
+# Ops whose output may be a view of their input in PyTorch or in tinymeta.
+VIEW_OPS = set(
+    "index reshape transpose T swapaxes broadcast_to squeeze unsqueeze flatten einsum".split()
+)
+# Ops whose backward reads their output (in tinymeta): an in-place change of it is refused at
+# backward, as in PyTorch. Drawn as targets less often, so that most programs are compared.
+SAVES_OUTPUT = set("div exp log_softmax max min pow_tensor sigmoid softmax sqrt tanh".split())
+
+
+def op_of(name: str):
+    """The table entry of a step's op: pure (OPS) or in place (ALL_INPLACE_OPS)."""
+    return OPS[name] if name in OPS else ALL_INPLACE_OPS[name]
+
+
+class _Tracker:
+    """What the generator knows about the values of a program being drawn: the tinymeta
+    tensors (no grad; in-place steps change them, views see it), which values are one tensor,
+    which are related by view ops, and which tensors have been read since their last change."""
+
+    def __init__(self, inputs):
+        self.n_inputs = len(inputs)
+        self.tensors = [tm.tensor(x.copy(order="K")) for x in inputs]
+        self.owner = list(range(len(inputs)))  # value -> the first value of its tensor
+        self.group = list(range(len(inputs)))  # value -> a representative of its view family
+        self.read = set()  # owners read since their last change
+        self.writer = ["input"] * len(inputs)  # owner -> the op that last wrote it
+
+    def shapes(self):
+        return [t.shape for t in self.tensors]
+
+    def _family(self, i):
+        root = self.group[i]
+        while self.group[root] != root:
+            root = self.group[root]
+        return root
+
+    def add_pure(self, name, args, y):
+        self.read.update(self.owner[i] for i in args)
+        k = len(self.tensors)
+        self.tensors.append(y)
+        self.owner.append(k)
+        self.group.append(k)
+        self.writer.append(name)
+        if name in VIEW_OPS and len(args) == 1:
+            self.group[k] = self._family(args[0])
+
+    def add_inplace(self, target, operands, reads):
+        if reads:
+            self.read.update(self.owner[i] for i in operands)
+        self.read.discard(self.owner[target])  # just written
+        self.writer[self.owner[target]] = "in place"
+        self.tensors.append(self.tensors[target])
+        self.owner.append(self.owner[target])
+        self.group.append(self.group[target])
+        self.writer.append(None)  # (read through its owner)
+
+    def _relatives(self, i):
+        """Other tensors related to value i by view ops."""
+        family = self._family(i)
+        return [
+            j
+            for j in range(len(self.tensors))
+            if self.owner[j] == j and j != self.owner[i] and self._family(j) == family
+        ]
+
+    def same_aliasing(self, i) -> bool:
+        """Every relative shares memory with value i in tinymeta (then PyTorch's views and
+        tinymeta's agree on what a change of i reaches)."""
+        mine = self.tensors[i].data
+        return all(np.shares_memory(mine, self.tensors[j].data) for j in self._relatives(i))
+
+    def fresh(self, i) -> bool:
+        """Value i owns its memory (no view made by the program, nor by the op inside, as
+        matmul of a 1-D operand or logsumexp make) and nothing has read it since its last
+        change."""
+        own = self.tensors[i].data.base is None and not self._relatives(i)
+        return own and self.owner[i] not in self.read
+
+    def targets(self, fresh_only: bool, keeps_output: bool = True):
+        """Candidate targets: every computed value whose aliasing the libraries agree on, or
+        (``fresh_only``) the fresh ones; ``keeps_output=False``: not last written by an op
+        that saved its output."""
+        computed = range(self.n_inputs, len(self.tensors))
+        if not fresh_only:
+            return [i for i in computed if self.same_aliasing(i)]
+        fresh = [i for i in computed if self.fresh(i)]
+        if keeps_output:
+            return fresh
+        return [i for i in fresh if self.writer[self.owner[i]] not in SAVES_OUTPUT]
+
+
+def _within_limit(array) -> bool:
+    return array.size > 0 and bool(np.all(np.abs(array) <= LIMIT))
+
+
+def _draw_pure_step(draw, tracker, names):
+    name = draw(st.sampled_from(names))
+    op = OPS[name]
+    picked = op.pick(draw, tracker.shapes())
+    if picked is None or picked[0] is None or None in picked[0]:
+        return None
+    args, params = picked
+    if not op.ok(*(tracker.tensors[i].numpy() for i in args), *params):
+        return None
+    with tm.no_grad():
+        y = op.tm(*(tracker.tensors[i] for i in args), *params)
+    if y.ndim > MAX_NDIM or y.size > MAX_SIZE or not _within_limit(y.numpy()):
+        return None
+    tracker.add_pure(name, args, y)
+    return Step(name, tuple(args), tuple(params))
+
+
+def _draw_inplace_step(draw, rng, tracker, names, fresh_only):
+    # The mix from the program's seed: Hypothesis favours the first of a few options.
+    fresh = fresh_only or rng.random() < 0.8  # mostly fresh, mostly not saved
+    targets = tracker.targets(fresh, keeps_output=rng.random() < 0.25)
+    if not targets:
+        return None
+    target = draw(st.sampled_from(targets))
+    name = draw(st.sampled_from(names))
+    op = ALL_INPLACE_OPS[name]
+    picked = op.pick(draw, tracker.shapes(), target)
+    if picked is None:
+        return None
+    operands, params = picked
+    y = tracker.tensors[target]
+    with tm.no_grad():
+        trial = op.tm(tm.tensor(y.numpy().copy()), *(tracker.tensors[j] for j in operands), *params)
+        if not _within_limit(trial.numpy()):
+            return None
+        try:
+            op.tm(y, *(tracker.tensors[j] for j in operands), *params)
+        except ValueError:  # a read-only view (broadcast_to): NumPy refuses the write
+            return None
+    tracker.add_inplace(target, operands, op.uses_operands)
+    return Step(name, (target, *operands), tuple(params))
+
+
+@st.composite
+def inplace_programs(
+    draw, min_steps: int = 3, max_steps: int = 12, inplace_ops=None, fresh_only: bool = False
+):
+    """A random Program whose steps are pure (OPS) or in place (``inplace_ops``, by default
+    INPLACE_OPS), about one in three in place; see the comment above INPLACE_OPS. The first step
+    is pure (an in-place step needs a computed target). ``fresh_only``: every target owns its
+    memory and is unread since its last change."""
+    names = list(inplace_ops) if inplace_ops is not None else INPLACE_NAMES
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    inputs = [rng.standard_normal(s) for s in input_shapes(rng)]
+    if draw(st.booleans()):
+        inputs = [np.asfortranarray(x) for x in inputs]
+    tracker = _Tracker(inputs)
+    steps = []
+    wanted = draw(st.integers(min_steps, max_steps))
+    for _ in range(6 * max_steps):
+        if len(steps) == wanted:
+            break
+        if steps and rng.random() < 0.4:
+            step = _draw_inplace_step(draw, rng, tracker, names, fresh_only)
+        else:
+            step = _draw_pure_step(draw, tracker, OP_NAMES)
+        if step is not None:
+            steps.append(step)
+    last = len(tracker.tensors) - 1
+    extra = draw(st.lists(st.integers(0, last - 1), max_size=2, unique=True)) if last else []
+    ends = (last, *extra)
+    weights = [rng.standard_normal(tracker.tensors[i].shape) for i in ends]
     return Program(inputs, steps, ends, weights)

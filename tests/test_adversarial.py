@@ -469,3 +469,60 @@ def test_second_order_capture_of_a_tensor_power_is_bit_identical_to_eager():
     for eager, replayed in zip(*results):
         for g_eager, g_replayed in zip(eager, replayed):
             assert np.array_equal(g_eager, g_replayed)
+
+
+# --- in-place changes whose operand is the changed tensor itself (random in-place programs) ----
+
+
+def test_assigning_a_tensor_into_itself_keeps_the_gradient():
+    """x[...] = x recorded x itself, the SetItem's own output, as the assigned value: its
+    gradient went nowhere and d sum(c * y) / dw was 0 instead of 2 c w."""
+    from tinymeta.testing import check_grads
+
+    def assign_into_itself(w):
+        y = w * w
+        y[:] = y
+        return (y * tm.tensor(np.array([3.0, 5.0]))).sum()
+
+    w = tm.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    assign_into_itself(w).backward()
+    np.testing.assert_array_equal(w.grad.numpy(), [6.0, 20.0])
+    check_grads(assign_into_itself, [np.array([1.0, 2.0])], order=3)
+
+
+def test_filling_a_0d_tensor_with_itself_keeps_the_gradient():
+    w = tm.tensor(np.array([2.0, 1.0]), requires_grad=True)
+    y = (w * w).sum()
+    y.fill_(y)  # the same route as y[...] = y
+    (3.0 * y).backward()
+    np.testing.assert_array_equal(w.grad.numpy(), [12.0, 6.0])
+
+
+@pytest.mark.parametrize("method, sign", [("add_", 1.0), ("sub_", -1.0)])
+def test_in_place_add_of_the_tensor_itself_times_alpha_is_differentiated(method, sign):
+    """x.add_(x, alpha=a) scaled x before recording the change: a node that used x itself, whose
+    gradient could not be routed once x had its new creator, so backward refused what
+    x.add_(x) and PyTorch differentiate (d/dw of (1 + a) w^2)."""
+    from tinymeta.testing import check_grads
+
+    def add_itself(w):
+        y = w * w
+        getattr(y, method)(y, alpha=0.5)
+        return (y * tm.tensor(np.array([3.0, 5.0]))).sum()
+
+    w = tm.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    add_itself(w).backward()
+    np.testing.assert_allclose(w.grad.numpy(), (1 + sign * 0.5) * 2 * np.array([3.0, 10.0]))
+    check_grads(add_itself, [np.array([1.0, 2.0])], order=2)
+
+
+def test_a_refused_zero_names_zero_():
+    """zero_ went through fill_, and its refusals named fill_, an op the user did not call."""
+    w = tm.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    y = w * 2.0
+    _ = y[:1]  # a view: the change would not reach its gradient
+    with pytest.raises(RuntimeError, match=r"^zero_: .*shares memory with a view"):
+        y.zero_()
+    z = w * 2.0
+    with tm.no_grad(), pytest.raises(RuntimeError, match=r"^zero_: .*no graph records"):
+        z.zero_()

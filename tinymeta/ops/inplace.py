@@ -32,16 +32,12 @@ from tinymeta.tensor import Tensor, _on_device_of
 
 def add_(x: Tensor, other, alpha=1.0) -> Tensor:
     """x <- x + alpha * other, in place."""
-    if alpha != 1.0:
-        other = mul(other, alpha) if isinstance(other, Tensor) else alpha * _array(other)
-    return _inplace(x, "add_", other, operator.iadd, add, saves_x=False)
+    return _inplace(x, "add_", other, operator.iadd, add, saves_x=False, alpha=alpha)
 
 
 def sub_(x: Tensor, other, alpha=1.0) -> Tensor:
     """x <- x - alpha * other, in place."""
-    if alpha != 1.0:
-        other = mul(other, alpha) if isinstance(other, Tensor) else alpha * _array(other)
-    return _inplace(x, "sub_", other, operator.isub, sub, saves_x=False)
+    return _inplace(x, "sub_", other, operator.isub, sub, saves_x=False, alpha=alpha)
 
 
 def mul_(x: Tensor, other) -> Tensor:
@@ -73,22 +69,26 @@ def copy_(x: Tensor, src) -> Tensor:
 def fill_(x: Tensor, value) -> Tensor:
     """x <- value everywhere, in place. Recorded (a SetItem over the whole tensor: x as it was
     gets no gradient) when x requires grad and grad mode is on."""
-    if isinstance(value, Tensor) and value.ndim != 0:
-        raise ValueError(
-            f"fill_: the value must be a number or a 0-d tensor, got shape {value.shape}"
-        )
-    if _records(x, value):
-        check_recordable(x, "fill_")
-        setitem(x, Ellipsis, value)
-        return x
-    x._check_graph_memory("fill_")
-    x._data[...] = _on_device_of(x._data, _array(value))
-    return x._bump()
+    return _fill(x, value, "fill_")
 
 
 def zero_(x: Tensor) -> Tensor:
     """x <- 0, in place (see fill_)."""
-    return fill_(x, 0)
+    return _fill(x, 0, "zero_")  # its errors name zero_, the op the user called
+
+
+def _fill(x: Tensor, value, op: str) -> Tensor:
+    if isinstance(value, Tensor) and value.ndim != 0:
+        raise ValueError(
+            f"{op}: the value must be a number or a 0-d tensor, got shape {value.shape}"
+        )
+    if _records(x, value):
+        check_recordable(x, op)
+        setitem(x, Ellipsis, value)
+        return x
+    x._check_graph_memory(op)
+    x._data[...] = _on_device_of(x._data, _array(value))
+    return x._bump()
 
 
 def _records(x: Tensor, other) -> bool:
@@ -102,7 +102,14 @@ def _array(value):
     return value._data if isinstance(value, Tensor) else value  # the slot: no hand-out
 
 
-def _inplace(x: Tensor, op: str, other, array_op, tensor_op, saves_x: bool) -> Tensor:
+def _scaled(other, alpha):
+    """alpha * other (add_ and sub_'s ``alpha``)."""
+    if alpha == 1.0:
+        return other
+    return mul(other, alpha) if isinstance(other, Tensor) else alpha * _array(other)
+
+
+def _inplace(x: Tensor, op: str, other, array_op, tensor_op, saves_x: bool, alpha=1.0) -> Tensor:
     o = other if isinstance(other, Tensor) else None
     if o is not None and o.device != x.device:
         raise RuntimeError(
@@ -112,7 +119,7 @@ def _inplace(x: Tensor, op: str, other, array_op, tensor_op, saves_x: bool) -> T
     _check_fits(x, op, other)
     if not _records(x, other):
         x._check_graph_memory(op)
-        _write(x, op, lambda a: array_op(a, _array(other)))
+        _write(x, op, lambda a: array_op(a, _array(_scaled(other, alpha))))
         return x._bump()
     check_recordable(x, op)
     before = _stand_in(x)  # x as it was: it takes x's creator and hooks
@@ -121,7 +128,9 @@ def _inplace(x: Tensor, op: str, other, array_op, tensor_op, saves_x: bool) -> T
         o = old
     elif o is not None and backend.get_array_module(x._data).may_share_memory(x._data, o._data):
         o = Copy.apply(o)  # an alias of x: its values change with the write below
-    value = tensor_op(old, o if o is not None else other)
+    # Scaled only now: alpha * x would be a node that used x itself, whose gradient cannot
+    # be routed once x has its new creator (x.add_(x, alpha=2) was refused at backward).
+    value = tensor_op(old, _scaled(o if o is not None else other, alpha))
     if value.dtype != x.dtype:
         value = astype(value, x.dtype)
     x._data[...] = value._data

@@ -342,6 +342,8 @@ def setitem(x: Tensor, index, value) -> None:
             f"__setitem__: {e} (tensor of shape {x.shape}, value of shape {v.shape})"
         ) from e
     before = _stand_in(x)
+    if v is x:  # x[i] = x: the value is x as it was, not the output of the node recorded here
+        v = before  # (it was: v's gradient went to that output and was lost without a word)
     record_assignment(x, before, index, v, before.requires_grad)
 
 
