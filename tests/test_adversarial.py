@@ -526,3 +526,19 @@ def test_a_refused_zero_names_zero_():
     z = w * 2.0
     with tm.no_grad(), pytest.raises(RuntimeError, match=r"^zero_: .*no graph records"):
         z.zero_()
+
+
+def test_a_stale_use_refusal_names_the_in_place_op_that_made_it():
+    """A node that used y before y.add_(v) refused with 'a recorded SetItem (x[...] = value)',
+    an assignment the user did not write; it names add_ now."""
+    w = tm.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    y = w * w
+    s = y * 3.0  # uses y as it was
+    y.add_(w)
+    with pytest.raises(RuntimeError, match=r"SetItem \(x\.add_\(\.\.\.\)\) after \w+ used it"):
+        (s.sum() + y.sum()).backward()
+    z = w * w
+    t = z * 3.0
+    z[0] = w[1]
+    with pytest.raises(RuntimeError, match=r"SetItem \(x\[\.\.\.\] = value\) after"):
+        (t.sum() + z.sum()).backward()

@@ -289,9 +289,11 @@ def _check_no_stale_inputs(fn):
     for i, (x, need) in enumerate(zip(fn.inputs, fn.needs_input_grad)):
         creator = x.grad_fn
         if need and creator is not None and creator.seq > fn.seq:
+            change = getattr(creator, "changed_by", "__setitem__")  # add_, x[...] = v, ...
+            change = "x[...] = value" if change == "__setitem__" else f"x.{change}(...)"
             raise RuntimeError(
                 f"{fn.op_name()}: input {i} (shape {x.shape}, dtype {x.dtype}) was changed "
-                f"in place by a recorded {creator.op_name()} (x[...] = value) after "
+                f"in place by a recorded {creator.op_name()} ({change}) after "
                 f"{fn.op_name()} used it, and has a new creator since: its gradient "
                 "cannot be routed. Use the tensor after the assignment, or assign into a "
                 "copy (y = x * 1.0; y[i] = v)."

@@ -84,7 +84,7 @@ def _fill(x: Tensor, value, op: str) -> Tensor:
         )
     if _records(x, value):
         check_recordable(x, op)
-        setitem(x, Ellipsis, value)
+        setitem(x, Ellipsis, value, op)
         return x
     x._check_graph_memory(op)
     x._data[...] = _on_device_of(x._data, _array(value))
@@ -135,7 +135,7 @@ def _inplace(x: Tensor, op: str, other, array_op, tensor_op, saves_x: bool, alph
         value = astype(value, x.dtype)
     x._data[...] = value._data
     # x as it was reaches the result through value's graph: the node's own path to it is off
-    record_assignment(x, before, Ellipsis, value, x_needs_grad=False)
+    record_assignment(x, before, Ellipsis, value, x_needs_grad=False, op=op)
     return x
 
 

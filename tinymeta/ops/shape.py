@@ -263,6 +263,8 @@ class SetItem(Function):
 
     saves_inputs = False
 
+    changed_by = "__setitem__"  # the in-place op recorded (set by record_assignment)
+
     def __init__(self, index, value_shape):
         self.index, self.value_shape = index, value_shape
 
@@ -306,8 +308,9 @@ class Copy(Function):
         return gy
 
 
-def setitem(x: Tensor, index, value) -> None:
-    """``x[index] = value``, written into ``x``'s memory.
+def setitem(x: Tensor, index, value, op: str = "__setitem__") -> None:
+    """``x[index] = value``, written into ``x``'s memory (``op``: the method that asked for it,
+    named by the errors; fill_ and zero_ come here).
 
     When it has to be differentiated (grad mode on, and ``value`` or ``x`` requires
     grad) it is recorded as in PyTorch: ``x`` keeps its identity and gets a new creator,
@@ -327,7 +330,7 @@ def setitem(x: Tensor, index, value) -> None:
             raise type(e)(f"__setitem__: {e} (tensor of shape {x.shape}, {x.dtype})") from e
         x._bump()
         return
-    check_recordable(x, "__setitem__", index)
+    check_recordable(x, op, index)
     if v is None:  # a constant: it takes part in the node without requiring grad
         v = Tensor._wrap(backend.get_array_module(x.data).asarray(_on_device_of(x.data, value)))
     if v.device != x.device:
@@ -344,14 +347,17 @@ def setitem(x: Tensor, index, value) -> None:
     before = _stand_in(x)
     if v is x:  # x[i] = x: the value is x as it was, not the output of the node recorded here
         v = before  # (it was: v's gradient went to that output and was lost without a word)
-    record_assignment(x, before, index, v, before.requires_grad)
+    record_assignment(x, before, index, v, before.requires_grad, op)
 
 
-def record_assignment(x: Tensor, before: Tensor, index, v: Tensor, x_needs_grad: bool) -> None:
+def record_assignment(
+    x: Tensor, before: Tensor, index, v: Tensor, x_needs_grad: bool, op: str
+) -> None:
     """Give x, whose memory now holds ``v`` at ``index``, a SetItem creator over ``before``
-    (the stand-in for x as it was, from ``_stand_in``) and ``v``."""
+    (the stand-in for x as it was, from ``_stand_in``) and ``v``; ``op`` made the change."""
     x._bump()  # before shares the counter: graphs that saved x (as it was) see the change
     fn = SetItem(index, v.shape)
+    fn.changed_by = op  # for errors about the change: the op the user called (add_, ...)
     fn._record((before, v), (x_needs_grad, v.requires_grad), (x,))
     function.inplace_recorded = True  # engine._collect now checks for stale uses of x
     if function._forward_hook is not None:
