@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import tinymeta as tm
 import tinymeta.nn.functional as F
+from tinymeta.optim import SGD, Adam
 
 MARGIN = 1e-2  # distance kept from every kink; finite differences move values by ~1e-4
 LIMIT = 100.0  # a step whose values leave [-LIMIT, LIMIT] is not drawn
@@ -150,6 +151,49 @@ def derivatives(program: Program, lib: str, directions) -> list:
         if order < len(directions):
             out = sum((g * _const(lib, v)).sum() for g, v in zip(gs, vs))
     return found
+
+
+def train(program, optimizer: str, second_order: bool, batches, captured: bool):
+    """Three optimizer steps on the program's loss at (parameters + batch), or, with
+    ``second_order``, at the parameters after one inner gradient step on that loss (MAML's
+    meta-loss: its backward differentiates the inner gradient). Returns, after each step, the
+    loss and the squared norm of the gradients (both returned by the step), the parameters
+    and the gradients."""
+    params = leaves(program)
+    opt = SGD(params, lr=1e-2, momentum=0.9) if optimizer == "sgd" else Adam(params, lr=1e-2)
+
+    def step(*batch):
+        opt.zero_grad()
+        xs = [p + d for p, d in zip(params, batch)]
+        if second_order:
+            inner = tm.grad(run(program, xs), params, create_graph=True, allow_unused=True)
+            xs = [x if g is None else x - 0.1 * g for x, g in zip(xs, inner)]
+        loss = run(program, xs)
+        loss.backward()
+        opt.step()
+        # the step's own reading of the gradients after the update, as a logger would
+        return loss, sum(((p.grad * p.grad).sum() for p in params if p.grad is not None), loss * 0)
+
+    call = tm.capture(step) if captured else step
+    history = []
+    for batch in batches:
+        loss, grad_square = call(*(tm.tensor(d) for d in batch))
+        grads = [None if p.grad is None else p.grad.numpy().copy() for p in params]
+        losses = (loss.numpy().copy(), grad_square.numpy().copy())
+        history.append((losses, [p.numpy().copy() for p in params], grads))
+    return history, call
+
+
+def assert_same_history(eager: list, replayed: list) -> None:
+    """Two histories from ``train``: equal bit for bit (inf and nan equal to themselves)."""
+    for (returned_e, params_e, grads_e), (returned_r, params_r, grads_r) in zip(eager, replayed):
+        for a, b in zip(returned_e, returned_r):
+            assert np.array_equal(a, b, equal_nan=True)
+        for a, b in zip(params_e, params_r):
+            assert np.array_equal(a, b, equal_nan=True)
+        for a, b in zip(grads_e, grads_r):
+            assert (a is None) == (b is None)
+            assert a is None or np.array_equal(a, b, equal_nan=True)
 
 
 def random_directions(program: Program, seed: int, orders: int = 3) -> list:

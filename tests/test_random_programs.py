@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tinymeta as tm
-from tinymeta.optim import SGD, Adam
 from tinymeta.testing import check_grads, gradcheck
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -189,37 +188,6 @@ def test_backward_through_a_retained_graph_accumulates_exactly_then_the_freed_on
 # --- tm.capture against eager ----------------------------------------------------------------
 
 
-def _train(program, optimizer: str, second_order: bool, batches, captured: bool):
-    """Three optimizer steps on the program's loss at (parameters + batch), or, with
-    ``second_order``, at the parameters after one inner gradient step on that loss (MAML's
-    meta-loss: its backward differentiates the inner gradient). Returns, after each step, the
-    loss and the squared norm of the gradients (both returned by the step), the parameters
-    and the gradients."""
-    params = rp.leaves(program)
-    opt = SGD(params, lr=1e-2, momentum=0.9) if optimizer == "sgd" else Adam(params, lr=1e-2)
-
-    def step(*batch):
-        opt.zero_grad()
-        xs = [p + d for p, d in zip(params, batch)]
-        if second_order:
-            inner = tm.grad(rp.run(program, xs), params, create_graph=True, allow_unused=True)
-            xs = [x if g is None else x - 0.1 * g for x, g in zip(xs, inner)]
-        loss = rp.run(program, xs)
-        loss.backward()
-        opt.step()
-        # the step's own reading of the gradients after the update, as a logger would
-        return loss, sum(((p.grad * p.grad).sum() for p in params if p.grad is not None), loss * 0)
-
-    run = tm.capture(step) if captured else step
-    history = []
-    for batch in batches:
-        loss, grad_square = run(*(tm.tensor(d) for d in batch))
-        grads = [None if p.grad is None else p.grad.numpy().copy() for p in params]
-        losses = (loss.numpy().copy(), grad_square.numpy().copy())
-        history.append((losses, [p.numpy().copy() for p in params], grads))
-    return history, run
-
-
 @FEW
 @given(rp.programs(), st.sampled_from(["sgd", "adam"]), st.booleans())
 def test_captured_training_steps_are_bit_identical_to_eager(program, optimizer, second_order):
@@ -230,14 +198,7 @@ def test_captured_training_steps_are_bit_identical_to_eager(program, optimizer, 
     # (The batches and the updates may take values out of the program's domain: inf and nan
     # compare equal here; bit-identity is the point, not the values.)
     with np.errstate(all="ignore"):
-        eager, _ = _train(program, optimizer, second_order, batches, captured=False)
-        replayed, run = _train(program, optimizer, second_order, batches, captured=True)
+        eager, _ = rp.train(program, optimizer, second_order, batches, captured=False)
+        replayed, run = rp.train(program, optimizer, second_order, batches, captured=True)
     assert run.captures == 1  # calls 2 and 3 were replays
-    for (returned_e, params_e, grads_e), (returned_r, params_r, grads_r) in zip(eager, replayed):
-        for a, b in zip(returned_e, returned_r):
-            assert np.array_equal(a, b, equal_nan=True)
-        for a, b in zip(params_e, params_r):
-            assert np.array_equal(a, b, equal_nan=True)
-        for a, b in zip(grads_e, grads_r):
-            assert (a is None) == (b is None)
-            assert a is None or np.array_equal(a, b, equal_nan=True)
+    rp.assert_same_history(eager, replayed)
