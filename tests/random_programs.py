@@ -22,6 +22,7 @@ PyTorch's default correction (``correction=0`` is NumPy's ``ddof=0``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 from collections.abc import Callable
@@ -194,6 +195,23 @@ def assert_same_history(eager: list, replayed: list) -> None:
         for a, b in zip(grads_e, grads_r):
             assert (a is None) == (b is None)
             assert a is None or np.array_equal(a, b, equal_nan=True)
+
+
+def backward_grads(program, forced_nodes: bool) -> list:
+    """First-order .grad of every input after a plain backward. ``forced_nodes``: under
+    detect_anomaly, whose forward hook turns off function.arrays_only_on_host, so every backward
+    rule builds its gradient through Function.apply."""
+    xs = leaves(program)
+    with tm.autograd.detect_anomaly() if forced_nodes else contextlib.nullcontext():
+        run(program, xs).backward()
+    return [None if x.grad is None else x.grad.numpy() for x in xs]
+
+
+def assert_same_grads(fast, slow) -> None:
+    for a, b in zip(fast, slow):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert np.array_equal(a, b), np.max(np.abs(a - b))
 
 
 def random_directions(program: Program, seed: int, orders: int = 3) -> list:

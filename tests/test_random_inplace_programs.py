@@ -28,7 +28,7 @@ needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="needs PyTorch (the comp
 # Fast programs (under 50 ms each): 80 of them, so that the share refused is measured well.
 FEW = settings(max_examples=80, suppress_health_check=[HealthCheck.too_slow])
 MANY = settings(max_examples=2000, suppress_health_check=[HealthCheck.too_slow])
-SOME = settings(max_examples=30, suppress_health_check=[HealthCheck.too_slow])
+SOME = settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 
 # The tinymeta method each in-place step calls: a refusal at that step must name it.
 CALLS = {
@@ -214,3 +214,25 @@ def test_captured_training_steps_with_inplace_changes_are_bit_identical_to_eager
 
     check()
     _assert_mostly_compared(outcomes)
+
+
+# --- the engine's speed paths against its op nodes ---------------------------------------------
+
+
+@FEW
+@given(rp.inplace_programs())
+def test_speed_paths_give_bit_identical_gradients_through_inplace_changes(program):
+    """The recorded in-place changes, with the backward's array-only speed paths and with every
+    backward rule built from op nodes (detect_anomaly): the same first-order gradients, or the
+    same refusal."""
+    outcomes = []
+    for forced_nodes in (False, True):
+        try:
+            outcomes.append(rp.backward_grads(program, forced_nodes))
+        except RuntimeError as e:
+            assert_clear_refusal(e, program)
+            outcomes.append(str(e))
+    if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+        assert outcomes[0] == outcomes[1]
+    else:
+        rp.assert_same_grads(*outcomes)

@@ -8,7 +8,6 @@ The default run draws few programs; ``-m slow`` draws thousands.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 
 import numpy as np
@@ -139,27 +138,10 @@ def test_gradients_with_respect_to_intermediate_values_match_pytorch(program):
 # --- the engine's speed paths against its op nodes -------------------------------------------
 
 
-def _backward_grads(program, forced_nodes: bool) -> list:
-    """First-order .grad of every input after a plain backward. ``forced_nodes``: under
-    detect_anomaly, whose forward hook turns off function.arrays_only_on_host, so every backward
-    rule builds its gradient through Function.apply."""
-    xs = rp.leaves(program)
-    with tm.autograd.detect_anomaly() if forced_nodes else contextlib.nullcontext():
-        rp.run(program, xs).backward()
-    return [None if x.grad is None else x.grad.numpy() for x in xs]
-
-
-def _assert_same_grads(fast, slow) -> None:
-    for a, b in zip(fast, slow):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert np.array_equal(a, b), np.max(np.abs(a - b))
-
-
 @FEW
 @given(rp.programs())
 def test_speed_paths_give_bit_identical_gradients(program):
-    _assert_same_grads(_backward_grads(program, False), _backward_grads(program, True))
+    rp.assert_same_grads(rp.backward_grads(program, False), rp.backward_grads(program, True))
 
 
 @FEW
