@@ -111,8 +111,9 @@ def compare_with_pytorch_or_refusal(program, seed: int) -> str:
     try:
         theirs = rp.derivatives(program, "torch", directions)
     except RuntimeError as e:
-        # PyTorch refuses x.mul_(x) at backward (it saved x and changed it) and a write of
-        # memory into itself, which tinymeta differentiates (x as it was, a copy of the source).
+        # PyTorch refuses x.mul_(x) at backward (it saved x and changed it), a change of a
+        # value that its op saved and tinymeta's did not (relu's output: y = x.relu(); y *= v),
+        # and a write of memory into itself (y[:, [0]] = y), all of which tinymeta differentiates.
         assert _torch_refusal(e), str(e)
         _check_finite_differences(program)
         return "pytorch refused"
