@@ -4,7 +4,9 @@
 3-12 steps, each applying an op of ``OPS`` to earlier values (any earlier value, so values are
 reused and gradients must accumulate), ending in a scalar: the weighted sum of the last value
 and a few earlier ones. ``run(program, xs, lib)`` replays it in tinymeta (``lib="tm"``) or in
-PyTorch (``lib="torch"``) on tensors of either library.
+PyTorch (``lib="torch"``) on tensors of either library. ``inplace_programs()`` draws programs
+with in-place steps too (see "programs with in-place steps" below); ``derivatives``,
+``train`` and ``backward_grads`` run a program the ways the tests compare.
 
 Values stay where finite differences are well-conditioned: log and sqrt see ``1 + x**2``,
 division sees ``1 + b**2``, every value stays within ``LIMIT``, and a step whose input lies
@@ -804,7 +806,6 @@ class InplaceOp:
     pick: Callable  # (draw, shapes, target) -> (operand indices, params) or None
     tm: Callable  # (target, *operands, *params) -> the target, changed in place
     torch: Callable  # the same in PyTorch
-    uses_operands: bool = True  # whether the change reads its operands' values
 
     def call(self, lib: str) -> Callable:
         return self.tm if lib == "tm" else self.torch
@@ -1015,9 +1016,8 @@ class _Tracker:
         if name in VIEW_OPS and len(args) == 1:
             self.group[k] = self._family(args[0])
 
-    def add_inplace(self, target, operands, reads):
-        if reads:
-            self.read.update(self.owner[i] for i in operands)
+    def add_inplace(self, target, operands):
+        self.read.update(self.owner[i] for i in operands)
         self.read.discard(self.owner[target])  # just written
         self.writer[self.owner[target]] = "in place"
         self.tensors.append(self.tensors[target])
@@ -1105,7 +1105,7 @@ def _draw_inplace_step(draw, tracker, names, fresh_only):
             op.tm(y, *(tracker.tensors[j] for j in operands), *params)
         except ValueError:  # a read-only view (broadcast_to): NumPy refuses the write
             return None
-    tracker.add_inplace(target, operands, op.uses_operands)
+    tracker.add_inplace(target, operands)
     return Step(name, (target, *operands), tuple(params))
 
 
