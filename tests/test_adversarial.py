@@ -542,3 +542,13 @@ def test_a_stale_use_refusal_names_the_in_place_op_that_made_it():
     z[0] = w[1]
     with pytest.raises(RuntimeError, match=r"SetItem \(x\[\.\.\.\] = value\) after"):
         (t.sum() + z.sum()).backward()
+
+
+def test_logsumexp_output_can_be_changed_in_place_with_its_gradient():
+    # It was a reshape of an internal keepdims result, so counted as a view and refused.
+    x = tm.tensor(np.random.default_rng(0).standard_normal((3, 4)), requires_grad=True)
+    y = x.logsumexp(axis=1)
+    y.mul_(2.0)
+    (gx,) = tm.grad(y.sum(), [x])
+    softmax = np.exp(x.numpy()) / np.exp(x.numpy()).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(gx.numpy(), 2.0 * softmax, rtol=1e-12)

@@ -231,7 +231,7 @@ def logsumexp(x, axis=None, keepdims: bool = False):
     else:
         m = x._data.max(axis=axes, keepdims=True)
         m = xp.where(xp.isfinite(m), m, 0)  # an all -inf slice must give -inf, not nan
-    out = log(sum(exp(x - constant(m)), axes, keepdims=True)) + constant(m)
-    if keepdims:
-        return out
-    return reshape(out, tuple(n for i, n in enumerate(x.shape) if i not in axes))
+    # m added back in the result's shape: the result is a sum of its own, not a view of one
+    # (an in-place change of a view is refused)
+    shift = m if keepdims else m.reshape([n for i, n in enumerate(x.shape) if i not in axes])
+    return log(sum(exp(x - constant(m)), axes, keepdims=keepdims)) + constant(shift)
