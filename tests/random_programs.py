@@ -121,8 +121,17 @@ def leaves(program: Program) -> list:
     return [tm.tensor(x.copy(order="K"), requires_grad=True) for x in program.inputs]
 
 
+# PyTorch 2.13 fails some third derivatives with an error of its own: mse_loss's double
+# backward, with a target that requires grad, writes into one of its symbolic zero tensors.
+TORCH_ZERO_TENSOR_BUG = "ZeroTensors are immutable"
+
+
 def to_numpy(t) -> np.ndarray:
-    return t.numpy() if isinstance(t, tm.Tensor) else t.detach().numpy(force=True)  # ZeroTensors
+    if isinstance(t, tm.Tensor):
+        return t.numpy()
+    if t._is_zerotensor():  # PyTorch's symbolic zeros: reading their memory crashed the process
+        return np.zeros(tuple(t.shape))
+    return t.detach().numpy()
 
 
 def _grads(lib: str, out, xs, create_graph: bool) -> list:
