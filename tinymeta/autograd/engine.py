@@ -44,12 +44,22 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
         if leaf.grad is None:
             first.append((leaf, g))
         elif create_graph:  # a recorded sum: the gradient stays differentiable
-            leaf.grad = leaf.grad + g
+            leaf.grad = _recorded_sum(leaf.grad, g)
         else:
             leaf.grad = _accumulated(leaf.grad, g)
     owned = _own_memory([g for _, g in first], root_grads, create_graph)
     for (leaf, _), g in zip(first, owned):
         leaf.grad = g
+
+
+def _recorded_sum(grad: Tensor, g: Tensor) -> Tensor:
+    """``grad + g`` recorded whatever the caller's grad mode: a ``backward(create_graph=True)``
+    called under ``no_grad`` left ``.grad`` without its graph (silently first order)."""
+    token = grad_mode._enabled.set(True)
+    try:
+        return grad + g
+    finally:
+        grad_mode._enabled.reset(token)
 
 
 def _accumulated(grad: Tensor, g: Tensor) -> Tensor:
@@ -361,13 +371,20 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
             fn._held_outputs = None
         raise
 
-    # What is left: gradients of leaves (backward) or of the requested inputs (grad).
-    for key, (x, g) in grads.items():
-        if inputs is None:
-            if x.grad_fn is None and x.requires_grad:  # a leaf that requires grad
+    # What is left: gradients of leaves (backward) or of the requested inputs (grad). Their
+    # hooks run in the walk's grad mode (create_graph), as PyTorch's do and as the hooks on
+    # intermediate values do: in the caller's mode, a hook's ``g * w`` gave .grad a graph
+    # after a plain backward, and lost it after backward(create_graph=True) under no_grad.
+    mode = grad_mode._enabled.set(create_graph)
+    try:
+        for key, (x, g) in grads.items():
+            if inputs is None:
+                if x.grad_fn is None and x.requires_grad:  # a leaf that requires grad
+                    result[key] = (x, _run_hooks(x, g))
+            elif key in targets:
                 result[key] = (x, _run_hooks(x, g))
-        elif key in targets:
-            result[key] = (x, _run_hooks(x, g))
+    finally:
+        grad_mode._enabled.reset(mode)
     return result
 
 
