@@ -552,3 +552,36 @@ def test_logsumexp_output_can_be_changed_in_place_with_its_gradient():
     (gx,) = tm.grad(y.sum(), [x])
     softmax = np.exp(x.numpy()) / np.exp(x.numpy()).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(gx.numpy(), 2.0 * softmax, rtol=1e-12)
+
+
+def test_a_leaf_hook_records_nothing_in_a_plain_backward():
+    """Leaf hooks ran in the caller's grad mode: a hook's g * w gave .grad a graph after a
+    backward without create_graph (PyTorch's .grad has none), so the next backward made a new
+    .grad instead of accumulating into the one an optimizer holds."""
+    x = tm.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    w = tm.tensor(np.array([3.0, 4.0]), requires_grad=True)
+    x.register_hook(lambda g: g * w)
+    (x * x).sum().backward()
+    assert not x.grad.requires_grad and x.grad.grad_fn is None
+    held = x.grad
+    (x * x).sum().backward()
+    assert x.grad is held
+    np.testing.assert_array_equal(held.numpy(), 2 * (2 * np.array([1.0, 2.0]) * [3.0, 4.0]))
+
+
+def test_create_graph_under_no_grad_keeps_the_grad_differentiable():
+    """backward(create_graph=True) called under no_grad: the leaf hook's product and the sum
+    into an existing .grad ran in the caller's mode, unrecorded, so .grad silently lost its
+    graph (PyTorch's engine records them). .grad = 2 * 3x^2 twice = 12x^2; its gradient is
+    24x, times 2 by the hook, which runs in tm.grad too (as PyTorch's leaf hooks do): 48x."""
+    x = tm.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    x.register_hook(lambda g: g * 2.0)
+    out = (x * x * x).sum()
+    with tm.no_grad():
+        out.backward(retain_graph=True, create_graph=True)  # .grad = 2 * 3x^2
+        assert x.grad.requires_grad
+        out.backward(create_graph=True)  # .grad = 2 * 3x^2 + 2 * 3x^2, recorded
+    assert x.grad.requires_grad
+    (second,) = tm.grad(x.grad.sum(), x)
+    np.testing.assert_allclose(x.grad.numpy(), 12 * np.array([1.0, 4.0]), rtol=1e-12)
+    np.testing.assert_allclose(second.numpy(), 48 * np.array([1.0, 2.0]), rtol=1e-12)
