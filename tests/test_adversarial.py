@@ -585,3 +585,24 @@ def test_create_graph_under_no_grad_keeps_the_grad_differentiable():
     (second,) = tm.grad(x.grad.sum(), x)
     np.testing.assert_allclose(x.grad.numpy(), 12 * np.array([1.0, 4.0]), rtol=1e-12)
     np.testing.assert_allclose(second.numpy(), 48 * np.array([1.0, 2.0]), rtol=1e-12)
+
+
+def test_a_gradient_a_hook_kept_is_not_changed_by_a_later_backward():
+    """A hook that keeps its argument (a logger) was handed the very tensor that became .grad
+    (a leaf's hook), or an array .grad was a view of (a hook on x.reshape(...)): the next
+    backward added into .grad in place and the logged gradient silently became the sum.
+    (PyTorch clones in the first case and not in the second.)"""
+    x = tm.tensor(np.array([1.0, 2.0, 3.0, 4.0]), requires_grad=True)
+    y = x.reshape(2, 2)
+    logged = {"x": [], "y": []}
+    x.register_hook(logged["x"].append)
+    y.register_hook(logged["y"].append)
+    w = tm.tensor(np.array([[1.0, 2.0], [3.0, 4.0]]))
+    (y * w).sum().backward(retain_graph=True)
+    (y * w).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0, 4.0, 6.0, 8.0])
+    for g in logged["x"] + logged["y"]:
+        np.testing.assert_array_equal(g.numpy().ravel(), [1.0, 2.0, 3.0, 4.0])
+    with tm.no_grad():
+        x.grad.mul_(0.0)  # an optimizer's in-place write reaches no logged gradient either
+    np.testing.assert_array_equal(logged["x"][0].numpy(), [1.0, 2.0, 3.0, 4.0])

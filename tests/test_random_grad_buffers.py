@@ -37,8 +37,8 @@ import tinymeta as tm
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="needs PyTorch (the comparison library)")
-FEW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-MANY = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MANY = settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 SKIP = "not compared: the libraries differ by design"
 HOOK_KINDS = ("record", "scale", "times_value")
@@ -135,6 +135,7 @@ class Lib:
         self.name = name
         self.torch = rp.import_torch() if name == "torch" else None
         self.hooks_on = True  # off while a gradient of gradients is taken (see _gradient_of_sum)
+        self.kept = []  # (the gradient a hook was handed, its values then)
 
     def leaves(self, program):
         if self.torch is None:
@@ -161,6 +162,7 @@ def _make_hook(lib, kind: str, scale: float, value, log: list, key):
         if not lib.hooks_on:
             return None
         log.append((key, _array(g)))
+        lib.kept.append((g, _array(g)))  # a hook that keeps its argument, as loggers do
         if kind == "scale":
             return g * scale
         if kind == "times_value":  # a gradient that depends on the value: recorded only
@@ -228,6 +230,9 @@ def replay(program, session: Session, name: str, checks=None) -> list:
             _grad_call(program, session, lib, xs, values, log, observe, checks)
         except RuntimeError as e:
             observe("error", str(e))
+    if name == "tm":  # later backward calls and writes into .grad never reached them
+        for i, (g, then) in enumerate(lib.kept):
+            assert np.array_equal(_array(g), then, equal_nan=True), f"kept hook argument {i}"
     return seen
 
 

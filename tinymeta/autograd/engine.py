@@ -38,7 +38,8 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
     roots, root_grads = _roots_and_seeds(tensors, grad_tensors, "backward")
     retain_graph = create_graph if retain_graph is None else retain_graph
     create_graph = create_graph and not is_first_order()  # first_order_inner_grads()
-    grads = _run(roots, root_grads, None, retain_graph, create_graph)
+    hooked = set()  # owners of the arrays that hooks were handed (see _run_hooks)
+    grads = _run(roots, root_grads, None, retain_graph, create_graph, hooked)
     first = []  # leaves without a gradient yet: they take theirs as it is, if it is theirs
     for leaf, g in grads.values():
         if leaf.grad is None:
@@ -47,7 +48,7 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
             leaf.grad = _recorded_sum(leaf.grad, g)
         else:
             leaf.grad = _accumulated(leaf.grad, g)
-    owned = _own_memory([g for _, g in first], root_grads, create_graph)
+    owned = _own_memory([g for _, g in first], root_grads, create_graph, hooked)
     for (leaf, _), g in zip(first, owned):
         leaf.grad = g
 
@@ -81,17 +82,20 @@ def _accumulated(grad: Tensor, g: Tensor) -> Tensor:
     return grad._bump()  # graphs that saved the old .grad see the change
 
 
-def _own_memory(grads: list, root_grads: list, create_graph: bool) -> list:
+def _own_memory(grads: list, root_grads: list, create_graph: bool, hooked=()) -> list:
     """``grads`` (None allowed), each writable and over memory that nothing else sees.
 
     Optimizers, clip_grad_norm_ and users change gradients in place, so a gradient must
     not be a read-only broadcast view (what the backward of a sum or mean gives), nor
     share memory with another gradient handed out (x + y hands both the same array),
-    nor with a gradient passed in (``grad_outputs``). Only those are copied; with
-    ``create_graph`` the copy is a recorded op, so the gradient stays differentiable.
+    nor with a gradient passed in (``grad_outputs``), nor with a gradient that a hook was
+    handed (``hooked``: ids of owning arrays; a hook that keeps its argument must not see
+    a later backward add into .grad, nor an optimizer's writes). Only those are copied;
+    with ``create_graph`` the copy is a recorded op, so the gradient stays differentiable.
     """
     # (._data: internal reads hand no array out; see Tensor.data)
     taken = {id(_owner(g._data)) for g in root_grads}
+    taken.update(hooked)
     out = []
     for g in grads:
         if g is not None:
@@ -150,7 +154,8 @@ def grad(
             raise RuntimeError(f"grad: inputs[{i}] (shape {x.shape}) does not require grad")
     retain_graph = create_graph if retain_graph is None else retain_graph
     create_graph = create_graph and not is_first_order()  # first_order_inner_grads()
-    grads = _run(roots, root_grads, inputs, retain_graph, create_graph)
+    hooked = set()
+    grads = _run(roots, root_grads, inputs, retain_graph, create_graph, hooked)
     result = []
     for i, x in enumerate(inputs):
         entry = grads.get(id(x))
@@ -163,7 +168,7 @@ def grad(
             result.append(None)
         else:
             result.append(entry[1])
-    return tuple(_own_memory(result, root_grads, create_graph))
+    return tuple(_own_memory(result, root_grads, create_graph, hooked))
 
 
 # --- the engine -----------------------------------------------------------------
@@ -345,8 +350,9 @@ _generation = operator.attrgetter("generation")
 _grad_fn_of = operator.attrgetter("grad_fn")
 
 
-def _run(roots, root_grads, inputs, retain_graph, create_graph):
-    """Propagate gradients; returns {id(tensor): (tensor, grad)} for leaves or ``inputs``."""
+def _run(roots, root_grads, inputs, retain_graph, create_graph, hooked):
+    """Propagate gradients; returns {id(tensor): (tensor, grad)} for leaves or ``inputs``.
+    ``hooked`` gets the ids of the arrays that hooks were handed."""
     targets = {id(x): x for x in inputs} if inputs is not None else {}
     order = _collect(roots, targets)
 
@@ -365,7 +371,7 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
         if fn._output is None:  # (a recorded node has one output reference or several)
             fn._held_outputs = tuple([ref() for ref in fn._outputs])
     try:
-        _propagate(order, grads, targets, result, retain_graph, create_graph)
+        _propagate(order, grads, targets, result, retain_graph, create_graph, hooked)
     except BaseException:
         for fn in order:
             fn._held_outputs = None
@@ -380,15 +386,15 @@ def _run(roots, root_grads, inputs, retain_graph, create_graph):
         for key, (x, g) in grads.items():
             if inputs is None:
                 if x.grad_fn is None and x.requires_grad:  # a leaf that requires grad
-                    result[key] = (x, _run_hooks(x, g))
+                    result[key] = (x, _run_hooks(x, g, hooked))
             elif key in targets:
-                result[key] = (x, _run_hooks(x, g))
+                result[key] = (x, _run_hooks(x, g, hooked))
     finally:
         grad_mode._enabled.reset(mode)
     return result
 
 
-def _propagate(order, grads, targets, result, retain_graph, create_graph):
+def _propagate(order, grads, targets, result, retain_graph, create_graph, hooked):
     """Run each node's backward rule and hand the gradients to its inputs."""
     hook = _backward_hook  # trace() / detect_anomaly() watch the backward rules through it
     if hook is not None:
@@ -407,12 +413,12 @@ def _propagate(order, grads, targets, result, retain_graph, create_graph):
                 else:  # (y, alive here, is what Function.output reads while the rule runs)
                     g = entry[1]
                     if y._hooks:
-                        g = _run_hooks(y, g)
+                        g = _run_hooks(y, g, hooked)
                     if targets and id(y) in targets:
                         result[id(y)] = (y, g)
                     gys = (g,)
             else:
-                gys = _output_grads(fn, grads, targets, result)
+                gys = _output_grads(fn, grads, targets, result, hooked)
             if gys is None:  # no gradient reached this node
                 _release(fn, retain_graph)
                 continue
@@ -474,7 +480,7 @@ def _conformed(fn, x, gx):
     return gx
 
 
-def _output_grads(fn, grads, targets, result):
+def _output_grads(fn, grads, targets, result, hooked):
     """The gradients reaching the outputs of ``fn``, a node with several (the walk takes
     one-output nodes itself), taken out of ``grads``, as a tuple for its backward rule; None
     when none reached it. Hooks on the outputs run here, and a gradient asked for by
@@ -485,7 +491,7 @@ def _output_grads(fn, grads, targets, result):
         entry = grads.pop(id(y), None) if y is not None else None
         g = None
         if entry is not None:
-            g = _run_hooks(y, entry[1]) if y._hooks else entry[1]
+            g = _run_hooks(y, entry[1], hooked) if y._hooks else entry[1]
             if id(y) in targets:
                 result[id(y)] = (y, g)
         gys.append(g)
@@ -506,10 +512,14 @@ def _accumulate(grads, x, g):
     grads[id(x)] = (x, g if entry is None else entry[1] + g)
 
 
-def _run_hooks(x, g):
+def _run_hooks(x, g, hooked: set):
+    """``g`` after ``x``'s hooks; the owners of the arrays they are handed go into ``hooked``
+    (a gradient handed out later over that memory is copied, see _own_memory; an id reused
+    after its array is freed costs one copy, never a shared buffer)."""
     if not x._hooks:
         return g
     for hook in list(x._hooks):
+        hooked.add(id(_owner(g._data)))
         new = hook(g)
         if new is not None:
             new = new if isinstance(new, Tensor) else Tensor(new)
