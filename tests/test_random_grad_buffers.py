@@ -112,7 +112,8 @@ def draw_session(program, seed: int) -> Session:
         )
     changed = {i for i, kind, _ in hooks if kind != "record" and i >= n_leaves}
     askable = [i for i in usable if i not in changed]
-    computed = range(n_leaves, n)
+    # not a value that PyTorch's flatten returns as a leaf itself (whose hooks it runs)
+    computed = [i for i in range(n_leaves, n) if i not in same] or usable
     outputs = tuple(int(i) for i in rng.choice(computed, size=rng.integers(1, 3)))
     inputs = tuple(int(i) for i in rng.choice(askable, size=rng.integers(1, 4)))
     grad_call = GradCall(
