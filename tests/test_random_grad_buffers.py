@@ -11,13 +11,17 @@ what each hook saw, the gradient of ``sum(x.grad * v)`` after a ``create_graph``
 gradients ``grad`` returns (and their own gradients). In tinymeta every gradient handed out is
 checked to be writable and apart (docs/autograd-rules.md, "Gradient buffers"): no memory shared
 with another gradient handed out, a gradient passed in or a program value, and writing into
-one changes nothing else, nor a later backward.
+one changes nothing else (another gradient, a value, an argument a hook kept), nor a later
+backward.
 
 Deliberate differences, not compared (docs/autograd-rules.md): a plain backward into a ``.grad``
 that a ``create_graph`` backward made gives a new tensor in tinymeta (PyTorch writes into it);
 a hook that changes the gradient of a value that ``grad`` is asked about (PyTorch returns the
 changed gradient only when no other input lies behind the value, tinymeta always does), so such
-values are not asked about.
+values are not asked about; hooks during a gradient of gradients, which are turned off (see
+_gradient_of_sum); a hook that one library runs where the other records no node, if it saw
+zeros; the hooks of ``grad``'s outputs from which no input asked about can be reached (PyTorch
+runs them, tinymeta runs no node there).
 """
 
 from __future__ import annotations
@@ -255,28 +259,32 @@ def _backward_calls(program, session, lib, xs, values, log, observe, checks):
         observe(f"call {k}: hooks", _hooks_seen(log))
         for i, (x, h, before) in enumerate(zip(xs, held, held_before)):
             observe(f"call {k}: leaf {i} .grad", _array(x.grad))
-            if h is None:
-                continue
-            new_tensor_by_design = (  # PyTorch writes into it
-                lib.name == "tm"
-                and h.grad_fn is not None
-                and not call.create_graph
-                and x.grad is not h
-            )
-            if new_tensor_by_design:  # tinymeta leaves a differentiable .grad alone
-                assert np.array_equal(_array(h), before), f"leaf {i}: the held .grad changed"
-            observe(f"call {k}: leaf {i} held is .grad", SKIP if new_tensor_by_design else x.grad is h)
-            observe(f"call {k}: leaf {i} held", SKIP if new_tensor_by_design else _array(h))
+            if h is not None:
+                _observe_held(lib, call, x, h, before, f"call {k}: leaf {i}", observe)
         for i, x in enumerate(xs):
             if plain[i] and x.grad is not None:  # a hook's g * x records nothing there
                 observe(f"call {k}: leaf {i} .grad requires grad", x.grad.requires_grad)
         if checks is not None:
             checks([x.grad for x in xs], values, [gradient], held)
         if call.create_graph and not last:
-            grads = [x.grad for x in xs]
-            observe(f"call {k}: d sum(.grad * v)", _gradient_of_sum(lib, grads, call.directions, xs))
+            of_grads = _gradient_of_sum(lib, [x.grad for x in xs], call.directions, xs)
+            observe(f"call {k}: d sum(.grad * v)", of_grads)
     if lib.name == "tm":  # the grad call below must not see these writes
         _write_into_each([x.grad for x in xs], values)
+
+
+def _observe_held(lib, call, x, held, before, label, observe):
+    """Whether ``held`` (``x.grad`` before the call) is still ``x.grad``, and its values."""
+    new_tensor_by_design = (  # where PyTorch writes into it
+        lib.name == "tm" and held.grad_fn is not None and not call.create_graph
+    ) and x.grad is not held
+    if new_tensor_by_design:  # tinymeta leaves a differentiable .grad alone
+        assert np.array_equal(_array(held), before), f"{label}: the held .grad changed"
+        observe(f"{label} held is .grad", SKIP)
+        observe(f"{label} held", SKIP)
+    else:
+        observe(f"{label} held is .grad", x.grad is held)
+        observe(f"{label} held", _array(held))
 
 
 def _grad_call(program, session, lib, xs, values, log, observe, checks):
@@ -285,7 +293,11 @@ def _grad_call(program, session, lib, xs, values, log, observe, checks):
     grad_outputs = [lib.const(g) for g in call.grad_outputs]
     inputs = [values[i] for i in call.inputs]
     grads = lib.grad(
-        outputs, inputs, grad_outputs=grad_outputs, retain_graph=True, create_graph=call.create_graph
+        outputs,
+        inputs,
+        grad_outputs=grad_outputs,
+        create_graph=call.create_graph,
+        retain_graph=True,
     )
     observe("grad: hooks", _hooks_seen(log))
     observe("grad", [None if g is None else _array(g) for g in grads])
