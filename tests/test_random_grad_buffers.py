@@ -57,7 +57,8 @@ class BackwardCall:
     root: int | None  # a value of the program, or None: the program's scalar
     gradient: np.ndarray | None  # the gradient= of a non-scalar root
     create_graph: bool
-    resets: tuple  # leaves whose .grad is set to None before the call
+    resets: tuple  # (leaf, "none" or "zero_"): x.grad = None, or x.grad.zero_() before the call
+    removals: tuple  # hooks removed before the call (handle.remove())
     under_no_grad: bool  # called inside no_grad(): create_graph must record all the same
     directions: list  # one array per leaf: d sum(x.grad * v) / d inputs after create_graph
 
@@ -106,12 +107,21 @@ def draw_session(program, seed: int) -> Session:
     for _ in range(rng.integers(2, 4)):
         root = None if rng.random() < 0.5 else int(rng.choice(program.ends))
         gradient = None if root is None else rng.standard_normal(shapes[root])
-        resets = tuple(i for i in range(n_leaves) if rng.random() < 0.2)
+        resets = tuple(
+            (i, str(rng.choice(["none", "zero_"]))) for i in range(n_leaves) if rng.random() < 0.3
+        )
+        removals = tuple(k for k in range(len(hooks)) if rng.random() < 0.15)
         create_graph = bool(rng.random() < 0.5)
         under_no_grad = bool(rng.random() < 0.25)
         calls.append(
             BackwardCall(
-                root, gradient, create_graph, resets, under_no_grad, directions(range(n_leaves))
+                root,
+                gradient,
+                create_graph,
+                resets,
+                removals,
+                under_no_grad,
+                directions(range(n_leaves)),
             )
         )
     changed = {i for i, kind, _ in hooks if kind != "record" and i >= n_leaves}
@@ -141,6 +151,7 @@ class Lib:
         self.torch = rp.import_torch() if name == "torch" else None
         self.hooks_on = True  # off while a gradient of gradients is taken (see _gradient_of_sum)
         self.kept = []  # (the gradient a hook was handed, its values then)
+        self.handles = []  # of the hooks of the last forward, in the session's order
 
     def leaves(self, program):
         if self.torch is None:
@@ -179,8 +190,10 @@ def _make_hook(lib, kind: str, scale: float, value, log: list, key):
 
 def _forward(program, session, lib, xs, log, tag):
     values = rp.run_values(program, xs, lib.name)
-    for k, (i, kind, scale) in enumerate(session.hooks):
+    lib.handles = [
         values[i].register_hook(_make_hook(lib, kind, scale, values[i], log, (tag, k)))
+        for k, (i, kind, scale) in enumerate(session.hooks)
+    ]
     return values
 
 
@@ -245,9 +258,11 @@ def _backward_calls(program, session, lib, xs, values, log, observe, checks):
     scalar = rp.scalar_of(program, values, lib.name)
     plain = [True] * len(xs)  # .grad made by backward calls without create_graph only
     for k, call in enumerate(session.calls):
-        for i in call.resets:
-            xs[i].grad = None
-            plain[i] = True
+        for k_hook in call.removals:
+            lib.handles[k_hook].remove()
+        for i, how in call.resets:
+            _reset(lib, xs[i], how, plain[i])
+            plain[i] = plain[i] or how == "none"
         held = [x.grad for x in xs]
         held_before = [_array(h) for h in held]
         root = scalar if call.root is None else values[call.root]
@@ -271,6 +286,16 @@ def _backward_calls(program, session, lib, xs, values, log, observe, checks):
             observe(f"call {k}: d sum(.grad * v)", of_grads)
     if lib.name == "tm":  # the grad call below must not see these writes
         _write_into_each([x.grad for x in xs], values)
+
+
+def _reset(lib, x, how: str, plain: bool) -> None:
+    """x.grad = None, or x.grad.zero_() in place (optimizers' zero_grad(set_to_none=False) in
+    PyTorch) where .grad has no graph (tinymeta refuses to change a computed .grad in place)."""
+    if how == "none":
+        x.grad = None
+    elif plain and x.grad is not None:
+        with lib.no_grad():
+            x.grad.zero_()
 
 
 def _observe_held(lib, call, x, held, before, label, observe):
