@@ -503,6 +503,66 @@ class Torch:
             first_order,
         )  # fmt: skip
 
+    def w1_vmap_graphed(self, weights, data, steps: int):
+        return self._graphed(
+            self._vmapped_meta_loss, self.mlp, self.F.mse_loss, weights, data, W1_LR, steps, False
+        )
+
+    def w2_loop_graphed(self, weights, data, first_order: bool):
+        return self._graphed(
+            self._looped_meta_loss, self.convnet, self.F.cross_entropy, weights, data, W2_LR, 1,
+            first_order,
+        )  # fmt: skip
+
+    def _graphed(self, meta_loss_of, forward, loss_fn, weights, data, lr, steps, first_order):
+        """PyTorch with the technique of ``tm.capture`` on cuda: the whole meta-iteration
+        (meta-loss, meta-gradient, Adam with ``capturable=True``) captured as one CUDA graph
+        (``torch.cuda.graph``) after three eager iterations on a side stream, as PyTorch's
+        CUDA-graph notes show for a whole network. Returns ``(step, drift)``: ``step``
+        replays the graph; ``drift()`` brings a fresh eager run from the same weights to the
+        graphed run's three warm-up steps, runs three replays and three eager iterations,
+        and gives the largest relative difference of the weights."""
+        t = self.torch
+
+        def build(capturable):
+            params = {k: t.tensor(v, device="cuda").requires_grad_(True) for k, v in weights.items()}
+            opt = t.optim.Adam(list(params.values()), lr=OUTER_LR, capturable=capturable)
+            batch = [t.tensor(a, device="cuda") for a in data]
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                meta_loss_of(forward, loss_fn, params, batch, lr, steps, first_order).backward()
+                opt.step()
+
+            return params, step
+
+        params, eager_step = build(capturable=True)
+        side = t.cuda.Stream()
+        side.wait_stream(t.cuda.current_stream())
+        with t.cuda.stream(side):
+            for _ in range(3):
+                eager_step()
+        t.cuda.current_stream().wait_stream(side)
+        graph = t.cuda.CUDAGraph()
+        with t.cuda.graph(graph):
+            eager_step()
+
+        def drift() -> float:
+            # A fresh eager run from the same weights, brought to the graphed run's 3 steps.
+            reference, reference_step = build(capturable=True)
+            for _ in range(3):
+                reference_step()
+            for _ in range(3):
+                graph.replay()
+                reference_step()
+            t.cuda.synchronize()
+            return max(
+                float(((params[k] - reference[k]).abs().max() / reference[k].abs().max()).item())
+                for k in params
+            )
+
+        return graph.replay, drift
+
     def _build(self, meta_loss_of, forward, loss_fn, weights, data, lr, steps, first_order):
         params, opt, data = self._setup(weights, data)
 

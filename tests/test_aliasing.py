@@ -220,3 +220,51 @@ def test_a_same_shape_view_without_grad_is_its_own_leaf_and_shares_memory(view):
     x.add_(1.0)  # a view: the change is seen through y, and counted on y's version
     np.testing.assert_array_equal(y.numpy(), np.full((2, 3), 2.0))
     assert y._version == x._version == 1
+
+
+def test_a_cast_of_a_parameter_detached_into_a_new_leaf_trains():
+    """``p.astype(...).detach().requires_grad_()`` (on the GPU: ``p.to("cuda")...``) is
+    PyTorch's way to make a parameter from another: the cast's output is a temporary that
+    no graph can use again, so an optimizer may change its memory."""
+    p = tm.tensor(np.arange(3.0), requires_grad=True)
+    for make in (lambda ps: SGD(ps, lr=0.1, momentum=0.9), lambda ps: Adam(ps, lr=0.1)):
+        w = p.astype("float32").detach().requires_grad_()
+        ref = tm.tensor(np.arange(3.0, dtype=np.float32), requires_grad=True)
+        for param in (w, ref):
+            opt = make([param])
+            for _ in range(3):
+                opt.zero_grad()
+                (param * param).sum().backward()
+                opt.step()
+        np.testing.assert_array_equal(w.data, ref.data)
+
+
+def test_an_alias_of_computed_memory_is_refused_while_a_computed_tensor_over_it_lives():
+    x = tm.tensor(np.ones(3), requires_grad=True)
+    y = x * 2.0
+    view = y[1:]  # a computed view holds y (its creator keeps its input)
+    z = y.detach()
+    del y
+    with tm.no_grad(), pytest.raises(RuntimeError, match="alias .* of a computed tensor"):
+        z.add_(1.0)
+    np.testing.assert_array_equal(view.data, [2.0, 2.0])  # the refusal changed nothing
+    del view
+    with tm.no_grad():
+        z.add_(1.0)  # nothing computed over the memory is left: z's alone
+    np.testing.assert_array_equal(z.data, [3.0, 3.0, 3.0])
+
+
+def test_a_copy_of_an_alias_of_computed_memory_is_its_own():
+    import copy
+    import pickle
+
+    x = tm.tensor(np.ones(3), requires_grad=True)
+    y = x * 2.0
+    z = y.detach()
+    for twin in (copy.deepcopy(z), pickle.loads(pickle.dumps(z))):
+        with tm.no_grad():
+            twin.add_(1.0)  # new memory, which no graph computed
+        np.testing.assert_array_equal(twin.data, [3.0, 3.0, 3.0])
+    np.testing.assert_array_equal(y.data, [2.0, 2.0, 2.0])
+    with tm.no_grad(), pytest.raises(RuntimeError, match="of a computed tensor"):
+        z.add_(1.0)  # y still lives

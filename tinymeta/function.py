@@ -269,7 +269,7 @@ class ViewFunction(Function):
                     if owner is (a if a.base is None else a.base):
                         share_version(x, y, view=True)
                         if y.grad_fn is None and x.grad_fn is not None:
-                            mark_graph_memory(x._vc)  # a view outside the graph (no_grad)
+                            mark_graph_memory(x._vc, x)  # a view outside the graph (no_grad)
                         break
         return y
 

@@ -52,7 +52,7 @@ class Tensor:
         if alias is not None:  # Tensor(t) holds t's array: one storage, one counter
             share_version(alias, self, view=False)
             if alias.grad_fn is not None:
-                mark_graph_memory(self._vc)
+                mark_graph_memory(self._vc, alias)
         if requires_grad:
             self.requires_grad_(True)
 
@@ -241,7 +241,7 @@ class Tensor:
         t = Tensor._wrap(self._data)
         share_version(self, t, view=False)
         if self.grad_fn is not None:
-            mark_graph_memory(self._vc)  # in-place changes through t are refused
+            mark_graph_memory(self._vc, self)  # in-place changes through t are refused
         return t
 
     def register_hook(self, fn):
@@ -274,8 +274,7 @@ class Tensor:
         ``no_grad``) changed under ``no_grad`` keeps its creator, so gradients through it
         would be those of the values before the change, without a word. Leaves (parameters,
         buffers) stay changeable: their gradient does not depend on their own values."""
-        vc = self._vc
-        if self.grad_fn is not None or (len(vc) > 2 and vc[2]):
+        if self.grad_fn is not None or is_graph_memory(self._vc):
             what = (
                 f"a tensor computed by {self.grad_fn.op_name()}"
                 if self.grad_fn is not None
@@ -418,7 +417,7 @@ def _memory_counter(t: Tensor) -> list:
     if type(counter) is LinkedCounter:
         counter = counter.base
     if t.grad_fn is not None:
-        mark_graph_memory(counter)
+        mark_graph_memory(counter, t)
     elif len(counter) == 2:
         counter.append(False)  # a leaf's memory: see mark_graph_memory
     return counter
@@ -488,12 +487,43 @@ def _materialized_counter(t: Tensor) -> list:
     return counter
 
 
-def mark_graph_memory(counter: list) -> None:
-    """Mark a shared version counter as that of memory a graph computed: an alias outside
-    the graph (``detach()``, a view made under ``no_grad``) may not change it in place.
-    A leaf's memory (marked False by share_version) stays changeable through any alias."""
+def mark_graph_memory(counter: list, computed: Tensor) -> None:
+    """Mark a shared version counter as that of memory a graph computed (``computed``'s):
+    an alias outside the graph (``detach()``, a view made under ``no_grad``) may not change
+    it in place while a computed tensor over it is alive. A leaf's memory (marked False by
+    share_version) stays changeable through any alias.
+
+    The mark holds weak references: once every computed tensor it names is gone, no later
+    op can use their values or creators, and the memory is the alias's alone. So
+    ``p.to("cuda").detach().requires_grad_()`` makes a parameter an optimizer may change
+    (the transfer's output is a temporary), while ``y.detach()`` of a live ``y`` may not
+    be. Graphs that saved the values keep them guarded by the version counter. A computed
+    view keeps its base alive (a creator holds its inputs), so the base's reference
+    stands for its views too."""
     if len(counter) == 2:
-        counter.append(True)
+        counter.append(_ComputedOwners([weakref.ref(computed)]))
+        return
+    refs = counter[2]
+    if refs is False or any(r() is computed for r in refs):
+        return
+    refs[:] = [r for r in refs if r() is not None]  # the list stays as short as the living
+    refs.append(weakref.ref(computed))
+
+
+class _ComputedOwners(list):
+    """The weak references of a graph-memory mark. A copy (pickle, deepcopy) holds memory of
+    its own, which no computed tensor holds: it starts with none."""
+
+    def __reduce__(self):
+        return (_ComputedOwners, ())
+
+    def __deepcopy__(self, memo):
+        return _ComputedOwners()
+
+
+def is_graph_memory(counter) -> bool:
+    """Whether ``counter`` guards memory that a computed tensor still alive holds."""
+    return len(counter) > 2 and counter[2] is not False and any(r() is not None for r in counter[2])
 
 
 def _index_arrays(index):

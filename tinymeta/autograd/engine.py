@@ -24,7 +24,7 @@ from tinymeta import tensor as tensor_module
 from tinymeta.autograd.first_order import is_first_order
 from tinymeta.backend import get_array_module
 from tinymeta.function import _counter_of, _first, versions
-from tinymeta.tensor import Tensor
+from tinymeta.tensor import Tensor, is_graph_memory
 
 FREED_MESSAGE = (
     "Trying to backward through the graph a second time (or to use a graph whose saved "
@@ -69,10 +69,9 @@ def _accumulated(grad: Tensor, g: Tensor) -> Tensor:
     writing would be wrong: a ``.grad`` that a graph computed (``backward(create_graph=True)``
     made it) or an alias of such memory, a read-only array, or a sum of another dtype."""
     a, b = grad._data, g._data
-    vc = grad._vc
-    computed = grad.grad_fn is not None or (len(vc) > 2 and vc[2])
     if (
-        computed
+        grad.grad_fn is not None
+        or is_graph_memory(grad._vc)
         or not getattr(a.flags, "writeable", True)
         or a.dtype != b.dtype
         or a.shape != b.shape
