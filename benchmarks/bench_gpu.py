@@ -166,7 +166,7 @@ def run_w1(args, tmeta, torch_impl, sync, budget_s, rows, checks):
             fns["torch vmap"], grads["torch vmap"] = torch_impl.w1_vmap(weights, data, steps)
         label = f"W1 2nd-order, {steps} inner step{'s' * (steps > 1)}, {W1_TASKS} tasks"
         if torch_impl is not None and args.device == "cuda":
-            add_torch_graph(fns, checks, label, lambda: torch_impl.w1_vmap_graphed(weights, data, steps))
+            add_torch_graph(fns, checks, label, torch_impl.w1_vmap_graphed, weights, data, steps)
         row, found = check_and_time(
             label, fns, grads, args.w1_repeats, args.w1_warmup, sync, budget_s / 2
         )
@@ -194,7 +194,7 @@ def run_w2(args, tmeta, torch_impl, sync, budget_s, rows, checks):
         )
         if torch_impl is not None and args.device == "cuda":
             add_torch_graph(
-                fns, checks, label, lambda: torch_impl.w2_loop_graphed(weights, data, first_order)
+                fns, checks, label, torch_impl.w2_loop_graphed, weights, data, first_order
             )
         row, found = check_and_time(
             label, fns, grads, args.w2_repeats, args.w2_warmup, sync, budget_s / 2
@@ -285,14 +285,14 @@ def add_captured(fns, checks, label, name, setting, tmeta, weights, *config) -> 
     fns[name] = lambda: captured(*batch)
 
 
-def add_torch_graph(fns, checks, label, build) -> None:
+def add_torch_graph(fns, checks, label, build, *config) -> None:
     """Add PyTorch's meta-iteration captured whole as one CUDA graph (``torch graph``: W1's
     vmapped step, W2's looped one), after checking that three replays follow three eager
     PyTorch iterations from the same weights (relative difference under 1e-4). A capture
     PyTorch refuses is reported and left out of the table; it is not a failure of tinymeta's."""
     print("  (capturing PyTorch's step as a CUDA graph)", flush=True)
     try:
-        replay, drift = build()
+        replay, drift = build(*config)
         diff = drift()
     except Exception as e:
         first_line = (str(e).splitlines() or [""])[0]
@@ -432,8 +432,8 @@ def main(argv=None) -> int:
     print_table(rows, args.device)
     bad = [c for c in checks if c["ok"] is False]  # None: a peer PyTorch could not capture
     print(
-        f"\nchecks: {sum(c['ok'] is True for c in checks)}/{len(checks)} agree (meta-gradients: max rel "
-        f"diff < 1e-3; tm captured: bit-identical to eager); "
+        f"\nchecks: {sum(c['ok'] is True for c in checks)}/{len(checks)} agree (meta-gradients: "
+        f"max rel diff < 1e-3; tm captured: bit-identical to eager); "
         f"total {time.perf_counter() - started:.0f} s"
     )
     if args.json:

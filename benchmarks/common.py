@@ -525,7 +525,7 @@ class Torch:
         t = self.torch
 
         def build(capturable):
-            params = {k: t.tensor(v, device="cuda").requires_grad_(True) for k, v in weights.items()}
+            params = {k: t.tensor(v, device="cuda").requires_grad_() for k, v in weights.items()}
             opt = t.optim.Adam(list(params.values()), lr=OUTER_LR, capturable=capturable)
             batch = [t.tensor(a, device="cuda") for a in data]
 
