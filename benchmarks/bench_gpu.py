@@ -11,11 +11,13 @@ W2, Omniglot-size MAML: 4 blocks of [conv 3x3, 64 filters, padding 1 -> batch
 norm (batch statistics, learnable affine) -> ReLU -> max-pool 2x2] on 1x28x28,
 then linear to 5 classes; 5-way 1-shot, 5 query images per class, meta-batch
 8, 1 inner step (lr 0.4), cross-entropy, Adam outer step; second and first
-order. Both frameworks loop over tasks, on random images (the data does not
-change the work).
+order, on random images (the data does not change the work). "tinymeta" and
+PyTorch loop over tasks; "tm vectorized" is tinymeta's task-vectorized step
+(``maml_loss(vectorized=True)``, what the Omniglot example runs), eager.
 
-"tm captured" is the same tinymeta step under ``tm.capture`` with the data as its inputs: on
-cuda, CUDA graphs (tinymeta/cuda_graph.py); on the cpu, the CPU replay. On cuda it runs twice,
+"tm captured" is tinymeta's task-vectorized step (W1's "tinymeta", W2's "tm vectorized")
+under ``tm.capture`` with the data as its inputs: on cuda, CUDA graphs
+(tinymeta/cuda_graph.py); on the cpu, the CPU replay. On cuda it runs twice,
 under the two CUDA matmul settings (``tinymeta.kernels.set_cuda_matmul``): "tm captured" with
 every matmul and linear product in tinymeta's kernel, which a graph holds (W1 is then one
 graph), and "tm cap cublas" with them in cuBLAS, which CuPy will not capture (a chain of
@@ -187,6 +189,9 @@ def run_w2(args, tmeta, torch_impl, sync, budget_s, rows, checks):
     for first_order in (False, True):
         fns, grads = {}, {}
         fns["tinymeta"], grads["tinymeta"] = tmeta.w2(weights, data, first_order)
+        fns["tm vectorized"], grads["tm vectorized"] = tmeta.w2(
+            weights, data, first_order, vectorized=True
+        )
         if not args.no_capture:
             order = "1st" if first_order else "2nd"
             add_captured_rows(fns, checks, f"W2 {order}-order", args.device, tmeta, weights,
@@ -350,13 +355,16 @@ def check_and_time(label, fns, grads, repeats, warmup, sync, budget_s) -> tuple:
 def print_table(rows, device: str) -> None:
     print(
         f"\nResults (median ms per meta-iteration, device {device}; ratio = tinymeta / peer; "
-        "cap = tm captured, its matmuls in tinymeta's kernel; cublas = tm cap cublas; "
+        "tmvec = tm vectorized; cap = tm captured, its matmuls in tinymeta's kernel; "
+        "cublas = tm cap cublas; "
         "tgraph = torch graph, PyTorch's step as one CUDA graph)"
     )
-    names = ("tinymeta", "tm captured", "tm cap cublas", "torch loop", "torch vmap", "torch graph")
+    names = ("tinymeta", "tm vectorized", "tm captured", "tm cap cublas", "torch loop",
+             "torch vmap", "torch graph")  # fmt: skip
     ratios = [("tinymeta", "torch loop"), ("tinymeta", "torch vmap"),
-              ("tm captured", "torch loop"), ("tm captured", "torch vmap"),
-              ("tm captured", "tm cap cublas"), ("tm captured", "torch graph")]  # fmt: skip
+              ("tm vectorized", "torch loop"), ("tm captured", "torch loop"),
+              ("tm captured", "torch vmap"), ("tm captured", "tm cap cublas"),
+              ("tm captured", "torch graph")]  # fmt: skip
     header = f"{'workload':<44} " + " ".join(f"{n:>13}" for n in names)
     header += " " + " ".join(f"{short(a) + '/' + short(b):>10}" for a, b in ratios)
     print(header)
@@ -371,8 +379,9 @@ def print_table(rows, device: str) -> None:
 
 
 def short(name: str) -> str:
-    return {"tinymeta": "tm", "tm captured": "cap", "tm cap cublas": "cublas",
-            "torch loop": "loop", "torch vmap": "vmap", "torch graph": "tgraph"}[name]  # fmt: skip
+    return {"tinymeta": "tm", "tm vectorized": "tmvec", "tm captured": "cap",
+            "tm cap cublas": "cublas", "torch loop": "loop", "torch vmap": "vmap",
+            "torch graph": "tgraph"}[name]  # fmt: skip
 
 
 def describe(np, cupy, torch, device: str) -> str:
