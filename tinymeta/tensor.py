@@ -526,6 +526,24 @@ def is_graph_memory(counter) -> bool:
     return len(counter) > 2 and counter[2] is not False and any(r() is not None for r in counter[2])
 
 
+def clear_grad(t: Tensor, set_to_none: bool = True) -> None:
+    """``zero_grad`` for one tensor: ``t.grad = None``, or zeros written into ``.grad``'s own
+    memory, as PyTorch does (a reference taken before sees them; the version moves, so a graph
+    that saved the old ``.grad`` refuses its backward). A ``.grad`` that a graph computed
+    (``backward(create_graph=True)``), or a read-only one, gets zeros of its own instead
+    (PyTorch detaches it first)."""
+    g = t.grad
+    if g is None or set_to_none:
+        t.grad = None
+        return
+    a = g._data
+    if g.grad_fn is None and not is_graph_memory(g._vc) and getattr(a.flags, "writeable", True):
+        a[...] = 0  # CuPy arrays have no writeable flag
+        g._bump()
+    else:
+        t.grad = Tensor._wrap(backend.get_array_module(a).zeros_like(a))
+
+
 def _index_arrays(index):
     """Replace tensors inside an index by their arrays."""
     if isinstance(index, Tensor):

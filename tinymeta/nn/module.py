@@ -24,7 +24,7 @@ import numpy as np
 from tinymeta import backend
 from tinymeta._checks import check_bool
 from tinymeta.grad_mode import no_grad
-from tinymeta.tensor import DEFAULT_FLOAT, Tensor
+from tinymeta.tensor import DEFAULT_FLOAT, Tensor, clear_grad
 
 # id(original tensor) -> replacement tensor, set by functional_call while it runs.
 _OVERRIDES: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
@@ -364,12 +364,10 @@ class Module:
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients: set them to None (the default) or fill them with zeros."""
+        """Clear the gradients: set them to None (the default) or zeros (``Optimizer.zero_grad``
+        says how)."""
         for p in self.parameters():
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad = Tensor._wrap(backend.get_array_module(p.grad.data).zeros_like(p.grad.data))
+            clear_grad(p, set_to_none)
 
     def _convert(self, fn) -> Module:
         """Replace the array of every parameter, gradient and buffer by ``fn(array)``, in place."""

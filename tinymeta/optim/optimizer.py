@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from tinymeta import backend
 from tinymeta._checks import check_real
 from tinymeta.grad_mode import enable_grad, no_grad
-from tinymeta.tensor import Tensor
+from tinymeta.tensor import Tensor, clear_grad
 
 
 class Optimizer:
@@ -117,18 +117,14 @@ class Optimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget the gradients: set ``.grad`` to None (default), or to zeros.
 
-        The zeros are fresh arrays rather than an in-place fill, because a
-        ``.grad`` array may be shared with another tensor's gradient.
+        Zeros are written into ``.grad``'s own memory, as PyTorch does: a reference taken
+        before sees them, and a graph that saved the old ``.grad`` refuses its backward (the
+        version moves). A ``.grad`` that a graph computed (``backward(create_graph=True)``)
+        or a read-only one gets zeros of its own instead (PyTorch detaches it first).
         """
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    xp = backend.get_array_module(p.grad.data)
-                    p.grad = Tensor._wrap(xp.zeros_like(p.grad.data))
+                clear_grad(p, set_to_none)
 
     # --- saving and resuming ----------------------------------------------------------
     def state_dict(self) -> dict:
