@@ -723,34 +723,34 @@ def test_step_refuses_memory_a_graph_computed_and_the_hinted_copy_trains(make):
     np.testing.assert_array_equal(y.numpy(), [2.0, 2.0, 2.0])
 
 
-def test_zero_grad_to_zeros_writes_in_place_as_pytorch():
+@pytest.mark.parametrize("owner", ["optimizer", "module"])
+def test_zero_grad_to_zeros_writes_in_place_as_pytorch(owner):
     """zero_grad(set_to_none=False) fills .grad's own memory (PyTorch's zero_()): a reference
     taken before sees the zeros and the next backward's sum; a graph that saved the old .grad
     refuses its backward. A .grad with a graph gets zeros of its own, and keeps its values."""
-    for owner in ("optimizer", "module"):
-        lin = nn.Linear(3, 2)
-        w = lin.weight
-        zero = (
-            (lambda: SGD([w], lr=0.1).zero_grad(set_to_none=False))
-            if owner == "optimizer"
-            else (lambda: lin.zero_grad(set_to_none=False))
-        )
-        x = tm.tensor(np.ones((4, 3)))
-        lin(x).sum().backward()
-        held = w.grad
-        saved = (held * tm.tensor(np.ones((2, 3)), requires_grad=True)).sum()  # Mul saved .grad
-        zero()
-        assert w.grad is held and not held.numpy().any()
-        with pytest.raises(RuntimeError, match="modified in place"):
-            saved.backward()
-        lin(x).sum().backward()
-        assert w.grad is held
-        np.testing.assert_array_equal(held.numpy(), np.full((2, 3), 4.0))
-        # a .grad made by backward(create_graph=True): fresh zeros, the old tensor untouched
-        w.grad = None
-        (lin(x) ** 2).sum().backward(create_graph=True)
-        computed = w.grad
-        before = computed.numpy().copy()
-        zero()
-        assert w.grad is not computed and not w.grad.numpy().any() and w.grad.grad_fn is None
-        np.testing.assert_array_equal(computed.numpy(), before)
+    lin = nn.Linear(3, 2)
+    w = lin.weight
+    opt = SGD([w], lr=0.1)
+
+    def zero():
+        (opt if owner == "optimizer" else lin).zero_grad(set_to_none=False)
+
+    x = tm.tensor(np.ones((4, 3)))
+    lin(x).sum().backward()
+    held = w.grad
+    saved = (held * tm.tensor(np.ones((2, 3)), requires_grad=True)).sum()  # Mul saved .grad
+    zero()
+    assert w.grad is held and not held.numpy().any()
+    with pytest.raises(RuntimeError, match="modified in place"):
+        saved.backward()
+    lin(x).sum().backward()
+    assert w.grad is held
+    np.testing.assert_array_equal(held.numpy(), np.full((2, 3), 4.0))
+    # a .grad made by backward(create_graph=True): fresh zeros, the old tensor untouched
+    w.grad = None
+    (lin(x) ** 2).sum().backward(create_graph=True)
+    computed = w.grad
+    before = computed.numpy().copy()
+    zero()
+    assert w.grad is not computed and not w.grad.numpy().any() and w.grad.grad_fn is None
+    np.testing.assert_array_equal(computed.numpy(), before)
