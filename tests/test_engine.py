@@ -435,6 +435,71 @@ def test_register_hook_needs_requires_grad():
         tm.ones(2).register_hook(lambda g: g)
 
 
+def test_retain_grad_keeps_a_computed_tensors_gradient_as_pytorch():
+    """retain_grad(): .grad after the tensor's other hooks (whatever their order), summed out
+    of place across backward calls, stored by grad() calls whose walk passes it too, and
+    differentiable after backward(create_graph=True) (values checked by hand: PyTorch gives
+    the same, see tests/test_random_grad_buffers.py for the comparison)."""
+    x = f64([1.0, 2.0])
+    y = x * x
+    y.retain_grad()
+    y.register_hook(lambda g: g * 10.0)  # registered after retain_grad: it still runs first
+    loss = (y * 3.0).sum()
+    loss.backward(retain_graph=True)
+    assert y.retains_grad and not x.retains_grad
+    np.testing.assert_array_equal(y.grad.numpy(), [30.0, 30.0])
+    np.testing.assert_array_equal(x.grad.numpy(), [60.0, 120.0])
+    first = y.grad
+    loss.backward(retain_graph=True)
+    assert y.grad is not first  # out of place, as PyTorch's
+    np.testing.assert_array_equal(first.numpy(), [30.0, 30.0])
+    np.testing.assert_array_equal(y.grad.numpy(), [60.0, 60.0])
+    tm.grad(loss, [x], retain_graph=True)
+    np.testing.assert_array_equal(y.grad.numpy(), [90.0, 90.0])
+    # differentiable: d/dx sum(y.grad) where y.grad = d sum(y^2)/dy = 2y = 2x^2 -> 4x
+    z = x * x
+    z.retain_grad()
+    (z * z).sum().backward(create_graph=True)
+    assert z.grad.requires_grad
+    (gx,) = tm.grad(z.grad.sum(), [x])
+    np.testing.assert_allclose(gx.numpy(), [4.0, 8.0], rtol=1e-12)
+
+
+def test_retain_grad_follows_the_tensor_through_an_in_place_op():
+    """As in PyTorch: the retained gradient is that of the new values, while a hook registered
+    before the change sees the gradient of the old ones."""
+    x = f64([1.0, 2.0])
+    y = x * 1.0
+    y.retain_grad()
+    seen = []
+    y.register_hook(seen.append)
+    y.mul_(2.0)
+    (y * 3.0).sum().backward()
+    np.testing.assert_array_equal(y.grad.numpy(), [3.0, 3.0])
+    np.testing.assert_array_equal(seen[0].numpy(), [6.0, 6.0])
+
+
+def test_retained_gradients_are_buffers_of_their_own():
+    a = f64([1.0, 1.0])
+    b, c = a * 1.0, a * 1.0
+    b.retain_grad()
+    c.retain_grad()
+    (b + c).sum().backward()  # the backward of + hands b and c the same array
+    b.grad.add_(1.0)
+    np.testing.assert_array_equal(c.grad.numpy(), [1.0, 1.0])
+    np.testing.assert_array_equal(a.grad.numpy(), [2.0, 2.0])
+
+
+def test_retain_grad_on_a_leaf_or_a_constant():
+    x = f64([1.0])
+    x.retain_grad()  # a no-op: leaves keep their gradient anyway
+    assert not x.retains_grad and x._hooks is None
+    (x * 2.0).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2.0])
+    with pytest.raises(RuntimeError, match=r"retain_grad: the tensor \(shape \(2,\)\) does not"):
+        tm.ones(2).retain_grad()
+
+
 # --- grad() ---------------------------------------------------------------------------------------
 
 

@@ -77,6 +77,7 @@ class Session:
     hooks: list  # (value, kind, scale)
     calls: list  # BackwardCall
     grad_call: GradCall
+    retained: tuple = ()  # computed values whose gradient retain_grad() keeps in .grad
 
 
 def _shapes_and_same_tensors(program):
@@ -137,7 +138,9 @@ def draw_session(program, seed: int) -> Session:
         bool(rng.random() < 0.5),
         directions(inputs),
     )
-    return Session(hooks, calls, grad_call)
+    retained = tuple(sorted({int(i) for i in rng.choice(computed, size=rng.integers(0, 3))}))
+    retained = tuple(i for i in retained if i >= n_leaves)
+    return Session(hooks, calls, grad_call, retained)
 
 
 # --- replaying it in either library -----------------------------------------------------------
@@ -194,6 +197,9 @@ def _forward(program, session, lib, xs, log, tag):
         values[i].register_hook(_make_hook(lib, kind, scale, values[i], log, (tag, k)))
         for k, (i, kind, scale) in enumerate(session.hooks)
     ]
+    for i in session.retained:
+        if values[i].requires_grad:
+            values[i].retain_grad()
     return values
 
 
@@ -279,13 +285,22 @@ def _backward_calls(program, session, lib, xs, values, log, observe, checks):
         for i, x in enumerate(xs):
             if plain[i] and x.grad is not None:  # a hook's g * x records nothing there
                 observe(f"call {k}: leaf {i} .grad requires grad", x.grad.requires_grad)
+        retained = [values[i] for i in session.retained]
+        for i, v in zip(session.retained, retained):
+            observe(f"call {k}: retained value {i} .grad", _array(v.grad))
         if checks is not None:
-            checks([x.grad for x in xs], values, [gradient], held)
+            checks([x.grad for x in xs] + [v.grad for v in retained], values, [gradient], held)
         if call.create_graph and not last:
+            # Its walk may pass retained values in one library only (see _gradient_of_sum):
+            # what it adds to their .grad is not compared.
+            kept = [v.grad for v in retained]
             of_grads = _gradient_of_sum(lib, [x.grad for x in xs], call.directions, xs)
             observe(f"call {k}: d sum(.grad * v)", of_grads)
+            for v, g in zip(retained, kept):
+                v.grad = g
     if lib.name == "tm":  # the grad call below must not see these writes
-        _write_into_each([x.grad for x in xs], values)
+        retained = [values[i].grad for i in session.retained]
+        _write_into_each([x.grad for x in xs] + retained, values)
 
 
 def _reset(lib, x, how: str, plain: bool) -> None:

@@ -257,6 +257,30 @@ class Tensor:
         self._hooks.append(fn)
         return _HookHandle(self._hooks, fn)
 
+    def retain_grad(self) -> None:
+        """Keep this computed tensor's gradient in ``.grad``, as a leaf keeps its own:
+        stored by every ``backward`` (and every ``grad`` call whose walk passes it) after
+        the tensor's other hooks, summed out of place across calls, in memory of its own. A
+        no-op for a leaf. After an in-place op the tensor keeps retaining (the gradient of
+        its new values), while hooks registered before see the old values' gradient, as in
+        PyTorch."""
+        if not self.requires_grad:
+            raise RuntimeError(
+                f"retain_grad: the tensor (shape {self.shape}) does not require grad, so no "
+                "gradient reaches it"
+            )
+        if self.grad_fn is None:
+            return
+        if self._hooks is None:
+            self._hooks = []
+        if RETAIN_GRAD not in self._hooks:
+            self._hooks.append(RETAIN_GRAD)
+
+    @property
+    def retains_grad(self) -> bool:
+        """Whether ``retain_grad()`` asked a computed tensor to keep its gradient."""
+        return self.grad_fn is not None and bool(self._hooks) and RETAIN_GRAD in self._hooks
+
     # ``t.backward(gradient=None, retain_graph=None, create_graph=False)`` runs
     # tinymeta.autograd.engine.backward; it is attached by tinymeta/ops/methods.py, like the
     # operators, so that this module does not import the engine (which imports Tensor).
@@ -551,6 +575,19 @@ def _index_arrays(index):
     if isinstance(index, tuple):
         return tuple(i.data if isinstance(i, Tensor) else i for i in index)
     return index
+
+
+class _RetainGrad:
+    """The marker ``retain_grad()`` puts among a tensor's hooks: the engine stores the
+    gradient in ``.grad`` once the other hooks have run (engine._run_hooks)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "RETAIN_GRAD"
+
+
+RETAIN_GRAD = _RetainGrad()
 
 
 class _HookHandle:

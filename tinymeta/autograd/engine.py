@@ -24,7 +24,7 @@ from tinymeta import tensor as tensor_module
 from tinymeta.autograd.first_order import is_first_order
 from tinymeta.backend import get_array_module
 from tinymeta.function import _counter_of, _first, versions
-from tinymeta.tensor import Tensor, is_graph_memory
+from tinymeta.tensor import RETAIN_GRAD, Tensor, is_graph_memory
 
 FREED_MESSAGE = (
     "Trying to backward through the graph a second time (or to use a graph whose saved "
@@ -517,7 +517,11 @@ def _run_hooks(x, g, hooked: set):
     after its array is freed costs one copy, never a shared buffer)."""
     if not x._hooks:
         return g
+    retain = False
     for hook in list(x._hooks):
+        if hook is RETAIN_GRAD:  # after the other hooks, whatever the order they came in
+            retain = True
+            continue
         hooked.add(id(_owner(g._data)))
         new = hook(g)
         if new is not None:
@@ -528,7 +532,17 @@ def _run_hooks(x, g, hooked: set):
                     f"{new.shape}; expected {g.shape}"
                 )
             g = new
+    if retain:
+        _retain(x, g)
     return g
+
+
+def _retain(x, g):
+    """``retain_grad()``: ``x.grad`` is ``g`` in memory of its own, or the sum with what an
+    earlier call stored (a new tensor, as PyTorch's). Recorded when the walk records
+    (``create_graph``), so the stored gradient is differentiable then."""
+    recording = grad_mode.is_grad_enabled()
+    x.grad = _copy(g, recording) if x.grad is None else x.grad + g
 
 
 def _check_versions(fn):

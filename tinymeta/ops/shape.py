@@ -14,7 +14,7 @@ import numpy as np
 
 from tinymeta import backend, function, grad_mode
 from tinymeta.function import Function, ViewFunction
-from tinymeta.tensor import Tensor, _index_arrays, _on_device_of, share_version
+from tinymeta.tensor import RETAIN_GRAD, Tensor, _index_arrays, _on_device_of, share_version
 
 
 def sum_to_array(xp, x, shape: tuple):
@@ -408,7 +408,11 @@ def _stand_in(x: Tensor) -> Tensor:
         creator.outputs = tuple(
             [weakref.ref(before) if ref() is x else ref for ref in creator.outputs]
         )
-    before._hooks, x._hooks = x._hooks, None  # hooks see the gradient of x as it was
+    hooks = x._hooks  # hooks see the gradient of x as it was; retain_grad() stays with x
+    before._hooks, x._hooks = hooks, None
+    if hooks and RETAIN_GRAD in hooks:
+        hooks.remove(RETAIN_GRAD)
+        x._hooks = [RETAIN_GRAD]
     return before
 
 
