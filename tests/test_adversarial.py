@@ -606,3 +606,29 @@ def test_a_gradient_a_hook_kept_is_not_changed_by_a_later_backward():
     with tm.no_grad():
         x.grad.mul_(0.0)  # an optimizer's in-place write reaches no logged gradient either
     np.testing.assert_array_equal(logged["x"][0].numpy(), [1.0, 2.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize(
+    "shapes", [((3, 4), (4,)), ((4,), (4, 3)), ((4,), (4,)), ((2, 3, 4), (4,)), ((4,), (2, 4, 3))]
+)
+def test_matmul_with_a_vector_can_be_changed_in_place(shapes):
+    """h = W @ x; h *= 2 (or h += b): the result used to be a reshape of an internal product,
+    refused as a view. Values and gradients to second order match the out-of-place form."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s) for s in shapes]
+
+    def run(in_place):
+        a, b = (tm.tensor(x, requires_grad=True) for x in arrays)
+        h = a @ b
+        if in_place:
+            h.mul_(2.0)
+            h += 1.0
+        else:
+            h = h * 2.0 + 1.0
+        loss = (h * h * h).sum()
+        ga, gb = tm.grad(loss, [a, b], create_graph=True)
+        gga = tm.grad((ga * ga).sum() + (gb * gb).sum(), [a])[0]
+        return [t.numpy() for t in (h, ga, gb, gga)]
+
+    for x, y in zip(run(True), run(False)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)

@@ -6,6 +6,7 @@ import string
 
 from tinymeta import kernels
 from tinymeta.function import Function, ViewFunction, arrays_only_on_host
+from tinymeta.ops.reductions import sum as sum_axes
 from tinymeta.ops.shape import broadcast_to, reshape, sum_to, swapaxes
 from tinymeta.tensor import Tensor, constant
 
@@ -99,12 +100,11 @@ def matmul(a, b):
     a2 = reshape(a, (1,) + a.shape) if a.ndim == 1 else a
     b2 = reshape(b, b.shape + (1,)) if b.ndim == 1 else b
     y = MatMul.apply(a2, b2)
-    shape = y.shape
-    if a.ndim == 1:
-        shape = shape[:-2] + shape[-1:]
-    if b.ndim == 1:
-        shape = shape[:-1]
-    return reshape(y, shape)
+    # The vectors' axes of size 1 summed away, not reshaped: the result is an array of its
+    # own rather than a view of an internal one, so it can be changed in place (h = W @ x;
+    # h += b), which a view refuses. A sum over one term is exact.
+    axes = ((y.ndim - 2,) if a.ndim == 1 else ()) + ((y.ndim - 1,) if b.ndim == 1 else ())
+    return sum_axes(y, axes)
 
 
 # --- einsum ---------------------------------------------------------------------------
