@@ -344,3 +344,19 @@ def test_mixing_devices_in_one_op():
     y = (a.to("cuda") * b).sum()  # an explicit move is fine, and differentiable
     y.backward()
     assert a.grad.device == "cpu" and b.grad.device == "cuda"
+
+
+def test_backward_into_a_grad_of_another_shape_is_refused_and_changes_nothing():
+    """A .grad assigned by hand with another shape: the sum used to broadcast silently (PyTorch
+    refuses the assignment itself). No .grad changes, that leaf's nor another's."""
+    a = tm.tensor(np.ones(3), requires_grad=True)
+    b = tm.tensor(np.ones(3), requires_grad=True)
+    (a * b).sum().backward()
+    a.grad = tm.tensor(np.ones((2, 3)))
+    held_b = b.grad.numpy().copy()
+    for create_graph in (False, True):
+        with pytest.raises(RuntimeError, match=r"backward: a leaf of shape \(3,\) has a \.grad "
+                           r"of shape \(2, 3\)"):  # fmt: skip
+            (a * b).sum().backward(create_graph=create_graph)
+        np.testing.assert_array_equal(b.grad.numpy(), held_b)
+        np.testing.assert_array_equal(a.grad.numpy(), np.ones((2, 3)))

@@ -40,6 +40,13 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False) 
     create_graph = create_graph and not is_first_order()  # first_order_inner_grads()
     hooked = set()  # owners of the arrays that hooks were handed (see _run_hooks)
     grads = _run(roots, root_grads, None, retain_graph, create_graph, hooked)
+    for leaf, g in grads.values():  # checked before any .grad changes
+        if leaf.grad is not None and leaf.grad.shape != g.shape:  # assigned by hand
+            raise RuntimeError(
+                f"backward: a leaf of shape {leaf.shape} has a .grad of shape "
+                f"{leaf.grad.shape}, which the sum would broadcast; a gradient must have its "
+                "tensor's shape (set .grad to None or to a tensor of that shape)"
+            )
     first = []  # leaves without a gradient yet: they take theirs as it is, if it is theirs
     for leaf, g in grads.values():
         if leaf.grad is None:
