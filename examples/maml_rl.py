@@ -8,7 +8,7 @@ with them its pre-update policy could drift away and training stall (docs/robot-
 the trust region holds the pre-update policies too (``--trust-region both``), and the
 inner step is differentiated in ProMP's low-variance curvature form (``--inner-loss lvc``);
 ``--trust-region post --inner-loss reinforce`` is MAML's algorithm (on the cheetah it gave the
-best single run, though a second seed of it learned far more slowly). Tasks: 2D
+best single run, though two more seeds of it learned far more slowly). Tasks: 2D
 navigation to a goal in [-0.5, 0.5]^2, or half-cheetah running forward/backward
 (optional extra ``rl``).
 After training it evaluates on held-out tasks the mean return after 0..3 test-time
